@@ -1,0 +1,32 @@
+"""Shared test fixtures: paths to ../shared and deterministic torch settings."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURES_EDM = SHARED / "fixtures" / "edm"
+EDM_KEYS = SHARED / "docs" / "edm_keys"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def require_shared(path: pathlib.Path) -> pathlib.Path:
+    """Skip the calling test with a clear message when a ../shared file is absent."""
+    if not path.exists():
+        pytest.skip(f"shared material not found at {path} (clone the project next to ../shared to run this test)")
+    return path
+
+
+@pytest.fixture
+def fixtures_edm() -> pathlib.Path:
+    return require_shared(FIXTURES_EDM)
+
+
+@pytest.fixture
+def edm_keys_dir() -> pathlib.Path:
+    return require_shared(EDM_KEYS)
