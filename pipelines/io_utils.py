@@ -1,0 +1,147 @@
+"""Small file helpers shared by the pipeline stages: hashing, atomic writes, all-or-nothing output folders.
+
+Every stage writes its outputs so that a crash never leaves a half-written artifact where DVC (or the next stage)
+would pick it up: single files go through a temp file + `os.replace`, whole output folders are built in a temp
+folder next to the destination and renamed into place at the end (`staged_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+CHUNK_BYTES = 1 << 20  # 1 MiB read/write chunks for hashing and streaming copies
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of a bytes object."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = CHUNK_BYTES) -> str:
+    """Hex sha256 of a file, read in chunks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_fileobj(fileobj: IO[bytes], chunk_bytes: int = CHUNK_BYTES) -> str:
+    """Hex sha256 of the remaining bytes of a binary file object."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fileobj.read(chunk_bytes), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def normalize_sha256(value: str, *, name: str = "sha256") -> str:
+    """Return `value` as 64 lowercase hex digits or raise ValueError naming the argument."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a 64-digit hex string, got {type(value).__name__} {value!r}")
+    v = value.strip().lower()
+    if v.startswith("sha256:"):
+        v = v[len("sha256:") :]
+    if not _SHA256_RE.match(v):
+        raise ValueError(f"{name}: expected a 64-digit hex string, got {value!r}")
+    return v
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make the rename durable where the platform allows it (no-op on failure, e.g. on Windows).
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` via a temp file in the same folder + `os.replace` (readers never see a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """UTF-8 text variant of `atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_dumps(obj: Any) -> str:
+    """Canonical JSON used for every small artifact: sorted keys, 2-space indent, trailing newline."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write `obj` as canonical JSON (see `json_dumps`) atomically."""
+    return atomic_write_text(path, json_dumps(obj))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build an output folder all-or-nothing.
+
+    Yields an empty temp folder `<parent>/.<name>.tmp-XXXX` next to `out_dir`. When the `with` block finishes
+    without an exception the temp folder replaces `out_dir` (an existing `out_dir` is moved aside first and
+    deleted afterwards); on any exception the temp folder is deleted and `out_dir` is left untouched.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old: Path | None = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "prev")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:  # put the previous output back
+            os.replace(old / "prev", out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out_dir.parent)
