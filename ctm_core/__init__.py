@@ -1,4 +1,45 @@
-"""ctm_core: Consistency Trajectory Models on EDM teachers, as a plain PyTorch library.
+"""ctm_core: Consistency Trajectory Models (Kim et al., ICLR 2024) on EDM teachers, as a plain PyTorch library.
 
-Importing this package touches no disk, network or tracking server.
+Importing this package touches no disk, network or tracking server, and imports no Ray/MLflow/DVC.
+The public API below is a contract: tests and pipelines outside the package call these names.
 """
+
+from ctm_core.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
+from ctm_core.likelihood import bits_per_dim, log_likelihood
+from ctm_core.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
+from ctm_core.presets import PRESETS, build_preset
+from ctm_core.samplers import (
+    StackedRandomGenerator,
+    edm_sampler,
+    gamma_sampler,
+    student_as_denoiser,
+    student_heun_sampler,
+)
+from ctm_core.schedules import karras_sigmas
+from ctm_core.student import CTMStudent
+from ctm_core.teacher_format import convert_edm_pickle, load_edm_checkpoint, read_teacher, save_teacher
+
+__all__ = [
+    "CTMStudent",
+    "EDMPrecond",
+    "EDMSnapshot",
+    "PRESETS",
+    "StackedRandomGenerator",
+    "UnsafeCheckpointError",
+    "VEPrecond",
+    "VPPrecond",
+    "bits_per_dim",
+    "build_precond",
+    "build_preset",
+    "convert_edm_pickle",
+    "edm_sampler",
+    "gamma_sampler",
+    "karras_sigmas",
+    "load_edm_checkpoint",
+    "log_likelihood",
+    "read_edm_snapshot",
+    "read_teacher",
+    "save_teacher",
+    "student_as_denoiser",
+    "student_heun_sampler",
+]
