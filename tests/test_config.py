@@ -1,0 +1,305 @@
+"""pipelines.config: the default params validate; bad edits fail with one line naming the key; params_hash; CLI.
+
+Plus one `ray`-marked test of pipelines.ray_env: a real local Ray (2 logical CPUs, dashboard, token auth) that runs
+one task and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from pipelines.config import (
+    DistillParams,
+    Params,
+    ParamsError,
+    apply_trial,
+    load_params,
+    params_hash,
+    resolve_path,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+PARAMS = ROOT / "params.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """No ambient Ray / AWS settings; boto3 must not probe the EC2 metadata service."""
+    for k in ("RAY_ADDRESS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+              "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_default_params_validate():
+    p = load_params(PARAMS)
+    assert p.data.source == "sklearn-digits" and p.teacher.source == "train"
+    assert p.distill.K < p.distill.N and p.distill.batch % (p.ray.num_workers * p.distill.microbatch) == 0
+    assert p.repo_root == ROOT
+    # every stage section has its own seed where the stage is random
+    for section in ("data", "distill", "tune", "evaluate"):
+        assert "seed" in p.section(section)
+    assert "seed" in p.section("teacher")["train"]
+
+
+def test_params_yaml_matches_code_defaults():
+    """params.yaml is the source of truth; the typed defaults mirror it so a missing key never changes results."""
+    assert load_params(PARAMS).model_dump() == Params().model_dump()
+
+
+def test_yaml_floats_and_overrides(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("distill:\n  lr: 1e-4\n  K: 8\n")  # YAML 1.1 would read 1e-4 as a string
+    p = load_params(f, {"distill.N": 10, "evaluate": {"nfe": [1, 3]}})
+    assert p.distill.lr == pytest.approx(1e-4) and isinstance(p.distill.lr, float)
+    assert (p.distill.N, p.distill.K, p.evaluate.nfe) == (10, 8, [1, 3])
+    assert p.repo_root == tmp_path.resolve()
+    assert p.ray.num_workers == 2  # missing sections/keys take the defaults
+
+
+_CLOSED_PORT = _free_port()  # bound then released: nothing listens there
+
+# (dotted override or nested dict, the key the message must start with, a fragment of the message)
+BAD_EDITS = [
+    ({"distill.K": "17"}, "distill.K", "expected an integer"),  # wrong type: string
+    ({"distill.steps": 1.5}, "distill.steps", "expected an integer"),  # wrong type: float
+    ({"ray.use_gpu": "yes"}, "ray.use_gpu", "true or false"),  # wrong type (YAML 'yes' is fine, the string is not)
+    ({"distill.eval_emas": 0.999}, "distill.eval_emas", "a list"),
+    ({"bogus": {"x": 1}}, "bogus", "unknown key"),  # unknown top-level section
+    ({"distill.lambda_dsm": 1.0}, "distill.lambda_dsm", "unknown key"),  # unknown nested key
+    ({"teacher.train.model.width": 64}, "teacher.train.model.width", "unknown key"),  # unknown, 3 levels deep
+    ({"tune.space.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3, "log": True}}, "tune.space.lr.log",
+     "unknown key"),
+    ({"distill.sigma_min": 80.0}, "distill.sigma_min", "must be < distill.sigma_max (80.0)"),
+    ({"distill.sigma_min": 100.0}, "distill.sigma_min", "must be < distill.sigma_max"),
+    ({"distill.K": 18}, "distill.K", "must be < distill.N (18), got 18"),
+    ({"distill.K": 0}, "distill.K", "must be >= 1"),
+    ({"distill.batch": 48, "distill.microbatch": 16, "ray.num_workers": 2}, "distill.batch",
+     "divisible by ray.num_workers × distill.microbatch (2 × 16 = 32)"),
+    ({"distill.microbatch": 24}, "distill.microbatch", "must divide distill.batch (64)"),
+    ({"evaluate.nfe": [1, 0, 4]}, "evaluate.nfe[1]", "must be an integer >= 1, got 0"),
+    ({"evaluate.nfe": [1, 2.5]}, "evaluate.nfe[1]", "expected an integer"),
+    ({"evaluate.gammas": [0.0, 1.5]}, "evaluate.gammas[1]", "must be in [0, 1], got 1.5"),
+    ({"evaluate.gammas": [-0.1]}, "evaluate.gammas[0]", "must be in [0, 1]"),
+    ({"distill.lr": -1e-4}, "distill.lr", "must be > 0.0"),
+    ({"teacher.train.lr": 0.0}, "teacher.train.lr", "must be > 0.0"),
+    ({"distill.distance": "lpipz"}, "distill.distance", "expected one of 'l2', 'pseudo_huber' or 'lpips'"),
+    ({"distill.mode": "ctm2"}, "distill.mode", "expected one of"),
+    ({"data.source": "imagefolder"}, "data.path", "required for data.source 'imagefolder'"),
+    ({"data.source": "cifar10-python", "data.path": "https://example.com/cifar-10-python.tar.gz"}, "data.sha256",
+     "required to download data.path"),
+    ({"teacher.source": "https://example.com/edm.pkl"}, "teacher.sha256", "required when teacher.source"),
+    ({"teacher.source": "file:///tmp/edm.pkl"}, "teacher.sha256", "sha256: record"),
+    ({"teacher.source": "edm-cifar10-64x64-uncond-vp", "teacher.sha256": "record"}, "teacher.source",
+     "unknown release name"),
+    ({"teacher.source": "/data/edm.pkl", "teacher.sha256": "record"}, "teacher.source", "must be file:// URIs"),
+    ({"teacher.source": "ftp://host/edm.pkl", "teacher.sha256": "record"}, "teacher.source", "expected 'train'"),
+    ({"teacher.source": "edm-cifar10-32x32-uncond-vp", "teacher.sha256": "abc123"}, "teacher.sha256",
+     "64 hex digits or 'record'"),
+    ({"tune.enabled": True, "tune.space.K": {"type": "choice", "values": [8, 18]}}, "tune.space.K",
+     "value 18 makes distill.K"),
+    ({"tune.space.lr": {"type": "loguniform", "low": 0.0, "high": 1e-3}}, "tune.space.lr.low", "low > 0"),
+    ({"tune.space.nope": {"type": "uniform", "low": 0.0, "high": 1.0}}, "tune.space.nope", "not a distill key"),
+    ({"tune.scheduler.grace_period": 5}, "tune.scheduler.grace_period", "must be <= tune.scheduler.max_t (4)"),
+    ({"tune.report_every": 300}, "tune.report_every", "must be <= tune.steps (200)"),
+    ({"tune.scheduler.max_t": 5}, "tune.scheduler.max_t", "must be <= tune.steps // tune.report_every (4 reports"),
+    ({"ray.address": "http://127.0.0.1:8265"}, "ray.address", "job-submission URL"),
+    ({"evaluate.teacher_nfe": 36}, "evaluate.teacher_nfe", "must be odd"),
+    ({"evaluate.ema": 0.5}, "evaluate.ema", "must be one of distill.eval_emas"),
+    ({"ray.num_cpus": 2}, "ray.num_cpus", "must be > ray.num_workers × ray.cpus_per_worker (2)"),
+    ({"ray.submit": True}, "ray.submit", "needs a cluster"),
+    ({"ray.address": f"127.0.0.1:{_CLOSED_PORT}"}, "ray.address", "cannot reach"),
+    ({"ray.address": f"ray://127.0.0.1:{_CLOSED_PORT}"}, "ray.address", "cannot reach"),
+    ({"ray.storage_path": "s3://bucket/ray"}, "ray.storage_path", "needs S3 credentials"),
+    ({"teacher.source": "s3://bucket/edm.pkl", "teacher.sha256": "record"}, "teacher.source", "S3 credentials"),
+    ({"mlflow.experiment_name": ""}, "mlflow.experiment_name", "must be a non-empty string"),
+    ({"distill.eval_emas": []}, "distill.eval_emas", "must have at least 1 item"),
+]
+
+
+@pytest.mark.parametrize("edit,key,fragment", BAD_EDITS, ids=[f"{i:02d}-{e[1]}" for i, e in enumerate(BAD_EDITS)])
+def test_bad_edit_rejected_naming_the_key(edit, key, fragment):
+    with pytest.raises(ParamsError) as info:
+        load_params(PARAMS, edit)
+    msg = str(info.value)
+    assert info.value.key == key, msg
+    assert msg.startswith(f"{key}: ") and "\n" not in msg, msg
+    assert fragment in msg, msg
+
+
+def test_bad_edits_table_is_large_enough():
+    assert len(BAD_EDITS) >= 20
+
+
+def test_use_gpu_without_gpu_rejected():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(ParamsError, match=r"^ray\.use_gpu: true but no CUDA GPU is visible"):
+        load_params(PARAMS, {"ray.use_gpu": True})
+
+
+def test_env_checks_pass_when_satisfied(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    p = load_params(PARAMS, {"ray.storage_path": "s3://bucket/ray"})
+    assert resolve_path(p.ray.storage_path, p.repo_root) == "s3://bucket/ray"
+    with socket.socket() as srv:  # a listening port counts as reachable
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        assert load_params(PARAMS, {"ray.address": f"127.0.0.1:{port}"}).ray.address == f"127.0.0.1:{port}"
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_CLOSED_PORT}")  # the env address is probed too
+    with pytest.raises(ParamsError, match=r"^RAY_ADDRESS \(env\): cannot reach"):
+        load_params(PARAMS)
+    assert load_params(PARAMS, check_env=False).ray.address is None
+
+
+def test_apply_trial_validates_tune_values():
+    d = DistillParams()
+    assert apply_trial(d, {"lr": 1e-3, "K": 8}, num_workers=2).K == 8
+    assert apply_trial(d, {"gan.weight": 0.5}).gan.weight == 0.5
+    with pytest.raises(ParamsError, match=r"^distill\.K: must be < distill\.N"):
+        apply_trial(d, {"K": 40})
+    with pytest.raises(ParamsError, match=r"^distill\.batch: must be divisible"):
+        apply_trial(d, {"microbatch": 64}, num_workers=2)
+
+
+def test_params_hash_stable():
+    a = {"lr": 4e-4, "K": 17, "gan": {"enabled": False, "weight": 1.0}, "eval_emas": [0.999, 0.9999]}
+    b = {"eval_emas": [0.999, 0.9999], "gan": {"weight": 1.0, "enabled": False}, "K": 17, "lr": 4e-4}
+    assert params_hash(a) == params_hash(b)
+    canonical = '{"K":17,"eval_emas":[0.999,0.9999],"gan":{"enabled":false,"weight":1.0},"lr":0.0004}'
+    assert params_hash(a) == hashlib.sha256(canonical.encode()).hexdigest()
+    assert params_hash({**a, "K": 16}) != params_hash(a)
+    assert params_hash({**a, "eval_emas": [0.9999, 0.999]}) != params_hash(a)  # list order matters
+    p = load_params(PARAMS)
+    assert params_hash(p.distill) == params_hash(p.section("distill")) == params_hash(load_params(PARAMS).distill)
+
+
+def test_cli_exit_codes(tmp_path):
+    cfg = yaml.safe_load(PARAMS.read_text())
+    cfg["distill"]["K"] = 18
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pipelines.config", *a], capture_output=True, text=True,
+                                    cwd=ROOT, env=env, timeout=60)
+    ok = run("--check", "--params", str(PARAMS))
+    assert ok.returncode == 0 and ok.stdout.strip() == "OK", ok.stderr
+    err = run("--check", "--params", str(bad))
+    assert err.returncode == 2
+    lines = [ln for ln in err.stderr.splitlines() if ln.strip()]
+    assert lines == ["params error: distill.K: must be < distill.N (18), got 18 (fix: set distill.K <= 17 or raise "
+                     "distill.N)"], err.stderr
+
+
+def test_cli_set_and_show(capsys):
+    from pipelines.config import _main
+
+    assert _main(["--params", str(PARAMS), "--show", "distill", "--set", "distill.K=8", "--no-env"]) == 0
+    out = capsys.readouterr().out
+    assert '"K": 8' in out and '"params_hash"' in out
+    assert _main(["--params", str(PARAMS), "--check", "--set", "distill.lr=-1"]) == 2
+    assert capsys.readouterr().err.startswith("params error: distill.lr: must be > 0.0")
+
+
+@pytest.mark.ray
+def test_local_ray_starts_runs_and_cleans_up(tmp_path):
+    import psutil
+
+    from pipelines import ray_env
+
+    port = _free_port()
+    temp_dir = f"/tmp/rt_{os.getpid()}"
+    p = load_params(PARAMS, {"ray.num_cpus": 2, "ray.num_workers": 1, "ray.dashboard_port": port,
+                             "ray.temp_dir": temp_dir, "distill.microbatch": 64})
+    auth_before = os.environ.get("RAY_AUTH_MODE")
+    t0 = time.monotonic()
+    try:
+        info = ray_env.connect_or_start(p)
+        import ray
+
+        assert ray.cluster_resources()["CPU"] == 2.0
+        assert ray.get(ray.remote(lambda x: x * 2).remote(21)) == 42
+        assert info["dashboard_url"] == f"127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}/api/version"
+        if info["auth_mode"] == "token":  # our default: the dashboard refuses requests without the cluster token
+            with pytest.raises(urllib.error.HTTPError, match="401"):
+                urllib.request.urlopen(url, timeout=10)
+            token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        else:
+            req = urllib.request.Request(url)
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+        children = psutil.Process().children(recursive=True)
+        assert children, "ray.init started no processes?"
+    finally:
+        ray_env.shutdown()
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"left running: {[(q.pid, q.name()) for q in alive]}"
+    assert os.environ.get("RAY_AUTH_MODE") == auth_before  # env restored
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    assert time.monotonic() - t0 < 60
+
+
+def test_dvc_yaml_schema_and_params_keys():
+    """dvc.yaml passes DVC's own schema; every `params:` key exists in params.yaml; the stage order and contracts."""
+    schema = pytest.importorskip("dvc.schema")
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    schema.COMPILED_MULTI_STAGE_SCHEMA(dvc)
+    stages = dvc["stages"]
+    assert list(stages) == ["prepare", "teacher", "tune", "distill", "evaluate", "register"]
+    raw = yaml.safe_load(PARAMS.read_text())
+    for name, st in stages.items():
+        assert st["cmd"].startswith(f"python -m pipelines.{name} --params params.yaml"), name
+        assert f"pipelines/{name}.py" in st["deps"] and "pipelines/config.py" in st["deps"], name
+        assert st["params"], name
+        for key in st["params"]:
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: params key {key!r} not in params.yaml"
+                node = node[part]
+        for out in st["outs"]:  # every out a later stage reads is declared as its dep
+            path = out if isinstance(out, str) else next(iter(out))
+            assert any(path in s["deps"] for s in stages.values()) or name in ("evaluate", "register"), path
+    assert stages["register"]["always_changed"] is True
+    assert dvc["metrics"] == ["artifacts/eval/metrics.json"]
+    gammas = load_params(PARAMS).evaluate.gammas  # the plot lines follow the default gammas
+    fd_plot = next(p["fd_vs_nfe"] for p in dvc["plots"] if isinstance(p, dict) and "fd_vs_nfe" in p)
+    assert sorted(fd_plot["y"]) == sorted(f"artifacts/eval/fd_vs_nfe/gamma_{g:g}.csv" for g in gammas)
+
+
+def test_sections_map_onto_ctm_core_train_configs():
+    """The distill / teacher.train sections feed ctm_core's trainer configs without renaming surprises."""
+    tc = pytest.importorskip("ctm_core.train_config")
+    from pipelines.config import distill_train_config, teacher_train_config
+
+    p = load_params(PARAMS)
+    ctm = tc.CTMTrainConfig.from_dict(distill_train_config(p.distill, p.ray.num_workers))
+    assert (ctm.ctm.N, ctm.ctm.K, ctm.ctm.distance, ctm.optim.lr) == (18, 17, p.distill.distance, p.distill.lr)
+    assert ctm.run.batch_size * p.ray.num_workers == p.distill.batch and ctm.ema.eval_rates == (0.999, 0.9999)
+    edm = tc.EDMTrainConfig.from_dict(teacher_train_config(p.teacher.train))
+    assert (edm.run.total_steps, edm.optim.name, edm.edm.P_mean) == (p.teacher.train.steps, "adam", -1.2)
