@@ -1,0 +1,474 @@
+"""Trainer, checkpoints, EMA, config validation and the EDM teacher loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ctm_core.trainer as trainer_mod
+from ctm_core.edm_training import EDMTrainer, edm_loss, edm_sigmas
+from ctm_core.ema import EMABank, frozen_copy, update_ema_
+from ctm_core.gaussian import GaussianData
+from ctm_core.toy import ToyCTMStudent, ToyEDMDenoiser
+from ctm_core.train_config import CTMTrainConfig, EDMTrainConfig
+from ctm_core.trainer import CTMTrainer, TensorDataSource, atomic_torch_save, load_checkpoint_file
+
+DIM = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def small_cfg(**run) -> CTMTrainConfig:
+    return CTMTrainConfig.from_dict({
+        "ctm": {"N": 10, "K": 6},
+        "optim": {"lr": 1e-3, "lr_warmup_steps": 3},
+        "ema": {"target_rate": 0.9, "eval_rates": [0.9, 0.99]},
+        "run": {"batch_size": 16, "microbatch": 8, "progress": False, "seed": 5, **run},
+    })
+
+
+def make_ctm_trainer(cfg=None, **kwargs) -> CTMTrainer:
+    torch.manual_seed(0)
+    teacher = ToyEDMDenoiser((DIM,), hidden=16, depth=1, emb_channels=8)
+    student = ToyCTMStudent.from_teacher(teacher, dropout=0.2)  # dropout: exercises the carried global RNG
+    data = torch.randn(40, DIM, generator=torch.Generator().manual_seed(1)) * 0.5
+    cfg = cfg or small_cfg()
+    return CTMTrainer(cfg, student, teacher, TensorDataSource(data, batch_size=cfg.run.batch_size, seed=cfg.run.seed),
+                      **kwargs)
+
+
+def assert_state_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_state_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+# ------------------------------------------------------------------------------------------------- resume / save
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    ref = make_ctm_trainer()
+    ref.train(8)
+
+    first = make_ctm_trainer()
+    first.train(4, checkpoint_path=ckpt)
+    del first
+    resumed = make_ctm_trainer()
+    resumed.load_checkpoint(ckpt)
+    assert resumed.step == 4
+    resumed.train(4)
+    assert_state_equal(ref.state_dict(), resumed.state_dict())
+    # and the run really moved: weights differ from the initial ones
+    fresh = make_ctm_trainer()
+    assert not torch.equal(fresh.model.model.out.weight, ref.model.model.out.weight)
+
+
+def test_trainer_leaves_global_rng_alone_and_is_seeded():
+    tr = make_ctm_trainer()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    tr.train(2)
+    assert torch.equal(state, torch.get_rng_state())
+    other_seed = make_ctm_trainer(small_cfg(seed=6))
+    other_seed.train(2)
+    same_seed = make_ctm_trainer()
+    same_seed.train(2)
+    assert_state_equal(tr.state_dict()["model"], same_seed.state_dict()["model"])
+    assert not torch.equal(tr.model.model.out.weight, other_seed.model.model.out.weight)
+
+
+def test_checkpoint_loads_with_weights_only_and_has_everything(tmp_path):
+    tr = make_ctm_trainer()
+    tr.train(2)
+    path = tmp_path / "c.pt"
+    tr.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)
+    for key in ("model", "target", "emas", "optimizer", "discriminator", "rng", "data", "step", "config"):
+        assert key in state
+    assert state["step"] == 2 and state["data"] == {"epoch": 0, "index": 32}
+    assert CTMTrainConfig.from_dict(state["config"]) == tr.config
+    assert state["rng"]["seed"] == 5  # all randomness is keyed by (seed, step, microbatch)
+    with pytest.raises(ValueError, match="kind"):
+        tr.load_state_dict(dict(state, kind="edm"))
+    other = make_ctm_trainer(CTMTrainConfig.from_dict({**small_cfg().to_dict(), "ctm": {"N": 10, "K": 5}}))
+    with pytest.raises(ValueError, match="ctm"):
+        other.load_state_dict(state)
+
+
+def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    tr = make_ctm_trainer()
+    tr.train(2, checkpoint_path=path)
+    good = path.read_bytes()
+    tr.train(1)
+
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.seek(0)
+        f.truncate(100)  # a partial file ...
+        raise OSError("disk full (simulated)")  # ... and a crash
+
+    monkeypatch.setattr(trainer_mod.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        tr.save_checkpoint(path)
+    monkeypatch.setattr(trainer_mod.torch, "save", real_save)
+    assert path.read_bytes() == good
+    assert load_checkpoint_file(path)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"], "the temp file must be cleaned up"
+
+
+def test_atomic_save_replaces(tmp_path):
+    path = tmp_path / "x.pt"
+    atomic_torch_save({"a": torch.ones(2)}, path)
+    atomic_torch_save({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    with pytest.raises(ValueError, match="format"):
+        load_checkpoint_file(path)
+
+
+# ------------------------------------------------------------------------------------------------- loop semantics
+
+
+def test_one_k_per_iteration_shared_by_microbatches(monkeypatch):
+    seen = []
+    real = trainer_mod.ctm_dsm_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[4])  # k
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "ctm_dsm_loss", spy)
+    tr = make_ctm_trainer()
+    ks = []
+    for _ in range(6):
+        seen.clear()
+        metrics = tr.train_step()
+        assert len(seen) == 2 and seen[0] == seen[1]  # 16 / 8 = 2 microbatches, same k
+        assert metrics["k"].item() == seen[0]
+        ks.append(seen[0])
+    assert len(set(ks)) > 1
+
+
+def test_lr_warmup_target_and_ema_updates():
+    tr = make_ctm_trainer()
+    assert abs(tr.current_lr() - 1e-3 / 3) < 1e-12  # linear warm-up over 3 steps
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    target_before = {k: v.clone() for k, v in tr.target.state_dict().items()}
+    m = tr.train_step()
+    assert abs(m["lr"].item() - 1e-3 / 3) < 1e-9
+    after = tr.model.state_dict()
+    for name, t_old in target_before.items():
+        expected = t_old + (1 - 0.9) * (after[name] - t_old)  # θ⁻ ← μθ⁻ + (1−μ)θ with θ the updated weights
+        torch.testing.assert_close(tr.target.state_dict()[name], expected, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad for p in tr.target.parameters())
+    assert tr.target.training  # the target stays in train mode (CTM_FACTS §2.8)
+
+
+def test_update_ema_and_bank():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema = frozen_copy(a)
+    old = [p.clone() for p in ema.parameters()]
+    update_ema_(ema, b, 0.75)
+    for e, o, p in zip(ema.parameters(), old, b.parameters()):
+        torch.testing.assert_close(e, 0.75 * o + 0.25 * p)
+    with pytest.raises(ValueError, match="rate"):
+        update_ema_(ema, b, 1.0)
+    bank = EMABank(a, (0.5, 0.9))
+    bank.update(b)
+    torch.testing.assert_close(bank[0.5].weight, 0.5 * a.weight + 0.5 * b.weight)
+    torch.testing.assert_close(bank[0.9].weight, 0.9 * a.weight + 0.1 * b.weight)
+
+
+def test_data_source_position_and_epochs():
+    data = torch.arange(10.0)[:, None]
+    src = TensorDataSource(data, batch_size=4, seed=3)
+    seen = torch.cat([src.next_batch()[0] for _ in range(5)])  # 20 samples = 2 epochs
+    assert src.position == (2, 0)
+    assert sorted(seen[:10, 0].tolist()) == list(range(10)) and sorted(seen[10:, 0].tolist()) == list(range(10))
+    assert not torch.equal(seen[:10], seen[10:])  # a new permutation per epoch
+    src2 = TensorDataSource(data, batch_size=4, seed=3)
+    src2.next_batch()
+    state = src2.state_dict()
+    x_next = src2.next_batch()[0]
+    src3 = TensorDataSource(data, batch_size=4, seed=3)
+    src3.load_state_dict(state)
+    assert torch.equal(src3.next_batch()[0], x_next)
+    other_rank = TensorDataSource(data, batch_size=4, seed=3, rank=1)
+    assert not torch.equal(other_rank.next_batch()[0], TensorDataSource(data, batch_size=4, seed=3).next_batch()[0])
+
+
+# ------------------------------------------------------------------------------------------------- EDM teacher
+
+
+def test_edm_loss_closed_form_and_trainer_resume(tmp_path):
+    # With the exact Gaussian denoiser, E_n[loss] = λ(σ)·tr(Σ − Σ(Σ+σ²)⁻¹Σ)/d = λ(σ)·mean(σ²λ_i/(λ_i+σ²)).
+    data = GaussianData(torch.zeros(2), torch.diag(torch.tensor([0.2, 0.05])))
+    x0 = data.sample(20000, torch.Generator().manual_seed(0))
+    loss = edm_loss(data.denoiser, x0, torch.Generator().manual_seed(1), sigma_data=0.5)
+    sigma = edm_sigmas(20000, torch.Generator().manual_seed(1), dtype=torch.float64)
+    lam_i = data.lam
+    s2 = sigma[:, None] ** 2
+    expected = (sigma**2 + 0.25) / (sigma * 0.5) ** 2 * (s2 * lam_i / (lam_i + s2)).mean(1)
+    assert abs(loss.mean().item() / expected.mean().item() - 1) < 0.03
+    assert abs(sigma.log().mean().item() + 1.2) < 0.03 and abs(sigma.log().std().item() - 1.2) < 0.03
+
+    def make():
+        torch.manual_seed(0)
+        cfg = EDMTrainConfig.from_dict({"run": {"batch_size": 16, "microbatch": 16, "progress": False},
+                                        "ema": {"eval_rates": [0.9]}})
+        net = ToyEDMDenoiser((2,), hidden=16, depth=1, emb_channels=8)
+        return EDMTrainer(cfg, net, TensorDataSource(x0[:64].float(), batch_size=16, seed=0))
+
+    ref = make()
+    losses = []
+    ref.metrics_callback = lambda step, m: losses.append(m["loss_edm"])
+    ref.train(6)
+    assert len(losses) == 0 or all(v > 0 for v in losses)
+    a = make()
+    a.train(3, checkpoint_path=tmp_path / "edm.pt")
+    b = make()
+    b.load_checkpoint(tmp_path / "edm.pt")
+    b.train(3)
+    assert_state_equal(ref.state_dict(), b.state_dict())
+    assert isinstance(ref.optimizer, torch.optim.Adam)
+
+
+def test_metrics_callback_and_radam():
+    got = []
+    tr = make_ctm_trainer(small_cfg(log_every_steps=2), metrics_callback=lambda s, m: got.append((s, m)))
+    tr.train(4)
+    assert [s for s, _ in got] == [2, 4]
+    assert {"loss", "loss_ctm", "loss_dsm", "lambda_dsm", "lr", "k"} <= set(got[0][1])
+    assert all(isinstance(v, float) for v in got[0][1].values())
+    assert isinstance(tr.optimizer, torch.optim.RAdam)
+
+
+# ------------------------------------------------------------------------------------------------- config validation
+
+
+def test_official_defaults():
+    c = CTMTrainConfig()
+    assert (c.optim.lr, c.optim.name, c.ema.target_rate, c.ema.eval_rates) == (4e-4, "radam", 0.999, (0.999, 0.9999))
+    assert (c.ctm.N, c.ctm.K, c.ctm.sigma_min, c.ctm.sigma_max, c.ctm.rho, c.ctm.sigma_data) == (18, 17, 0.002, 80.0,
+                                                                                                   7.0, 0.5)
+    assert (c.run.batch_size, c.ctm.dsm_weight, c.ctm.mode) == (256, 1.0, "ctm")
+    assert CTMTrainConfig.from_dict(c.to_dict()) == c
+    assert EDMTrainConfig().optim.name == "adam"
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("ctm", "sigma_min", 80.0),
+    ("ctm", "sigma_min", -1.0),
+    ("ctm", "sigma_max", 0.001),
+    ("ctm", "K", 18),
+    ("ctm", "K", 0),
+    ("ctm", "N", 1),
+    ("ctm", "rho", 0),
+    ("ctm", "distance", "l1"),
+    ("ctm", "mode", "ct"),
+    ("ctm", "dsm_weight", -0.5),
+    ("ctm", "diffusion_mult", 1.5),
+    ("ctm", "P_std", 0.0),
+    ("optim", "lr", -1e-4),
+    ("optim", "lr", 0.0),
+    ("optim", "name", "sgd"),
+    ("optim", "lr_warmup_steps", -1),
+    ("ema", "target_rate", 1.0),
+    ("ema", "target_rate", -0.1),
+    ("eval", "gamma", 1.5),
+    ("eval", "gamma", -0.1),
+    ("run", "microbatch", 10),
+    ("run", "batch_size", 0),
+    ("run", "precision", "fp16"),
+    ("run", "seed", -1),
+    ("run", "compile", "yes"),
+    ("run", "total_steps", 1.5),
+])
+def test_invalid_values_name_the_key(section, key, value):
+    with pytest.raises(ValueError, match=rf"{section}\.{key}"):
+        CTMTrainConfig.from_dict({section: {key: value}})
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"ema": {"eval_rates": [0.999, 1.0]}}, r"ema\.eval_rates\[1\]"),
+    ({"optim": {"betas": [0.9, 1.0]}}, r"optim\.betas\[1\]"),
+    ({"ctm": {"lr": 1e-3}}, r"ctm\.lr"),
+    ({"training": {}}, r"training"),
+    ({"run": {"batch": 3}}, r"run\.batch"),
+])
+def test_unknown_keys_and_nested_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CTMTrainConfig.from_dict(bad)
+
+
+def test_edm_config_and_trainer_type_checks():
+    with pytest.raises(ValueError, match=r"edm\.P_std"):
+        EDMTrainConfig.from_dict({"edm": {"P_std": -1}})
+    with pytest.raises(ValueError, match="lpips"):
+        make_ctm_trainer(CTMTrainConfig.from_dict({"ctm": {"N": 10, "K": 6, "distance": "lpips"},
+                                                   "run": {"batch_size": 16, "microbatch": 8, "progress": False}}))
+    with pytest.raises(TypeError, match="CTMTrainConfig"):
+        CTMTrainer(EDMTrainConfig(), ToyCTMStudent((2,)), None, None)
+
+
+# ------------------------------------------------------------------------------------------------- real networks
+
+
+def test_edm_then_ctm_with_real_precond_and_student(tmp_path):
+    """EDMPrecond teacher trained a step, exported via teacher_format, reloaded, distilled into a CTMStudent."""
+    from ctm_core.edm_training import export_teacher
+    from ctm_core.precond import EDMPrecond
+    from ctm_core.student import CTMStudent
+    from ctm_core.teacher_format import load_edm_checkpoint
+
+    torch.manual_seed(0)
+    arch = dict(model_type="SongUNet", model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[],
+                dropout=0.0)
+    images = torch.rand(8, 1, 8, 8) * 2 - 1
+    edm_cfg = EDMTrainConfig.from_dict({"run": {"batch_size": 4, "microbatch": 2, "progress": False},
+                                        "ema": {"eval_rates": [0.9]}})
+    edm = EDMTrainer(edm_cfg, EDMPrecond(8, 1, **arch), TensorDataSource(images, batch_size=4, seed=0))
+    edm.train(2)
+    export_teacher(edm.ema_model(), tmp_path / "teacher")
+    teacher = load_edm_checkpoint(tmp_path / "teacher")
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 5.0])
+    torch.testing.assert_close(teacher(x, sigma), edm.ema_model().eval()(x, sigma))
+
+    student = CTMStudent.from_teacher(teacher)
+    cfg = CTMTrainConfig.from_dict({"ctm": {"N": 6, "K": 3}, "run": {"batch_size": 4, "microbatch": 2,
+                                                                     "progress": False}})
+    ctm = CTMTrainer(cfg, student, teacher, TensorDataSource(images, batch_size=4, seed=0))
+    before = ctm.model.last_layer_weight().detach().clone()
+    metrics = ctm.train_step()
+    assert all(bool(torch.isfinite(v).all()) for v in metrics.values())
+    assert not torch.equal(before, ctm.model.last_layer_weight())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+# ------------------------------------------------------------------------------------------------- GAN phase
+
+
+def make_gan_trainer():
+    from ctm_core.gan import build_discriminator, make_d_optimizer
+
+    torch.manual_seed(0)
+    teacher = ToyEDMDenoiser((3, 8, 8), hidden=16, depth=1, emb_channels=8)
+    student = ToyCTMStudent.from_teacher(teacher)
+    d = build_discriminator("scratch", img_resolution=8, img_channels=3, channels=8, max_channels=16,
+                            generator=torch.Generator().manual_seed(2))
+    images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    cfg = CTMTrainConfig.from_dict({"ctm": {"N": 8, "K": 3}, "gan": {"enabled": True},
+                                    "run": {"batch_size": 4, "microbatch": 2, "progress": False}})
+    return CTMTrainer(cfg, student, teacher, TensorDataSource(images, batch_size=4, seed=0), discriminator=d,
+                      d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr, betas=cfg.gan.d_betas))
+
+
+def test_gan_phase_alternates_g_and_d_steps(tmp_path):
+    tr = make_gan_trainer()
+    snap = lambda m: {k: v.clone() for k, v in m.state_dict().items()}  # noqa: E731
+    g0, t0, d0, e0 = snap(tr.model), snap(tr.target), snap(tr.discriminator), snap(tr.emas[0.999])
+    m = tr.train_step()  # step 0: G step (CTM + DSM + λ_GAN·g_loss), EMA/target updated
+    assert 0.01 <= m["lambda_gan"].item() <= 10 and "loss_gan_g" in m
+    g1, t1, d1, e1 = snap(tr.model), snap(tr.target), snap(tr.discriminator), snap(tr.emas[0.999])
+    assert any(not torch.equal(g0[k], g1[k]) for k in g0)
+    assert any(not torch.equal(t0[k], t1[k]) for k in t0) and any(not torch.equal(e0[k], e1[k]) for k in e0)
+    d_params = {n for n, _ in tr.discriminator.named_parameters()}
+    assert all(torch.equal(d0[k], d1[k]) for k in d_params), "G step must not update D"
+    m = tr.train_step()  # step 1: D step only
+    assert set(m) == {"loss_gan_d", "k"}
+    g2, t2, d2, e2 = snap(tr.model), snap(tr.target), snap(tr.discriminator), snap(tr.emas[0.999])
+    assert all(torch.equal(g1[k], g2[k]) for k in g1) and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert all(torch.equal(e1[k], e2[k]) for k in e1), "EMAs update only after G steps"
+    assert any(not torch.equal(d1[k], d2[k]) for k in d_params)
+    assert tr.step == 2
+
+    # resume with the discriminator slot is bitwise identical too
+    ref = make_gan_trainer()
+    ref.train(4)
+    a = make_gan_trainer()
+    a.train(2, checkpoint_path=tmp_path / "gan.pt")
+    b = make_gan_trainer()
+    b.load_checkpoint(tmp_path / "gan.pt")
+    b.train(2)
+    assert_state_equal(ref.state_dict(), b.state_dict())
+    with pytest.raises(ValueError, match="discriminator"):
+        CTMTrainer(ref.config, ToyCTMStudent((3, 8, 8)), ref.teacher, ref.data)
+
+
+# ------------------------------------------------------------------------------------------------- data parallel
+
+
+def test_two_ranks_make_the_same_update_as_one_process():
+    """world_size=2 (threads + a summing grad_sync) == world_size=1 with the same global batch."""
+    import threading
+
+    def make(rank=0, world=1, **kw):
+        torch.manual_seed(0)
+        teacher = ToyEDMDenoiser((DIM,), hidden=16, depth=1, emb_channels=8)
+        student = ToyCTMStudent.from_teacher(teacher)  # no dropout: the threads share the global RNG
+        data = torch.randn(40, DIM, generator=torch.Generator().manual_seed(1)) * 0.5
+        cfg = small_cfg(batch_size=16 // world)
+        return CTMTrainer(cfg, student, teacher, TensorDataSource(data, batch_size=16 // world, seed=5), rank=rank,
+                          world_size=world, **kw)
+
+    single = make()
+    for _ in range(3):
+        single.train_step()
+
+    barrier = threading.Barrier(2)
+    grads: dict[int, list[torch.Tensor]] = {}
+    metrics: dict[int, dict] = {}
+
+    def grad_sync_for(rank):
+        def sync(params):
+            grads[rank] = [p.grad.clone() for p in params]
+            barrier.wait()
+            for p, g_other in zip(params, grads[1 - rank]):
+                p.grad += g_other
+            barrier.wait()
+        return sync
+
+    def metric_sync_for(rank):
+        def sync(m):
+            metrics[rank] = {k: v.clone() for k, v in m.items()}
+            barrier.wait()
+            out = {k: v + metrics[1 - rank][k] for k, v in m.items()}
+            barrier.wait()
+            return out
+        return sync
+
+    ranks = [make(r, 2, grad_sync=grad_sync_for(r), metric_sync=metric_sync_for(r)) for r in range(2)]
+    assert list(ranks[0].my_microbatches()) == [0] and list(ranks[1].my_microbatches()) == [1]
+    results = {}
+
+    def run(r):
+        results[r] = [ranks[r].train_step() for _ in range(3)]
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in range(2):
+        for name, p in single.model.named_parameters():
+            torch.testing.assert_close(dict(ranks[r].model.named_parameters())[name], p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][-1]["loss"], results[1][-1]["loss"])
