@@ -1,0 +1,632 @@
+"""DVC stage `evaluate`: sample quality vs NFE of the CTM student, teacher baselines, Fréchet distance, bits/dim.
+
+    python -m pipelines.evaluate --params params.yaml --data data/prepared --teacher artifacts/teacher \\
+        --student artifacts/student --out artifacts/eval
+
+Protocol (section `evaluate` of params.yaml):
+
+* Feature space. A `ctm_core.feature_classifier.SmallClassifier` is trained on the prepared TRAIN split
+  (`evaluate.classifier`: seeded, Adam; `steps` is turned into whole epochs, ceil(steps / batches per epoch)).
+  Its held-out accuracy is reported. The Inception FID is meaningless on 8x8 grey digits: these Fréchet
+  distances ("FD") are comparable only between runs with the same classifier (its sha256 is in fd_details.json).
+* Reference statistics: float64 mean / unbiased covariance of the features of ALL real images (train + held-out
+  split). `fd_heldout_vs_train` (held-out features against the train statistics) is the real-data floor at the
+  held-out sample size.
+* Methods, each on the same seeds: image i uses seed `seed_start + i` through `StackedRandomGenerator`
+  (EDM generate.py:182-196), so an image does not depend on the batch size or its position in the batch:
+    - student (`evaluate.ema` weights) with `gamma_sampler` at every NFE of `evaluate.nfe` ∪ {1} for every gamma of
+      `evaluate.gammas` ∪ {0, 1} (at NFE 1 every gamma gives the same jump sigma_max -> sigma_min, sampled once);
+    - the student's own score sampler (`student_heun_sampler`, Heun with g(x, σ, σ)) at NFE 3 and 7 (kept
+      short: every 35-NFE method costs ~20-40 s per 1000 digits on 2 CPU cores);
+    - the teacher with EDM's deterministic Heun sampler at `teacher_nfe` (= 2·steps − 1) and with Euler at
+      `teacher_euler_nfe` (1 = the baseline D(x_T; sigma_max), one Euler step from sigma_max to 0).
+  Every sample is clamped to [-1, 1] and quantised to the dataset's levels (`images_to_levels`, the inverse of
+  prepare's `level / (L − 1) · 2 − 1`), exactly as the real images were, before the classifier sees it.
+* FD of each method on all `num_samples` images (the number in metrics.json, e.g. `fd_nfe1`). Error bars:
+  the same images split into K = 3 disjoint seed sets (2, or 1 when fewer than 2·feature_dim images per set):
+  `<key>_mean` ± `<key>_std` (SiD-style mean; sample std over the sets, measured at num_samples/K images per set,
+  so it OVERSTATES the noise of the full-size number: a conservative margin for promotion; both are also biased
+  upwards against `<key>` by the smaller set size) and `<key>_min` (EDM's min-of-sets); and a basic
+  bootstrap 95 % interval `<key>_ci_low/_ci_high` from resampling the full set (`ctm_core.metrics.fid_error_bars`).
+  KID (cubic polynomial kernel) for every method is in fd_details.json.
+* Bits/dim (`evaluate.bpd`) of the first `bpd.num_samples` held-out images, teacher D(x; σ) and student
+  g(x, σ, σ), through the exact PF-ODE likelihood (`ctm_core.likelihood`; not the official ELBO with its σ bug,
+  sony/ctm#13). Discretisation: see `bits_per_dim_levels` (17-level digits are not a power of 2).
+  `bpd_*_stderr` is the standard error of the mean over images (it contains the dequantisation and Hutchinson
+  Monte-Carlo noise); with `num_probes > 1` the Hutchinson-only part is `bpd_*_hutchinson_stderr`.
+
+Outputs (`--out`, built in a temporary folder and renamed into place: all or nothing):
+    metrics.json            flat: fd_nfe{n} (γ=0), fd_nfe{n}_gamma{g:g}, fd_student_heun{n}, fd_teacher_heun{n},
+                            fd_teacher_euler{n} (+ _mean/_std/_min/_ci_low/_ci_high), fd_nfe1_over_teacher_heun{n},
+                            fd_nfe1_over_teacher_euler{n}, fd_heldout_vs_train, kid_nfe1, classifier_accuracy,
+                            bpd_student, bpd_teacher (+ _stderr), num_samples, complete (true iff everything ran).
+    fd_vs_nfe/gamma_{g:g}.csv   nfe,fd,fd_std,fd_min,fd_ci_low,fd_ci_high (one file per gamma; `dvc plots`)
+    fd_vs_nfe.png           FD vs NFE per gamma with error bars and the teacher lines
+    grids/<method>.png      grid_size² samples of each method (first seeds) and grids/data.png
+    fd_details.json         per-method details (seed-set FDs, bootstrap, KID, timings), classifier, bpd, protocol
+    classifier/             the feature classifier (safetensors + config)
+
+MLflow: everything above is logged to the distill run (`mlflow_run_id` in <student>/run.json) when it exists in the
+tracking store, else to an `evaluate-<params hash>` run (pipelines.tracking). Exit codes: 0 ok, 2 bad params or
+missing inputs (one line on stderr, nothing written), 1 failure during the work (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipelines.config import Params, ParamsError, load_params, params_hash
+from pipelines.io_utils import atomic_write_json, atomic_write_text, read_json, staged_dir
+
+__all__ = [
+    "InputError",
+    "Method",
+    "bits_per_dim_levels",
+    "check_inputs",
+    "euler_sampler",
+    "evaluate",
+    "main",
+    "plan_methods",
+    "sample_method",
+    "seed_sets",
+]
+
+NUM_BOOTSTRAP = 200  # bootstrap replicates per method (64-d features: milliseconds each)
+NUM_SEED_SETS = 3  # disjoint seed sets for the mean ± std / min error bars
+STUDENT_HEUN_NFES = (3, 7)  # the student's own score sampler (Heun with g(x, σ, σ)): 2 and 4 Heun steps
+KID_SUBSETS = 20
+
+
+class InputError(ValueError):
+    """A stage input (data, teacher, student folder) is missing or unusable; the message is one line."""
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------------
+def check_inputs(params: Params, data: Path, teacher: Path, student: Path) -> dict[str, Any]:
+    """Check every input before any work; returns {'card', 'student_config', 'variant'}. Raises InputError."""
+    from ctm_core.student_format import ema_variant, read_student_config
+    from pipelines.prepare import load_card
+
+    try:
+        card = load_card(data)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"--data: {e}") from None
+    if card["splits"]["train"]["count"] < 2:
+        raise InputError(f"--data: {data} has {card['splits']['train']['count']} training images, need >= 2")
+    if int(card["labels"]["label_dim"]) < 2:
+        raise InputError(f"--data: {data} has no class labels (label_dim {card['labels']['label_dim']}); the feature "
+                         "classifier of the Fréchet distance needs a labelled training split")
+    if not teacher.exists():
+        raise InputError(f"--teacher: {teacher} does not exist (run the teacher stage first: dvc repro teacher)")
+    if teacher.is_dir() and not (teacher / "teacher.safetensors").is_file():
+        raise InputError(f"--teacher: {teacher} has no teacher.safetensors (expected a folder written by the teacher "
+                         "stage)")
+    if not student.is_dir():
+        raise InputError(f"--student: {student} does not exist (run the distill stage first: dvc repro distill)")
+    try:
+        config = read_student_config(student)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"--student: {e}") from None
+    variant = ema_variant(params.evaluate.ema)
+    if variant not in config["variants"]:
+        raise InputError(f"evaluate.ema: the student in {student} has no weights {variant!r}, it has "
+                         f"{sorted(config['variants'])} (fix: set evaluate.ema to one of distill.eval_emas it saved)")
+    return {"card": card, "student_config": config, "variant": variant}
+
+
+# --- samplers ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def euler_sampler(
+    denoiser: Callable[..., torch.Tensor],
+    latents: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    *,
+    num_steps: int = 1,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> torch.Tensor:
+    """Deterministic Euler on the PF-ODE dx/dσ = (x − D(x; σ))/σ (Karras et al. 2022, eq. 4 / Algorithm 1 without
+    the Heun correction) over the Karras grid of `num_steps` points plus t_N = 0; NFE = num_steps.
+
+    num_steps = 1 is the single step from sigma_max to 0: x_0 = D(x_T; sigma_max) (the "1-step teacher" baseline).
+    latents: (B, C, H, W) standard normal; returns (B, C, H, W) float64 (not clamped).
+    """
+    from ctm_core.schedules import karras_sigmas
+
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
+    sigma_max = min(sigma_max, float(getattr(denoiser, "sigma_max", math.inf)))
+    if num_steps == 1:
+        t_steps = torch.tensor([sigma_max], dtype=torch.float64, device=latents.device)
+    else:
+        t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).to(latents.device)
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # (N+1,)
+    x = latents.to(torch.float64) * t_steps[0]
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+        D_x = denoiser(x, t_cur, class_labels).to(torch.float64)
+        x = x + (t_next - t_cur) * (x - D_x) / t_cur
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way of producing samples. kind: 'gamma' | 'student_heun' | 'teacher_heun' | 'teacher_euler'."""
+
+    key: str  # metrics key, e.g. fd_nfe2_gamma0.5
+    kind: str
+    nfe: int
+    gamma: float | None = None
+    label: str = ""
+
+    @property
+    def grid_name(self) -> str:
+        return self.key.removeprefix("fd_")
+
+
+def _nfes(params: Params) -> list[int]:
+    """Student NFEs: evaluate.nfe plus 1 (fd_nfe1 is the number tune and register read)."""
+    return sorted(set(params.evaluate.nfe) | {1})
+
+
+def plan_methods(params: Params) -> list[Method]:
+    """Every method the stage samples (module doc), in order; NFE-1 gamma variants are one method (identical)."""
+    ev = params.evaluate
+    gammas = sorted(set(ev.gammas) | {0.0, 1.0})
+    methods = []
+    for n in _nfes(params):
+        for g in gammas if n > 1 else [0.0]:
+            methods.append(Method(f"fd_nfe{n}_gamma{g:g}", "gamma", n, g, f"CTM γ={g:g}, {n} NFE"))
+    for n in STUDENT_HEUN_NFES:
+        methods.append(Method(f"fd_student_heun{n}", "student_heun", n, None, f"student g Heun, {n} NFE"))
+    methods.append(Method(f"fd_teacher_heun{ev.teacher_nfe}", "teacher_heun", ev.teacher_nfe, None,
+                          f"teacher Heun, {ev.teacher_nfe} NFE"))
+    methods.append(Method(f"fd_teacher_euler{ev.teacher_euler_nfe}", "teacher_euler", ev.teacher_euler_nfe, None,
+                          f"teacher Euler, {ev.teacher_euler_nfe} NFE"))
+    return methods
+
+
+@torch.no_grad()
+def _sample_batch(method: Method, student, teacher, seeds: Sequence[int], img_shape: tuple[int, int, int],
+                  label_dim: int, device: torch.device) -> torch.Tensor:
+    from ctm_core.samplers import StackedRandomGenerator, edm_sampler, gamma_sampler, student_heun_sampler
+
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), *img_shape])  # (B, C, H, W)
+    labels = None
+    if label_dim:  # EDM generate.py: one-hot labels from the same per-seed streams
+        labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, [len(seeds)])]
+    if method.kind == "gamma":
+        return gamma_sampler(student, latents, labels, nfe=method.nfe, gamma=method.gamma,
+                             sigma_min=student.sigma_min, sigma_max=student.sigma_max, randn_like=rnd.randn_like)
+    if method.kind == "student_heun" and method.nfe > 1:
+        return student_heun_sampler(student, latents, labels, num_steps=(method.nfe + 1) // 2,
+                                    sigma_min=student.sigma_min, sigma_max=student.sigma_max,
+                                    randn_like=rnd.randn_like)
+    if method.kind == "teacher_heun" and method.nfe > 1:
+        return edm_sampler(teacher, latents, labels, randn_like=rnd.randn_like, num_steps=(method.nfe + 1) // 2)
+    if method.kind in ("student_heun", "teacher_heun", "teacher_euler"):  # Heun with 1 step is 1 Euler step
+        if method.kind == "student_heun":
+            from ctm_core.samplers import student_as_denoiser
+
+            return euler_sampler(student_as_denoiser(student), latents, labels, num_steps=method.nfe)
+        return euler_sampler(teacher, latents, labels, num_steps=method.nfe)
+    raise ValueError(f"method.kind: expected gamma/student_heun/teacher_heun/teacher_euler, got {method.kind!r}")
+
+
+def sample_method(method: Method, student, teacher, *, seeds: Sequence[int], batch: int,
+                  img_shape: tuple[int, int, int], label_dim: int = 0, device: str | torch.device = "cpu",
+                  progress: bool = False) -> torch.Tensor:
+    """Samples (N, C, H, W) float64, not clamped, for `seeds` (one image per seed), in chunks of `batch`."""
+    device = torch.device(device)
+    out = []
+    chunks = range(0, len(seeds), batch)
+    for i in tqdm(chunks, desc=method.label or method.key, unit="batch", disable=not progress, leave=False):
+        out.append(_sample_batch(method, student, teacher, list(seeds[i : i + batch]), img_shape, label_dim,
+                                 device).cpu())
+    return torch.cat(out)
+
+
+def seed_sets(num_samples: int, feature_dim: int, max_sets: int = NUM_SEED_SETS) -> list[slice]:
+    """Split range(num_samples) into K contiguous disjoint seed sets, K = the largest of max_sets..1 leaving at
+    least 2·feature_dim images per set (so each set's covariance is well conditioned); K = 1 otherwise."""
+    for k in range(max_sets, 1, -1):
+        if num_samples // k >= 2 * feature_dim:
+            bounds = np.linspace(0, num_samples, k + 1).round().astype(int)
+            return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [slice(0, num_samples)]
+
+
+# --- bits/dim ---------------------------------------------------------------------------------------------------------
+def bits_per_dim_levels(
+    denoiser: Callable[..., torch.Tensor],
+    levels: torch.Tensor,
+    num_levels: int,
+    *,
+    dequantize: str,
+    generator: torch.Generator,
+    **likelihood_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image bits/dim of integer images with `num_levels` levels; returns (bpd (B,), Hutchinson stderr (B,)).
+
+    Power-of-two levels (8-bit data): `ctm_core.likelihood.bits_per_dim` with bits = log2(L), the field's
+    convention (bins of width 2/L on [-1, 1], `+ bits − 1` offset) so numbers compare with published ones.
+
+    Other L (17-level digits): the data were mapped by prepare to the L points x_k = k·Δ − 1 with Δ = 2/(L − 1),
+    so the model's bins are the cells of width Δ CENTRED on those points, B_k = [x_k − Δ/2, x_k + Δ/2) (the
+    outer cells stick out of [-1, 1] by Δ/2). With uniform dequantisation x = x_k + (u − ½)Δ, u ~ U[0,1)^D:
+
+        P(k) = ∫_{B_k} p(x) dx,   −log P(k) ≤ E_u[−log p(x)] − D log Δ      (Jensen; Theis et al. 2016)
+        bpd  = (−log p(x) − D log Δ) / (D ln 2),
+
+    i.e. −log2 p(x)/D + log2((L − 1)/2). Check: the uniform density on the L cells, p = (LΔ)^(−D), gives exactly
+    log2 L bits (4.09 for digits), the cost of a uniform guess. `dequantize='none'` uses the bin centres (u = ½):
+    the point density times the bin volume, an approximation rather than a bound. The log-density comes from
+    `ctm_core.likelihood.log_likelihood` (exact PF-ODE, sigma from sigma_min to sigma_max).
+
+    levels: (B, C, H, W) integers in 0..L−1. The dequantisation noise is drawn from `generator` first, then the
+    Hutchinson probes (the same order as `bits_per_dim`).
+    """
+    from ctm_core.likelihood import bits_per_dim, log_likelihood
+
+    L = int(num_levels)
+    if L < 2:
+        raise ValueError(f"num_levels: expected an int >= 2, got {num_levels!r}")
+    q = torch.as_tensor(levels).to(torch.int64)
+    if L & (L - 1) == 0:
+        bpd, se = bits_per_dim(denoiser, q, bits=L.bit_length() - 1, dequantize=dequantize, generator=generator,
+                               return_stderr=True, **likelihood_kwargs)
+        return bpd, se
+    if dequantize not in ("uniform", "none"):
+        raise ValueError(f"dequantize: expected 'uniform' or 'none', got {dequantize!r}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= L):
+        raise ValueError(f"levels: expected values in [0, {L - 1}], got [{int(q.min())}, {int(q.max())}]")
+    delta = 2.0 / (L - 1)
+    if dequantize == "uniform":
+        u = torch.rand(q.shape, generator=generator, dtype=torch.float64, device=generator.device).to(q.device)
+    else:
+        u = torch.full(q.shape, 0.5, dtype=torch.float64, device=q.device)
+    x = (q.to(torch.float64) + u - 0.5) * delta - 1.0  # (B, C, H, W)
+    D = q[0].numel()
+    log_p, stderr = log_likelihood(denoiser, x, generator=generator, return_stderr=True, **likelihood_kwargs)
+    bpd = -(log_p + D * math.log(delta)) / (D * math.log(2.0))
+    return bpd, stderr / (D * math.log(2.0))
+
+
+# --- the stage --------------------------------------------------------------------------------------------------------
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fd_summary(key: str, feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, sets: list[slice],
+                seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Flat metrics (key, _std, _min, _ci_low, _ci_high) and the details of one method's features (N, D)."""
+    from ctm_core.metrics import fid_error_bars
+
+    boot = fid_error_bars([feats], mu_ref, sigma_ref, num_bootstrap=NUM_BOOTSTRAP,
+                          generator=torch.Generator().manual_seed(seed))
+    per_set = fid_error_bars([feats[s] for s in sets], mu_ref, sigma_ref, num_bootstrap=0)
+    flat = {key: boot.fids[0], f"{key}_ci_low": boot.bootstrap_low, f"{key}_ci_high": boot.bootstrap_high}
+    if len(sets) > 1:
+        flat[f"{key}_mean"] = per_set.mean
+        flat[f"{key}_std"] = per_set.std
+        flat[f"{key}_min"] = per_set.min
+    details = {"fd": boot.fids[0], "bootstrap": {k: v for k, v in boot.to_dict().items()
+                                                 if k.startswith("bootstrap") or k in ("confidence", "num_bootstrap")},
+               "seed_sets": {"fds": list(per_set.fids), "mean": per_set.mean,
+                             "std": per_set.std if len(sets) > 1 else None, "min": per_set.min,
+                             "num_samples": list(per_set.num_samples)}}
+    return {k: float(v) for k, v in flat.items() if _finite(v)}, details
+
+
+def _kid(feats: np.ndarray, ref_feats: np.ndarray, seed: int) -> dict[str, float] | None:
+    from ctm_core.metrics import kid
+
+    m = min(len(feats), len(ref_feats), 1000) // 2
+    if m < 2:
+        return None
+    r = kid(feats, ref_feats, num_subsets=KID_SUBSETS, subset_size=m, generator=torch.Generator().manual_seed(seed))
+    return {"mean": r.mean, "std": r.std, "num_subsets": r.num_subsets, "subset_size": r.subset_size}
+
+
+def _train_feature_classifier(params: Params, card: dict[str, Any], data: Path, out: Path, progress: bool):
+    from ctm_core.feature_classifier import save_classifier, train_classifier
+    from pipelines.prepare import load_prepared
+
+    cp = params.evaluate.classifier
+    x_train, y_train = load_prepared(data, "train")
+    x_held, y_held = load_prepared(data, "heldout")
+    num_levels = int(card["image"]["num_levels"])
+    steps_per_epoch = math.ceil(len(x_train) / cp.batch)
+    epochs = max(1, math.ceil(cp.steps / steps_per_epoch))
+    t0 = time.perf_counter()
+    with tqdm(total=1, desc=f"feature classifier ({epochs} epochs)", disable=not progress, leave=False) as bar:
+        has_held = len(y_held) > 0 and bool((y_held >= 0).all())
+        model, acc = train_classifier(
+            x_train, y_train, num_levels, epochs=epochs, batch_size=cp.batch, lr=cp.lr,
+            generator=torch.Generator().manual_seed(cp.seed),
+            num_classes=int(card["labels"]["label_dim"]) or None,
+            heldout_images=x_held if has_held else None, heldout_labels=y_held if has_held else None,
+        )
+        bar.update()
+    info = {"epochs": epochs, "steps": epochs * steps_per_epoch, "heldout_accuracy": acc,
+            "train_seconds": time.perf_counter() - t0, "data_sha256": card["source"]["sha256"]}
+    info["sha256"] = save_classifier(model, out / "classifier", meta={**info, "params": cp.model_dump()})
+    return model, info, (x_train, x_held)
+
+
+def _bpd(params: Params, name: str, denoiser, levels: torch.Tensor, num_levels: int, sigma_min: float,
+         sigma_max: float, progress: bool) -> dict[str, float]:
+    b = params.evaluate.bpd
+    gen = torch.Generator().manual_seed(params.evaluate.seed)
+    t0 = time.perf_counter()
+    with tqdm(total=len(levels), desc=f"bits/dim {name}", unit="img", disable=not progress, leave=False) as bar:
+        bpd, se = bits_per_dim_levels(denoiser, levels, num_levels, dequantize=b.dequantize, generator=gen,
+                                      sigma_min=sigma_min, sigma_max=sigma_max, divergence=b.divergence,
+                                      num_probes=b.num_probes, rtol=b.rtol, atol=b.atol)
+        bar.update(len(levels))
+    n = len(bpd)
+    out = {f"bpd_{name}": float(bpd.mean())}
+    if n > 1:
+        out[f"bpd_{name}_stderr"] = float(bpd.std(unbiased=True)) / math.sqrt(n)
+    if b.divergence == "hutchinson" and b.num_probes > 1:
+        out[f"bpd_{name}_hutchinson_stderr"] = float(se.pow(2).sum().sqrt()) / n
+    out[f"bpd_{name}_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def evaluate(
+    params: Params,
+    data: str | os.PathLike,
+    teacher: str | os.PathLike,
+    student: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    progress: bool = True,
+    device: str | None = None,
+    log_mlflow: bool = True,
+) -> dict[str, Any]:
+    """Run the whole stage (module doc); returns the flat metrics. Raises InputError before any work."""
+    from ctm_core.feature_classifier import classifier_features
+    from ctm_core.likelihood import student_as_denoiser
+    from ctm_core.metrics import feature_statistics, frechet_distance, images_to_levels
+    from ctm_core.student_format import load_student
+    from ctm_core.teacher_format import load_edm_checkpoint
+    from pipelines.plots import plot_fd_vs_nfe, save_grid
+    from pipelines.prepare import load_prepared
+
+    data, teacher, student, out = Path(data), Path(teacher), Path(student), Path(out)
+    ev = params.evaluate
+    checked = check_inputs(params, data, teacher, student)
+    card, variant = checked["card"], checked["variant"]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t_start = time.perf_counter()
+    num_levels = int(card["image"]["num_levels"])
+    img_shape = (int(card["image"]["channels"]), int(card["image"]["height"]), int(card["image"]["width"]))
+
+    with staged_dir(out) as tmp:
+        errors: list[str] = []
+        # 1. feature space and reference statistics (train + held-out real images).
+        clf, clf_info, (x_train, x_held) = _train_feature_classifier(params, card, data, tmp, progress)
+        f_train = classifier_features(clf, x_train)
+        f_held = classifier_features(clf, x_held) if len(x_held) else np.zeros((0, f_train.shape[1]))
+        f_ref = np.concatenate([f_train, f_held])
+        mu_ref, sigma_ref = feature_statistics(f_ref)
+        metrics: dict[str, Any] = {"num_samples": ev.num_samples, "num_reference": int(len(f_ref))}
+        if clf_info["heldout_accuracy"] is not None:
+            metrics["classifier_accuracy"] = float(clf_info["heldout_accuracy"])
+        if len(f_held) >= 2:
+            mu_h, sigma_h = feature_statistics(f_held)
+            metrics["fd_heldout_vs_train"] = frechet_distance(mu_h, sigma_h, *feature_statistics(f_train))
+        save_grid(tmp / "grids" / "data.png", x_train[: ev.grid_size**2], num_levels, ev.grid_size)
+
+        # 2. networks.
+        teacher_net = load_edm_checkpoint(teacher).to(dev).eval().requires_grad_(False)
+        student_net = load_student(student, variant, device=dev)
+        label_dim = int(getattr(student_net, "label_dim", 0))
+
+        # 3. samples -> levels -> features -> FD, per method.
+        methods = plan_methods(params)
+        seeds = list(range(ev.seed_start, ev.seed_start + ev.num_samples))
+        sets = seed_sets(ev.num_samples, f_ref.shape[1])
+        details: dict[str, Any] = {}
+        for m in tqdm(methods, desc="evaluate methods", unit="method", disable=not progress):
+            t0 = time.perf_counter()
+            try:
+                x = sample_method(m, student_net, teacher_net, seeds=seeds, batch=ev.batch, img_shape=img_shape,
+                                  label_dim=label_dim, device=dev, progress=progress)
+                q = images_to_levels(x.clamp(-1, 1), num_levels)  # (N, C, H, W) integer levels
+                feats = classifier_features(clf, q)
+            except (ValueError, RuntimeError) as e:  # e.g. a diverged sampler (non-finite samples)
+                errors.append(f"{m.key}: {type(e).__name__}: {e}")
+                continue
+            flat, det = _fd_summary(m.key, feats, mu_ref, sigma_ref, sets, ev.seed)
+            det.update(kind=m.kind, nfe=m.nfe, gamma=m.gamma, label=m.label, kid=_kid(feats, f_ref, ev.seed),
+                       seconds=time.perf_counter() - t0)
+            details[m.key] = det
+            metrics.update(flat)
+            save_grid(tmp / "grids" / f"{m.grid_name}.png", q[: ev.grid_size**2].numpy(), num_levels, ev.grid_size)
+        # NFE 1: every gamma is the same jump; gamma 0 is the headline name fd_nfe{n}.
+        gammas = sorted(set(ev.gammas) | {0.0, 1.0})
+        for n in _nfes(params):
+            for suffix in ("", "_mean", "_std", "_min", "_ci_low", "_ci_high"):
+                src = f"fd_nfe{n}_gamma0{suffix}"
+                if src in metrics:
+                    metrics[f"fd_nfe{n}{suffix}"] = metrics[src]
+                    if n == 1:
+                        for g in gammas:
+                            metrics[f"fd_nfe1_gamma{g:g}{suffix}"] = metrics[src]
+        if "fd_nfe1_gamma0" in details and _kid_ok(details["fd_nfe1_gamma0"]):
+            metrics["kid_nfe1"] = details["fd_nfe1_gamma0"]["kid"]["mean"]
+        heun_key = f"fd_teacher_heun{ev.teacher_nfe}"
+        euler_key = f"fd_teacher_euler{ev.teacher_euler_nfe}"
+        for ref_key, name in ((heun_key, f"fd_nfe1_over_teacher_heun{ev.teacher_nfe}"),
+                              (euler_key, f"fd_nfe1_over_teacher_euler{ev.teacher_euler_nfe}")):
+            if "fd_nfe1" in metrics and metrics.get(ref_key, 0) > 0:
+                metrics[name] = metrics["fd_nfe1"] / metrics[ref_key]
+
+        # 4. bits/dim of held-out images.
+        bpd_details: dict[str, Any] = {"enabled": ev.bpd.enabled}
+        if ev.bpd.enabled:
+            held = load_prepared(data, "heldout")[0][: ev.bpd.num_samples]
+            if len(held) == 0:
+                errors.append("bpd: the held-out split is empty")
+            else:
+                levels = torch.as_tensor(held).to(torch.int64).to(dev)
+                for name, den, smin, smax in (
+                    ("teacher", teacher_net, max(0.002, float(getattr(teacher_net, "sigma_min", 0.0))),
+                     min(80.0, float(getattr(teacher_net, "sigma_max", 80.0)))),
+                    ("student", student_as_denoiser(student_net), student_net.sigma_min, student_net.sigma_max),
+                ):
+                    try:
+                        r = _bpd(params, name, den, levels, num_levels, smin, smax, progress)
+                    except (ValueError, RuntimeError) as e:
+                        errors.append(f"bpd_{name}: {type(e).__name__}: {e}")
+                        continue
+                    bpd_details.update(r)
+                    metrics.update({k: v for k, v in r.items() if not k.endswith("_seconds")})
+            bpd_details.update(num_images=int(min(len(load_prepared(data, "heldout")[0]), ev.bpd.num_samples)),
+                               protocol=bits_per_dim_levels.__doc__.split("\n\n")[1].strip())
+
+        # 5. outputs.
+        for g in gammas:
+            rows = ["nfe,fd,fd_std,fd_min,fd_ci_low,fd_ci_high"]
+            for n in _nfes(params):
+                k = f"fd_nfe{n}_gamma{g:g}"
+                if k in metrics:
+                    vals = [metrics.get(f"{k}{s}", "") for s in ("", "_std", "_min", "_ci_low", "_ci_high")]
+                    rows.append(",".join([str(n)] + [f"{v:.6g}" if v != "" else "" for v in vals]))
+            atomic_write_text(tmp / "fd_vs_nfe" / f"gamma_{g:g}.csv", "\n".join(rows) + "\n")
+        curves = {g: [(n, metrics[f"fd_nfe{n}_gamma{g:g}"], metrics.get(f"fd_nfe{n}_gamma{g:g}_std"))
+                      for n in _nfes(params) if f"fd_nfe{n}_gamma{g:g}" in metrics] for g in gammas}
+        heun_pts = [(m.nfe, metrics[m.key], metrics.get(f"{m.key}_std")) for m in methods
+                    if m.kind == "student_heun" and m.key in metrics]
+        baselines = {lbl: metrics[k] for lbl, k in ((f"teacher Heun {ev.teacher_nfe} NFE", heun_key),
+                                                    (f"teacher Euler {ev.teacher_euler_nfe} NFE", euler_key))
+                     if k in metrics}
+        if "fd_heldout_vs_train" in metrics:
+            baselines["real held-out vs train"] = metrics["fd_heldout_vs_train"]
+        plot_fd_vs_nfe(tmp / "fd_vs_nfe.png", curves, baselines=baselines,
+                       extra_points={"student g Heun": heun_pts} if heun_pts else None)
+
+        metrics = {k: (float(v) if not isinstance(v, (bool, int)) else v) for k, v in metrics.items()
+                   if isinstance(v, bool) or _finite(v)}
+        expected = [m.key for m in methods] + (["bpd_teacher", "bpd_student"] if ev.bpd.enabled else [])
+        missing = [k for k in expected if k not in metrics]
+        metrics["complete"] = not errors and not missing
+        metrics["eval_seconds"] = time.perf_counter() - t_start
+        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_json(tmp / "fd_details.json", {
+            "methods": details, "errors": errors, "missing": missing, "classifier": clf_info,
+            "reference": {"splits": ["train", "heldout"], "count": int(len(f_ref)),
+                          "feature_dim": int(f_ref.shape[1])},
+            "seed_sets": [[s.start + ev.seed_start, s.stop + ev.seed_start] for s in sets],
+            "student": {"dir": str(student), "variant": variant}, "teacher": {"dir": str(teacher)},
+            "bpd": bpd_details, "device": str(dev), "params": params.section("evaluate"),
+            "params_hash": params_hash(params.section("evaluate")),
+        })
+        if log_mlflow:
+            _log_to_mlflow(params, student, tmp, metrics)
+    return metrics
+
+
+def _kid_ok(det: dict[str, Any]) -> bool:
+    return bool(det.get("kid")) and _finite(det["kid"].get("mean"))
+
+
+def _log_to_mlflow(params: Params, student: Path, folder: Path, metrics: dict[str, Any]) -> str:
+    """Log metrics + artifacts of `folder` to the distill run (student/run.json) or a new evaluate run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import default_repo_root, log_dict_json, resolve_tracking_uri, stage_run
+
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (bool, int, float))}
+    h = params_hash(params.section("evaluate"))
+    tags = {"ctm.evaluate.params_hash": h, "ctm.evaluate.complete": str(bool(metrics.get("complete"))).lower()}
+
+    def log_all() -> str:
+        run = mlflow.active_run()
+        mlflow.log_metrics(numeric)
+        mlflow.set_tags(tags)
+        log_dict_json(params.section("evaluate"), "eval/evaluate_params.json")
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.suffix in (".json", ".csv", ".png"):
+                rel = p.relative_to(folder).parent.as_posix()
+                mlflow.log_artifact(str(p), artifact_path="eval" if rel == "." else f"eval/{rel}")
+        return run.info.run_id
+
+    run_id = None
+    run_json = student / "run.json"
+    if run_json.is_file():
+        try:
+            run_id = read_json(run_json).get("mlflow_run_id")
+        except (OSError, ValueError):
+            run_id = None
+    uri = resolve_tracking_uri(params, default_repo_root())
+    if run_id:
+        mlflow.set_tracking_uri(uri)
+        try:
+            MlflowClient(tracking_uri=uri).get_run(run_id)
+        except Exception:  # noqa: BLE001 - not in this store: fall back to an evaluate run
+            print(f"evaluate: MLflow run {run_id} (from {run_json}) not found in {uri}; logging to a new "
+                  "evaluate run", file=sys.stderr)
+            run_id = None
+    if run_id:
+        with mlflow.start_run(run_id=run_id):
+            return log_all()
+    with stage_run("evaluate", params, ("evaluate",)):
+        return log_all()
+
+
+# --- entrypoint -------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", required=True, help="prepared dataset folder (prepare stage)")
+    ap.add_argument("--teacher", required=True, help="teacher folder (teacher stage)")
+    ap.add_argument("--student", required=True, help="student folder (distill stage)")
+    ap.add_argument("--out", required=True, help="output folder (replaced all-or-nothing)")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    ap.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        # Ray is not used here: skip the Ray-address / GPU / S3 reachability checks of the other stages.
+        params = load_params(args.params, check_env=False)
+    except ParamsError as e:
+        print(f"params error: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_inputs(params, Path(args.data), Path(args.teacher), Path(args.student))
+    except InputError as e:
+        print(f"input error: {e}", file=sys.stderr)
+        return 2
+    try:
+        metrics = evaluate(params, args.data, args.teacher, args.student, args.out, progress=not args.no_progress,
+                           device=args.device, log_mlflow=not args.no_mlflow)
+    except InputError as e:
+        print(f"input error: {e}", file=sys.stderr)
+        return 2
+    main_keys = [k for k in ("fd_nfe1", f"fd_teacher_heun{params.evaluate.teacher_nfe}", "bpd_student", "complete")
+                 if k in metrics]
+    print("evaluate: " + ", ".join(f"{k}={metrics[k]:.4g}" if not isinstance(metrics[k], bool) else
+                                   f"{k}={metrics[k]}" for k in main_keys) + f" -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

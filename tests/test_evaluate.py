@@ -1,0 +1,304 @@
+"""Tests of the evaluate stage (pipelines/evaluate.py, pipelines/plots.py) on a tiny digits setup.
+
+One module-scoped fixture prepares the digits (8x8, 17 levels), saves a tiny random EDM teacher and a student
+copied from it, and runs the stage once with tiny `evaluate` overrides; the tests check its outputs, that a
+second run gives identical metrics, batch-size independence of samples, the missing-input error path, the
+bits/dim discretisation and that real data scored against itself gives FD ≈ 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_EVAL = {
+    "evaluate": {
+        "nfe": [1, 2],
+        "gammas": [0.0, 1.0],
+        "teacher_nfe": 3,
+        "teacher_euler_nfe": 1,
+        "num_samples": 160,  # >= 2 x 64 features per seed set would need 256; 160 = one set + bootstrap
+        "batch": 80,
+        "grid_size": 2,
+        "ema": None,
+        "classifier": {"steps": 13, "batch": 128, "lr": 2.0e-3, "seed": 0},
+        "bpd": {"enabled": True, "num_samples": 2, "divergence": "hutchinson", "num_probes": 2,
+                "rtol": 1.0e-2, "atol": 1.0e-2, "dequantize": "uniform"},
+    }
+}
+
+
+def _params(overrides=TINY_EVAL):
+    from pipelines.config import load_params
+
+    return load_params(ROOT / "params.yaml", overrides=overrides, check_env=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ctm_core.precond import EDMPrecond
+    from ctm_core.student import CTMStudent
+    from ctm_core.student_format import save_student
+    from ctm_core.teacher_format import save_teacher
+    from pipelines.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("evaluate")
+    data = root / "prepared"
+    prepare_dataset("sklearn-digits", None, data, heldout_fraction=0.1, seed=0, shard_size=4096, progress=False)
+    torch.manual_seed(0)
+    teacher = EDMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
+                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+    with torch.no_grad():  # EDM zero-initialises the output conv (D = c_skip·x): perturb so the nets do something
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_teacher("EDMPrecond", teacher.init_kwargs, teacher.state_dict(), root / "teacher")
+    student = CTMStudent.from_teacher(teacher)
+    save_student(root / "student", student.init_kwargs, {"online": student.state_dict()})
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("DVC_ROOT", str(root))  # MLflow artifacts (mlruns/) next to the test DB, not in the repo
+    yield {"root": root, "data": data, "teacher": root / "teacher", "student": root / "student"}
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def first_run(setup):
+    from pipelines.evaluate import evaluate
+
+    out = setup["root"] / "eval"
+    metrics = evaluate(_params(), setup["data"], setup["teacher"], setup["student"], out, progress=False,
+                       log_mlflow=False)
+    return out, metrics
+
+
+def test_outputs_keys_and_columns(setup, first_run):
+    out, metrics = first_run
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["complete"] is True
+    assert on_disk["num_samples"] == 160
+    for key in ("fd_nfe1", "fd_nfe2", "fd_nfe2_gamma0", "fd_nfe2_gamma1", "fd_nfe1_gamma1", "fd_teacher_heun3",
+                "fd_teacher_euler1", "fd_student_heun7", "fd_student_heun3", "fd_nfe1_over_teacher_heun3",
+                "fd_nfe1_over_teacher_euler1", "fd_nfe1_ci_low", "fd_nfe1_ci_high", "fd_heldout_vs_train",
+                "bpd_student", "bpd_teacher", "bpd_student_stderr", "bpd_teacher_stderr",
+                "bpd_teacher_hutchinson_stderr", "classifier_accuracy", "kid_nfe1"):
+        assert key in on_disk, key
+    for k, v in on_disk.items():
+        if k != "complete":
+            assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
+    assert on_disk["fd_nfe1"] == on_disk["fd_nfe1_gamma0"] == on_disk["fd_nfe1_gamma1"]
+    assert on_disk["fd_nfe1_over_teacher_heun3"] == pytest.approx(on_disk["fd_nfe1"] / on_disk["fd_teacher_heun3"])
+    assert on_disk["fd_nfe2_gamma0"] != on_disk["fd_nfe2_gamma1"]  # gamma = 1 re-noises: other samples
+    assert 0 < on_disk["bpd_teacher"] < 20 and 0 < on_disk["bpd_student"] < 20
+    for g in ("0", "1"):
+        with open(out / "fd_vs_nfe" / f"gamma_{g}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0])[:2] == ["nfe", "fd"]
+        assert [int(r["nfe"]) for r in rows] == [1, 2]
+        assert float(rows[1]["fd"]) == pytest.approx(on_disk[f"fd_nfe2_gamma{g}"], rel=1e-5)
+    grids = {p.name for p in (out / "grids").glob("*.png")}
+    assert {"data.png", "nfe1_gamma0.png", "nfe2_gamma1.png", "teacher_heun3.png", "teacher_euler1.png",
+            "student_heun7.png"} <= grids
+    assert (out / "fd_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    details = json.loads((out / "fd_details.json").read_text())
+    assert details["errors"] == [] and details["reference"]["splits"] == ["train", "heldout"]
+    assert not list(out.parent.glob(".eval.tmp-*"))  # staged folder renamed away
+
+
+def test_deterministic(setup, first_run, tmp_path):
+    """A second run through the CLI (params file, --no-mlflow) gives exactly the same metrics."""
+    import yaml
+
+    from pipelines.evaluate import main
+
+    _, metrics = first_run
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["evaluate"].update(TINY_EVAL["evaluate"])
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    out2 = tmp_path / "eval2"
+    rc = main(["--params", str(params_file), "--data", str(setup["data"]), "--teacher", str(setup["teacher"]),
+               "--student", str(setup["student"]), "--out", str(out2), "--no-progress", "--no-mlflow"])
+    assert rc == 0
+    again = json.loads((out2 / "metrics.json").read_text())
+    assert set(again) == set(metrics)
+    for k in metrics:
+        if not k.endswith("_seconds"):
+            assert again[k] == metrics[k], k
+
+
+def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
+    """No run.json -> an evaluate-<hash> run; run.json naming a distill run -> logged there; unknown id -> back to
+    the evaluate run (resumed, not duplicated)."""
+    import mlflow
+
+    from pipelines.evaluate import _log_to_mlflow
+
+    out, metrics = first_run
+    params = _params()
+    run_json = setup["student"] / "run.json"
+    _log_to_mlflow(params, setup["student"], out, metrics)
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["ctm-digits"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.run_name.startswith("evaluate-")
+    assert runs[0].data.metrics["fd_nfe1"] == pytest.approx(metrics["fd_nfe1"])
+    assert runs[0].data.metrics["complete"] == 1.0
+    arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval")}
+    assert {"eval/metrics.json", "eval/fd_vs_nfe.png", "eval/fd_vs_nfe", "eval/grids"} <= arts
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval/fd_vs_nfe")} == {
+        "eval/fd_vs_nfe/gamma_0.csv", "eval/fd_vs_nfe/gamma_1.csv"}
+
+    with mlflow.start_run(run_name="distill-fake") as distill:
+        pass
+    try:
+        run_json.write_text(json.dumps({"mlflow_run_id": distill.info.run_id}))
+        assert _log_to_mlflow(params, setup["student"], out, metrics) == distill.info.run_id
+        logged = client.get_run(distill.info.run_id).data
+        assert logged.metrics["fd_teacher_heun3"] == pytest.approx(metrics["fd_teacher_heun3"])
+        assert logged.tags["ctm.evaluate.complete"] == "true"
+        run_json.write_text(json.dumps({"mlflow_run_id": "0" * 32}))
+        assert _log_to_mlflow(params, setup["student"], out, metrics) == runs[0].info.run_id
+    finally:
+        run_json.unlink()
+    assert len(mlflow.search_runs(experiment_names=["ctm-digits"], output_format="list")) == 2
+
+
+@pytest.mark.parametrize("kind,nfe,gamma", [("gamma", 2, 1.0), ("teacher_heun", 3, None)])
+def test_sample_does_not_depend_on_batch_size(setup, kind, nfe, gamma):
+    from ctm_core.student_format import load_student
+    from ctm_core.teacher_format import load_edm_checkpoint
+    from pipelines.evaluate import Method, sample_method
+
+    student = load_student(setup["student"], "online")
+    teacher = load_edm_checkpoint(setup["teacher"])
+    m = Method("x", kind, nfe, gamma)
+    kw = dict(img_shape=(1, 8, 8), label_dim=0)
+    big = sample_method(m, student, teacher, seeds=[5, 6, 7, 8], batch=4, **kw)
+    small = sample_method(m, student, teacher, seeds=[5, 6, 7, 8], batch=1, **kw)
+    alone = sample_method(m, student, teacher, seeds=[7], batch=1, **kw)
+    # float32 convolutions may pick other kernels per batch size: equal up to rounding (1e-4 of the scale),
+    # while a seed mix-up would differ by O(1)
+    torch.testing.assert_close(big, small, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(big[2:3], alone, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(big[0], big[1])  # different seeds, different images
+
+
+def test_missing_student_fails_before_work(setup, tmp_path, capsys):
+    from pipelines.evaluate import main
+
+    out = tmp_path / "eval"
+    rc = main(["--params", str(ROOT / "params.yaml"), "--data", str(setup["data"]), "--teacher",
+               str(setup["teacher"]), "--student", str(tmp_path / "nope"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "--student" in err[0] and "nope" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".eval*"))
+
+
+def test_missing_ema_variant_fails_before_work(setup, tmp_path, capsys):
+    from pipelines.evaluate import main
+
+    out = tmp_path / "eval"  # repo params: evaluate.ema 0.999, the tiny student only has 'online'
+    rc = main(["--params", str(ROOT / "params.yaml"), "--data", str(setup["data"]), "--teacher",
+               str(setup["teacher"]), "--student", str(setup["student"]), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "evaluate.ema" in err[0] and "ema_0.999" in err[0]
+    assert not out.exists()
+
+
+def test_diverged_student_is_incomplete(setup, tmp_path):
+    """Non-finite student samples: the stage still writes the teacher numbers but complete=false, no fd_nfe1."""
+    from ctm_core.student_format import load_student, save_student
+    from pipelines.evaluate import evaluate
+
+    student = load_student(setup["student"], "online")
+    sd = {k: torch.full_like(v, float("nan")) if k.endswith("aux_conv.weight") else v
+          for k, v in student.state_dict().items()}
+    save_student(tmp_path / "student", student.init_kwargs, {"online": sd})
+    ov = {"evaluate": {**TINY_EVAL["evaluate"], "nfe": [1], "num_samples": 40, "bpd": {"enabled": False},
+                       "classifier": {"steps": 1, "batch": 128, "lr": 1.0e-3, "seed": 0}}}
+    m = evaluate(_params(ov), setup["data"], setup["teacher"], tmp_path / "student", tmp_path / "eval",
+                 progress=False, log_mlflow=False)
+    assert m["complete"] is False and "fd_nfe1" not in m and "fd_teacher_heun3" in m
+    details = json.loads((tmp_path / "eval" / "fd_details.json").read_text())
+    assert any(e.startswith("fd_nfe1_gamma0:") for e in details["errors"])
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["complete"] is False
+
+
+def test_bad_params_one_line_exit_2(tmp_path, capsys):
+    from pipelines.evaluate import main
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text((ROOT / "params.yaml").read_text().replace("teacher_nfe: 35", "teacher_nfe: 34"))
+    rc = main(["--params", str(bad), "--data", "d", "--teacher", "t", "--student", "s", "--out",
+               str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "evaluate.teacher_nfe" in err[0]
+
+
+def test_fd_path_data_against_itself_is_zero(setup):
+    """Real images through the samples' path (unit range -> clamp -> levels -> features) give FD ≈ 0 vs themselves,
+    and the quantisation inverts prepare's level mapping exactly."""
+    from ctm_core.feature_classifier import classifier_features, train_classifier
+    from ctm_core.metrics import feature_statistics, frechet_distance, images_to_levels
+    from pipelines.evaluate import _fd_summary, seed_sets
+    from pipelines.prepare import levels_to_unit, load_prepared
+
+    x, y = load_prepared(setup["data"], "train")
+    x_unit = torch.from_numpy(levels_to_unit(x, 17)).to(torch.float64)
+    q = images_to_levels(x_unit.clamp(-1, 1), 17)
+    assert torch.equal(q, torch.from_numpy(x))
+    clf, _ = train_classifier(x[:256], y[:256], 17, epochs=1, batch_size=128,
+                              generator=torch.Generator().manual_seed(0))
+    f = classifier_features(clf, q)
+    mu, sigma = feature_statistics(classifier_features(clf, x))
+    flat, det = _fd_summary("fd_x", f, mu, sigma, seed_sets(len(f), f.shape[1]), seed=0)
+    assert abs(flat["fd_x"]) < 1e-6 * np.trace(sigma)
+    assert len(det["seed_sets"]["fds"]) == 3 and flat["fd_x_std"] >= 0
+    shifted = f + 0.1
+    assert frechet_distance(*feature_statistics(shifted), mu, sigma) == pytest.approx(0.01 * f.shape[1], rel=1e-6)
+
+
+def test_bits_per_dim_levels_matches_gaussian_closed_form():
+    """17 levels (not a power of 2): bpd = (−log p(x) − D log Δ)/(D ln 2), Δ = 2/16, for a Gaussian model whose
+    density at sigma_min is known in closed form (bin centres, exact divergence)."""
+    from ctm_core.likelihood import log_likelihood
+    from pipelines.evaluate import bits_per_dim_levels
+
+    s2 = 0.3**2
+
+    def D_gauss(x, sigma, class_labels=None):  # exact denoiser of N(0, s2 I): D = s2 / (s2 + σ²) · x
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
+        return x * (s2 / (s2 + sigma**2))
+
+    levels = torch.tensor([[[[0, 8], [16, 3]]]])  # (1, 1, 2, 2), 17 levels
+    bpd, _ = bits_per_dim_levels(D_gauss, levels, 17, dequantize="none", generator=torch.Generator(),
+                                 divergence="exact", rtol=1e-7, atol=1e-7)
+    x = levels.to(torch.float64) / 16 * 2 - 1
+    v = s2 + 0.002**2  # the model density at sigma_min is N(0, (s2 + sigma_min²) I)
+    log_p = -0.5 * (x**2).sum() / v - 2 * math.log(2 * math.pi * v)
+    want = -(log_p + 4 * math.log(2 / 16)) / (4 * math.log(2))
+    assert float(bpd[0]) == pytest.approx(float(want), rel=1e-4)
+    ll = log_likelihood(D_gauss, x, divergence="exact", rtol=1e-7, atol=1e-7)
+    assert float(ll[0]) == pytest.approx(float(log_p), rel=1e-4)
+    with pytest.raises(ValueError, match="levels"):
+        bits_per_dim_levels(D_gauss, levels + 1, 17, dequantize="none", generator=torch.Generator())
+
+
+def test_grid_image_places_cells_row_major():
+    from pipelines.plots import grid_image
+
+    levels = np.zeros((3, 1, 2, 2), dtype=np.uint8)
+    levels[1, 0, 0, 1] = 16  # image 1: top-right pixel white
+    g = grid_image(levels, 17, 2, scale=1)  # 2x2 cells of 2x2 pixels, 2-pixel separators
+    assert g.shape == (2 * (2 + 2) + 2, 2 * (2 + 2) + 2)
+    assert g[2, 2 + 4 + 1] == 255 and g[2:4, 2:4].max() == 0  # cell (0, 1) holds image 1; cell (0, 0) image 0
+    assert g[6:8, 6:8].max() == 0 and g[0, 0] == 96  # missing 4th cell black, separators grey
