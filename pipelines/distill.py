@@ -1,0 +1,372 @@
+"""DVC stage `distill`: CTM distillation of the teacher into a student with Ray Train (TorchTrainer, Train V2).
+
+    python -m pipelines.distill --params params.yaml --best-params artifacts/best_params.yaml \\
+        --data data/prepared --teacher artifacts/teacher --out artifacts/student
+
+The same entrypoint runs under ``ray job submit --working-dir . -- python -m pipelines.distill ...`` (Ray sets
+RAY_ADDRESS there and it joins that cluster); without an address it starts a local Ray from the ``ray`` section.
+
+Resumption: the Ray run name is ``distill-<hash of the distill section, data and teacher>`` and lives under
+``ray.storage_path``, so re-running the stage after a kill (or a dead worker, through ``FailureConfig``) continues
+from the last reported checkpoint instead of starting over (STACK_FACTS §1.4). The checkpoint holds the whole
+trainer state (ctm_core.trainer), so the resumed run ends with the same weights.
+
+Data parallelism: every worker reads the full prepared train split through Ray Data (``read_parquet`` +
+``get_dataset_shard``; the split is not sharded so every rank sees the same global batches), sorts it by the
+``index`` column, and processes the microbatches ``i ≡ rank (mod world)`` of each global batch. All randomness is
+keyed by (seed, step, microbatch), so a microbatch's noise, k, t, s and dropout do not depend on which rank runs it,
+and gradients are summed across ranks with ``all_reduce``: W workers compute the same update as 1 worker, up to
+float summation order (adaptive weights are per microbatch in both cases, as in the official code).
+
+Outputs (``--out``, written atomically): the student folder of ``ctm_core.student_format`` (online + eval-EMA
+weights) and ``run.json`` (MLflow run id, Ray run name and storage, final checkpoint path, last metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import ParamsError, apply_trial, distill_train_config, load_params, params_hash
+
+__all__ = ["main", "run_distill", "train_loop_per_worker"]
+
+CKPT_FILE = "trainer_state.pt"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Worker side (runs inside Ray Train workers; also callable in-process for tests)
+
+
+def _load_train_split(data_dir: str, card: dict[str, Any]):
+    """The prepared train split as (x float32 (N, C, H, W) in [-1, 1], one-hot labels (N, L) or None).
+
+    Read through Ray Data when inside a Ray Train worker, else directly from the shards.
+    """
+    import numpy as np
+    import torch
+
+    from pipelines.prepare import levels_to_unit, load_prepared
+
+    im = card["image"]
+    shape = (im["channels"], im["height"], im["width"])
+    try:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+    except Exception:  # not inside a Ray Train worker (or no dataset given): read the verified shards directly
+        shard = None
+    if shard is not None:
+        images, labels, index = [], [], []
+        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+            images.extend(np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in batch["image"])
+            labels.append(batch["label"].astype(np.int64))
+            index.append(batch["index"].astype(np.int64))
+        order = np.argsort(np.concatenate(index), kind="stable")  # deterministic row order on every rank
+        images = np.stack(images)[order]
+        labels = np.concatenate(labels)[order]
+    else:
+        images, labels = load_prepared(data_dir, "train")
+    x = torch.from_numpy(levels_to_unit(images, im["num_levels"]))
+    label_dim = card["labels"]["label_dim"]
+    onehot = None
+    if label_dim:
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(labels), label_dim).float()
+    return x, onehot
+
+
+def _all_reduce_grads(parameters) -> None:
+    """Sum gradients over ranks (each rank holds the gradient of its own microbatches, already scaled by b/B)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch_cat_flat(grads)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def torch_cat_flat(tensors):
+    import torch
+
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _all_reduce_metrics(metrics: dict) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    names = sorted(metrics)
+    vec = torch.stack([metrics[n].detach().float().reshape(()) for n in names])
+    dist.all_reduce(vec, op=dist.ReduceOp.SUM)
+    return dict(zip(names, vec, strict=True))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: build ctm_core objects, resume from the latest checkpoint, train, report checkpoints."""
+    import torch
+    import torch.distributed as dist
+
+    import ray.train
+    from ctm_core.student import CTMStudent
+    from ctm_core.teacher_format import load_edm_checkpoint
+    from ctm_core.train_config import CTMTrainConfig
+    from ctm_core.trainer import CTMTrainer, TensorDataSource, derive_seed
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+
+    card = config["card"]
+    cfg = CTMTrainConfig.from_dict(config["train_config"])
+    x, labels = _load_train_split(config["data_dir"], card)
+    data = TensorDataSource(x, labels, batch_size=cfg.run.batch_size, seed=cfg.run.seed, rank=0)
+
+    teacher = load_edm_checkpoint(config["teacher_dir"]).to(device)
+    # The s-branch's fresh init comes from the global RNG (torch.nn init): seed it from the run seed so every
+    # rank (and every restart) builds the identical student before the checkpoint, if any, overwrites it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.run.seed, 0, "student_init"))
+        student = CTMStudent.from_teacher(teacher, sigma_min=cfg.ctm.sigma_min, sigma_max=cfg.ctm.sigma_max)
+
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    logger = _RankZeroLogger(config) if rank == 0 else None
+    trainer = CTMTrainer(
+        cfg, student, teacher, data, device=device, rank=rank, world_size=world if distributed else 1,
+        grad_sync=_all_reduce_grads if distributed else None,
+        metric_sync=_all_reduce_metrics if distributed else None,
+        metrics_callback=logger.log if logger else None,
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.load_checkpoint(Path(d) / CKPT_FILE)
+        print(f"[distill rank {rank}] resumed from step {trainer.step}", flush=True)
+
+    total, every = cfg.run.total_steps, max(1, cfg.run.checkpoint_every_steps)
+    while trainer.step < total:
+        trainer.train(num_steps=min(every - trainer.step % every, total - trainer.step))
+        metrics = {"step": trainer.step, **(logger.last if logger else {})}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                trainer.save_checkpoint(Path(tmp) / CKPT_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+    if logger is not None:
+        logger.close()
+
+
+class _RankZeroLogger:
+    """Training curves from rank 0 into the stage's MLflow run (the driver does not write while fit() runs)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.last: dict[str, float] = {}
+        self.client = None
+        if config.get("mlflow_run_id"):
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=config["tracking_uri"])
+            self.run_id = config["mlflow_run_id"]
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.last = {f"train/{k}": float(v) for k, v in metrics.items()}
+        print(f"[distill] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in self.last.items()])
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def _distill_section(params, best_params: str | None):
+    """The distill section to use: artifacts/best_params.yaml (the tune stage's output) when given, else params."""
+    d = params.distill
+    if best_params:
+        path = Path(best_params)
+        if not path.is_file():
+            raise ParamsError(f"--best-params: file {path} not found (fix: run the tune stage, or omit the flag)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        section = raw.get("distill", raw)
+        d = apply_trial(params.distill, section, num_workers=params.ray.num_workers)
+    return d
+
+
+def _check_inputs(data_dir: Path, teacher_dir: Path) -> dict[str, Any]:
+    from ctm_core.teacher_format import load_edm_checkpoint
+    from pipelines.prepare import load_card
+
+    card = load_card(data_dir)  # names the missing stage output
+    if not (teacher_dir / "teacher.safetensors").is_file():
+        raise FileNotFoundError(f"{teacher_dir}/teacher.safetensors not found: run the teacher stage first")
+    teacher = load_edm_checkpoint(teacher_dir)  # verifies the weights sha256 and the architecture
+    im = card["image"]
+    if (teacher.img_channels, teacher.img_resolution) != (im["channels"], im["height"]):
+        raise ValueError(
+            f"teacher geometry ({teacher.img_channels} channels, {teacher.img_resolution} px) does not match the "
+            f"prepared data ({im['channels']} channels, {im['height']} px): retrain or fetch a matching teacher"
+        )
+    if teacher.label_dim not in (0, card["labels"]["label_dim"]):
+        raise ValueError(f"teacher label_dim {teacher.label_dim} != data label_dim {card['labels']['label_dim']}")
+    return card
+
+
+def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_params: str | None = None,
+                num_workers: int | None = None) -> dict[str, Any]:
+    """Validate, then fit a ``TorchTrainer`` and write the student folder; returns the run record."""
+    import mlflow
+
+    import ray
+    import ray.train
+    from ctm_core.student import CTMStudent
+    from ctm_core.student_format import ema_variant, save_student
+    from ctm_core.teacher_format import load_edm_checkpoint
+    from ctm_core.trainer import load_checkpoint_file
+    from pipelines import ray_env, tracking
+    from pipelines.io_utils import atomic_write_json, read_json
+
+    root = tracking.default_repo_root()
+    data_dir_p, teacher_dir_p = Path(data_dir).resolve(), Path(teacher_dir).resolve()
+    d = _distill_section(params, best_params)
+    workers = int(num_workers or params.ray.num_workers)
+    if d.gan.enabled:
+        raise ParamsError("distill.gan.enabled: the GAN phase is not wired into the Ray stage yet, got true "
+                          "(fix: set it to false; ctm_core.gan provides the pieces)")
+    card = _check_inputs(data_dir_p, teacher_dir_p)
+    teacher_cfg = read_json(teacher_dir_p / "config.json")
+    train_cfg = distill_train_config(d, workers)
+    train_cfg["run"]["batch_size"] = d.batch  # every rank sees the global batch and runs its own microbatches
+    train_cfg["run"]["progress"] = False
+    ident = {"distill": d.model_dump(), "data": [s["sha256"] for s in card["splits"]["train"]["shards"]],
+             "teacher": teacher_cfg.get("weights_sha256"), "workers": workers}
+    name = f"distill-{params_hash(ident)[:12]}"
+    storage = ray_env.storage_path(params)
+    tracking_uri = tracking.resolve_tracking_uri(params, root)
+
+    with tracking.start_run(name, tracking_uri=tracking_uri, experiment_name=params.mlflow.experiment_name,
+                            tags=tracking.run_tags("distill", params_hash(ident), root), repo_root=root) as run:
+        run_id = run.info.run_id
+        client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
+        logged = client.get_run(run_id).data.params
+        new = {k: str(v) for k, v in tracking.flatten({"distill": d.model_dump(), "ray.num_workers": workers}).items()
+               if k not in logged}
+        if new:
+            mlflow.log_params(new)
+        info = ray_env.connect_or_start(params)
+        try:
+            from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+            from ray.train.torch import TorchTrainer
+
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            ds = ray.data.read_parquet(str(data_dir_p / "train"))
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={
+                    "card": card, "train_config": train_cfg, "data_dir": str(data_dir_p),
+                    "teacher_dir": str(teacher_dir_p), "use_gpu": params.ray.use_gpu,
+                    "threads_per_worker": max(1, int(params.ray.cpus_per_worker)),
+                    "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                },
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=params.ray.use_gpu,
+                                             resources_per_worker={"CPU": params.ray.cpus_per_worker}),
+                run_config=RunConfig(name=name, storage_path=storage,
+                                     failure_config=FailureConfig(max_failures=params.ray.max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                datasets={"train": ds},
+                dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+            )
+            t0 = time.time()
+            result = trainer.fit()
+            wall = time.time() - t0
+        finally:
+            if not params.ray.address and not os.environ.get("RAY_ADDRESS"):
+                ray_env.shutdown()
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray run {name} finished without a checkpoint (see {storage}/{name})")
+        with result.checkpoint.as_directory() as ckdir:
+            state = load_checkpoint_file(Path(ckdir) / CKPT_FILE)
+        if state["step"] != d.steps:
+            raise RuntimeError(f"final checkpoint is at step {state['step']}, expected distill.steps={d.steps}")
+        student = CTMStudent.from_teacher(load_edm_checkpoint(teacher_dir_p), sigma_min=d.sigma_min,
+                                          sigma_max=d.sigma_max)
+        variants = {"online": state["model"]}
+        for rate in d.eval_emas:
+            variants[ema_variant(rate)] = _ema_state(state["emas"], rate)
+        record = {
+            "mlflow_run_id": run_id, "ray_run_name": name, "ray_storage_path": storage,
+            "checkpoint_path": str(result.checkpoint.path), "steps": int(state["step"]),
+            "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+            "fit_wall_s": round(wall, 2), "num_workers": workers, "ray": {k: info.get(k) for k in ("dashboard_url",)},
+            "teacher_weights_sha256": teacher_cfg.get("weights_sha256"),
+        }
+        save_student(out_dir, student.init_kwargs, variants, meta=record)
+        atomic_write_json(Path(out_dir) / "run.json", record)
+        mlflow.log_metric("distill/fit_wall_s", wall)
+        mlflow.log_dict(record, "distill/run.json")
+    return record
+
+
+def _ema_state(emas_state: dict, rate: float) -> dict:
+    """The state_dict of the EMA with ``rate`` out of an ``EMABank`` state_dict (one sub-module per rate)."""
+    from ctm_core.ema import EMABank
+
+    prefix = f"models.{EMABank.key(rate)}."
+    sub = {k[len(prefix):]: v for k, v in emas_state.items() if k.startswith(prefix)}
+    if not sub:
+        raise KeyError(f"EMA rate {rate} not in the checkpoint (have {sorted({k.split('.')[0] for k in emas_state})})")
+    return sub
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.distill", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--best-params", default=None, help="tune stage output (its distill section wins)")
+    ap.add_argument("--data", default="data/prepared")
+    ap.add_argument("--teacher", default="artifacts/teacher")
+    ap.add_argument("--out", default="artifacts/student")
+    ap.add_argument("--dry-run", action="store_true", help="validate params and inputs, print the plan, train nothing")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        d = _distill_section(params, args.best_params)
+        card = _check_inputs(Path(args.data), Path(args.teacher))
+    except (ParamsError, FileNotFoundError, ValueError) as e:
+        print(f"distill: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps({"distill": d.model_dump(), "data": card["splits"]["train"]["count"],
+                          "workers": params.ray.num_workers}, indent=2))
+        return 0
+    if params.ray.submit and not os.environ.get("CTM_INSIDE_RAY_JOB"):
+        from pipelines.submit import submit_job  # blocks until the job ends, streaming its logs
+
+        return submit_job(params, "pipelines.distill", sys.argv[1:] if argv is None else argv)
+    record = run_distill(params, data_dir=args.data, teacher_dir=args.teacher, out_dir=args.out,
+                         best_params=args.best_params)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
