@@ -472,3 +472,35 @@ def test_two_ranks_make_the_same_update_as_one_process():
         for name, p in single.model.named_parameters():
             torch.testing.assert_close(dict(ranks[r].model.named_parameters())[name], p, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][-1]["loss"], results[1][-1]["loss"])
+
+
+def test_gan_phase_with_projected_discriminator_random_features():
+    """The official discriminator kind (frozen feature networks + random projections; random weights here, tiny
+    widths for CPU) runs G and D steps inside the trainer: D heads learn, frozen backbones stay fixed."""
+    from ctm_core.discriminator import OFFICIAL_BACKBONES, ProjectedDiscriminator
+    from ctm_core.gan import make_d_optimizer
+
+    deit, effnet = OFFICIAL_BACKBONES
+    tiny = {deit: dict(embed_dim=16, depth=4, num_heads=2, mlp_ratio=2.0, hooks=(0, 1, 2, 3),
+                       readout_features=(8, 8, 16, 16)),
+            effnet: dict(width_multiplier=0.25)}
+    torch.manual_seed(0)
+    teacher = ToyEDMDenoiser((3, 8, 8), hidden=16, depth=1, emb_channels=8)
+    student = ToyCTMStudent.from_teacher(teacher)
+    d = ProjectedDiscriminator(random_init=True, generator=torch.Generator().manual_seed(4), backbone_kwargs=tiny,
+                               cout=4, ndf=8, resize_to=64)
+    images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    cfg = CTMTrainConfig.from_dict({"ctm": {"N": 8, "K": 3}, "gan": {"enabled": True},
+                                    "run": {"batch_size": 4, "microbatch": 4, "progress": False}})
+    tr = CTMTrainer(cfg, student, teacher, TensorDataSource(images, batch_size=4, seed=0), discriminator=d,
+                    d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr, betas=cfg.gan.d_betas))
+    trainable = {n for n, p in d.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in d.named_parameters() if not p.requires_grad}
+    assert trainable and frozen
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    g_metrics = tr.train_step()
+    d_metrics = tr.train_step()
+    assert torch.isfinite(g_metrics["loss_gan_g"]) and torch.isfinite(d_metrics["loss_gan_d"])
+    after = d.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in trainable if k in after)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
