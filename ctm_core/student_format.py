@@ -41,8 +41,13 @@ def save_student(
     init_kwargs: dict[str, Any],
     variants: dict[str, dict[str, torch.Tensor]],
     meta: dict[str, Any] | None = None,
+    extra_json: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``variants`` (name -> state_dict of a ``CTMStudent``) atomically to ``out_dir``; returns the config."""
+    """Write ``variants`` (name -> state_dict of a ``CTMStudent``) atomically to ``out_dir``; returns the config.
+
+    ``extra_json`` maps file names (e.g. ``"run.json"``) to JSON-able objects written into the same folder, inside
+    the same atomic rename.
+    """
     if not variants:
         raise ValueError("variants: expected at least one state_dict (e.g. {'online': ...}), got none")
     for name in variants:
@@ -66,6 +71,10 @@ def save_student(
             config["variants"][name] = {"file": f"weights/{name}.safetensors",
                                         "sha256": hashlib.sha256(blob).hexdigest()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for fname, obj in (extra_json or {}).items():
+            if "/" in fname or fname in ("config.json", "weights"):
+                raise ValueError(f"extra_json: invalid file name {fname!r}")
+            (tmp / fname).write_text(json.dumps(obj, indent=2, sort_keys=True))
         if out.exists():
             old = out.with_name(out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

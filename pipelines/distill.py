@@ -157,10 +157,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trainer.load_checkpoint(Path(d) / CKPT_FILE)
         print(f"[distill rank {rank}] resumed from step {trainer.step}", flush=True)
 
+    probe = _QualityProbe(config["quality"], card, device) if rank == 0 and config.get("quality") else None
     total, every = cfg.run.total_steps, max(1, cfg.run.checkpoint_every_steps)
     while trainer.step < total:
         trainer.train(num_steps=min(every - trainer.step % every, total - trainer.step))
         metrics = {"step": trainer.step, **(logger.last if logger else {})}
+        if probe is not None:  # the tune stage's per-report quality (others wait at the report barrier)
+            metrics.update(probe(trainer))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -169,6 +172,58 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
     if logger is not None:
         logger.close()
+
+
+class _QualityProbe:
+    """Optional hook of the tune stage (``config["quality"]``): ``fd_nfe1`` at every report, on rank 0.
+
+    ``quality`` = {"dir": folder with ``classifier/`` (``ctm_core.feature_classifier``) and ``reference_stats.npz``
+    (``ctm_core.metrics.save_reference_stats``), both written by ``pipelines.tune``; "classifier_sha256",
+    "reference_sha256": their expected digests; "num_samples", "batch", "seed": image i uses seed ``seed + i``;
+    "ema": None (online weights) or an ``eval_emas`` rate}. The samples are made exactly as the evaluate stage
+    makes its ``fd_nfe1`` (1-step γ=0 jump, ``pipelines.evaluate.sample_method``), clamped and quantised to the
+    data's levels. Non-finite samples (a diverged trial) are mapped to mid-grey before clamping, so such a trial gets
+    a large but finite FD that schedulers and searchers can rank; their fraction is reported as
+    ``fd_nfe1_nonfinite``.
+    """
+
+    def __init__(self, quality: dict[str, Any], card: dict[str, Any], device):
+        from ctm_core.feature_classifier import load_classifier
+        from ctm_core.metrics import load_reference_stats
+
+        folder = Path(quality["dir"])
+        self.classifier = load_classifier(folder / "classifier", quality.get("classifier_sha256"))
+        self.reference = load_reference_stats(folder / "reference_stats.npz", quality.get("reference_sha256"))
+        start = int(quality.get("seed", 0))
+        self.seeds = list(range(start, start + int(quality["num_samples"])))
+        self.batch = int(quality.get("batch", len(self.seeds)))
+        self.ema = quality.get("ema")
+        im = card["image"]
+        self.img_shape = (int(im["channels"]), int(im["height"]), int(im["width"]))
+        self.num_levels = int(im["num_levels"])
+        self.device = device
+
+    def __call__(self, trainer) -> dict[str, float]:
+        import torch
+
+        from ctm_core.feature_classifier import classifier_features
+        from ctm_core.metrics import feature_statistics, frechet_distance, images_to_levels
+        from pipelines.evaluate import Method, sample_method
+
+        net = trainer.model if self.ema is None else trainer.emas[float(self.ema)]
+        was_training = net.training
+        net.eval()
+        try:
+            x = sample_method(Method("fd_nfe1", "gamma", 1, 0.0), net, None, seeds=self.seeds, batch=self.batch,
+                              img_shape=self.img_shape, label_dim=int(getattr(net, "label_dim", 0)),
+                              device=self.device)
+        finally:
+            net.train(was_training)
+        finite = torch.isfinite(x)
+        x = torch.where(finite, x, torch.zeros_like(x)).clamp(-1, 1)  # (N, C, H, W)
+        feats = classifier_features(self.classifier, images_to_levels(x, self.num_levels))
+        fd = frechet_distance(*feature_statistics(feats), self.reference.mu, self.reference.sigma)
+        return {"fd_nfe1": float(fd), "fd_nfe1_nonfinite": float((~finite).float().mean())}
 
 
 class _RankZeroLogger:
@@ -244,7 +299,7 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
     from ctm_core.teacher_format import load_edm_checkpoint
     from ctm_core.trainer import load_checkpoint_file
     from pipelines import ray_env, tracking
-    from pipelines.io_utils import atomic_write_json, read_json
+    from pipelines.io_utils import read_json
 
     root = tracking.default_repo_root()
     data_dir_p, teacher_dir_p = Path(data_dir).resolve(), Path(teacher_dir).resolve()
@@ -320,8 +375,7 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
             "fit_wall_s": round(wall, 2), "num_workers": workers, "ray": {k: info.get(k) for k in ("dashboard_url",)},
             "teacher_weights_sha256": teacher_cfg.get("weights_sha256"),
         }
-        save_student(out_dir, student.init_kwargs, variants, meta=record)
-        atomic_write_json(Path(out_dir) / "run.json", record)
+        save_student(out_dir, student.init_kwargs, variants, meta=record, extra_json={"run.json": record})
         mlflow.log_metric("distill/fit_wall_s", wall)
         mlflow.log_dict(record, "distill/run.json")
     return record
