@@ -138,7 +138,7 @@ class TeacherTrainParams(_Section):
 
     precond: Literal["EDMPrecond", "VPPrecond", "VEPrecond"] = "EDMPrecond"
     model: TeacherModelParams = Field(default_factory=TeacherModelParams)
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(1200, ge=1)
     batch: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     lr_warmup_steps: int = Field(100, ge=0)
@@ -173,18 +173,18 @@ class DistillParams(_Section):
     """`distill` stage: the CTM recipe (CTM_FACTS §0, §2; defaults = CIFAR-10 CTM+DSM, sizes = digits on CPU)."""
 
     mode: Literal["ctm", "cm"] = "ctm"
-    N: int = Field(18, ge=2)  # grid points t_0 = sigma_max ... t_{N-1} = sigma_min
-    K: int = Field(17, ge=1)  # max teacher Heun steps, P(k) ∝ k on {1..K}
+    N: int = Field(12, ge=2)  # grid points t_0 = sigma_max ... t_{N-1} = sigma_min (official CIFAR-10: 18)
+    K: int = Field(8, ge=1)  # max teacher Heun steps, P(k) ∝ k on {1..K} (official CIFAR-10: 17)
     sigma_min: float = Field(0.002, gt=0.0)
     sigma_max: float = Field(80.0, gt=0.0)
     rho: float = Field(7.0, gt=0.0)
     sigma_data: float = Field(0.5, gt=0.0)
     lr: float = Field(4e-4, gt=0.0)  # RAdam, no schedule
-    target_ema: float = Field(0.999, ge=0.0, lt=1.0)  # target network θ⁻ rate (start_ema)
-    eval_emas: list[float] = Field(default_factory=lambda: [0.999, 0.9999], min_length=1)
-    batch: int = Field(64, ge=1)  # global batch per step (all workers)
-    microbatch: int = Field(32, ge=1)  # per-worker gradient-accumulation chunk
-    steps: int = Field(400, ge=1)
+    target_ema: float = Field(0.99, ge=0.0, lt=1.0)  # target network θ⁻ rate (start_ema; official: 0.999)
+    eval_emas: list[float] = Field(default_factory=lambda: [0.99, 0.999], min_length=1)
+    batch: int = Field(32, ge=1)  # global batch per step (all workers)
+    microbatch: int = Field(16, ge=1)  # per-worker gradient-accumulation chunk
+    steps: int = Field(300, ge=1)
     distance: Literal["l2", "pseudo_huber", "lpips"] = "l2"
     dsm_weight: float = Field(1.0, ge=0.0)
     gan: GanParams = Field(default_factory=GanParams)
@@ -224,7 +224,7 @@ class TuneParams(_Section):
     space: dict[str, SpaceParam] = Field(default_factory=lambda: {
         "lr": SpaceParam(type="loguniform", low=1e-4, high=1e-3),
         "target_ema": SpaceParam(type="choice", values=[0.99, 0.999]),
-        "K": SpaceParam(type="choice", values=[8, 12, 17]),
+        "K": SpaceParam(type="choice", values=[4, 6, 8]),
         "dsm_weight": SpaceParam(type="uniform", low=0.5, high=1.0),
     })
     seed: int = Field(0, ge=0)
@@ -262,7 +262,7 @@ class EvaluateParams(_Section):
     batch: int = Field(250, ge=1)
     seed_start: int = Field(0, ge=0)  # image i uses seed seed_start + i (EDM generate.py style)
     grid_size: int = Field(8, ge=1)  # PNG grids are grid_size × grid_size
-    ema: float | None = 0.999  # which distill.eval_emas weights to evaluate (None = online weights)
+    ema: float | None = None  # which distill.eval_emas weights to evaluate (None = online weights)
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     bpd: BpdParams = Field(default_factory=BpdParams)
     seed: int = Field(0, ge=0)
@@ -691,16 +691,19 @@ def params_hash(section: Any) -> str:
 
 
 def distill_train_config(d: DistillParams, num_workers: int = 1) -> dict[str, Any]:
-    """`distill` → `ctm_core.train_config.CTMTrainConfig.from_dict(...)` input for ONE rank of `num_workers`.
+    """`distill` → `ctm_core.train_config.CTMTrainConfig.from_dict(...)` input for every rank of `num_workers`.
 
-    `run.batch_size` is the per-rank batch (`distill.batch // num_workers`); the GAN keys are not part of it.
+    `run.batch_size` is the GLOBAL batch: every rank draws the same global batch and runs the microbatches
+    i ≡ rank (mod num_workers), with gradients summed across ranks (pipelines/distill.py). The GAN keys are not
+    part of it.
     """
+    _check_batch_split(d, num_workers)
     return {
         "ctm": {"sigma_min": d.sigma_min, "sigma_max": d.sigma_max, "rho": d.rho, "sigma_data": d.sigma_data,
                 "N": d.N, "K": d.K, "distance": d.distance, "mode": d.mode, "dsm_weight": d.dsm_weight},
         "optim": {"name": "radam", "lr": d.lr},
         "ema": {"target_rate": d.target_ema, "eval_rates": list(d.eval_emas)},
-        "run": {"batch_size": d.batch // num_workers, "microbatch": d.microbatch, "total_steps": d.steps,
+        "run": {"batch_size": d.batch, "microbatch": d.microbatch, "total_steps": d.steps,
                 "checkpoint_every_steps": d.checkpoint_every, "log_every_steps": d.log_every, "seed": d.seed},
     }
 

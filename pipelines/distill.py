@@ -261,7 +261,7 @@ def _distill_section(params, best_params: str | None):
     if best_params:
         path = Path(best_params)
         if not path.is_file():
-            raise ParamsError(f"--best-params: file {path} not found (fix: run the tune stage, or omit the flag)")
+            raise ParamsError("--best-params", f"file {path} not found (fix: run the tune stage, or omit the flag)")
         raw = yaml.safe_load(path.read_text()) or {}
         section = raw.get("distill", raw)
         d = apply_trial(params.distill, section, num_workers=params.ray.num_workers)
@@ -306,12 +306,11 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
     d = _distill_section(params, best_params)
     workers = int(num_workers or params.ray.num_workers)
     if d.gan.enabled:
-        raise ParamsError("distill.gan.enabled: the GAN phase is not wired into the Ray stage yet, got true "
+        raise ParamsError("distill.gan.enabled", "the GAN phase is not wired into the Ray stage yet, got true "
                           "(fix: set it to false; ctm_core.gan provides the pieces)")
     card = _check_inputs(data_dir_p, teacher_dir_p)
     teacher_cfg = read_json(teacher_dir_p / "config.json")
     train_cfg = distill_train_config(d, workers)
-    train_cfg["run"]["batch_size"] = d.batch  # every rank sees the global batch and runs its own microbatches
     train_cfg["run"]["progress"] = False
     ident = {"distill": d.model_dump(), "data": [s["sha256"] for s in card["splits"]["train"]["shards"]],
              "teacher": teacher_cfg.get("weights_sha256"), "workers": workers}

@@ -196,7 +196,6 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     d = apply_trial(DistillParams.model_validate(setup["distill"]),
                     {**trial, "steps": setup["steps"], "checkpoint_every": setup["report_every"]}, num_workers=workers)
     train_cfg = distill_train_config(d, workers)
-    train_cfg["run"]["batch_size"] = d.batch  # as run_distill: every rank sees the global batch
     train_cfg["run"]["progress"] = False
     trial_id = ray.tune.get_context().get_trial_id()
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -93,11 +93,11 @@ BAD_EDITS = [
      "unknown key"),
     ({"distill.sigma_min": 80.0}, "distill.sigma_min", "must be < distill.sigma_max (80.0)"),
     ({"distill.sigma_min": 100.0}, "distill.sigma_min", "must be < distill.sigma_max"),
-    ({"distill.K": 18}, "distill.K", "must be < distill.N (18), got 18"),
+    ({"distill.K": 12}, "distill.K", "must be < distill.N (12), got 12"),
     ({"distill.K": 0}, "distill.K", "must be >= 1"),
     ({"distill.batch": 48, "distill.microbatch": 16, "ray.num_workers": 2}, "distill.batch",
      "divisible by ray.num_workers × distill.microbatch (2 × 16 = 32)"),
-    ({"distill.microbatch": 24}, "distill.microbatch", "must divide distill.batch (64)"),
+    ({"distill.microbatch": 24}, "distill.microbatch", "must divide distill.batch (32)"),
     ({"evaluate.nfe": [1, 0, 4]}, "evaluate.nfe[1]", "must be an integer >= 1, got 0"),
     ({"evaluate.nfe": [1, 2.5]}, "evaluate.nfe[1]", "expected an integer"),
     ({"evaluate.gammas": [0.0, 1.5]}, "evaluate.gammas[1]", "must be in [0, 1], got 1.5"),
@@ -184,7 +184,7 @@ def test_apply_trial_validates_tune_values():
     with pytest.raises(ParamsError, match=r"^distill\.K: must be < distill\.N"):
         apply_trial(d, {"K": 40})
     with pytest.raises(ParamsError, match=r"^distill\.batch: must be divisible"):
-        apply_trial(d, {"microbatch": 64}, num_workers=2)
+        apply_trial(d, {"batch": 64, "microbatch": 64}, num_workers=2)
 
 
 def test_params_hash_stable():
@@ -212,7 +212,7 @@ def test_cli_exit_codes(tmp_path):
     err = run("--check", "--params", str(bad))
     assert err.returncode == 2
     lines = [ln for ln in err.stderr.splitlines() if ln.strip()]
-    assert lines == ["params error: distill.K: must be < distill.N (18), got 18 (fix: set distill.K <= 17 or raise "
+    assert lines == ["params error: distill.K: must be < distill.N (12), got 18 (fix: set distill.K <= 11 or raise "
                      "distill.N)"], err.stderr
 
 
@@ -235,7 +235,7 @@ def test_local_ray_starts_runs_and_cleans_up(tmp_path):
     port = _free_port()
     temp_dir = f"/tmp/rt_{os.getpid()}"
     p = load_params(PARAMS, {"ray.num_cpus": 2, "ray.num_workers": 1, "ray.dashboard_port": port,
-                             "ray.temp_dir": temp_dir, "distill.microbatch": 64})
+                             "ray.temp_dir": temp_dir, "distill.microbatch": 32})
     auth_before = os.environ.get("RAY_AUTH_MODE")
     t0 = time.monotonic()
     try:
@@ -299,7 +299,7 @@ def test_sections_map_onto_ctm_core_train_configs():
 
     p = load_params(PARAMS)
     ctm = tc.CTMTrainConfig.from_dict(distill_train_config(p.distill, p.ray.num_workers))
-    assert (ctm.ctm.N, ctm.ctm.K, ctm.ctm.distance, ctm.optim.lr) == (18, 17, p.distill.distance, p.distill.lr)
-    assert ctm.run.batch_size * p.ray.num_workers == p.distill.batch and ctm.ema.eval_rates == (0.999, 0.9999)
+    assert (ctm.ctm.N, ctm.ctm.K, ctm.ctm.distance, ctm.optim.lr) == (12, 8, p.distill.distance, p.distill.lr)
+    assert ctm.run.batch_size == p.distill.batch and ctm.ema.eval_rates == (0.99, 0.999)
     edm = tc.EDMTrainConfig.from_dict(teacher_train_config(p.teacher.train))
     assert (edm.run.total_steps, edm.optim.name, edm.edm.P_mean) == (p.teacher.train.steps, "adam", -1.2)
