@@ -265,6 +265,13 @@ def _distill_section(params, best_params: str | None):
         raw = yaml.safe_load(path.read_text()) or {}
         section = raw.get("distill", raw)
         d = apply_trial(params.distill, section, num_workers=params.ray.num_workers)
+    # Library features the Ray stage does not wire yet: refuse them here, before any work, not deep in a worker.
+    if d.gan.enabled:
+        raise ParamsError("distill.gan.enabled", "the GAN phase is not wired into the Ray stage yet, got true "
+                          "(fix: set it to false; ctm_core.gan / CTMTrainer(discriminator=...) provide it)")
+    if d.distance == "lpips":
+        raise ParamsError("distill.distance", "'lpips' needs VGG16 + LPIPS weights, which the stage does not fetch "
+                          "yet (fix: use l2 or pseudo_huber; ctm_core.lpips.LPIPS.from_files for library use)")
     return d
 
 
@@ -305,9 +312,6 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
     data_dir_p, teacher_dir_p = Path(data_dir).resolve(), Path(teacher_dir).resolve()
     d = _distill_section(params, best_params)
     workers = int(num_workers or params.ray.num_workers)
-    if d.gan.enabled:
-        raise ParamsError("distill.gan.enabled", "the GAN phase is not wired into the Ray stage yet, got true "
-                          "(fix: set it to false; ctm_core.gan provides the pieces)")
     card = _check_inputs(data_dir_p, teacher_dir_p)
     teacher_cfg = read_json(teacher_dir_p / "config.json")
     train_cfg = distill_train_config(d, workers)

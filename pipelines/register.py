@@ -5,7 +5,7 @@
    the sampler module as code paths) into the distill stage's MLflow run when `<student>/run.json` names one
    (`mlflow_run_id`), else into a run of its own; registers it as a version of `register.model_name`.
    Idempotent: a version whose tag `ctm.student_sha256` matches the student's weights is reused (a repeated
-   `dvc repro`, always_changed, re-decides without logging a new model).
+   `dvc repro` that re-runs the stage re-decides without logging a new model).
 2. Reads `<eval>/metrics.json`. A failed or partial evaluation (file or key missing, value not finite,
    `"complete": false`) never promotes: the version is tagged `ctm.eval_status=failed`, no alias moves, and the
    stage exits 1 after writing its record.

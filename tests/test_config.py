@@ -285,7 +285,8 @@ def test_dvc_yaml_schema_and_params_keys():
         for out in st["outs"]:  # every out a later stage reads is declared as its dep
             path = out if isinstance(out, str) else next(iter(out))
             assert any(path in s["deps"] for s in stages.values()) or name in ("evaluate", "register"), path
-    assert stages["register"]["always_changed"] is True
+    reg_out = stages["register"]["outs"][0]["artifacts/registry.json"]
+    assert reg_out["persist"] is True and reg_out["cache"] is False  # no run-cache for the registry side effect
     assert dvc["metrics"] == ["artifacts/eval/metrics.json"]
     gammas = load_params(PARAMS).evaluate.gammas  # the plot lines follow the default gammas
     fd_plot = next(p["fd_vs_nfe"] for p in dvc["plots"] if isinstance(p, dict) and "fd_vs_nfe" in p)

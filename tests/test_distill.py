@@ -133,3 +133,14 @@ def test_dry_run_plans_without_training(inputs, tmp_path):
     plan = json.loads(out.stdout)
     assert plan["distill"]["N"] == params["distill"]["N"] and plan["workers"] == params["ray"]["num_workers"]
     assert not (tmp_path / "student").exists()
+
+
+@pytest.mark.parametrize("edit,key", [({"distill.gan.enabled": True}, "distill.gan.enabled"),
+                                      ({"distill.distance": "lpips"}, "distill.distance")])
+def test_unwired_features_refused_before_work(inputs, edit, key):
+    from pipelines.config import ParamsError
+    from pipelines.distill import _distill_section
+
+    with pytest.raises(ParamsError) as info:
+        _distill_section(_params(inputs, "unused", **edit), None)
+    assert info.value.key == key
