@@ -1,11 +1,13 @@
 # The two commands a new user needs (see README.md):
 #   make repro   set up the environment and run the whole pipeline (dvc repro) on the embedded default
-#   make test    set up the environment and run the test suite (what CI runs)
+#   make test    set up the environment and run the whole test suite (what CI runs): the default tier, then the
+#                slow tier (real Ray clusters, S3/MinIO-compatible server, fault injection, end-to-end dvc repro)
+#   make test-fast   only the default tier (pytest -m "not slow")
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-all repro style clean
+.PHONY: setup test test-fast test-slow repro clean
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +17,13 @@ $(BIN)/activate: pyproject.toml
 
 setup: $(BIN)/activate
 
-test: setup
-	$(BIN)/python -m pytest -q
+test: test-fast test-slow
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 repro: setup
 	. $(BIN)/activate && dvc repro

@@ -693,9 +693,9 @@ def params_hash(section: Any) -> str:
 def distill_train_config(d: DistillParams, num_workers: int = 1) -> dict[str, Any]:
     """`distill` → `ctm_core.train_config.CTMTrainConfig.from_dict(...)` input for every rank of `num_workers`.
 
-    `run.batch_size` is the GLOBAL batch: every rank draws the same global batch and runs the microbatches
-    i ≡ rank (mod num_workers), with gradients summed across ranks (pipelines/distill.py). The GAN keys are not
-    part of it.
+    `run.batch_size` is the per-rank share (`distill.batch // num_workers`): the trainer assembles the global
+    batch from `num_workers` draws of the shared data source, runs the microbatches i ≡ rank (mod num_workers) and
+    sums gradients across ranks (pipelines/distill.py). The GAN keys are not part of it.
     """
     _check_batch_split(d, num_workers)
     return {
@@ -703,7 +703,7 @@ def distill_train_config(d: DistillParams, num_workers: int = 1) -> dict[str, An
                 "N": d.N, "K": d.K, "distance": d.distance, "mode": d.mode, "dsm_weight": d.dsm_weight},
         "optim": {"name": "radam", "lr": d.lr},
         "ema": {"target_rate": d.target_ema, "eval_rates": list(d.eval_emas)},
-        "run": {"batch_size": d.batch, "microbatch": d.microbatch, "total_steps": d.steps,
+        "run": {"batch_size": d.batch // num_workers, "microbatch": d.microbatch, "total_steps": d.steps,
                 "checkpoint_every_steps": d.checkpoint_every, "log_every_steps": d.log_every, "seed": d.seed},
     }
 

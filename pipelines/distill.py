@@ -134,6 +134,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     card = config["card"]
     cfg = CTMTrainConfig.from_dict(config["train_config"])
     x, labels = _load_train_split(config["data_dir"], card)
+    # rank=0 on every worker: all ranks share one data order; the trainer draws world_size per-rank batches of
+    # it as the global batch and runs its own microbatches of that.
     data = TensorDataSource(x, labels, batch_size=cfg.run.batch_size, seed=cfg.run.seed, rank=0)
 
     teacher = load_edm_checkpoint(config["teacher_dir"]).to(device)

@@ -30,3 +30,21 @@ def fixtures_edm() -> pathlib.Path:
 @pytest.fixture
 def edm_keys_dir() -> pathlib.Path:
     return require_shared(EDM_KEYS)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_globals():
+    """MLflow keeps the tracking URI and the active run in process globals: reset them around every test so one
+    test's store never leaks into the next (env MLFLOW_TRACKING_URI set by a test then takes effect)."""
+    import sys
+
+    def reset():
+        if "mlflow" in sys.modules:
+            mlflow = sys.modules["mlflow"]
+            while mlflow.active_run() is not None:
+                mlflow.end_run()
+            mlflow.set_tracking_uri(None)
+
+    reset()
+    yield
+    reset()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,8 +207,11 @@ def test_missing_student_fails_before_work(setup, tmp_path, capsys):
 def test_missing_ema_variant_fails_before_work(setup, tmp_path, capsys):
     from pipelines.evaluate import main
 
-    out = tmp_path / "eval"  # repo params: evaluate.ema 0.999, the tiny student only has 'online'
-    rc = main(["--params", str(ROOT / "params.yaml"), "--data", str(setup["data"]), "--teacher",
+    out = tmp_path / "eval"  # evaluate.ema 0.999, the tiny student only has 'online'
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["evaluate"]["ema"] = 0.999
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rc = main(["--params", str(tmp_path / "params.yaml"), "--data", str(setup["data"]), "--teacher",
                str(setup["teacher"]), "--student", str(setup["student"]), "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "evaluate.ema" in err[0] and "ema_0.999" in err[0]

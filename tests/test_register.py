@@ -82,7 +82,8 @@ def repo(tmp_path, migrated_db, monkeypatch) -> Path:
 
 @pytest.fixture
 def params():
-    return load_params(PARAMS, {"register": {"model_name": NAME}}, check_env=False)
+    # evaluate.ema pinned: these tests are about picking the evaluated EMA variant (ema_0.999) for the model.
+    return load_params(PARAMS, {"register": {"model_name": NAME}, "evaluate": {"ema": 0.999}}, check_env=False)
 
 
 def _eval(folder: Path, **metrics) -> Path:
@@ -190,7 +191,7 @@ def test_champion_moves_only_beyond_margin(repo, params, students, tmp_path):
     assert mv1.tags["metric.fd_nfe1"] == "10.0" and mv1.tags["metric.fd_nfe2"] == "8.0"
     assert mv1.tags["teacher.hash"] == "teacher1" and mv1.tags["data.hash"] == "data-md5"
     assert mv1.tags["params.hash"] == r1["params_hash"] and "git.commit" in mv1.tags
-    assert mv1.tags["student.variant"] == "ema_0.999"  # evaluate.ema of params.yaml
+    assert mv1.tags["student.variant"] == "ema_0.999"  # evaluate.ema of the params
 
     # 5 % better > 2 % margin: @champion moves to version 2.
     r2 = _register(params, students["b"], _eval(tmp_path / "e2", fd_nfe1=9.5), repo)
