@@ -301,6 +301,6 @@ def test_sections_map_onto_ctm_core_train_configs():
     p = load_params(PARAMS)
     ctm = tc.CTMTrainConfig.from_dict(distill_train_config(p.distill, p.ray.num_workers))
     assert (ctm.ctm.N, ctm.ctm.K, ctm.ctm.distance, ctm.optim.lr) == (12, 8, p.distill.distance, p.distill.lr)
-    assert ctm.run.batch_size == p.distill.batch and ctm.ema.eval_rates == (0.99, 0.999)
+    assert ctm.run.batch_size * p.ray.num_workers == p.distill.batch and ctm.ema.eval_rates == (0.99, 0.999)
     edm = tc.EDMTrainConfig.from_dict(teacher_train_config(p.teacher.train))
     assert (edm.run.total_steps, edm.optim.name, edm.edm.P_mean) == (p.teacher.train.steps, "adam", -1.2)
