@@ -42,6 +42,26 @@ def _build_model(model_type: str, **kwargs) -> nn.Module:
     return MODEL_TYPES[model_type](**kwargs)
 
 
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
+    """EDM's scalings (Karras et al. 2022, Table 1; networks.py:660-663): (c_skip, c_out, c_in, c_noise), each
+    shaped like ``sigma``. Shared by ``EDMPrecond`` and the CTM student (which applies them at t)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def prepare_class_labels(class_labels: torch.Tensor | None, label_dim: int, device) -> torch.Tensor | None:
+    """EDM's label convention (networks.py:655-657): None if unconditional, zeros (1, L) if not given, else
+    float32 (B, L)."""
+    if label_dim == 0:
+        return None
+    if class_labels is None:
+        return torch.zeros([1, label_dim], device=device)
+    return class_labels.to(torch.float32).reshape(-1, label_dim)
+
+
 class _Precond(nn.Module):
     """Shared input handling (networks.py:655-658) and F -> D assembly; subclasses give the coefficients.
 
@@ -84,12 +104,7 @@ class _Precond(nn.Module):
         """
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)  # (B, L)
+        class_labels = prepare_class_labels(class_labels, self.label_dim, x.device)  # (B, L), (1, L) or None
         dtype = (
             torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
         )
@@ -132,12 +147,7 @@ class EDMPrecond(_Precond):
         )
 
     def coefficients(self, sigma: torch.Tensor):
-        sigma_data = self.sigma_data
-        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-        c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
+        return edm_coefficients(sigma, self.sigma_data)
 
 
 class VPPrecond(_Precond):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ctm_core.networks import DhariwalUNet, SongUNet
+from ctm_core.precond import edm_coefficients, prepare_class_labels
 from ctm_core.utils import append_dims, check_positive
 
 _NETWORKS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
@@ -106,13 +107,6 @@ class CTMStudent(nn.Module):
             raise ValueError(f"{name} must be > 0 (CTM jumps end at sigma_min, never 0), got min {v.min().item()}")
         return v
 
-    def _labels(self, class_labels, batch: int, device) -> torch.Tensor | None:
-        if self.label_dim == 0:
-            return None
-        if class_labels is None:
-            return torch.zeros([1, self.label_dim], device=device)
-        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
-
     def g(self, x_t: torch.Tensor, t, s, class_labels: torch.Tensor | None = None, force_fp32: bool = False):
         """The s-conditioned denoiser g_θ(x_t, t, s) (float32, shape of ``x_t``)."""
         if x_t.ndim != 4:
@@ -121,16 +115,12 @@ class CTMStudent(nn.Module):
         x = x_t.to(torch.float32)
         t = self._batch_times(t, "t", B, x.device)
         s = self._batch_times(s, "s", B, x.device)
-        labels = self._labels(class_labels, B, x.device)
+        labels = prepare_class_labels(class_labels, self.label_dim, x.device)
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
 
-        sd = self.sigma_data
-        t4 = append_dims(t, 4)  # (B, 1, 1, 1)
-        c_skip = sd**2 / (t4**2 + sd**2)
-        c_out = t4 * sd / (t4**2 + sd**2).sqrt()
-        c_in = 1 / (sd**2 + t4**2).sqrt()
+        c_skip, c_out, c_in, _ = edm_coefficients(append_dims(t, 4), self.sigma_data)  # (B, 1, 1, 1) each
         c_noise_t = t.log() / 4  # (B,)
-        c_noise_s = s.log() / 4  # (B,)
+        c_noise_s = s.log() / 4  # (B,), the same convention for the target time
 
         F_x = self.model((c_in * x).to(dtype), c_noise_t, class_labels=labels, noise_labels_s=c_noise_s)
         assert F_x.dtype == dtype
