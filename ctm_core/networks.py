@@ -44,6 +44,15 @@ def _label_dropout_mask(class_labels: torch.Tensor, label_dropout: float, traini
     return class_labels
 
 
+
+def _check_s_branch_input(ctm_s_branch: bool, noise_labels_s: torch.Tensor | None) -> None:
+    """noise_labels_s (c_noise(s)) is required exactly when the network has the CTM s-branch."""
+    if (noise_labels_s is None) == ctm_s_branch:
+        raise ValueError(
+            f"noise_labels_s must be given iff ctm_s_branch (ctm_s_branch={ctm_s_branch}), "
+            f"got {'None' if noise_labels_s is None else tuple(noise_labels_s.shape)}"
+        )
+
 class SongUNet(nn.Module):
     """DDPM++ (``embedding_type='positional'``, ``encoder_type='standard'``, filter [1,1]) and NCSN++
     (``'fourier'``, ``'residual'``, [1,3,3,1]) U-Net (NVlabs/edm training/networks.py:228-363).
@@ -191,11 +200,7 @@ class SongUNet(nn.Module):
         augment_labels: torch.Tensor | None = None,
         noise_labels_s: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if (noise_labels_s is None) == self.ctm_s_branch:
-            raise ValueError(
-                f"noise_labels_s must be given iff ctm_s_branch (ctm_s_branch={self.ctm_s_branch}), "
-                f"got {'None' if noise_labels_s is None else tuple(noise_labels_s.shape)}"
-            )
+        _check_s_branch_input(self.ctm_s_branch, noise_labels_s)
         if self.map_label is not None and class_labels is not None:
             class_labels = _label_dropout_mask(class_labels, self.label_dropout, self.training)
 
@@ -356,11 +361,7 @@ class DhariwalUNet(nn.Module):
         augment_labels: torch.Tensor | None = None,
         noise_labels_s: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if (noise_labels_s is None) == self.ctm_s_branch:
-            raise ValueError(
-                f"noise_labels_s must be given iff ctm_s_branch (ctm_s_branch={self.ctm_s_branch}), "
-                f"got {'None' if noise_labels_s is None else tuple(noise_labels_s.shape)}"
-            )
+        _check_s_branch_input(self.ctm_s_branch, noise_labels_s)
         # Mapping (networks.py:436-447): no half swap, label unscaled and added after map_layer1, then one SiLU.
         emb = self.map_noise(noise_labels)  # (B, C) = [cos, sin]
         if self.map_augment is not None and augment_labels is not None:
