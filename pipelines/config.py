@@ -274,7 +274,8 @@ class RegisterParams(_Section):
     model_name: str = Field("ctm-digits", min_length=1)
     metric: str = "fd_nfe1"  # key in artifacts/eval/metrics.json
     mode: Literal["min", "max"] = "min"
-    promote_margin: float = Field(0.02, ge=0.0, lt=1.0)  # relative: min-mode needs new < champion·(1 − margin)
+    noise_z: float = Field(2.0, ge=0.0)  # promote only if better by > noise_z · σ(difference) (pipelines/gate.py)
+    min_improvement: float = Field(0.0, ge=0.0, lt=1.0)  # and by > this fraction of |champion|
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
 

@@ -9,11 +9,14 @@
 2. Reads `<eval>/metrics.json`. A failed or partial evaluation (file or key missing, value not finite,
    `"complete": false`) never promotes: the version is tagged `ctm.eval_status=failed`, no alias moves, and the
    stage exits 1 after writing its record.
-3. Compares `register.metric` with the tag `metric.<name>` of the current `@champion` version: `@champion` moves only
-   if the new value is better by more than `register.promote_margin` (relative: min mode needs
-   new < champion − margin·|champion|); otherwise the version gets `@challenger` and the tag `challenger`.
-4. Tags every version with its metrics (`metric.*`), data hash, teacher hash, git commit, params hash, student
-   sha256; logs the decision to the run; writes `--out` (registry.json) atomically.
+3. Compares `register.metric` with the tag `metric.<name>` of the current `@champion` version through the gate of
+   `pipelines.gate`: `@champion` moves only if both were evaluated with the same protocol (`protocol.json`
+   fingerprint: feature network, reference statistics, sample count, seeds) and the new value is better by more
+   than `register.noise_z` × the measured noise of the difference (seed-set std / bootstrap interval of both
+   evaluations) and by more than `register.min_improvement` (relative); otherwise the version gets `@challenger`
+   and the tag `challenger`.
+4. Tags every version with its metrics (`metric.*`), evaluation protocol, data hash, teacher hash, git commit,
+   params hash, student sha256; logs the decision and its numbers to the run; writes `--out` (registry.json) atomically.
 
 Tracking URI: env `MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` > absolute `sqlite:////<repo>/mlflow.db`.
 Exit codes: 0 registered (promoted or not), 1 evaluation failed / work failed (one line), 2 bad params or inputs.
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params, ParamsError, load_params, params_hash
+from pipelines.gate import Decision, Evidence, decide, metric_noise, read_protocol
 from pipelines.io_utils import atomic_write_json, json_dumps, read_json
 
 __all__ = ["MODEL_ARTIFACT_NAME", "RegisterError", "decide", "main", "read_eval", "run"]
@@ -44,6 +48,7 @@ __all__ = ["MODEL_ARTIFACT_NAME", "RegisterError", "decide", "main", "read_eval"
 MODEL_ARTIFACT_NAME = "ctm_sampler"  # name= of the logged model inside the run
 STUDENT_TAG = "ctm.student_sha256"
 EVAL_STATUS_TAG = "ctm.eval_status"
+PROTOCOL_TAG = "eval.protocol_sha256"
 DECISION_TAG = "ctm.decision"
 # Sections whose values shape the registered model (tracking-only sections `ray`, `mlflow` left out).
 HASHED_SECTIONS = ("data", "teacher", "tune", "distill", "evaluate", "register")
@@ -124,27 +129,6 @@ def _variant_for(params: Params, config: dict[str, Any]) -> str | None:
     return name if name in config.get("variants", {}) else None
 
 
-# --- decision ----------------------------------------------------------------------------------------------------------
-def decide(value: float | None, status: str, champion_value: float | None, *, mode: str, margin: float,
-           has_champion: bool) -> tuple[str, str, float | None]:
-    """(decision, reason, relative improvement) with decision in {'rejected', 'champion', 'challenger'}.
-
-    Relative improvement over the champion c: (c − v)/|c| (min) or (v − c)/|c| (max); promotion needs > margin.
-    """
-    if status != "ok" or value is None:
-        return "rejected", status, None
-    if not has_champion:
-        return "champion", "first version with a valid evaluation: no champion yet", None
-    if champion_value is None or not math.isfinite(champion_value):
-        return "champion", "the current champion has no valid metric tag", None
-    diff = (champion_value - value) if mode == "min" else (value - champion_value)
-    scale = abs(champion_value)
-    improvement = diff / scale if scale > 0 else (math.inf if diff > 0 else (0.0 if diff == 0 else -math.inf))
-    if improvement > margin:
-        return "champion", f"better than the champion by {improvement:.4g} (relative) > margin {margin:g}", improvement
-    return "challenger", f"improvement {improvement:.4g} (relative) <= margin {margin:g}: champion kept", improvement
-
-
 # --- MLflow ------------------------------------------------------------------------------------------------------------
 def _stage_code(tmp: Path) -> list[str]:
     """code_paths: a copy of ctm_core and a minimal `pipelines` package holding only the sampler module."""
@@ -194,6 +178,29 @@ def _champion(client, name: str, alias: str):
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def _metric_tags(mv) -> dict[str, float]:
+    """The `metric.*` version tags as numbers (what `metric_noise` reads for the champion)."""
+    out = {}
+    for k in (mv.tags or {}):
+        if k.startswith("metric."):
+            v = _float_tag(mv, k)
+            if v is not None:
+                out[k.removeprefix("metric.")] = v
+    return out
+
+
+def _read_protocol_status(eval_dir) -> tuple[Any, str | None]:
+    """(protocol dict, sha256) or (why it is unusable, None): the gate never compares without a protocol."""
+    try:
+        protocol, sha = read_protocol(eval_dir)
+    except ValueError as e:
+        return str(e), None
+    if sha is None:
+        return (f"{Path(eval_dir) / 'protocol.json'} not found (the evaluate stage did not finish, or wrote no "
+                "protocol fingerprint: re-run it)"), None
+    return protocol, sha
 
 
 def _float_tag(mv, key: str) -> float | None:
@@ -250,6 +257,10 @@ def run(
     reg = params.register
     root = Path(repo_root).resolve() if repo_root is not None else default_repo_root()
     metrics, value, status = read_eval(eval_dir, reg.metric)
+    protocol, protocol_sha = _read_protocol_status(eval_dir)
+    if status == "ok" and protocol_sha is None:
+        status = f"failed: {protocol}"
+        value = None
     first = _student_info(student_dir, None)
     variant = _variant_for(params, first["config"]) or first["variant"]
     info = _student_info(student_dir, variant) if variant != first["variant"] else first
@@ -277,6 +288,7 @@ def run(
         "git.dirty": tags["git.dirty"],
         "params.hash": p_hash,
         EVAL_STATUS_TAG: "ok" if status == "ok" else "failed",
+        PROTOCOL_TAG: protocol_sha or "unknown",
         **{f"metric.{k}": repr(v) for k, v in sorted(metrics.items())},
     }
     if meta.get("params_hash"):
@@ -308,11 +320,15 @@ def run(
 
         champ = _champion(client, reg.model_name, reg.champion_alias)
         champ_value = _float_tag(champ, f"metric.{reg.metric}")
+        challenger_ev = Evidence(value, metric_noise(metrics, reg.metric), protocol_sha)
+        champion_ev = None if champ is None else Evidence(
+            champ_value, metric_noise(_metric_tags(champ), reg.metric), (champ.tags or {}).get(PROTOCOL_TAG))
         if champ is not None and str(champ.version) == version and status == "ok":
-            decision, reason, improvement = "champion", "this version already is the champion", None
+            gate = Decision("champion", "this version already is the champion")
         else:
-            decision, reason, improvement = decide(value, status, champ_value, mode=reg.mode,
-                                                   margin=reg.promote_margin, has_champion=champ is not None)
+            gate = decide(challenger_ev, status, champion_ev, mode=reg.mode, noise_z=reg.noise_z,
+                          min_improvement=reg.min_improvement)
+        decision, reason = gate.decision, gate.reason
         if decision == "champion" and not (champ is not None and str(champ.version) == version):
             client.set_registered_model_alias(reg.model_name, reg.champion_alias, version)
             challenger = _champion(client, reg.model_name, reg.challenger_alias)
@@ -336,9 +352,13 @@ def run(
             "metric": reg.metric,
             "mode": reg.mode,
             "value": value,
-            "promote_margin": reg.promote_margin,
-            "relative_improvement": improvement if improvement is None or math.isfinite(improvement) else None,
-            "champion_before": None if champ is None else {"version": str(champ.version), "value": champ_value},
+            "noise": challenger_ev.noise,
+            "protocol_sha256": protocol_sha,
+            "gate": {"noise_z": reg.noise_z, "min_improvement": reg.min_improvement, **gate.to_dict()},
+            "relative_improvement": gate.to_dict()["relative_improvement"],
+            "champion_before": None if champ is None else {
+                "version": str(champ.version), "value": champ_value, "noise": champion_ev.noise,
+                "protocol_sha256": champion_ev.protocol},
             "run_id": run_id,
             "student_variant": variant,
             "student_sha256": info["sha256"],
@@ -348,7 +368,10 @@ def run(
         mlflow.set_tags({"ctm.register.decision": decision, "ctm.register.version": version,
                          "ctm.register.model_name": reg.model_name})
         numbers = {k: v for k, v in (("register/value", value), ("register/champion_value", champ_value),
-                                     ("register/relative_improvement", record["relative_improvement"]))
+                                     ("register/relative_improvement", record["relative_improvement"]),
+                                     ("register/improvement", gate.to_dict()["improvement"]),
+                                     ("register/noise", gate.to_dict()["noise"]),
+                                     ("register/threshold", gate.to_dict()["threshold"]))
                    if v is not None}
         if numbers:
             mlflow.log_metrics(numbers)
@@ -362,6 +385,9 @@ def _check_inputs(params: Params, student_dir: str, eval_dir: str) -> dict[str, 
     variant = _variant_for(params, first["config"]) or first["variant"]
     info = _student_info(student_dir, variant)
     metrics, value, status = read_eval(eval_dir, params.register.metric)
+    protocol, protocol_sha = _read_protocol_status(eval_dir)
+    if status == "ok" and protocol_sha is None:
+        status = f"failed: {protocol}"
     return {"model_name": params.register.model_name, "student_variant": info["variant"],
             "student_sha256": info["sha256"], "eval_status": status, "value": value,
             "mlflow_run_id": info["run"].get("mlflow_run_id")}

@@ -28,7 +28,8 @@ from ctm_core.student import CTMStudent  # noqa: E402
 from ctm_core.student_format import load_student, save_student  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
 from pipelines.pyfunc_model import CTMSampler, to_uint8  # noqa: E402
-from pipelines.register import decide, main, read_eval, run  # noqa: E402
+from pipelines.gate import Evidence, decide, metric_noise, read_protocol  # noqa: E402
+from pipelines.register import main, read_eval, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -86,9 +87,11 @@ def params():
     return load_params(PARAMS, {"register": {"model_name": NAME}, "evaluate": {"ema": 0.999}}, check_env=False)
 
 
-def _eval(folder: Path, **metrics) -> Path:
+def _eval(folder: Path, protocol: str = "digits-fd-1000", **metrics) -> Path:
+    """An evaluation folder as the evaluate stage writes it: metrics.json + protocol.json (its fingerprint)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "protocol.json").write_text(json.dumps({"features": "classifier", "name": protocol}))
     return folder
 
 
@@ -99,28 +102,83 @@ def _register(params, student, eval_dir, root):
     return rec
 
 
-# --- pure decision rule --------------------------------------------------------------------------------------------
+# --- pure decision rule (pipelines.gate) ---------------------------------------------------------------------------
+P = "proto-a"  # one protocol fingerprint
+
+
 @pytest.mark.parametrize(
-    "value, champ, mode, expected",
+    "value, noise, champ, champ_noise, mode, expected",
     [
-        (9.7, 10.0, "min", "champion"),  # 3 % better
-        (9.9, 10.0, "min", "challenger"),  # 1 % better: inside the 2 % margin
-        (10.5, 10.0, "min", "challenger"),  # worse
-        (10.3, 10.0, "max", "champion"),
-        (-1.03, -1.0, "max", "challenger"),  # max mode with a negative metric: -1.03 is worse
-        (-0.97, -1.0, "max", "champion"),
-        (0.0, 0.0, "min", "challenger"),  # equal to a zero champion: no promotion
+        (9.0, 0.3, 10.0, 0.3, "min", "champion"),  # 1.0 better > 2·sqrt(0.09+0.09) = 0.85
+        (9.3, 0.3, 10.0, 0.3, "min", "challenger"),  # 0.7 better: inside 2σ of the difference
+        (9.0, 0.6, 10.0, 0.6, "min", "challenger"),  # the same 1.0 with twice the noise: not significant
+        (10.5, 0.1, 10.0, 0.1, "min", "challenger"),  # worse
+        (11.0, 0.3, 10.0, 0.3, "max", "champion"),
+        (-1.5, 0.1, -1.0, 0.1, "max", "challenger"),  # max mode with a negative metric: -1.5 is worse
+        (-0.5, 0.1, -1.0, 0.1, "max", "champion"),
+        (9.0, 0.3, 10.0, None, "min", "champion"),  # champion without a σ: assumed equal to the challenger's
+        (9.0, None, 10.0, None, "min", "challenger"),  # no measured noise at all: never promote
+        (0.0, 0.0, 0.0, 0.0, "min", "challenger"),  # equal: no promotion even with zero noise
     ],
 )
-def test_decide_relative_margin(value, champ, mode, expected):
-    decision, _, _ = decide(value, "ok", champ, mode=mode, margin=0.02, has_champion=True)
-    assert decision == expected
+def test_gate_needs_improvement_beyond_measured_noise(value, noise, champ, champ_noise, mode, expected):
+    d = decide(Evidence(value, noise, P), "ok", Evidence(champ, champ_noise, P), mode=mode, noise_z=2.0)
+    assert d.decision == expected, d.reason
+    if d.noise is not None:
+        sig = noise if noise is not None else champ_noise
+        sig_c = champ_noise if champ_noise is not None else noise
+        assert math.isclose(d.noise, math.sqrt(sig**2 + sig_c**2))
+        assert math.isclose(d.threshold, 2.0 * d.noise)
 
 
-def test_decide_never_promotes_failed_eval():
-    assert decide(1.0, "failed: x", 10.0, mode="min", margin=0.0, has_champion=True)[0] == "rejected"
-    assert decide(None, "ok", None, mode="min", margin=0.0, has_champion=False)[0] == "rejected"
-    assert decide(5.0, "ok", None, mode="min", margin=0.02, has_champion=False)[0] == "champion"
+def test_gate_min_improvement_and_z():
+    better = Evidence(9.0, 0.1, P)
+    champ = Evidence(10.0, 0.1, P)
+    assert decide(better, "ok", champ, noise_z=2.0).decision == "champion"
+    assert decide(better, "ok", champ, noise_z=10.0).decision == "challenger"  # 1.0 < 10·0.14
+    assert decide(better, "ok", champ, noise_z=0.0, min_improvement=0.2).decision == "challenger"  # 10 % < 20 %
+    with pytest.raises(ValueError, match="mode"):
+        decide(better, "ok", champ, mode="lower")
+
+
+def test_gate_never_compares_protocols_or_promotes_failed_eval():
+    champ = Evidence(10.0, 0.1, P)
+    d = decide(Evidence(1.0, 0.1, "proto-b"), "ok", champ)  # 10x better, but another protocol
+    assert d.decision == "challenger" and "not comparable" in d.reason
+    assert decide(Evidence(1.0, 0.1, None), "ok", champ).decision == "challenger"
+    assert decide(Evidence(1.0, 0.1, P), "failed: x", champ).decision == "rejected"
+    assert decide(Evidence(None, 0.1, P), "ok", None).decision == "rejected"
+    assert decide(Evidence(float("nan"), 0.1, P), "ok", None).decision == "rejected"
+    assert decide(Evidence(5.0, None, P), "ok", None).decision == "champion"  # the first valid version
+
+
+@pytest.mark.parametrize(
+    "metrics, expected",
+    [
+        ({"fd_nfe1": 5.0, "fd_nfe1_std": 0.4, "fd_nfe1_ci_low": 4.0, "fd_nfe1_ci_high": 6.0}, 0.4),  # std first
+        ({"fd_nfe1": 5.0, "fd_nfe1_ci_low": 4.0, "fd_nfe1_ci_high": 6.0}, 1.0 / 1.959963984540054),
+        ({"fd_nfe1": 5.0}, None),
+        ({"fd_nfe1": 5.0, "fd_nfe1_std": float("nan")}, None),
+    ],
+)
+def test_metric_noise_from_the_evaluations_error_bars(metrics, expected):
+    got = metric_noise(metrics, "fd_nfe1")
+    assert (got is None) if expected is None else math.isclose(got, expected)
+
+
+def test_read_protocol_fingerprint(tmp_path):
+    assert read_protocol(tmp_path) == (None, None)
+    (tmp_path / "protocol.json").write_text(json.dumps({"features": "inception", "num_samples": 50000}))
+    _, sha1 = read_protocol(tmp_path)
+    (tmp_path / "protocol.json").write_text(json.dumps({"num_samples": 50000, "features": "inception"}))
+    assert read_protocol(tmp_path)[1] == sha1  # canonical JSON: key order does not matter
+    (tmp_path / "protocol.json").write_text(json.dumps({"features": "inception", "num_samples": 10000}))
+    assert read_protocol(tmp_path)[1] != sha1
+    (tmp_path / "protocol.json").write_text(json.dumps({"protocol_sha256": "abc"}))
+    assert read_protocol(tmp_path)[1] == "abc"
+    (tmp_path / "protocol.json").write_text("[1]")
+    with pytest.raises(ValueError, match="expected an object"):
+        read_protocol(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -183,9 +241,10 @@ def test_sampler_rejects_bad_requests(students, request_, message):
 
 
 # --- registry: promotion rules --------------------------------------------------------------------------------------
-def test_champion_moves_only_beyond_margin(repo, params, students, tmp_path):
+def test_champion_moves_only_beyond_measured_noise(repo, params, students, tmp_path):
     client = MlflowClient()
-    r1 = _register(params, students["a"], _eval(tmp_path / "e1", fd_nfe1=10.0, fd_nfe2=8.0, complete=True), repo)
+    r1 = _register(params, students["a"], _eval(tmp_path / "e1", fd_nfe1=10.0, fd_nfe1_std=0.1, fd_nfe2=8.0,
+                                                complete=True), repo)
     assert r1["decision"] == "champion" and r1["aliases"] == ["champion"] and r1["version"] == "1"
     mv1 = client.get_model_version(NAME, "1")
     assert mv1.tags["metric.fd_nfe1"] == "10.0" and mv1.tags["metric.fd_nfe2"] == "8.0"
@@ -193,16 +252,20 @@ def test_champion_moves_only_beyond_margin(repo, params, students, tmp_path):
     assert mv1.tags["params.hash"] == r1["params_hash"] and "git.commit" in mv1.tags
     assert mv1.tags["student.variant"] == "ema_0.999"  # evaluate.ema of the params
 
-    # 5 % better > 2 % margin: @champion moves to version 2.
-    r2 = _register(params, students["b"], _eval(tmp_path / "e2", fd_nfe1=9.5), repo)
-    assert r2["decision"] == "champion" and r2["version"] == "2"
-    assert r2["champion_before"] == {"version": "1", "value": 10.0}
+    assert mv1.tags["eval.protocol_sha256"] == r1["protocol_sha256"] and len(r1["protocol_sha256"]) == 64
+
+    # 0.5 better with σ 0.1 on both sides: 0.5 > 2·0.141 -> @champion moves to version 2.
+    r2 = _register(params, students["b"], _eval(tmp_path / "e2", fd_nfe1=9.5, fd_nfe1_std=0.1), repo)
+    assert r2["decision"] == "champion" and r2["version"] == "2", r2["reason"]
+    assert r2["champion_before"]["version"] == "1" and r2["champion_before"]["value"] == 10.0
     assert math.isclose(r2["relative_improvement"], 0.05)
+    assert math.isclose(r2["gate"]["noise"], math.sqrt(2) * 0.1) and math.isclose(r2["gate"]["improvement"], 0.5)
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
 
-    # 1 % better: within the margin -> @challenger + tag, champion unchanged.
-    r3 = _register(params, students["c"], _eval(tmp_path / "e3", fd_nfe1=9.405), repo)
-    assert r3["decision"] == "challenger" and r3["aliases"] == ["challenger"]
+    # 0.2 better, but within 2σ of the measured noise -> @challenger + tag, champion unchanged.
+    r3 = _register(params, students["c"], _eval(tmp_path / "e3", fd_nfe1=9.3, fd_nfe1_std=0.1), repo)
+    assert r3["decision"] == "challenger" and r3["aliases"] == ["challenger"], r3["reason"]
+    assert "within the noise" in r3["reason"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"
     assert client.get_model_version(NAME, "3").tags["challenger"] == "true"
@@ -225,10 +288,14 @@ def test_failed_evaluation_never_promotes(repo, params, students, tmp_path, caps
         "nan": {"fd_nfe1": float("nan")},
         "partial": {"fd_nfe1": 0.5, "complete": False},  # looks far better, but the evaluation is partial
         "no_key": {"fd_nfe4": 0.5},
+        "no_protocol": {"fd_nfe1": 0.5, "fd_nfe1_std": 0.01, "complete": True},  # no protocol.json: not comparable
     }
     for name, content in failures.items():
         ev = tmp_path / f"eval_{name}"
-        ev.mkdir()
+        if content is not None and name != "no_protocol":
+            _eval(ev, **content)
+        else:
+            ev.mkdir()
         if content is not None:
             ev.joinpath("metrics.json").write_text(json.dumps(content))
         out = tmp_path / f"registry_{name}.json"
@@ -244,6 +311,16 @@ def test_failed_evaluation_never_promotes(repo, params, students, tmp_path, caps
         assert mv.tags["ctm.eval_status"] == "failed" and mv.tags["ctm.decision"] == "rejected"
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias(NAME, "challenger")
+
+
+def test_other_protocol_never_replaces_champion(repo, params, students, tmp_path):
+    client = MlflowClient()
+    _register(params, students["a"], _eval(tmp_path / "e1", fd_nfe1=10.0, fd_nfe1_std=0.1), repo)
+    # Far better, but measured with another protocol (e.g. 10k instead of 50k samples): not comparable.
+    rec = _register(params, students["b"], _eval(tmp_path / "e2", protocol="other", fd_nfe1=2.0, fd_nfe1_std=0.1),
+                    repo)
+    assert rec["decision"] == "challenger" and "not comparable" in rec["reason"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
 
 
 def test_logs_into_distill_run_named_by_run_json(repo, params, students, tmp_path):
