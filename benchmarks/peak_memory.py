@@ -1,0 +1,134 @@
+"""Peak memory and wall time of a command and EVERY process it starts (Ray's GCS, raylet, workers included).
+
+    python benchmarks/peak_memory.py [--interval 0.25] [--json out.json] -- dvc repro
+
+`/usr/bin/time -v` reports the largest single process; a Ray run is a tree of a dozen processes, so this script
+samples the whole tree every `--interval` seconds from /proc (Linux only) and reports:
+
+* peak_pss_gib   the peak of the SUM of PSS (proportional set size, /proc/<pid>/smaps_rollup) over the tree: shared
+                 pages (torch's libraries, Ray's plasma store) are split between the processes that map them, so the
+                 sum is what the tree really costs the machine. This is the number to compare with a memory budget.
+* peak_rss_gib   the peak of the sum of RSS: counts shared pages once per process (an upper bound).
+* peak_single    the largest single process (what `time -v` would say) and its command.
+
+Processes are found by walking /proc/<pid>/task/*/children from the command's PID, plus processes that Ray
+re-parents away from the tree but that carry the command's session id. Sampling can miss a spike shorter than the
+interval; the result is a lower bound on the true peak at that resolution. Prints progress lines every 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 1024**3
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _session(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])  # field 6: session id
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def tree(root: int) -> set[int]:
+    """PIDs of `root`, its descendants, and processes in root's session (re-parented daemons)."""
+    seen, stack = set(), [root]
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        stack += _children(pid)
+    sid = _session(root)
+    if sid is not None:
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) not in seen and _session(int(d)) == sid:
+                seen.add(int(d))
+    return seen
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(rss, pss) in bytes of one process; (0, 0) if it is gone or unreadable."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+    except OSError:
+        return 0, 0
+    return rss, pss
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--interval", type=float, default=0.25)
+    ap.add_argument("--json", default=None, help="write the figures here as JSON")
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        ap.error("expected a command after --")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, start_new_session=True)  # own session: Ray's daemons stay findable by sid
+    peak = {"pss": 0, "rss": 0, "single": 0, "single_cmd": "", "processes": 0, "t_pss": 0.0}
+    last_print = t0
+    while proc.poll() is None:
+        pids = tree(proc.pid)
+        rss_sum = pss_sum = 0
+        for pid in pids:
+            rss, pss = memory(pid)
+            rss_sum, pss_sum = rss_sum + rss, pss_sum + pss
+            if rss > peak["single"]:
+                peak["single"], peak["single_cmd"] = rss, _cmdline(pid)
+        if pss_sum > peak["pss"]:
+            peak["pss"], peak["t_pss"], peak["processes"] = pss_sum, time.monotonic() - t0, len(pids)
+        peak["rss"] = max(peak["rss"], rss_sum)
+        now = time.monotonic()
+        if now - last_print > 30:
+            print(f"[peak_memory] {now - t0:6.0f} s  {len(pids):3d} processes  PSS {pss_sum / GIB:.2f} GiB  "
+                  f"(peak {peak['pss'] / GIB:.2f})", file=sys.stderr, flush=True)
+            last_print = now
+        time.sleep(args.interval)
+    result = {
+        "command": " ".join(cmd), "returncode": proc.returncode, "wall_s": round(time.monotonic() - t0, 1),
+        "peak_pss_gib": round(peak["pss"] / GIB, 3), "peak_rss_gib": round(peak["rss"] / GIB, 3),
+        "peak_pss_at_s": round(peak["t_pss"], 1), "processes_at_peak": peak["processes"],
+        "peak_single_rss_gib": round(peak["single"] / GIB, 3), "peak_single_cmd": peak["single_cmd"],
+        "interval_s": args.interval,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
