@@ -1,8 +1,9 @@
 # The two commands a new user needs (see README.md):
 #   make repro   set up the environment and run the whole pipeline (dvc repro) on the embedded default
-#   make test    set up the environment and run the whole test suite (what CI runs): the default tier, then the
-#                slow tier (real Ray clusters, S3/MinIO-compatible server, fault injection, end-to-end dvc repro)
-#   make test-fast   only the default tier (pytest -m "not slow")
+#   make test    set up the environment and run the whole test suite (what CI runs): the default tier (incl. the
+#                end-to-end dvc repro and the Ray Tune search), then the slow tier (Ray head + job submit,
+#                S3 server on loopback, fault injection)
+#   make test-fast   only the default tier (= plain `pytest`, addopts in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,7 +21,7 @@ setup: $(BIN)/activate
 test: test-fast test-slow
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

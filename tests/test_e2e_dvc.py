@@ -55,7 +55,6 @@ def _env(repo: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 def test_dvc_repro_end_to_end(tmp_path):
     repo = tmp_path / "repo"

@@ -144,7 +144,6 @@ def tiny_setup(tmp_path_factory):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_enabled_asha_optuna_mlflow_and_cleanup(tiny_setup, monkeypatch):
     import mlflow
     import ray
