@@ -17,6 +17,7 @@ and are read with ``allow_pickle=False``: a statistics file can never execute co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ import os
 import pathlib
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,7 @@ import torch
 __all__ = [
     "FIDErrorBars",
     "KIDResult",
+    "PreparedReference",
     "ReferenceStats",
     "feature_statistics",
     "fid_error_bars",
@@ -227,10 +230,87 @@ def _to_numpy(a: ArrayLike) -> np.ndarray:
     return np.asarray(a)
 
 
-def fid_from_features(features: ArrayLike, mu_ref: ArrayLike, sigma_ref: ArrayLike) -> float:
-    """FID of generated ``features: (N, D)`` against reference statistics (mu_ref: (D,), sigma_ref: (D, D))."""
-    mu, sigma = feature_statistics(features)
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+def fid_from_features(
+    features: ArrayLike, mu_ref: ArrayLike, sigma_ref: ArrayLike, *, method: str = "sqrtm"
+) -> float:
+    """FID of generated ``features: (N, D)`` against reference statistics (mu_ref: (D,), sigma_ref: (D, D)).
+
+    ``method``: ``"sqrtm"`` (the protocol, default), ``"eigh"`` or ``"auto"`` (see ``PreparedReference.fid``).
+    """
+    if method == "sqrtm":
+        mu, sigma = feature_statistics(features)
+        return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    return PreparedReference.from_stats(mu_ref, sigma_ref).fid(features, method=method)
+
+
+FID_METHODS = ("sqrtm", "eigh", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedReference:
+    """Reference statistics with the symmetric root of ``sigma`` computed once, for many FIDs against them.
+
+    ``fid(features, method)``:
+        * ``"sqrtm"``: ``frechet_distance`` on the features' statistics: the protocol (EDM fid.py:82-86).
+        * ``"eigh"``: the same number from symmetric eigendecompositions only,
+          ``Tr sqrtm(Σ_g Σ_r) = Tr (R Σ_g R)^{1/2}`` with ``R = Σ_r^{1/2}`` (``Σ_g Σ_r`` is similar to that PSD
+          matrix). With ``N − 1 < D`` samples ``Σ_g = Cᵀ C / (N − 1)`` (C: centred features, N × D) has rank < D,
+          and ``Σ_g Σ_r = Cᵀ (C Σ_r) / (N − 1)`` has the same non-zero eigenvalues as the small symmetric PSD
+          ``C Σ_r Cᵀ / (N − 1)`` (N × N; AB and BA share them), so the cost is one N × D × D product: no D × D
+          eigendecomposition, and no scipy sqrtm of a singular product (minutes at D = 2048 on 2 cores, and
+          ill-conditioned there). ``sigma_half`` is computed on first use only (N > D or the bootstrap).
+        * ``"auto"``: ``"sqrtm"`` when ``N > D`` (full-rank covariance: the protocol, e.g. 50,000 images at D =
+          2048), else ``"eigh"``.
+    """
+
+    mu: np.ndarray  # (D,)
+    sigma: np.ndarray  # (D, D)
+    trace: float
+
+    @classmethod
+    def from_stats(cls, mu: ArrayLike, sigma: ArrayLike) -> PreparedReference:
+        mu = np.asarray(_to_numpy(mu), dtype=np.float64)
+        sigma = np.asarray(_to_numpy(sigma), dtype=np.float64)
+        _check_stats("PreparedReference", mu, sigma)
+        return cls(mu=mu, sigma=sigma, trace=float(np.trace(sigma)))
+
+    @functools.cached_property
+    def sigma_half(self) -> np.ndarray:
+        """(D, D) symmetric PSD root of sigma (one eigendecomposition, computed once)."""
+        return _psd_sqrt(self.sigma)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
+    def fid(self, features: ArrayLike, method: str = "auto") -> float:
+        """FID of ``features: (N, D)``, N >= 2, against these statistics (class docstring for ``method``)."""
+        if method not in FID_METHODS:
+            raise ValueError(f"PreparedReference.fid: method must be one of {FID_METHODS}, got {method!r}")
+        f = _as_features("features", features)
+        n, d = f.shape
+        if d != self.dim:
+            raise ValueError(f"PreparedReference.fid: features have D={d}, the reference has D={self.dim}")
+        if n < 2:
+            raise ValueError(f"PreparedReference.fid: need at least 2 samples, got N={n}")
+        if method == "auto":
+            method = "sqrtm" if n > d else "eigh"
+        mu = f.mean(axis=0)
+        if method == "sqrtm":
+            _, sigma = feature_statistics(f)
+            return frechet_distance(mu, sigma, self.mu, self.sigma)
+        centred = f - mu
+        diff = mu - self.mu
+        tr_sigma = float((centred * centred).sum()) / (n - 1)
+        if n - 1 < d:  # low rank: the non-zero eigenvalues are those of C Σ_r Cᵀ / (N − 1), N × N
+            small = centred @ self.sigma @ centred.T / (n - 1)
+            ev = np.linalg.eigvalsh((small + small.T) / 2)
+        else:
+            sigma = centred.T @ centred / (n - 1)
+            m = self.sigma_half @ ((sigma + sigma.T) / 2) @ self.sigma_half
+            ev = np.linalg.eigvalsh((m + m.T) / 2)
+        tr_covmean = float(np.sqrt(np.clip(ev, 0, None)).sum())
+        return float(diff @ diff + tr_sigma + self.trace - 2 * tr_covmean)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,6 +438,8 @@ def fid_error_bars(
     num_bootstrap: int = 50,
     confidence: float = 0.95,
     generator: torch.Generator | None = None,
+    method: str = "sqrtm",
+    prepared: PreparedReference | None = None,
 ) -> FIDErrorBars:
     """FID mean ± std and min over disjoint seed sets, and a bootstrap interval.
 
@@ -376,7 +458,13 @@ def fid_error_bars(
     and covers the sampling noise of the generated set only (the reference statistics are taken as exact); for
     comparing runs at the protocol's fixed N use the seed-set std. Each replicate costs one covariance and one
     symmetric eigendecomposition (``method="eigh"`` of ``frechet_distance``; seconds at D = 2048).
+
+    ``method`` computes the per-set FIDs (``PreparedReference.fid``: ``"sqrtm"`` = the protocol, ``"auto"`` = sqrtm
+    when N > D else the exact eigh form); the replicates always use the eigh form. ``prepared`` (the same mu_ref /
+    sigma_ref with their root computed once) saves one D × D eigendecomposition per call.
     """
+    if method not in FID_METHODS:
+        raise ValueError(f"fid_error_bars: method must be one of {FID_METHODS}, got {method!r}")
     if len(feature_sets) < 1:
         raise ValueError("fid_error_bars: feature_sets must contain at least one (N, D) array")
     if not 0 < confidence < 1:
@@ -388,7 +476,13 @@ def fid_error_bars(
     sets = [_as_features(f"feature_sets[{k}]", f) for k, f in enumerate(feature_sets)]
     mu_ref = np.asarray(_to_numpy(mu_ref), dtype=np.float64)
     sigma_ref = np.asarray(_to_numpy(sigma_ref), dtype=np.float64)
-    fids = tuple(fid_from_features(f, mu_ref, sigma_ref) for f in sets)
+    if prepared is not None and not (np.array_equal(prepared.mu, mu_ref) and np.array_equal(prepared.sigma, sigma_ref)):
+        raise ValueError("fid_error_bars: prepared= holds other statistics than mu_ref / sigma_ref")
+    if method == "sqrtm":
+        fids = tuple(fid_from_features(f, mu_ref, sigma_ref) for f in sets)
+    else:
+        prepared = prepared or PreparedReference.from_stats(mu_ref, sigma_ref)
+        fids = tuple(prepared.fid(f, method=method) for f in sets)
     arr = np.asarray(fids)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
 
@@ -396,14 +490,11 @@ def fid_error_bars(
     n = f0.shape[0]
     boot = np.empty(num_bootstrap)
     if num_bootstrap > 0:
-        # Replicates use the eigh form of the trace with the reference root computed once (frechet_distance docs).
-        sigma_ref_half = _psd_sqrt(sigma_ref)
-        tr_ref = float(np.trace(sigma_ref))
+        # Replicates use the eigh form of the trace with the reference root computed once (PreparedReference).
+        prepared = prepared or PreparedReference.from_stats(mu_ref, sigma_ref)
     for b in range(num_bootstrap):
         idx = torch.randint(0, n, (n,), generator=generator).numpy()
-        mu_b, sigma_b = feature_statistics(f0[idx])
-        d = mu_b - mu_ref
-        boot[b] = float(d @ d + np.trace(sigma_b) + tr_ref - 2 * _trace_sqrt_product(sigma_ref_half, sigma_b))
+        boot[b] = prepared.fid(f0[idx], method="eigh")
     boot.sort()
     if num_bootstrap > 0:
         alpha = 1 - confidence
@@ -433,12 +524,14 @@ def fid_error_bars(
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceStats:
-    """Reference feature statistics: mu (D,) float64, sigma (D, D) float64, free-form meta, file sha256."""
+    """Reference feature statistics: mu (D,) float64, sigma (D, D) float64, free-form meta, file sha256, and the
+    number of images they summarise when the file records it (``num_images`` entry; EDM's files do not)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     meta: dict[str, Any]
     sha256: str
+    num_images: int | None = None
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -446,21 +539,47 @@ def _sha256_bytes(data: bytes) -> str:
 
 
 def save_reference_stats(
-    path: str | os.PathLike, mu: ArrayLike, sigma: ArrayLike, meta: dict[str, Any] | None = None
+    path: str | os.PathLike,
+    mu: ArrayLike,
+    sigma: ArrayLike,
+    meta: dict[str, Any] | None = None,
+    *,
+    num_images: int | None = None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> str:
     """Write reference statistics in EDM's npz layout (``mu``, ``sigma``; EDM fid.py:150-155), atomically.
 
     ``meta`` (JSON-able: detector, dataset hash, sample count, ...) is stored as one extra string entry ``meta_json``
-    (a plain unicode array, no pickle); readers of EDM's format that only ask for ``mu``/``sigma`` are unaffected.
-    The file is written to a temporary name in the same folder, fsynced and renamed over ``path``.
-    Returns the sha256 of the written file.
+    (a plain unicode array, no pickle); ``num_images`` as an int64 scalar entry ``num_images``; ``extra`` as further
+    numeric arrays (e.g. a feature subset for KID). Readers of EDM's format that only ask for ``mu``/``sigma`` are
+    unaffected. The zip members carry a fixed timestamp (``np.savez`` stamps the current time), so the same
+    statistics always give the same bytes and the same sha256. The file is written to a temporary name in the same
+    folder, fsynced and renamed over ``path``. Returns the sha256 of the written file.
     """
     mu = np.asarray(_to_numpy(mu), dtype=np.float64)
     sigma = np.asarray(_to_numpy(sigma), dtype=np.float64)
     _check_stats("save_reference_stats", mu, sigma)
-    meta_json = json.dumps(meta or {}, sort_keys=True)
+    entries: dict[str, np.ndarray] = {"mu": mu, "sigma": sigma, "meta_json": np.array(json.dumps(meta or {},
+                                                                                              sort_keys=True))}
+    if num_images is not None:
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 2:
+            raise ValueError(f"save_reference_stats: num_images must be an int >= 2, got {num_images!r}")
+        entries["num_images"] = np.array(int(num_images), dtype=np.int64)
+    for name, arr in (extra or {}).items():
+        arr = np.asarray(arr)
+        if name in entries or not name.isidentifier():
+            raise ValueError(f"save_reference_stats: bad or reserved extra entry name {name!r}")
+        if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
+            raise ValueError(f"save_reference_stats: extra entry {name!r} must be numeric, got {arr.dtype}")
+        entries[name] = arr
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, meta_json=np.array(meta_json))
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in entries.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, arr, allow_pickle=False)  # keeps 0-d arrays 0-d
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, member.getvalue())
     data = buf.getvalue()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -490,6 +609,8 @@ def load_reference_stats(path: str | os.PathLike, expected_sha256: str | None = 
     digest = _sha256_bytes(data)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise ValueError(f"load_reference_stats: sha256 of {path} is {digest}, expected {expected_sha256}")
+    if not data.startswith(b"PK\x03\x04"):  # npz = zip; a .npy, pickle or HTML error page is refused here
+        raise ValueError(f"load_reference_stats: {path} is not an npz (zip) file")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             keys = set(npz.files)
@@ -498,16 +619,19 @@ def load_reference_stats(path: str | os.PathLike, expected_sha256: str | None = 
             mu = npz["mu"]
             sigma = npz["sigma"]
             meta_json = str(npz["meta_json"][()]) if "meta_json" in keys else "{}"
+            num_images = int(npz["num_images"][()]) if "num_images" in keys else None
     except ValueError as e:
         if "allow_pickle" in str(e) or "Object arrays" in str(e):
             raise ValueError(f"load_reference_stats: {path} holds a pickled object array, refused: {e}") from e
         raise
+    except (zipfile.BadZipFile, EOFError, OSError) as e:  # truncated / not an npz at all
+        raise ValueError(f"load_reference_stats: {path} is not a readable npz file ({type(e).__name__}: {e})") from e
     if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
         raise ValueError(f"load_reference_stats: mu/sigma must be floating point, got {mu.dtype} / {sigma.dtype}")
     mu = mu.astype(np.float64)
     sigma = sigma.astype(np.float64)
     _check_stats(f"load_reference_stats({path})", mu, sigma)
-    return ReferenceStats(mu=mu, sigma=sigma, meta=json.loads(meta_json), sha256=digest)
+    return ReferenceStats(mu=mu, sigma=sigma, meta=json.loads(meta_json), sha256=digest, num_images=num_images)
 
 
 def _check_stats(where: str, mu: np.ndarray, sigma: np.ndarray) -> None:

@@ -35,10 +35,12 @@ __all__ = [
     "DataParams",
     "DistillParams",
     "EvaluateParams",
+    "InceptionParams",
     "MlflowParams",
     "Params",
     "ParamsError",
     "RayParams",
+    "ReferenceParams",
     "RegisterParams",
     "TeacherParams",
     "TuneParams",
@@ -251,10 +253,37 @@ class ClassifierParams(_Section):
     seed: int = Field(0, ge=0)
 
 
+# pytorch-fid's FID Inception weights (src/pytorch_fid/inception.py FID_WEIGHTS_URL). No checksum is published by
+# pytorch-fid; this sha256 is the one several independent public projects pin for that exact file (e.g. an
+# `InceptionModel` port that lists it next to FID_WEIGHTS_URL as 'tf_inception_v3', and launch scripts that verify
+# the same file as torch-fidelity's weights-inception-2015-12-05-6726825d.pth, 95,628,359 bytes), and it starts with
+# the `6726825d` in the file name (torch.hub's `<name>-<first 8 hex of sha256>` convention). Not verified here
+# (no download): a mismatch stops the stage before any sampling.
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+
+
+class InceptionParams(_Section):
+    """FID Inception-v3 weights (`evaluate.features: inception`), fetched through pipelines.fetch, sha256-pinned."""
+
+    source: str = FID_WEIGHTS_URL  # https:// | s3:// | file:// URI or a local path (.pth state_dict / .safetensors)
+    sha256: str | None = FID_WEIGHTS_SHA256  # 64 hex digits, or 'record' (fetch once, print the digest to pin)
+    batch: int = Field(64, ge=1)  # images per Inception forward
+
+
+class ReferenceParams(_Section):
+    """Reference statistics: `data` = computed from the prepared images and cached, or an npz URI (mu, sigma)."""
+
+    source: str = "data"  # 'data' | https:// | s3:// | file:// URI or local path of an npz (EDM's cifar10-32x32.npz)
+    sha256: str | None = None  # required for a file source: 64 hex digits or 'record'
+    splits: list[Literal["train", "heldout"]] = Field(default_factory=lambda: ["train", "heldout"], min_length=1)
+
+
 class EvaluateParams(_Section):
     """`evaluate` stage: student at each NFE × gamma, teacher Heun at `teacher_nfe`, FD and bits/dim."""
 
-    nfe: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    nfe: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
     gammas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1)
     teacher_nfe: int = Field(35, ge=1)  # Heun: NFE = 2·steps − 1 (35 ↔ 18 steps)
     teacher_euler_nfe: int = Field(1, ge=1)  # the 1-step Euler baseline of the acceptance criterion
@@ -263,6 +292,11 @@ class EvaluateParams(_Section):
     seed_start: int = Field(0, ge=0)  # image i uses seed seed_start + i (EDM generate.py style)
     grid_size: int = Field(8, ge=1)  # PNG grids are grid_size × grid_size
     ema: float | None = None  # which distill.eval_emas weights to evaluate (None = online weights)
+    features: Literal["classifier", "inception"] = "classifier"  # feature space of the Fréchet distance
+    num_bootstrap: int = Field(200, ge=0)  # bootstrap replicates per method (2048-d: seconds each, use ~20)
+    inception: InceptionParams = Field(default_factory=InceptionParams)
+    reference: ReferenceParams = Field(default_factory=ReferenceParams)
+    cache_dir: str = ".cache/fid"  # fetched weights / reference files and computed reference statistics
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     bpd: BpdParams = Field(default_factory=BpdParams)
     seed: int = Field(0, ge=0)
@@ -550,6 +584,7 @@ def _check_cross(p: Params) -> None:
     if ev.ema is not None:
         _require(ev.ema in d.eval_emas, "evaluate.ema",
                  f"must be one of distill.eval_emas {d.eval_emas} or null, got {ev.ema}")
+    _check_evaluate_fid(ev)
     tu = p.tune
     _require(tu.scheduler.grace_period <= tu.scheduler.max_t, "tune.scheduler.grace_period",
              f"must be <= tune.scheduler.max_t ({tu.scheduler.max_t}), got {tu.scheduler.grace_period}")
@@ -578,6 +613,44 @@ def _check_cross(p: Params) -> None:
                      "or use ray://host:10001 / host:6379)")
     _require(len(r.temp_dir) <= 60, "ray.temp_dir",
              f"must be a short path (<= 60 chars, unix socket limit 107), got {len(r.temp_dir)} chars")
+
+
+def _check_file_source(key: str, value: str) -> None:
+    """An https:// / s3:// / file:// URI or a local path (what pipelines.fetch accepts besides release names)."""
+    _require(bool(value.strip()), key, "must be an https://, s3:// or file:// URI or a local path, got ''")
+    if "://" in value:
+        scheme = urllib.parse.urlparse(value).scheme.lower()
+        _require(scheme in URI_SCHEMES, key,
+                 f"expected an https://, s3:// or file:// URI or a local path, got {value!r}")
+
+
+def _check_evaluate_fid(ev: EvaluateParams) -> None:
+    """evaluate.features / inception / reference: pinned weights and reference files, consistent choices."""
+    inc, ref = ev.inception, ev.reference
+    _check_file_source("evaluate.inception.source", inc.source)
+    if ev.features == "inception":
+        _require(inc.sha256 is not None, "evaluate.inception.sha256",
+                 "required when evaluate.features is 'inception', got null (fix: pin the weights' 64-hex sha256, "
+                 f"{FID_WEIGHTS_SHA256} for pytorch-fid's file, or set sha256: record to fetch once and print it)")
+    if inc.sha256 is not None:
+        _require(inc.sha256 == "record" or bool(SHA256_RE.match(inc.sha256)), "evaluate.inception.sha256",
+                 f"expected 64 hex digits or 'record', got {inc.sha256!r}")
+    _require(len(set(ref.splits)) == len(ref.splits), "evaluate.reference.splits",
+             f"values must be distinct, got {ref.splits}")
+    if ref.source == "data":
+        _require(ref.sha256 is None, "evaluate.reference.sha256",
+                 f"must be null when evaluate.reference.source is 'data' (the pipeline computes and caches the "
+                 f"statistics), got {ref.sha256!r}")
+        return
+    _check_file_source("evaluate.reference.source", ref.source)
+    _require(ev.features == "inception", "evaluate.reference.source",
+             f"a reference file ({ref.source!r}) needs evaluate.features: inception, got {ev.features!r} (the "
+             "classifier's reference is always computed from the data: set reference.source: data)")
+    _require(ref.sha256 is not None, "evaluate.reference.sha256",
+             f"required when evaluate.reference.source is {ref.source!r}, got null (fix: pin the file's 64-hex "
+             "sha256, or set sha256: record to fetch once and print it)")
+    _require(ref.sha256 == "record" or bool(SHA256_RE.match(ref.sha256)), "evaluate.reference.sha256",
+             f"expected 64 hex digits or 'record', got {ref.sha256!r}")
 
 
 def _release_names() -> set[str]:

@@ -112,6 +112,19 @@ def test_outputs_keys_and_columns(setup, first_run):
     details = json.loads((out / "fd_details.json").read_text())
     assert details["errors"] == [] and details["reference"]["splits"] == ["train", "heldout"]
     assert not list(out.parent.glob(".eval.tmp-*"))  # staged folder renamed away
+    # the feature space and the protocol identity (what a promotion gate compares)
+    assert on_disk["inception_features"] is False and on_disk["feature_dim"] == 64
+    assert details["features"] == "classifier" and details["inception"] is None
+    proto = json.loads((out / "protocol.json").read_text())
+    assert proto == details["protocol"]
+    assert {k: proto[k] for k in ("features", "num_samples", "seed_start", "reference_source", "feature_dim")} == {
+        "features": "classifier", "num_samples": 160, "seed_start": 0, "reference_source": "data", "feature_dim": 64}
+    body = {k: v for k, v in proto.items() if k != "protocol_sha256"}
+    import hashlib
+
+    assert proto["protocol_sha256"] == hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert proto["reference_sha256"] == details["reference"]["sha256"] and len(proto["feature_net_sha256"]) == 64
 
 
 def test_deterministic(setup, first_run, tmp_path):
@@ -134,6 +147,10 @@ def test_deterministic(setup, first_run, tmp_path):
     for k in metrics:
         if not k.endswith("_seconds"):
             assert again[k] == metrics[k], k
+    # same classifier tensors and reference statistics -> the same protocol identity (file metadata such as the
+    # classifier's training time does not enter it)
+    first = json.loads((setup["root"] / "eval" / "protocol.json").read_text())
+    assert json.loads((out2 / "protocol.json").read_text()) == first
 
 
 def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
@@ -165,6 +182,9 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
         logged = client.get_run(distill.info.run_id).data
         assert logged.metrics["fd_teacher_heun3"] == pytest.approx(metrics["fd_teacher_heun3"])
         assert logged.tags["ctm.evaluate.complete"] == "true"
+        assert logged.tags["ctm.evaluate.features"] == "classifier"
+        assert logged.tags["ctm.evaluate.protocol_sha256"] == json.loads((out / "protocol.json").read_text())[
+            "protocol_sha256"]
         run_json.write_text(json.dumps({"mlflow_run_id": "0" * 32}))
         assert _log_to_mlflow(params, setup["student"], out, metrics) == runs[0].info.run_id
     finally:

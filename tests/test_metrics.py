@@ -47,7 +47,91 @@ def _frechet_eigh(mu1, sigma1, mu2, sigma2) -> float:
     return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def _frechet_scipy(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Independent FID from raw features: np.cov statistics and scipy.linalg.sqrtm of the product (the textbook form,
+    Heusel et al. 2017), real part; no code shared with ctm_core.metrics."""
+    import scipy.linalg
+
+    m1, m2 = f1.mean(axis=0), f2.mean(axis=0)
+    c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(c1 @ c2)
+    return float(np.sum((m1 - m2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * np.trace(np.real(covmean)))
+
+
 # ------------------------------------------------------------------------------------------------ Fréchet distance
+
+
+@pytest.mark.parametrize("D,N", [(16, 200), (64, 500)])
+def test_fid_matches_independent_scipy_sqrtm_implementation(D, N):
+    from ctm_core.metrics import PreparedReference
+
+    rng = _rng(11)
+    f1 = rng.standard_normal((N, D)) @ rng.standard_normal((D, D)) * 0.3 + rng.standard_normal(D)
+    f2 = rng.standard_normal((N, D)) * rng.uniform(0.5, 2.0, D) + 0.2
+    want = _frechet_scipy(f1, f2)
+    mu2, s2 = feature_statistics(f2)
+    assert fid_from_features(f1, mu2, s2) == pytest.approx(want, rel=1e-6)
+    prep = PreparedReference.from_stats(mu2, s2)
+    for method in ("sqrtm", "eigh", "auto"):
+        assert prep.fid(f1, method=method) == pytest.approx(want, rel=1e-6), method
+        assert fid_from_features(f1, mu2, s2, method=method) == pytest.approx(want, rel=1e-6), method
+
+
+def test_prepared_reference_low_rank_path_fewer_samples_than_dims():
+    """N − 1 < D: the N × N Gram form equals the full D × D eigh form; finite, no sqrtm of a singular product."""
+    from ctm_core.metrics import PreparedReference
+
+    rng = _rng(5)
+    D = 256
+    mu_r, s_r = feature_statistics(rng.standard_normal((400, D)) * 0.5)
+    prep = PreparedReference.from_stats(mu_r, s_r)
+    for n in (2, 8, 100):
+        f = rng.standard_normal((n, D)) + 0.1
+        got = prep.fid(f, method="auto")
+        mu, s = feature_statistics(f)
+        # the full D × D eigh form adds sqrt(|rounding|) ~ 1e-7 per null direction: agreement to ~1e-7 relative
+        assert np.isfinite(got) and got == pytest.approx(_frechet_eigh(mu, s, mu_r, s_r), rel=1e-6), n
+        # exact for rank-deficient Σ: Tr (R Σ R)^{1/2} is the nuclear norm of C R / sqrt(n − 1) (an SVD)
+        w, V = np.linalg.eigh(s_r)
+        cr = (f - f.mean(axis=0)) @ ((V * np.sqrt(np.clip(w, 0, None))) @ V.T) / np.sqrt(n - 1)
+        d = f.mean(axis=0) - mu_r
+        exact = d @ d + np.trace(s) + np.trace(s_r) - 2 * np.linalg.svd(cr, compute_uv=False).sum()
+        assert got == pytest.approx(exact, rel=1e-9), n
+    f = rng.standard_normal((8, D))
+    assert abs(PreparedReference.from_stats(*feature_statistics(f)).fid(f, method="eigh")) < 1e-8 * np.trace(
+        feature_statistics(f)[1])  # a set against its own (rank-7) statistics
+    with pytest.raises(ValueError, match="D=3"):
+        prep.fid(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="method"):
+        prep.fid(f, method="svd")
+
+
+def test_fid_error_bars_auto_method_with_few_samples_in_high_dimension():
+    """2048-d features with 6 images (the tiny Inception test regime): finite FIDs, bootstrap and seed sets."""
+    from ctm_core.metrics import PreparedReference
+
+    rng = _rng(9)
+    D = 2048
+    ref_f = np.abs(rng.standard_normal((12, D)))
+    mu_r, s_r = feature_statistics(ref_f)
+    prep = PreparedReference.from_stats(mu_r, s_r)
+    sets = [np.abs(rng.standard_normal((6, D))) + 0.05 for _ in range(2)]
+    r = fid_error_bars(sets, mu_r, s_r, num_bootstrap=4, generator=torch.Generator().manual_seed(0), method="auto",
+                       prepared=prep)
+    assert all(np.isfinite(r.fids)) and np.isfinite(r.bootstrap_low) and np.isfinite(r.std)
+    assert "sigma_half" not in vars(prep)  # N < D everywhere: no 2048² eigendecomposition was needed
+    # the definition Tr sqrtm(Σ_g Σ_r) = Σ sqrt(eig(Σ_g Σ_r)) over its (≤ 5) non-zero eigenvalues, here from numpy's
+    # general (non-symmetric) eigensolver on (C Σ_r) Cᵀ / 5, which shares them
+    f = sets[0]
+    c = f - f.mean(axis=0)
+    ev = np.linalg.eigvals((c @ s_r) @ c.T / 5)  # (6, 6), general (non-symmetric) eigensolver
+    d = f.mean(axis=0) - mu_r
+    want = d @ d + (c * c).sum() / 5 + np.trace(s_r) - 2 * np.sqrt(np.clip(ev.real, 0, None)).sum()
+    assert r.fids[0] == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="prepared"):
+        fid_error_bars(sets, mu_r * 2, s_r, num_bootstrap=0, method="auto", prepared=prep)
+
+
 
 
 @pytest.mark.parametrize("D,N", [(8, 100), (32, 300)])
@@ -347,6 +431,33 @@ def test_reference_stats_round_trip(tmp_path: pathlib.Path):
     assert load_reference_stats(edm).meta == {}
     with np.load(path) as f:
         assert {"mu", "sigma"} <= set(f.files)
+
+
+def test_reference_stats_bytes_are_deterministic_with_num_images_and_extra(tmp_path: pathlib.Path):
+    rng = _rng()
+    mu, sigma = feature_statistics(rng.standard_normal((30, 4)))
+    extra = {"kid_features": rng.standard_normal((5, 4)).astype(np.float32)}
+    a = save_reference_stats(tmp_path / "a.npz", mu, sigma, meta={"k": 1}, num_images=30, extra=extra)
+    import time
+
+    time.sleep(1.1)  # np.savez would stamp another modification time into the zip
+    b = save_reference_stats(tmp_path / "b.npz", mu, sigma, meta={"k": 1}, num_images=30, extra=extra)
+    assert a == b and (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    ref = load_reference_stats(tmp_path / "a.npz", expected_sha256=a)
+    assert ref.num_images == 30 and ref.meta == {"k": 1}
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as f:
+        assert np.array_equal(f["kid_features"], extra["kid_features"]) and f["num_images"].shape == ()
+    assert load_reference_stats(tmp_path / "a.npz").num_images == 30
+    with pytest.raises(ValueError, match="num_images"):
+        save_reference_stats(tmp_path / "c.npz", mu, sigma, num_images=1)
+    with pytest.raises(ValueError, match="reserved"):
+        save_reference_stats(tmp_path / "c.npz", mu, sigma, extra={"mu": np.zeros(4)})
+    (tmp_path / "d.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:200])  # truncated download
+    with pytest.raises(ValueError, match="not a readable npz"):
+        load_reference_stats(tmp_path / "d.npz")
+    np.save(tmp_path / "e.npy", mu)
+    with pytest.raises(ValueError, match="not an npz"):
+        load_reference_stats(tmp_path / "e.npy")
 
 
 def test_reference_stats_tampered_file_rejected(tmp_path: pathlib.Path):
