@@ -10,10 +10,11 @@ BIN := $(VENV)/bin
 
 .PHONY: setup test test-fast test-slow repro clean
 
-$(BIN)/activate: pyproject.toml
+$(BIN)/activate: pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(BIN)/activate
 
 setup: $(BIN)/activate

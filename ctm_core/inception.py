@@ -3,7 +3,11 @@
 Architecture facts (layer names, shapes, pooling) are taken from pytorch/vision torchvision/models/inception.py
 (``Inception3``, ``InceptionA``-``InceptionE``, ``BasicConv2d``) and the FID patches of mseitzer/pytorch-fid
 src/pytorch_fid/inception.py (``fid_inception_v3``, ``FIDInceptionA``, ``FIDInceptionC``, ``FIDInceptionE_1``,
-``FIDInceptionE_2``); the code is written here (torchvision is not importable in this environment).
+``FIDInceptionE_2``); the code is written here. The issue asks for a well-kept library, but both need torchvision
+(pytorch-fid builds its network from torchvision's ``Inception3`` blocks; torch-fidelity's package ``__init__``
+imports torchvision), and torchvision does not import beside this project's CPU torch 2.13 wheel (it is not in the
+project venv), so neither can be imported as a library here; ``tests/test_inception.py`` pins the layout against
+the torchvision / pytorch-fid facts instead.
 
 What makes the FID variant differ from torchvision's ImageNet Inception-v3 (pytorch-fid ``fid_inception_v3``):
     * 1008 output classes and no auxiliary classifier (``num_classes=1008, aux_logits=False``);
@@ -14,13 +18,15 @@ What makes the FID variant differ from torchvision's ImageNet Inception-v3 (pyto
       ``inception-2015-12-05.tgz``; ``state_dict`` names are torchvision's (``Conv2d_1a_3x3.conv.weight``,
       ``Mixed_5b.branch1x1.bn.running_var``, ..., ``fc.weight``) so the file loads strictly by name.
 
-Input handling follows pytorch-fid (``InceptionV3.forward``): images in [0, 1] are resized to 299×299 with
-``F.interpolate(mode="bilinear", align_corners=False)`` and mapped to [-1, 1] by ``2x − 1``. Here the input is uint8
-(or float in [0, 255]) NCHW, divided by 255 first; 1-channel images are repeated to 3 channels as EDM fid.py:66-67 does.
-
-Comparability (pytorch-fid README): this port matches TF on single inputs to ~1e-8, but resize/backends differ,
-so FID can differ from the TF/EDM detector by ~0.08 absolute (0.1% relative) in pytorch-fid's own test. Compare
-numbers only when computed with the same detector, preprocessing and reference statistics.
+Input handling follows the TensorFlow graph of the original FID code (TTUR ``fid.py``), as torch-fidelity
+reproduces it bit-exactly (torch_fidelity/feature_extractor_inceptionv3.py ``forward``, and
+interpolate_compat_tensorflow.py): uint8 (or float in [0, 255]) NCHW images are resized to 299×299 with
+TensorFlow 1.x ``resize_bilinear(align_corners=False)`` semantics (``resize_bilinear_tf1``: output pixel i samples
+the input at i·in/out, no half-pixel offset; tensorflow core/kernels/image_resizer_state.h, resize_bilinear_op.cc)
+and normalised by ``(x − 128)/128``. 1-channel images are repeated to 3 channels as EDM fid.py:66-67 does.
+pytorch-fid instead uses ``F.interpolate(mode="bilinear", align_corners=False)`` and ``2·x/255 − 1``, which moves FID
+by ~0.1 % (pytorch-fid README); NVIDIA's detector (EDM's ``inception-2015-12-05.pkl``) mimics the TF graph too.
+tests/test_inception_reference.py checks this module against torch-fidelity's on random weights.
 
 Parameter count: 23,850,960 (all weights incl. fc; BN running stats are buffers). Derivation: torchvision's
 inception_v3 has 27,161,264 parameters (torchvision weights table, ``num_params``) including the auxiliary
@@ -45,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FID_WEIGHTS_FILENAME", "FIDInception", "NUM_FEATURES", "count_parameters", "extract_features"]
+__all__ = ["FID_WEIGHTS_FILENAME", "FIDInception", "NUM_FEATURES", "count_parameters", "extract_features",
+           "resize_bilinear_tf1"]
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid inception.py:13 (FID_WEIGHTS_URL)
 NUM_FEATURES = 2048  # pool3
@@ -273,7 +280,7 @@ class FIDInception(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, C, H, W) uint8, or float in [0, 255]; C ∈ {1, 3}. Returns pool3 features (N, 2048) float32."""
-        x = _preprocess(images)  # (N, 3, 299, 299) in [-1, 1]
+        x = _preprocess(images)  # (N, 3, 299, 299) in [-1, 1)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -289,8 +296,35 @@ class FIDInception(nn.Module):
         return self.fc(features)
 
 
+def resize_bilinear_tf1(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """TensorFlow 1.x ``tf.image.resize_bilinear(x, size, align_corners=False)`` (legacy, no half-pixel centres).
+
+    x: (N, C, H, W) float; returns (N, C, size[0], size[1]) in x's dtype. Output row i samples the input at
+    y = i · H / size[0] (tensorflow core/kernels/image_resizer_state.h: scale = in/out; resize_bilinear_op.cc:
+    top = floor(y), bottom = min(top + 1, H − 1), lerp by y − top), likewise for columns. This differs from
+    ``F.interpolate(align_corners=False)``, which samples at (i + ½)·H/out − ½.
+    """
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"resize_bilinear_tf1: expected a float (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
+
+    def axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # TF computes the scale in float32 (CalculateResizeScale returns float): keep that rounding.
+        scale = torch.tensor(n_in / n_out, dtype=torch.float32).to(x.dtype)
+        pos = torch.arange(n_out, dtype=x.dtype, device=x.device) * scale  # (n_out,)
+        lo = pos.floor().to(torch.int64).clamp(max=n_in - 1)
+        hi = (lo + 1).clamp(max=n_in - 1)
+        return lo, hi, pos - lo.to(x.dtype)
+
+    top, bottom, wy = axis(x.shape[2], size[0])
+    left, right, wx = axis(x.shape[3], size[1])
+    # Horizontal lerps first, then vertical, in TF's order (resize_bilinear_op.cc compute_lerp).
+    x_top = x[:, :, top][..., left] + (x[:, :, top][..., right] - x[:, :, top][..., left]) * wx
+    x_bot = x[:, :, bottom][..., left] + (x[:, :, bottom][..., right] - x[:, :, bottom][..., left]) * wx
+    return x_top + (x_bot - x_top) * wy[:, None]  # (N, C, out_h, out_w)
+
+
 def _preprocess(images: torch.Tensor) -> torch.Tensor:
-    """uint8/float [0, 255] (N, C, H, W) → float32 (N, 3, 299, 299) in [-1, 1] (pytorch-fid resize, then 2x − 1)."""
+    """uint8/float [0, 255] (N, C, H, W) → float32 (N, 3, 299, 299) in [-1, 1): TF1 resize, then (x − 128)/128."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"FIDInception: expected a torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -307,9 +341,9 @@ def _preprocess(images: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"FIDInception: expected uint8 or floating images, got {images.dtype}")
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)  # grayscale → RGB (EDM fid.py:66-67)
-    x = x / 255.0
-    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    return 2 * x - 1
+    if tuple(x.shape[2:]) != (299, 299):
+        x = resize_bilinear_tf1(x, (299, 299))
+    return (x - 128.0) / 128.0
 
 
 def count_parameters(model: nn.Module) -> int:

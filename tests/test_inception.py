@@ -195,11 +195,16 @@ def test_input_validation(random_model):
         random_model(torch.zeros(1, 3, 8, 8, dtype=torch.int32))
 
 
-def test_preprocess_matches_pytorch_fid_convention():
+def test_preprocess_matches_tensorflow_convention():
+    from ctm_core.inception import resize_bilinear_tf1
+
     g = torch.Generator().manual_seed(4)
     x299 = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8, generator=g)
-    # at 299×299 the bilinear resize (align_corners=False) is the identity; then [0, 1] → [-1, 1] by 2x − 1
-    torch.testing.assert_close(_preprocess(x299), x299.float() / 255 * 2 - 1, rtol=0, atol=1e-6)
+    # at 299×299 no resize; then the TF graph's (x − 128)/128 (torch-fidelity feature_extractor_inceptionv3.py)
+    torch.testing.assert_close(_preprocess(x299), (x299.float() - 128) / 128, rtol=0, atol=0)
+    # TF1 legacy resize: output i samples the input at i·in/out. 2 → 4: positions 0, 0.5, 1, 1.5 (the last clamps).
+    row = torch.tensor([[[[10.0, 20.0]]]])
+    torch.testing.assert_close(resize_bilinear_tf1(row, (1, 4)), torch.tensor([[[[10.0, 15.0, 20.0, 20.0]]]]))
     small = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=g)
     out = _preprocess(small)
     assert out.shape == (2, 3, 299, 299) and out.min() >= -1 and out.max() <= 1
