@@ -36,6 +36,7 @@ __all__ = [
     "DistillParams",
     "EvaluateParams",
     "InceptionParams",
+    "LikelihoodParams",
     "MlflowParams",
     "Params",
     "ParamsError",
@@ -232,18 +233,6 @@ class TuneParams(_Section):
     seed: int = Field(0, ge=0)
 
 
-class BpdParams(_Section):
-    """Bits/dim on the held-out split (`ctm_core.likelihood.bits_per_dim`)."""
-
-    enabled: bool = True
-    num_samples: int = Field(64, ge=1)
-    divergence: Literal["exact", "hutchinson"] = "hutchinson"
-    num_probes: int = Field(1, ge=1)
-    rtol: float = Field(1e-4, gt=0.0)
-    atol: float = Field(1e-4, gt=0.0)
-    dequantize: Literal["uniform", "none"] = "uniform"
-
-
 class ClassifierParams(_Section):
     """Feature net for the Fréchet distance on non-CIFAR data: a small classifier trained on the prepared data."""
 
@@ -281,7 +270,7 @@ class ReferenceParams(_Section):
 
 
 class EvaluateParams(_Section):
-    """`evaluate` stage: student at each NFE × gamma, teacher Heun at `teacher_nfe`, FD and bits/dim."""
+    """`evaluate` stage: student at each NFE × gamma, teacher Heun at `teacher_nfe`, Fréchet distance."""
 
     nfe: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
     gammas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1)
@@ -298,8 +287,20 @@ class EvaluateParams(_Section):
     reference: ReferenceParams = Field(default_factory=ReferenceParams)
     cache_dir: str = ".cache/fid"  # fetched weights / reference files and computed reference statistics
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
-    bpd: BpdParams = Field(default_factory=BpdParams)
     seed: int = Field(0, ge=0)
+
+
+class LikelihoodParams(_Section):
+    """`likelihood` stage: bits/dim of held-out images, exact PF-ODE likelihood (`pipelines/likelihood.py`)."""
+
+    enabled: bool = True  # false: metrics.json with complete=true and no bpd keys
+    num_samples: int = Field(64, ge=1)  # the first num_samples held-out images
+    divergence: Literal["exact", "hutchinson"] = "hutchinson"
+    num_probes: int = Field(1, ge=1)
+    rtol: float = Field(1e-4, gt=0.0)
+    atol: float = Field(1e-4, gt=0.0)
+    dequantize: Literal["uniform", "none"] = "uniform"
+    seed: int = Field(0, ge=0)  # dequantisation noise, then Hutchinson probes
 
 
 class RegisterParams(_Section):
@@ -345,6 +346,7 @@ class Params(_Section):
     distill: DistillParams = Field(default_factory=DistillParams)
     tune: TuneParams = Field(default_factory=TuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    likelihood: LikelihoodParams = Field(default_factory=LikelihoodParams)
     register: RegisterParams = Field(default_factory=RegisterParams)
     ray: RayParams = Field(default_factory=RayParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: sample quality vs NFE of the CTM student, teacher baselines, Fréchet distance, bits/dim.
+"""DVC stage `evaluate`: sample quality vs NFE of the CTM student, teacher baselines, Fréchet distance.
 
     python -m pipelines.evaluate --params params.yaml --data data/prepared --teacher artifacts/teacher \\
         --student artifacts/student --out artifacts/eval
@@ -42,17 +42,14 @@ Protocol (section `evaluate` of params.yaml):
   and ill-conditioned); fd_details.json says which. KID (cubic polynomial kernel) for every method is in
   fd_details.json (against a 2,000-image subset of the reference features for `inception` with a data
   reference; none against a fetched npz, which holds no features).
-* Bits/dim (`evaluate.bpd`) of the first `bpd.num_samples` held-out images, teacher D(x; σ) and student
-  g(x, σ, σ), through the exact PF-ODE likelihood (`ctm_core.likelihood`; not the official ELBO with its σ bug,
-  sony/ctm#13). Discretisation: see `bits_per_dim_levels` (17-level digits are not a power of 2).
-  `bpd_*_stderr` is the standard error of the mean over images (it contains the dequantisation and Hutchinson
-  Monte-Carlo noise); with `num_probes > 1` the Hutchinson-only part is `bpd_*_hutchinson_stderr`.
+* Bits/dim is not computed here: it is the `likelihood` stage (pipelines/likelihood.py, section `likelihood`), so
+  changing FD params does not recompute the expensive ODE likelihood.
 
 Outputs (`--out`, built in a temporary folder and renamed into place: all or nothing):
     metrics.json            flat: fd_nfe{n} (γ=0), fd_nfe{n}_gamma{g:g}, fd_student_heun{n}, fd_teacher_heun{n},
                             fd_teacher_euler{n} (+ _mean/_std/_min/_ci_low/_ci_high), fd_nfe1_over_teacher_heun{n},
                             fd_nfe1_over_teacher_euler{n}, fd_heldout_vs_train, kid_nfe1, classifier_accuracy,
-                            bpd_student, bpd_teacher (+ _stderr), num_samples, num_reference, feature_dim,
+                            num_samples, num_reference, feature_dim,
                             inception_features (bool), complete (true iff everything ran).
     protocol.json           what makes two FDs comparable: features, feature_net_sha256 (Inception file /
                             classifier tensors), feature_dim, reference_source, reference_sha256 (npz file /
@@ -62,7 +59,7 @@ Outputs (`--out`, built in a temporary folder and renamed into place: all or not
     fd_vs_nfe.png           FD vs NFE per gamma with error bars and the teacher lines
     grids/<method>.png      grid_size² samples of each method (first seeds) and grids/data.png
     fd_details.json         per-method details (seed-set FDs, bootstrap, KID, timings), classifier / inception,
-                            reference, bpd, protocol
+                            reference, protocol
     classifier/             the feature classifier (safetensors + config; features: classifier only)
 
 MLflow: everything above is logged to the distill run (`mlflow_run_id` in <student>/run.json) when it exists in the
@@ -88,11 +85,11 @@ from tqdm import tqdm
 
 from pipelines.config import Params, ParamsError, load_params, params_hash
 from pipelines.io_utils import atomic_write_json, atomic_write_text, read_json, staged_dir
+from pipelines.stage_common import InputError, check_inputs, log_stage_to_mlflow
 
 __all__ = [
     "InputError",
     "Method",
-    "bits_per_dim_levels",
     "check_inputs",
     "euler_sampler",
     "evaluate",
@@ -106,44 +103,6 @@ NUM_BOOTSTRAP = 200  # bootstrap replicates per method (64-d features: milliseco
 NUM_SEED_SETS = 3  # disjoint seed sets for the mean ± std / min error bars
 STUDENT_HEUN_NFES = (3, 7)  # the student's own score sampler (Heun with g(x, σ, σ)): 2 and 4 Heun steps
 KID_SUBSETS = 20
-
-
-class InputError(ValueError):
-    """A stage input (data, teacher, student folder) is missing or unusable; the message is one line."""
-
-
-# --- inputs -----------------------------------------------------------------------------------------------------------
-def check_inputs(params: Params, data: Path, teacher: Path, student: Path) -> dict[str, Any]:
-    """Check every input before any work; returns {'card', 'student_config', 'variant'}. Raises InputError."""
-    from ctm_core.student_format import ema_variant, read_student_config
-    from pipelines.prepare import load_card
-
-    try:
-        card = load_card(data)
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"--data: {e}") from None
-    if card["splits"]["train"]["count"] < 2:
-        raise InputError(f"--data: {data} has {card['splits']['train']['count']} training images, need >= 2")
-    if params.evaluate.features == "classifier" and int(card["labels"]["label_dim"]) < 2:
-        raise InputError(f"--data: {data} has no class labels (label_dim {card['labels']['label_dim']}); the feature "
-                         "classifier of the Fréchet distance needs a labelled training split (fix: set "
-                         "evaluate.features: inception)")
-    if not teacher.exists():
-        raise InputError(f"--teacher: {teacher} does not exist (run the teacher stage first: dvc repro teacher)")
-    if teacher.is_dir() and not (teacher / "teacher.safetensors").is_file():
-        raise InputError(f"--teacher: {teacher} has no teacher.safetensors (expected a folder written by the teacher "
-                         "stage)")
-    if not student.is_dir():
-        raise InputError(f"--student: {student} does not exist (run the distill stage first: dvc repro distill)")
-    try:
-        config = read_student_config(student)
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"--student: {e}") from None
-    variant = ema_variant(params.evaluate.ema)
-    if variant not in config["variants"]:
-        raise InputError(f"evaluate.ema: the student in {student} has no weights {variant!r}, it has "
-                         f"{sorted(config['variants'])} (fix: set evaluate.ema to one of distill.eval_emas it saved)")
-    return {"card": card, "student_config": config, "variant": variant}
 
 
 # --- samplers ---------------------------------------------------------------------------------------------------------
@@ -270,62 +229,6 @@ def seed_sets(num_samples: int, feature_dim: int, max_sets: int = NUM_SEED_SETS)
     return [slice(0, num_samples)]
 
 
-# --- bits/dim ---------------------------------------------------------------------------------------------------------
-def bits_per_dim_levels(
-    denoiser: Callable[..., torch.Tensor],
-    levels: torch.Tensor,
-    num_levels: int,
-    *,
-    dequantize: str,
-    generator: torch.Generator,
-    **likelihood_kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image bits/dim of integer images with `num_levels` levels; returns (bpd (B,), Hutchinson stderr (B,)).
-
-    Power-of-two levels (8-bit data): `ctm_core.likelihood.bits_per_dim` with bits = log2(L), the field's
-    convention (bins of width 2/L on [-1, 1], `+ bits − 1` offset) so numbers compare with published ones.
-
-    Other L (17-level digits): the data were mapped by prepare to the L points x_k = k·Δ − 1 with Δ = 2/(L − 1),
-    so the model's bins are the cells of width Δ CENTRED on those points, B_k = [x_k − Δ/2, x_k + Δ/2) (the
-    outer cells stick out of [-1, 1] by Δ/2). With uniform dequantisation x = x_k + (u − ½)Δ, u ~ U[0,1)^D:
-
-        P(k) = ∫_{B_k} p(x) dx,   −log P(k) ≤ E_u[−log p(x)] − D log Δ      (Jensen; Theis et al. 2016)
-        bpd  = (−log p(x) − D log Δ) / (D ln 2),
-
-    i.e. −log2 p(x)/D + log2((L − 1)/2). Check: the uniform density on the L cells, p = (LΔ)^(−D), gives exactly
-    log2 L bits (4.09 for digits), the cost of a uniform guess. `dequantize='none'` uses the bin centres (u = ½):
-    the point density times the bin volume, an approximation rather than a bound. The log-density comes from
-    `ctm_core.likelihood.log_likelihood` (exact PF-ODE, sigma from sigma_min to sigma_max).
-
-    levels: (B, C, H, W) integers in 0..L−1. The dequantisation noise is drawn from `generator` first, then the
-    Hutchinson probes (the same order as `bits_per_dim`).
-    """
-    from ctm_core.likelihood import bits_per_dim, log_likelihood
-
-    L = int(num_levels)
-    if L < 2:
-        raise ValueError(f"num_levels: expected an int >= 2, got {num_levels!r}")
-    q = torch.as_tensor(levels).to(torch.int64)
-    if L & (L - 1) == 0:
-        bpd, se = bits_per_dim(denoiser, q, bits=L.bit_length() - 1, dequantize=dequantize, generator=generator,
-                               return_stderr=True, **likelihood_kwargs)
-        return bpd, se
-    if dequantize not in ("uniform", "none"):
-        raise ValueError(f"dequantize: expected 'uniform' or 'none', got {dequantize!r}")
-    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= L):
-        raise ValueError(f"levels: expected values in [0, {L - 1}], got [{int(q.min())}, {int(q.max())}]")
-    delta = 2.0 / (L - 1)
-    if dequantize == "uniform":
-        u = torch.rand(q.shape, generator=generator, dtype=torch.float64, device=generator.device).to(q.device)
-    else:
-        u = torch.full(q.shape, 0.5, dtype=torch.float64, device=q.device)
-    x = (q.to(torch.float64) + u - 0.5) * delta - 1.0  # (B, C, H, W)
-    D = q[0].numel()
-    log_p, stderr = log_likelihood(denoiser, x, generator=generator, return_stderr=True, **likelihood_kwargs)
-    bpd = -(log_p + D * math.log(delta)) / (D * math.log(2.0))
-    return bpd, stderr / (D * math.log(2.0))
-
-
 # --- the stage --------------------------------------------------------------------------------------------------------
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -399,26 +302,6 @@ def _train_feature_classifier(params: Params, card: dict[str, Any], data: Path, 
     return model, info, (x_train, x_held)
 
 
-def _bpd(params: Params, name: str, denoiser, levels: torch.Tensor, num_levels: int, sigma_min: float,
-         sigma_max: float, progress: bool) -> dict[str, float]:
-    b = params.evaluate.bpd
-    gen = torch.Generator().manual_seed(params.evaluate.seed)
-    t0 = time.perf_counter()
-    with tqdm(total=len(levels), desc=f"bits/dim {name}", unit="img", disable=not progress, leave=False) as bar:
-        bpd, se = bits_per_dim_levels(denoiser, levels, num_levels, dequantize=b.dequantize, generator=gen,
-                                      sigma_min=sigma_min, sigma_max=sigma_max, divergence=b.divergence,
-                                      num_probes=b.num_probes, rtol=b.rtol, atol=b.atol)
-        bar.update(len(levels))
-    n = len(bpd)
-    out = {f"bpd_{name}": float(bpd.mean())}
-    if n > 1:
-        out[f"bpd_{name}_stderr"] = float(bpd.std(unbiased=True)) / math.sqrt(n)
-    if b.divergence == "hutchinson" and b.num_probes > 1:
-        out[f"bpd_{name}_hutchinson_stderr"] = float(se.pow(2).sum().sqrt()) / n
-    out[f"bpd_{name}_seconds"] = time.perf_counter() - t0
-    return out
-
-
 def evaluate(
     params: Params,
     data: str | os.PathLike,
@@ -433,7 +316,6 @@ def evaluate(
     """Run the whole stage (module doc); returns the flat metrics. Raises InputError before any work."""
     from ctm_core.feature_classifier import classifier_features
     from ctm_core.inception import extract_features
-    from ctm_core.likelihood import student_as_denoiser
     from ctm_core.metrics import (
         PreparedReference,
         feature_statistics,
@@ -548,30 +430,7 @@ def evaluate(
             if "fd_nfe1" in metrics and metrics.get(ref_key, 0) > 0:
                 metrics[name] = metrics["fd_nfe1"] / metrics[ref_key]
 
-        # 4. bits/dim of held-out images.
-        bpd_details: dict[str, Any] = {"enabled": ev.bpd.enabled}
-        if ev.bpd.enabled:
-            held = load_prepared(data, "heldout")[0][: ev.bpd.num_samples]
-            if len(held) == 0:
-                errors.append("bpd: the held-out split is empty")
-            else:
-                levels = torch.as_tensor(held).to(torch.int64).to(dev)
-                for name, den, smin, smax in (
-                    ("teacher", teacher_net, max(0.002, float(getattr(teacher_net, "sigma_min", 0.0))),
-                     min(80.0, float(getattr(teacher_net, "sigma_max", 80.0)))),
-                    ("student", student_as_denoiser(student_net), student_net.sigma_min, student_net.sigma_max),
-                ):
-                    try:
-                        r = _bpd(params, name, den, levels, num_levels, smin, smax, progress)
-                    except (ValueError, RuntimeError) as e:
-                        errors.append(f"bpd_{name}: {type(e).__name__}: {e}")
-                        continue
-                    bpd_details.update(r)
-                    metrics.update({k: v for k, v in r.items() if not k.endswith("_seconds")})
-            bpd_details.update(num_images=int(min(len(load_prepared(data, "heldout")[0]), ev.bpd.num_samples)),
-                               protocol=bits_per_dim_levels.__doc__.split("\n\n")[1].strip())
-
-        # 5. outputs.
+        # 4. outputs.
         for g in gammas:
             rows = ["nfe,fd,fd_std,fd_min,fd_ci_low,fd_ci_high"]
             for n in _nfes(params):
@@ -594,7 +453,7 @@ def evaluate(
 
         metrics = {k: (float(v) if not isinstance(v, (bool, int)) else v) for k, v in metrics.items()
                    if isinstance(v, bool) or _finite(v)}
-        expected = [m.key for m in methods] + (["bpd_teacher", "bpd_student"] if ev.bpd.enabled else [])
+        expected = [m.key for m in methods]
         missing = [k for k in expected if k not in metrics]
         metrics["complete"] = not errors and not missing
         metrics["eval_seconds"] = time.perf_counter() - t_start
@@ -625,7 +484,7 @@ def evaluate(
                 f"one seed set: {ev.num_samples} images < {2 * 2 * feature_dim} (2 sets of >= 2·{feature_dim}); "
                 "no _mean/_std/_min, only the bootstrap interval"),
             "student": {"dir": str(student), "variant": variant}, "teacher": {"dir": str(teacher)},
-            "bpd": bpd_details, "device": str(dev), "params": params.section("evaluate"),
+            "device": str(dev), "params": params.section("evaluate"),
             "params_hash": params_hash(params.section("evaluate")),
         })
         if log_mlflow:
@@ -668,53 +527,14 @@ def _stats_sha256(mu: np.ndarray, sigma: np.ndarray) -> str:
 
 def _log_to_mlflow(params: Params, student: Path, folder: Path, metrics: dict[str, Any]) -> str:
     """Log metrics + artifacts of `folder` to the distill run (student/run.json) or a new evaluate run."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import default_repo_root, log_dict_json, resolve_tracking_uri, stage_run
-
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (bool, int, float))}
-    h = params_hash(params.section("evaluate"))
-    tags = {"ctm.evaluate.params_hash": h, "ctm.evaluate.complete": str(bool(metrics.get("complete"))).lower(),
-            "ctm.evaluate.features": params.evaluate.features}
+    tags = {"ctm.evaluate.features": params.evaluate.features}
     if (folder / "protocol.json").is_file():
         proto = read_json(folder / "protocol.json")
         tags.update({"ctm.evaluate.protocol_sha256": str(proto.get("protocol_sha256")),
                      "ctm.evaluate.feature_net_sha256": str(proto.get("feature_net_sha256")),
                      "ctm.evaluate.reference_sha256": str(proto.get("reference_sha256"))})
-
-    def log_all() -> str:
-        run = mlflow.active_run()
-        mlflow.log_metrics(numeric)
-        mlflow.set_tags(tags)
-        log_dict_json(params.section("evaluate"), "eval/evaluate_params.json")
-        for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.suffix in (".json", ".csv", ".png"):
-                rel = p.relative_to(folder).parent.as_posix()
-                mlflow.log_artifact(str(p), artifact_path="eval" if rel == "." else f"eval/{rel}")
-        return run.info.run_id
-
-    run_id = None
-    run_json = student / "run.json"
-    if run_json.is_file():
-        try:
-            run_id = read_json(run_json).get("mlflow_run_id")
-        except (OSError, ValueError):
-            run_id = None
-    uri = resolve_tracking_uri(params, default_repo_root())
-    if run_id:
-        mlflow.set_tracking_uri(uri)
-        try:
-            MlflowClient(tracking_uri=uri).get_run(run_id)
-        except Exception:  # noqa: BLE001 - not in this store: fall back to an evaluate run
-            print(f"evaluate: MLflow run {run_id} (from {run_json}) not found in {uri}; logging to a new "
-                  "evaluate run", file=sys.stderr)
-            run_id = None
-    if run_id:
-        with mlflow.start_run(run_id=run_id):
-            return log_all()
-    with stage_run("evaluate", params, ("evaluate",)):
-        return log_all()
+    return log_stage_to_mlflow(params, student, folder, metrics, stage="evaluate", artifact_prefix="eval",
+                               extra_tags=tags)
 
 
 # --- entrypoint -------------------------------------------------------------------------------------------------------
@@ -746,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"input error: {e}", file=sys.stderr)
         return 2
-    main_keys = [k for k in ("fd_nfe1", f"fd_teacher_heun{params.evaluate.teacher_nfe}", "bpd_student", "complete")
+    main_keys = [k for k in ("fd_nfe1", f"fd_teacher_heun{params.evaluate.teacher_nfe}", "complete")
                  if k in metrics]
     print("evaluate: " + ", ".join(f"{k}={metrics[k]:.4g}" if not isinstance(metrics[k], bool) else
                                    f"{k}={metrics[k]}" for k in main_keys) + f" -> {args.out}", file=sys.stderr)

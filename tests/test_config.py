@@ -58,7 +58,7 @@ def test_default_params_validate():
     assert p.distill.K < p.distill.N and p.distill.batch % (p.ray.num_workers * p.distill.microbatch) == 0
     assert p.repo_root == ROOT
     # every stage section has its own seed where the stage is random
-    for section in ("data", "distill", "tune", "evaluate"):
+    for section in ("data", "distill", "tune", "evaluate", "likelihood"):
         assert "seed" in p.section(section)
     assert "seed" in p.section("teacher")["train"]
 
@@ -271,7 +271,7 @@ def test_dvc_yaml_schema_and_params_keys():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     schema.COMPILED_MULTI_STAGE_SCHEMA(dvc)
     stages = dvc["stages"]
-    assert list(stages) == ["prepare", "teacher", "tune", "distill", "evaluate", "register"]
+    assert list(stages) == ["prepare", "teacher", "tune", "distill", "evaluate", "likelihood", "register"]
     raw = yaml.safe_load(PARAMS.read_text())
     for name, st in stages.items():
         assert st["cmd"].startswith(f"python -m pipelines.{name} --params params.yaml"), name
@@ -284,10 +284,13 @@ def test_dvc_yaml_schema_and_params_keys():
                 node = node[part]
         for out in st["outs"]:  # every out a later stage reads is declared as its dep
             path = out if isinstance(out, str) else next(iter(out))
-            assert any(path in s["deps"] for s in stages.values()) or name in ("evaluate", "register"), path
+            assert any(path in s["deps"] for s in stages.values()) or name in ("evaluate", "likelihood",
+                                                                               "register"), path
     reg_out = stages["register"]["outs"][0]["artifacts/registry.json"]
     assert reg_out["persist"] is True and reg_out["cache"] is False  # no run-cache for the registry side effect
-    assert dvc["metrics"] == ["artifacts/eval/metrics.json"]
+    assert dvc["metrics"] == ["artifacts/eval/metrics.json", "artifacts/likelihood/metrics.json"]
+    assert "artifacts/likelihood" not in stages["register"]["deps"]  # bits/dim never gates a promotion
+    assert "likelihood" in stages["likelihood"]["params"] and "likelihood" not in stages["evaluate"]["params"]
     gammas = load_params(PARAMS).evaluate.gammas  # the plot lines follow the default gammas
     fd_plot = next(p["fd_vs_nfe"] for p in dvc["plots"] if isinstance(p, dict) and "fd_vs_nfe" in p)
     assert sorted(fd_plot["y"]) == sorted(f"artifacts/eval/fd_vs_nfe/gamma_{g:g}.csv" for g in gammas)

@@ -21,8 +21,8 @@ TINY = {
     "teacher": {"train": {"steps": 40, "batch": 32, "log_every": 10, "lr_warmup_steps": 5}},
     "distill": {"steps": 6, "batch": 16, "microbatch": 8, "checkpoint_every": 3, "log_every": 3, "K": 4, "N": 6},
     "evaluate": {"nfe": [1, 2], "num_samples": 96, "batch": 48, "grid_size": 4,
-                 "classifier": {"steps": 30, "batch": 64},
-                 "bpd": {"enabled": True, "num_samples": 4, "rtol": 1.0e-3, "atol": 1.0e-3}},
+                 "classifier": {"steps": 30, "batch": 64}},
+    "likelihood": {"enabled": True, "num_samples": 4, "rtol": 1.0e-3, "atol": 1.0e-3},
     "ray": {"num_workers": 1, "num_cpus": 2, "dashboard_port": 8297},
 }
 
@@ -77,6 +77,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert metrics["complete"] is True
     for key in ("fd_nfe1", "fd_nfe2", "fd_teacher_heun35", "fd_teacher_euler1"):
         assert key in metrics and metrics[key] >= 0, key
+    lik = json.loads((repo / "artifacts/likelihood/metrics.json").read_text())
+    assert lik["complete"] is True and "bpd_student" in lik and "bpd_teacher" in lik, lik
     registry = json.loads((repo / "artifacts/registry.json").read_text())
     assert "champion" in registry["aliases"], registry
     assert (repo / "mlflow.db").is_file()
@@ -100,6 +102,6 @@ def test_dvc_repro_end_to_end(tmp_path):
                             text=True, timeout=300)
     print(f"second dvc repro: {time.time() - t0:.1f} s")
     assert second.returncode == 0, second.stderr[-3000:]
-    for stage in ("prepare", "teacher", "tune", "distill", "evaluate", "register"):
+    for stage in ("prepare", "teacher", "tune", "distill", "evaluate", "likelihood", "register"):
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout, second.stdout
     assert "Running stage" not in second.stdout

@@ -2,8 +2,8 @@
 
 One module-scoped fixture prepares the digits (8x8, 17 levels), saves a tiny random EDM teacher and a student
 copied from it, and runs the stage once with tiny `evaluate` overrides; the tests check its outputs, that a
-second run gives identical metrics, batch-size independence of samples, the missing-input error path, the
-bits/dim discretisation and that real data scored against itself gives FD ≈ 0.
+second run gives identical metrics, batch-size independence of samples, the missing-input error path and that
+real data scored against itself gives FD ≈ 0 (bits/dim: tests/test_likelihood_stage.py).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ TINY_EVAL = {
         "grid_size": 2,
         "ema": None,
         "classifier": {"steps": 13, "batch": 128, "lr": 2.0e-3, "seed": 0},
-        "bpd": {"enabled": True, "num_samples": 2, "divergence": "hutchinson", "num_probes": 2,
-                "rtol": 1.0e-2, "atol": 1.0e-2, "dequantize": "uniform"},
     }
 }
 
@@ -89,8 +87,7 @@ def test_outputs_keys_and_columns(setup, first_run):
     for key in ("fd_nfe1", "fd_nfe2", "fd_nfe2_gamma0", "fd_nfe2_gamma1", "fd_nfe1_gamma1", "fd_teacher_heun3",
                 "fd_teacher_euler1", "fd_student_heun7", "fd_student_heun3", "fd_nfe1_over_teacher_heun3",
                 "fd_nfe1_over_teacher_euler1", "fd_nfe1_ci_low", "fd_nfe1_ci_high", "fd_heldout_vs_train",
-                "bpd_student", "bpd_teacher", "bpd_student_stderr", "bpd_teacher_stderr",
-                "bpd_teacher_hutchinson_stderr", "classifier_accuracy", "kid_nfe1"):
+                "classifier_accuracy", "kid_nfe1"):
         assert key in on_disk, key
     for k, v in on_disk.items():
         if k != "complete":
@@ -98,7 +95,7 @@ def test_outputs_keys_and_columns(setup, first_run):
     assert on_disk["fd_nfe1"] == on_disk["fd_nfe1_gamma0"] == on_disk["fd_nfe1_gamma1"]
     assert on_disk["fd_nfe1_over_teacher_heun3"] == pytest.approx(on_disk["fd_nfe1"] / on_disk["fd_teacher_heun3"])
     assert on_disk["fd_nfe2_gamma0"] != on_disk["fd_nfe2_gamma1"]  # gamma = 1 re-noises: other samples
-    assert 0 < on_disk["bpd_teacher"] < 20 and 0 < on_disk["bpd_student"] < 20
+    assert not any(k.startswith("bpd_") for k in on_disk)  # bits/dim is the likelihood stage
     for g in ("0", "1"):
         with open(out / "fd_vs_nfe" / f"gamma_{g}.csv", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -247,7 +244,7 @@ def test_diverged_student_is_incomplete(setup, tmp_path):
     sd = {k: torch.full_like(v, float("nan")) if k.endswith("aux_conv.weight") else v
           for k, v in student.state_dict().items()}
     save_student(tmp_path / "student", student.init_kwargs, {"online": sd})
-    ov = {"evaluate": {**TINY_EVAL["evaluate"], "nfe": [1], "num_samples": 40, "bpd": {"enabled": False},
+    ov = {"evaluate": {**TINY_EVAL["evaluate"], "nfe": [1], "num_samples": 40,
                        "classifier": {"steps": 1, "batch": 128, "lr": 1.0e-3, "seed": 0}}}
     m = evaluate(_params(ov), setup["data"], setup["teacher"], tmp_path / "student", tmp_path / "eval",
                  progress=False, log_mlflow=False)
@@ -289,32 +286,6 @@ def test_fd_path_data_against_itself_is_zero(setup):
     assert len(det["seed_sets"]["fds"]) == 3 and flat["fd_x_std"] >= 0
     shifted = f + 0.1
     assert frechet_distance(*feature_statistics(shifted), mu, sigma) == pytest.approx(0.01 * f.shape[1], rel=1e-6)
-
-
-def test_bits_per_dim_levels_matches_gaussian_closed_form():
-    """17 levels (not a power of 2): bpd = (−log p(x) − D log Δ)/(D ln 2), Δ = 2/16, for a Gaussian model whose
-    density at sigma_min is known in closed form (bin centres, exact divergence)."""
-    from ctm_core.likelihood import log_likelihood
-    from pipelines.evaluate import bits_per_dim_levels
-
-    s2 = 0.3**2
-
-    def D_gauss(x, sigma, class_labels=None):  # exact denoiser of N(0, s2 I): D = s2 / (s2 + σ²) · x
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
-        return x * (s2 / (s2 + sigma**2))
-
-    levels = torch.tensor([[[[0, 8], [16, 3]]]])  # (1, 1, 2, 2), 17 levels
-    bpd, _ = bits_per_dim_levels(D_gauss, levels, 17, dequantize="none", generator=torch.Generator(),
-                                 divergence="exact", rtol=1e-7, atol=1e-7)
-    x = levels.to(torch.float64) / 16 * 2 - 1
-    v = s2 + 0.002**2  # the model density at sigma_min is N(0, (s2 + sigma_min²) I)
-    log_p = -0.5 * (x**2).sum() / v - 2 * math.log(2 * math.pi * v)
-    want = -(log_p + 4 * math.log(2 / 16)) / (4 * math.log(2))
-    assert float(bpd[0]) == pytest.approx(float(want), rel=1e-4)
-    ll = log_likelihood(D_gauss, x, divergence="exact", rtol=1e-7, atol=1e-7)
-    assert float(ll[0]) == pytest.approx(float(log_p), rel=1e-4)
-    with pytest.raises(ValueError, match="levels"):
-        bits_per_dim_levels(D_gauss, levels + 1, 17, dequantize="none", generator=torch.Generator())
 
 
 def test_grid_image_places_cells_row_major():

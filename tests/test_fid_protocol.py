@@ -37,7 +37,6 @@ def _tiny_eval(cache_dir: Path, weights: Path, weights_sha: str, **extra) -> dic
         "num_bootstrap": 5,
         "cache_dir": str(cache_dir),
         "inception": {"source": weights.as_uri(), "sha256": weights_sha, "batch": 16},
-        "bpd": {"enabled": False},
     }
     ev.update(extra)
     return {"evaluate": ev}
