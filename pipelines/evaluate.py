@@ -69,7 +69,6 @@ missing inputs (one line on stderr, nothing written), 1 failure during the work 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -85,7 +84,7 @@ from tqdm import tqdm
 
 from pipelines.config import Params, ParamsError, load_params, params_hash
 from pipelines.io_utils import atomic_write_json, atomic_write_text, read_json, staged_dir
-from pipelines.stage_common import InputError, check_inputs, log_stage_to_mlflow
+from pipelines.stage_common import InputError, check_inputs, log_stage_to_mlflow, stage_arg_parser
 
 __all__ = [
     "InputError",
@@ -539,15 +538,7 @@ def _log_to_mlflow(params: Params, student: Path, folder: Path, metrics: dict[st
 
 # --- entrypoint -------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--data", required=True, help="prepared dataset folder (prepare stage)")
-    ap.add_argument("--teacher", required=True, help="teacher folder (teacher stage)")
-    ap.add_argument("--student", required=True, help="student folder (distill stage)")
-    ap.add_argument("--out", required=True, help="output folder (replaced all-or-nothing)")
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    ap.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
-    ap.add_argument("--no-progress", action="store_true")
+    ap = stage_arg_parser("python -m pipelines.evaluate", __doc__.split("\n\n")[0])
     args = ap.parse_args(argv)
     try:
         # Ray is not used here: skip the Ray-address / GPU / S3 reachability checks of the other stages.

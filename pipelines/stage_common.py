@@ -6,6 +6,7 @@ there must not re-run the ODE likelihood). `pipelines.evaluate` re-exports `Inpu
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from pipelines.config import Params, params_hash
 from pipelines.io_utils import read_json
 
-__all__ = ["InputError", "check_inputs", "log_stage_to_mlflow"]
+__all__ = ["InputError", "check_inputs", "log_stage_to_mlflow", "stage_arg_parser"]
 
 
 class InputError(ValueError):
@@ -112,3 +113,17 @@ def log_stage_to_mlflow(params: Params, student: Path, folder: Path, metrics: di
             return log_all()
     with stage_run(stage, params, (stage,)):
         return log_all()
+
+
+def stage_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line shared by the stages that read data + teacher + student and write one output folder."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", required=True, help="prepared dataset folder (prepare stage)")
+    ap.add_argument("--teacher", required=True, help="teacher folder (teacher stage)")
+    ap.add_argument("--student", required=True, help="student folder (distill stage)")
+    ap.add_argument("--out", required=True, help="output folder (replaced all-or-nothing)")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    ap.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
