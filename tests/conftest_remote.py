@@ -126,6 +126,36 @@ def write_params(folder: Path, overrides: dict[str, Any] | None = None, *, name:
     return path
 
 
+def copy_repo(dst: Path) -> Path:
+    """The repository's tracked and untracked-but-not-ignored files as a fresh one-commit git repo at ``dst`` (what
+    a clone holds; same recipe as tests/test_e2e_dvc.py ``_copy_repo``). Ignored data/, artifacts/, ray_results/,
+    .dvc/cache and .venv stay behind."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "snapshot"]):
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    return dst
+
+
+def upload_tree(client, bucket: str, prefix: str, folder: Path) -> list[str]:
+    """``aws s3 sync folder s3://bucket/prefix`` with boto3 (what a user does with a prepare/teacher output)."""
+    keys = []
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            key = f"{prefix.rstrip('/')}/{p.relative_to(folder).as_posix()}"
+            client.upload_file(str(p), bucket, key)
+            keys.append(key)
+    return keys
+
+
 # --------------------------------------------------------------------------------------------------------------
 # tiny inputs (prepared digits + tiny random teacher), once per process
 
@@ -393,12 +423,16 @@ class CutProxy:
 
     ``cut_after(n)``: the first connection that has forwarded more than ``n`` bytes client->server is reset in the
     middle of its request, and the proxy stops listening (connection refused) until ``start()`` is called again.
+    ``cut_on(pattern, n)``: the same, but counting starts where ``pattern`` (e.g. the object key of one checkpoint
+    file, which appears in the request line of its PUT) shows up in a connection's client->server bytes: "the
+    server dies a third into the upload of that file", whatever else the clients send first.
     """
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.port = free_port()
         self.cut_bytes: int | None = None
+        self.cut_pattern: bytes | None = None
         self.cut_at: float | None = None
         self._lsock: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -429,24 +463,42 @@ class CutProxy:
                 c.close()
                 continue
             with self._lock:
+                if self._lsock is not ls:  # stop() ran while this client connected: it must not get through
+                    for s in (c, u):
+                        s.close()
+                    return
                 self._conns += [c, u]
             threading.Thread(target=self._pump, args=(c, u, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(u, c, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
-        sent = 0
+        sent = 0  # client->server bytes counted towards the cut
+        armed = False  # counting (cut_after: from the start; cut_on: from the pattern)
+        window = b""
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                if upload and self.cut_bytes is not None and sent + len(data) > self.cut_bytes:
-                    dst.sendall(data[: max(0, self.cut_bytes - sent)])
-                    self.cut_at = time.monotonic()
-                    self.stop()  # mid-request: reset everything, refuse new connections
-                    return
+                if upload and self.cut_bytes is not None:
+                    start = 0
+                    if not armed:
+                        if self.cut_pattern is None:
+                            armed = True
+                        else:
+                            hay = window + data
+                            i = hay.find(self.cut_pattern)
+                            if i >= 0:
+                                armed, start = True, max(0, i + len(self.cut_pattern) - len(window))
+                            window = hay[-len(self.cut_pattern):]
+                    if armed and sent + len(data) - start > self.cut_bytes:
+                        dst.sendall(data[: start + max(0, self.cut_bytes - sent)])
+                        self.cut_at = time.monotonic()
+                        self.stop()  # mid-request: reset everything, refuse new connections
+                        return
+                    if armed:
+                        sent += len(data) - start
                 dst.sendall(data)
-                sent += len(data)
         except OSError:
             pass
         finally:
@@ -457,14 +509,22 @@ class CutProxy:
                     pass
 
     def cut_after(self, n: int) -> None:
-        self.cut_bytes = n
+        self.cut_pattern, self.cut_bytes = None, n
+
+    def cut_on(self, pattern: bytes, n: int) -> None:
+        self.cut_pattern, self.cut_bytes = pattern, n
+
+    @property
+    def listening(self) -> bool:
+        return self._lsock is not None
 
     def stop(self) -> None:
         self.cut_bytes = None
-        if self._lsock is not None:
-            self._lsock.close()
-            self._lsock = None
-        with self._lock:
+        self.cut_pattern = None
+        with self._lock:  # atomically: no listener, and no connection accepted before this survives it
+            if self._lsock is not None:
+                self._lsock.close()
+                self._lsock = None
             conns, self._conns = self._conns, []
         for s in conns:
             try:

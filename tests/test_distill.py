@@ -146,3 +146,53 @@ def test_unwired_features_refused_before_work(inputs, edit, key):
     with pytest.raises(ParamsError) as info:
         _distill_section(_params(inputs, "unused", **edit), None)
     assert info.value.key == key
+
+
+def test_checkpoint_markers_on_local_storage(tmp_path):
+    """Local ``ray.storage_path``: the verified upload writes ``complete.json`` last; resume picks the newest
+    checkpoint whose files match it, skips half-written or altered ones, and uses a marker-less checkpoint only for
+    runs from before markers (Ray's registered checkpoint, with a warning)."""
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from pipelines.distill import (MARKER_FILE, complete_checkpoints, newest_complete_checkpoint,
+                                   persist_checkpoint_verified, read_marker)
+
+    ctx = StorageContext(storage_path=str(tmp_path / "ray_results"), experiment_dir_name="distill-local")
+    fs, run = ctx.storage_filesystem, ctx.experiment_fs_path
+    for step in (2, 4):
+        src = tmp_path / f"src{step}"
+        src.mkdir()
+        (src / "trainer_state.pt").write_bytes(bytes([step]) * 1000)
+        persist_checkpoint_verified(ctx, Checkpoint.from_directory(str(src)), f"checkpoint_{step:06d}", step=step)
+    marker = read_marker(fs, f"{run}/checkpoint_000004")
+    assert marker["step"] == 4 and marker["files"]["trainer_state.pt"]["size"] == 1000
+
+    def pick(legacy=None):
+        dest = tmp_path / f"dl{len(list(tmp_path.glob('dl*')))}"
+        dest.mkdir()
+        logs: list[str] = []
+        got = newest_complete_checkpoint(fs, run, dest, legacy=legacy, log=logs.append)
+        return got, dest, logs
+
+    got, dest, _ = pick()
+    assert got == (f"{run}/checkpoint_000004", 4) and (dest / "trainer_state.pt").read_bytes() == b"\x04" * 1000
+    # a half-written step 6 (files, no marker) is never loaded
+    half = Path(run) / "checkpoint_000006"
+    half.mkdir()
+    (half / "trainer_state.pt").write_bytes(b"\x06" * 10)
+    got, _, logs = pick()
+    assert got[1] == 4 and any("checkpoint_000006" in m and "not loading" in m for m in logs)
+    # step 4's file altered after its marker was written: skipped, step 2 is used
+    (Path(run) / "checkpoint_000004" / "trainer_state.pt").write_bytes(b"\x00" * 1000)
+    got, dest, logs = pick()
+    assert got[1] == 2 and (dest / "trainer_state.pt").read_bytes() == b"\x02" * 1000
+    assert any("does not match its complete.json" in m for m in logs)
+    assert [p for p, _ in complete_checkpoints(fs, run)[0]] == [f"{run}/checkpoint_000004", f"{run}/checkpoint_000002"]
+    # a run from before markers: only Ray's registered checkpoint is trusted, with a warning
+    for p in Path(run).glob(f"checkpoint_*/{MARKER_FILE}"):
+        p.unlink()
+    legacy = Checkpoint(path=f"{run}/checkpoint_000002", filesystem=fs)
+    got, dest, logs = pick(legacy=legacy)
+    assert got == (f"{run}/checkpoint_000002", -1) and any("WARNING" in m for m in logs)
+    assert pick()[0] is None  # no marker and nothing registered: a fresh start

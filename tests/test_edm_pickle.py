@@ -23,7 +23,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import EDM_KEYS, FIXTURES_EDM, require_shared
+from tests.conftest import EDM_KEYS, FIXTURES_EDM, require_shared
 
 from ctm_core.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
 

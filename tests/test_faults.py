@@ -3,19 +3,24 @@ when (step), steps lost, time to recover and whether the final weights matched a
 
 1. kill -9 the Ray Train worker mid-distill -> ``FailureConfig`` restarts the worker group from the last checkpoint;
    final weights bitwise equal to the uninterrupted reference run (CPU, same seed).
-2. kill -9 the driver (``python -m pipelines.distill``, i.e. what ``dvc repro`` runs) after a checkpoint -> the next
-   run resumes the same Ray run (same name and storage) from step > 0 and ends with the same weights.
-3. the S3 server goes down in the middle of a checkpoint upload (a TCP proxy in front of moto resets the PUT and
-   refuses connections) -> through the pyarrow S3 filesystem Ray builds for ``storage_path``: a clear OSError, the
-   last good checkpoint in the bucket stays valid, the retry after the server returns succeeds (through Ray's
-   ``StorageContext.persist_current_checkpoint``). FOUND: that Ray upload path itself (pyarrow 25 ``copy_files``)
-   swallows the error and logs "Checkpoint successfully created" for an object that was never written; pinned by a
-   strict xfail so a fixed pyarrow/Ray flips it.
+2. SIGKILL the process group of a real ``dvc repro distill`` (in a temporary git copy of the project) after the
+   first checkpoint -> the next ``dvc repro`` resumes the same Ray run (same name and storage) from step > 0, DVC
+   clears the dead process's rwlock entry by itself, and the final weights equal the uninterrupted run's.
+3. the S3 server goes down in the middle of a checkpoint upload (a TCP proxy in front of moto resets the PUT of that
+   checkpoint's ``trainer_state.pt`` and then refuses connections):
+   a. ``persist_checkpoint_verified`` (what the distill workers upload with) raises a one-line
+      ``CheckpointStorageError`` naming the S3 path and the fix, writes no ``complete.json``; the last good checkpoint
+      stays valid and is the one ``newest_complete_checkpoint`` picks; the retry after the server returns succeeds.
+      FOUND (recorded in the FAULT line, not asserted): Ray's own upload (pyarrow 25 ``fs.copy_files`` inside
+      ``StorageContext.persist_current_checkpoint``) returns normally and logs "Checkpoint successfully created" for
+      an object that was never written, which is why the stage verifies and writes the marker itself.
+   b. the same during a real distill run with ``ray.storage_path: s3://...``: the run exits 1 with that line, the
+      re-run after the server returns resumes from the last complete checkpoint and ends with the reference weights.
 4. a truncated or tampered teacher object on S3 is rejected by sha256 with nothing left in the cache (the http and
    cut-stream variants are in tests/test_fetch.py: test_http_bad_bytes_rejected_and_not_cached,
    test_http_truncated_stream_retried_then_fails).
 
-Runs 1 and 2 join the shared local Ray head (tests/conftest_remote.py) and compare against ``reference_run()``.
+Runs 1, 2 and 3b join the shared local Ray head (tests/conftest_remote.py) and compare against ``reference_run()``.
 """
 
 from __future__ import annotations
@@ -23,24 +28,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest_remote import (  # noqa: F401 - fixtures are used by name
     CutProxy,
     Proc,
+    copy_repo,
     distill_cmd,
-    checkpoint_dirs,
     head_run_env,
-    register_checkpoints,
     inputs,
     list_keys,
     moto_server,
     ray_head,
     reference_run,
+    register_checkpoints,
     report_fault,
     s3,
     student_weights,
@@ -92,37 +102,74 @@ def test_kill_train_worker_restarts_from_checkpoint(ray_head, inputs, tmp_path):
     weights = student_weights(tmp_path / "student")
     report_fault(fault="kill -9 RayTrainWorker", pid=pid, killed_after_step=killed_at, resumed_from_step=resumed,
                  steps_lost=lost, recovery_s=round(t_resumed - t_kill, 1),
-                 run_wall_s=round(time.monotonic() - proc.t0, 1), reference_wall_s=round(ref["wall_s"], 1), reference=ref.get("source"),
-                 weights_match=weights == ref["weights"])
+                 run_wall_s=round(time.monotonic() - proc.t0, 1), reference_wall_s=round(ref["wall_s"], 1),
+                 reference=ref.get("source"), weights_match=weights == ref["weights"])
     assert resumed > 0 and resumed % CKPT_EVERY == 0
     assert 0 <= lost <= CKPT_EVERY  # at most one checkpoint interval
     assert weights == ref["weights"]  # bitwise equal to the uninterrupted run
     register_checkpoints(tmp_path / "ray_results")
 
 
+def _wait_first_checkpoint(proc: Proc, runs_dir: Path, timeout: float = 240) -> None:
+    """Until the controller registered a checkpoint (snapshot written) and the next interval is under way."""
+    deadline = time.monotonic() + timeout
+    while not (list(runs_dir.glob("distill-*/checkpoint_manager_snapshot.json"))
+               and max(_steps_by_pid(proc).values(), default=0) >= CKPT_EVERY + 2):
+        assert proc.p.poll() is None and time.monotonic() < deadline, proc.tail()
+        time.sleep(0.05)
+
+
+def _stage_processes(marker: str) -> list[int]:
+    """PIDs whose command line runs ``pipelines.distill`` and names ``marker`` (the temp repo)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "pipelines.distill" in cmd and marker in cmd:
+            out.append(p.pid)
+    return out
+
+
 @pytest.mark.slow
-def test_kill_driver_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
+def test_kill_dvc_repro_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
+    """SIGKILL the whole ``dvc repro distill`` process group after the first checkpoint; ``dvc repro`` again."""
     ref = reference_run()
-    params = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address}})
-    cmd, env = distill_cmd(params, tmp_path / "student", inputs), head_run_env(ray_head, tmp_path)
-    first = Proc(cmd, env, log=tmp_path / "distill1.log")
-    runs_dir = tmp_path / "ray_results"
+    repo = copy_repo(tmp_path / "repo")
+    write_params(repo, {"ray": {"address": ray_head.gcs_address}})  # TINY_DISTILL on the shared head
+    shutil.copytree(inputs["data"], repo / "data" / "prepared")  # the reference run's inputs
+    shutil.copytree(inputs["teacher"], repo / "artifacts" / "teacher")
+    env = head_run_env(ray_head, repo, PYTHONPATH=str(repo), DVC_NO_ANALYTICS="1")
+    env.pop("DVC_ROOT")  # dvc sets it for the stage
+    dvc = [sys.executable, "-m", "dvc"]
+    # prepare/teacher outputs are already there (the reference's): record them in dvc.lock instead of re-running
+    r = subprocess.run([*dvc, "commit", "-f", "prepare", "teacher"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs_dir = repo / "ray_results"
+
+    first = Proc([*dvc, "repro", "distill"], env, cwd=repo, log=tmp_path / "repro1.log")
     try:
-        # "after a checkpoint": the controller has registered it (snapshot written), and the next interval started
-        deadline = time.monotonic() + 240
-        while not (list(runs_dir.glob("distill-*/checkpoint_manager_snapshot.json"))
-                   and max(_steps_by_pid(first).values(), default=0) >= CKPT_EVERY + 2):
-            assert first.p.poll() is None and time.monotonic() < deadline, first.tail()
-            time.sleep(0.05)
+        _wait_first_checkpoint(first, runs_dir)
     finally:
-        first.kill()  # SIGKILL to the driver's process group: what killing `dvc repro` does to the stage
+        first.kill()  # SIGKILL to dvc's process group: dvc, the stage's shell and the distill driver
     t_kill = time.monotonic()
     killed_at = max(_steps_by_pid(first).values())
-    assert not (tmp_path / "student").exists()
+    deadline = time.monotonic() + 10
+    while _stage_processes(str(repo)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _stage_processes(str(repo)), "the distill driver survived the kill"
+    assert not (repo / "artifacts" / "student").exists()
     names = [p.name for p in runs_dir.iterdir() if p.is_dir()]
     assert len(names) == 1 and (runs_dir / names[0] / "checkpoint_manager_snapshot.json").is_file()
+    rwlock = repo / ".dvc" / "tmp" / "rwlock"
+    stale = json.loads(rwlock.read_text()) if rwlock.is_file() else {}
+    stale_entries = sum(len(v) for v in stale.values()) if isinstance(stale, dict) else 0
 
-    second = Proc(cmd, env, log=tmp_path / "distill2.log")
+    second = Proc([*dvc, "repro", "distill"], env, cwd=repo, log=tmp_path / "repro2.log")
     try:
         res = second.wait_for(r"resumed from step (\d+)", timeout=240)
         assert res is not None, second.tail()
@@ -130,103 +177,171 @@ def test_kill_driver_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
         rc = second.finish(timeout=240)
     finally:
         second.kill()
+    out = second.text()
     assert rc == 0, second.tail()
-    record = json.loads((tmp_path / "student" / "run.json").read_text())
-    weights = student_weights(tmp_path / "student")
-    report_fault(fault="kill -9 driver (python -m pipelines.distill)", killed_after_step=killed_at,
+    lock_cleared = "had been killed. Auto removed it from the lock file" in out
+    record = json.loads((repo / "artifacts" / "student" / "run.json").read_text())
+    weights = student_weights(repo / "artifacts" / "student")
+    report_fault(fault="SIGKILL dvc repro process group during distill", killed_after_step=killed_at,
                  resumed_from_step=resumed, steps_lost=killed_at - resumed, recovery_s=round(t_resumed - t_kill, 1),
-                 rerun_wall_s=round(time.monotonic() - second.t0, 1), reference_wall_s=round(ref["wall_s"], 1), reference=ref.get("source"),
-                 weights_match=weights == ref["weights"])
-    assert resumed > 0 and resumed % CKPT_EVERY == 0
+                 rerun_wall_s=round(time.monotonic() - second.t0, 1), reference_wall_s=round(ref["wall_s"], 1),
+                 stale_rwlock_entries=stale_entries, dvc_cleared_stale_lock=lock_cleared,
+                 same_ray_run=record["ray_run_name"] == names[0], weights_match=weights == ref["weights"])
+    assert resumed > 0 and resumed % CKPT_EVERY == 0 and killed_at - resumed <= CKPT_EVERY
     assert record["ray_run_name"] == names[0]  # the same Ray run, not a fresh one
-    assert [p.name for p in runs_dir.iterdir() if p.is_dir()] == names
+    assert [p.name for p in runs_dir.iterdir() if p.is_dir()] == names  # and the same storage folder
     assert record["steps"] == 24
+    assert "Stage 'tune' didn't change, skipping" in out  # only the interrupted stage runs again
     assert weights == ref["weights"]
+    st = subprocess.run([*dvc, "status", "distill"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and "changed" not in st.stdout, st.stdout + st.stderr
 
 
-def _checkpoint_setup(s3, monkeypatch):
-    from ray.train import Checkpoint
-    from ray.train.v2._internal.execution.storage import StorageContext
-
-    ckpts = checkpoint_dirs()
-    proxy = CutProxy(s3["server"].port).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # what Ray's pyarrow S3 filesystem talks to
-    ctx = StorageContext(storage_path=f"s3://{s3['bucket']}/ray", experiment_dir_name="distill-fault3")
-    ctx.persist_current_checkpoint(Checkpoint.from_directory(str(ckpts[0])), "checkpoint_000006")  # the last good
-    return ckpts, proxy, ctx
-
-
-def _assert_last_good_valid(s3, ckpts, tmp_path) -> int:
-    from ctm_core.trainer import load_checkpoint_file
-
-    key = "ray/distill-fault3/checkpoint_000006/trainer_state.pt"
-    body = s3["client"].get_object(Bucket=s3["bucket"], Key=key)["Body"].read()  # directly from moto
-    assert body == (ckpts[0] / "trainer_state.pt").read_bytes()
-    (tmp_path / "good.pt").write_bytes(body)
-    return int(load_checkpoint_file(tmp_path / "good.pt")["step"])
-
-
+# --- fault 3: the S3 server dies mid checkpoint upload ---------------------------------------------------------
 NEXT_KEY = "ray/distill-fault3/checkpoint_000012/trainer_state.pt"
+NEXT_PATTERN = b"checkpoint_000012/trainer_state.pt"  # in the request line of that object's PUT
+
+
+def _fake_checkpoint(folder: Path, seed: int, size: int = 3_000_000) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.pt").write_bytes(random.Random(seed).randbytes(size))
+    return folder
 
 
 def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
-    """The S3 endpoint dies a third into the next checkpoint's upload (multipart PUT reset, then connection refused),
-    written through the pyarrow S3 filesystem Ray Train builds for ``storage_path``: a clear OSError naming the key
-    and the network failure, the last good checkpoint intact, and the retry after the server returns succeeds."""
+    """The S3 endpoint dies a third into the PUT of checkpoint 12's ``trainer_state.pt``: Ray's upload alone says
+    nothing (recorded), our verified upload raises one clear line, 6 stays the newest complete checkpoint, and the
+    retry after the server returns writes 12 with its marker."""
     from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.storage import StorageContext
 
-    ckpts, proxy, ctx = _checkpoint_setup(s3, monkeypatch)
-    data = (ckpts[1] / "trainer_state.pt").read_bytes()
-    dest = f"{ctx.storage_fs_path}/distill-fault3/checkpoint_000012/trainer_state.pt"
+    from pipelines.distill import (MARKER_FILE, CheckpointStorageError, newest_complete_checkpoint,
+                                   persist_checkpoint_verified, read_marker)
+
+    good, nxt = _fake_checkpoint(tmp_path / "c6", 6), _fake_checkpoint(tmp_path / "c12", 12)
+    data = (nxt / "trainer_state.pt").read_bytes()
+    c, bucket = s3["client"], s3["bucket"]  # this boto3 client talks to moto directly, not through the proxy
+    proxy = CutProxy(s3["server"].port).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # what Ray's pyarrow S3 filesystem talks to
+    ctx = StorageContext(storage_path=f"s3://{bucket}/ray", experiment_dir_name="distill-fault3")
+    fs, run = ctx.storage_filesystem, ctx.experiment_fs_path
+    uri12 = f"s3://{bucket}/ray/distill-fault3/checkpoint_000012"
+    logs: list[str] = []
     try:
-        proxy.cut_after(len(data) // 3)
-        t0 = time.monotonic()
-        with pytest.raises(OSError) as ei:
-            with ctx.storage_filesystem.open_output_stream(dest) as f:
-                f.write(data)
-        t_err = time.monotonic() - t0
-        msg = " ".join(str(ei.value).split())
-        assert proxy.cut_at is not None  # the cut really happened mid-upload
-        assert "trainer_state.pt" in msg and re.search(r"(?i)(NETWORK_CONNECTION|connect)", msg), msg
-        keys = list_keys(s3["client"], s3["bucket"], "ray/distill-fault3/")
-        assert NEXT_KEY not in keys, keys  # an interrupted multipart upload leaves no partial object
-        last_good_step = _assert_last_good_valid(s3, ckpts, tmp_path)
-        proxy.start()  # the server comes back: the retry (Ray's own upload path) succeeds
-        t1 = time.monotonic()
-        ctx.persist_current_checkpoint(Checkpoint.from_directory(str(ckpts[1])), "checkpoint_000012")
-        t_retry = time.monotonic() - t1
-        assert s3["client"].get_object(Bucket=s3["bucket"], Key=NEXT_KEY)["Body"].read() == data
-    finally:
-        proxy.stop()
-    report_fault(fault="S3 endpoint down mid checkpoint PUT", cut_after_bytes=len(data) // 3,
-                 checkpoint_bytes=len(data), error_after_s=round(t_err, 1), error=msg[:200],
-                 last_good_step=last_good_step, last_good_valid=True, retry_s=round(t_retry, 1), retry_ok=True)
+        persist_checkpoint_verified(ctx, Checkpoint.from_directory(str(good)), "checkpoint_000006", step=6)
 
-
-@pytest.mark.xfail(strict=True, reason="pyarrow 25 fs.copy_files (used by Ray 2.60 StorageContext."
-                   "persist_current_checkpoint) swallows the S3 upload error: Ray logs 'Checkpoint successfully "
-                   "created' for an object that was never written")
-def test_ray_persist_checkpoint_raises_when_s3_dies(s3, monkeypatch, tmp_path):
-    from ray.train import Checkpoint
-
-    ckpts, proxy, ctx = _checkpoint_setup(s3, monkeypatch)
-    try:
-        proxy.cut_after((ckpts[1] / "trainer_state.pt").stat().st_size // 3)
+        # Ray 2.60's upload path on its own (what the stage used before): does it notice?
+        proxy.cut_on(NEXT_PATTERN, len(data) // 3)
         try:
-            ctx.persist_current_checkpoint(Checkpoint.from_directory(str(ckpts[1])), "checkpoint_000012")
-            raised = None
-        except OSError as e:
-            raised = e
-        assert proxy.cut_at is not None
-        keys = list_keys(s3["client"], s3["bucket"], "ray/distill-fault3/")
-        silent = raised is None and NEXT_KEY not in keys
-        if silent:
-            step = _assert_last_good_valid(s3, ckpts, tmp_path)
-            print("\nFAULT fault=S3 down mid Ray persist_current_checkpoint | raised=False | object_written=False "
-                  f"| ray_logged_success=True | last_good_step={step} | last_good_valid=True")
-        assert raised is not None, "Ray reported the checkpoint persisted, but the object is missing from S3"
+            ctx.persist_current_checkpoint(Checkpoint.from_directory(str(nxt)), "checkpoint_000012")
+            ray_raised = False
+        except OSError:
+            ray_raised = True
+        assert proxy.cut_at is not None and not proxy.listening
+        ray_wrote_object = NEXT_KEY in list_keys(c, bucket, "ray/distill-fault3/")
+        proxy.start()
+
+        # ours, same cut
+        proxy.cut_at = None
+        proxy.cut_on(NEXT_PATTERN, len(data) // 3)
+        t0 = time.monotonic()
+        with pytest.raises(CheckpointStorageError) as ei:
+            persist_checkpoint_verified(ctx, Checkpoint.from_directory(str(nxt)), "checkpoint_000012", step=12)
+        t_err = time.monotonic() - t0
+        msg = str(ei.value)
+        assert proxy.cut_at is not None  # the cut really happened mid-upload
+        assert "\n" not in msg and uri12 in msg and "fix:" in msg and "re-run the stage" in msg, msg
+        keys = list_keys(c, bucket, "ray/distill-fault3/")
+        assert f"ray/distill-fault3/checkpoint_000012/{MARKER_FILE}" not in keys, keys
+        # the last good checkpoint in the bucket is intact and vouched for by its marker
+        body6 = c.get_object(Bucket=bucket, Key="ray/distill-fault3/checkpoint_000006/trainer_state.pt")["Body"]
+        assert body6.read() == (good / "trainer_state.pt").read_bytes()
+
+        proxy.start()  # the server comes back
+        (tmp_path / "dl").mkdir()
+        picked = newest_complete_checkpoint(fs, run, tmp_path / "dl", log=logs.append)
+        assert picked == (f"{run}/checkpoint_000006", 6), (picked, logs)
+        assert (tmp_path / "dl" / "trainer_state.pt").read_bytes() == (good / "trainer_state.pt").read_bytes()
+        assert any(uri12 in line and "not loading" in line for line in logs), logs  # the half-written one
+        t1 = time.monotonic()
+        persist_checkpoint_verified(ctx, Checkpoint.from_directory(str(nxt)), "checkpoint_000012", step=12)
+        t_retry = time.monotonic() - t1
+        assert c.get_object(Bucket=bucket, Key=NEXT_KEY)["Body"].read() == data
+        assert read_marker(fs, f"{run}/checkpoint_000012")["step"] == 12
+        shutil.rmtree(tmp_path / "dl")
+        (tmp_path / "dl").mkdir()
+        assert newest_complete_checkpoint(fs, run, tmp_path / "dl", log=logs.append)[1] == 12
+
+        # a marked checkpoint whose file was later cut short is skipped too (sha256 against the marker)
+        c.put_object(Bucket=bucket, Key=NEXT_KEY, Body=data[: len(data) // 2])
+        shutil.rmtree(tmp_path / "dl")
+        (tmp_path / "dl").mkdir()
+        assert newest_complete_checkpoint(fs, run, tmp_path / "dl", log=logs.append)[1] == 6
+        assert any("does not match its complete.json" in line for line in logs), logs
     finally:
         proxy.stop()
+    report_fault(fault="S3 endpoint down mid checkpoint PUT (unit)", cut_after_bytes=len(data) // 3,
+                 checkpoint_bytes=len(data), ray_upload_raised=ray_raised, ray_upload_wrote_object=ray_wrote_object,
+                 our_error_after_s=round(t_err, 1), error=msg[:160], last_good_step=6, last_good_valid=True,
+                 retry_s=round(t_retry, 2), retry_ok=True)
+
+
+@pytest.mark.slow
+def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
+    """A real distill run with its checkpoints on S3 (through the cutting proxy): the server dies during checkpoint
+    12's upload, the run stops with one clear line, and the re-run after the server returns resumes from 6."""
+    ref = reference_run()
+    c, bucket = s3["client"], s3["bucket"]
+    proxy = CutProxy(s3["server"].port).start()
+    # the endpoint rides in the URI, so the driver and the head's workers (whose env points at moto) use the proxy
+    storage = f"s3://{bucket}/ray?endpoint_override=127.0.0.1:{proxy.port}&scheme=http&region=us-east-1"
+    params = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address, "storage_path": storage,
+                                             "max_failures": 1}})
+    cmd, env = distill_cmd(params, tmp_path / "student", inputs), head_run_env(ray_head, tmp_path)
+    try:
+        proxy.cut_on(b"checkpoint_000012/trainer_state.pt", 1_000_000)  # of ~4.3 MB
+        first = Proc(cmd, env, log=tmp_path / "distill1.log")
+        try:
+            rc1 = first.finish(timeout=400)
+        finally:
+            first.kill()
+        t_fail = time.monotonic()
+        assert proxy.cut_at is not None, first.tail()
+        assert rc1 == 1, first.tail()
+        errors = [line for _, line in first.lines if line.startswith("distill: ")]
+        assert len(errors) == 1, first.tail()
+        err = errors[0]
+        assert f"s3://{bucket}/ray/distill-" in err and "fix:" in err and "checkpoint storage error" in err, err
+        keys = list_keys(c, bucket, "ray/")
+        names = sorted({k.split("/")[1] for k in keys if k.split("/")[1].startswith("distill-")})
+        assert len(names) == 1, keys
+        name = names[0]
+        assert f"ray/{name}/checkpoint_000006/complete.json" in keys, keys  # the last good one
+        assert f"ray/{name}/checkpoint_000012/complete.json" not in keys, keys
+        killed_at = max(_steps_by_pid(first).values())
+
+        proxy.start()  # the server is back: run the stage again
+        second = Proc(cmd, env, log=tmp_path / "distill2.log")
+        try:
+            res = second.wait_for(r"resumed from step (\d+)", timeout=240)
+            assert res is not None, second.tail()
+            t_resumed, resumed = res[0], int(res[1][1])
+            rc2 = second.finish(timeout=240)
+        finally:
+            second.kill()
+    finally:
+        proxy.stop()
+    assert rc2 == 0, second.tail()
+    record = json.loads((tmp_path / "student" / "run.json").read_text())
+    weights = student_weights(tmp_path / "student")
+    report_fault(fault="S3 endpoint down mid checkpoint PUT during distill", cut_during="checkpoint_000012 upload",
+                 killed_after_step=killed_at, failed_after_s=round(t_fail - first.t0, 1), error=err[:200],
+                 resumed_from_step=resumed, steps_lost=killed_at - resumed, recovery_s=round(t_resumed - t_fail, 1),
+                 rerun_wall_s=round(time.monotonic() - second.t0, 1), weights_match=weights == ref["weights"])
+    assert resumed == CKPT_EVERY  # the last complete checkpoint, never the half-written 12
+    assert record["ray_run_name"] == name and record["steps"] == 24
+    assert f"{bucket}/ray/{name}/checkpoint_000024" == record["checkpoint_path"]
+    assert weights == ref["weights"]
 
 
 def test_s3_truncated_or_tampered_teacher_rejected(s3, tmp_path):

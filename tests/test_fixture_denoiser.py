@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES_EDM, require_shared
+from tests.conftest import FIXTURES_EDM, require_shared
 
 from ctm_core.edm_pickle import read_edm_snapshot
 from ctm_core.precond import build_precond

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import EDM_KEYS, require_shared
+from tests.conftest import EDM_KEYS, require_shared
 
 from ctm_core.layers import GroupNorm, Linear, PositionalEmbedding, UNetBlock
 from ctm_core.networks import DhariwalUNet, SongUNet

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED, require_shared
+from tests.conftest import SHARED, require_shared
 from PIL import Image
 
 from pipelines.io_utils import sha256_file

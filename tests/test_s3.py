@@ -1,4 +1,5 @@
-"""S3 end to end against a real S3 API server (moto) on 127.0.0.1: DVC remote, Ray Train storage, MLflow artifacts.
+"""S3 end to end against a real S3 API server (moto) on 127.0.0.1: DVC remote, Ray Train storage, MLflow artifacts,
+and the distill stage reading its data and teacher from ``s3://`` (what ``ray job submit --working-dir .`` needs).
 
 Environment contract (infra/README.md §1): dummy AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
 AWS_DEFAULT_REGION; MLFLOW_S3_ENDPOINT_URL only on the MLflow server. Secrets never land in a committed file.
@@ -6,9 +7,11 @@ AWS_DEFAULT_REGION; MLFLOW_S3_ENDPOINT_URL only on the MLflow server. Secrets ne
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,17 +20,22 @@ import pytest
 from tests.conftest_remote import (  # noqa: F401 - fixtures are used by name
     ROOT,
     VENV_BIN,
+    Proc,
     base_env,
+    distill_cmd,
     free_port,
+    head_run_env,
     inputs,
     list_keys,
+    match_reference,
     moto_server,
     ray_head,
-    match_reference,
+    reference_run,
     s3,
     set_aws_env,
     student_weights,
     tree_bytes,
+    upload_tree,
     write_params,
 )
 
@@ -129,10 +137,11 @@ def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatc
     name = rec1["ray_run_name"]
     assert rec1["ray_storage_path"] == prefix and rec1["steps"] == params.distill.steps
     assert rec1["checkpoint_path"].startswith(f"{s3['bucket']}/ray/{name}/checkpoint_")
-    ckpts = sorted({k.split("/")[2] for k in keys1 if k.split("/")[2].startswith("checkpoint_2")})
-    assert len(ckpts) == 2, keys1  # CheckpointConfig(num_to_keep=2)
+    ckpts = sorted({k.split("/")[2] for k in keys1 if k.split("/")[2].startswith("checkpoint_0")})
+    assert ckpts == ["checkpoint_000018", "checkpoint_000024"], keys1  # CheckpointConfig(num_to_keep=2)
     assert f"ray/{name}/checkpoint_manager_snapshot.json" in keys1
     assert all(f"ray/{name}/{c}/trainer_state.pt" in keys1 for c in ckpts)
+    assert all(f"ray/{name}/{c}/complete.json" in keys1 for c in ckpts)  # verified, marker written last
 
     assert rec2["ray_run_name"] == name and rec2["checkpoint_path"] == rec1["checkpoint_path"]
     assert rec2["mlflow_run_id"] == rec1["mlflow_run_id"]
@@ -190,8 +199,6 @@ def test_mlflow_server_artifacts_on_s3(s3, tmp_path, monkeypatch):
                                                     dst_path=str(tmp_path / "dl"))
         assert Path(local).read_bytes() == artifact.read_bytes()
     finally:
-        import os
-
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker, by PID (own session)
         try:
             proc.wait(timeout=15)
@@ -199,3 +206,107 @@ def test_mlflow_server_artifacts_on_s3(s3, tmp_path, monkeypatch):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+# --- (d) distill inputs from s3:// ---------------------------------------------------------------------------------
+def _upload_inputs(s3, inputs, prefix: str = "ctm") -> tuple[str, str]:
+    upload_tree(s3["client"], s3["bucket"], f"{prefix}/prepared", inputs["data"])
+    upload_tree(s3["client"], s3["bucket"], f"{prefix}/teacher", inputs["teacher"])
+    return f"s3://{s3['bucket']}/{prefix}/prepared", f"s3://{s3['bucket']}/{prefix}/teacher"
+
+
+@pytest.mark.slow
+def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
+    """``--data s3://.../prepared --teacher s3://.../teacher`` (uploaded with boto3): verified into the cache before
+    Ray starts, Ray Data reads the shards from S3, the workers get the teacher through the object store; same Ray run
+    name and bitwise the same weights as the same inputs on local disk."""
+    import json
+
+    from pipelines.config import load_params, params_hash
+    from pipelines.distill import _distill_section, run_identity
+    from pipelines.io_utils import read_json, sha256_file
+    from pipelines.prepare import load_card
+
+    ref = reference_run()
+    data_uri, teacher_uri = _upload_inputs(s3, inputs)
+    params = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address}})
+    cache = tmp_path / "cache"
+    cmd = distill_cmd(params, tmp_path / "student", {"data": data_uri, "teacher": teacher_uri})
+    proc = Proc(cmd, head_run_env(ray_head, tmp_path, CTM_INPUT_CACHE=str(cache)), log=tmp_path / "distill.log")
+    try:
+        rc = proc.finish(timeout=300)
+    finally:
+        proc.kill()
+    assert rc == 0, proc.tail()
+    record = json.loads((tmp_path / "student" / "run.json").read_text())
+    assert record["inputs"] == {"data": data_uri, "teacher": teacher_uri}
+    card = load_card(inputs["data"])
+    d = _distill_section(load_params(params), None)
+    teacher_sha = read_json(inputs["teacher"] / "config.json")["weights_sha256"]
+    want = f"distill-{params_hash(run_identity(d, card, teacher_sha, 1))[:12]}"
+    assert record["ray_run_name"] == want  # where the inputs live does not change the run
+    assert student_weights(tmp_path / "student") == ref["weights"]
+    shards = {p.name: sha256_file(p) for p in cache.glob("prepared/*/train/*.parquet")}
+    assert shards == {Path(s["path"]).name: s["sha256"] for s in card["splits"]["train"]["shards"]}
+    assert len(list(cache.glob("teacher/*/teacher.safetensors"))) == 1
+    assert not list(cache.glob("tmp/*"))  # no partial download left behind
+    print(f"\n[s3 inputs] distill from s3:// inputs {time.monotonic() - proc.t0:.1f} s, same weights as local")
+
+
+def test_s3_inputs_rejected_before_ray(s3, inputs, tmp_path):
+    """Bad ``s3://`` inputs stop the stage with one line naming the path and the fix, before Ray starts, and leave
+    nothing unverified in the cache."""
+    import yaml
+
+    from pipelines.distill import InputError, resolve_inputs
+
+    c, bucket = s3["client"], s3["bucket"]
+    data_uri, teacher_uri = _upload_inputs(s3, inputs)
+    cache = tmp_path / "cache"
+
+    def err(data: str, teacher: str) -> str:
+        with pytest.raises(InputError) as ei:
+            resolve_inputs(data, teacher, cache_dir=cache)
+        msg = str(ei.value)
+        assert "\n" not in msg
+        return msg
+
+    assert "'no-such-bucket-ctm' does not exist" in err("s3://no-such-bucket-ctm/prepared", str(inputs["teacher"]))
+    msg = err(f"s3://{bucket}/wrong/prepared", str(inputs["teacher"]))
+    assert f"s3://{bucket}/wrong/prepared/card.json" in msg and "fix: --data must be the folder" in msg
+    msg = err(str(inputs["data"]), f"s3://{bucket}/wrong/teacher")
+    assert f"s3://{bucket}/wrong/teacher/config.json" in msg and "fix: --teacher must be the folder" in msg
+
+    # a shard changed on S3 after the card was written: sha256 mismatch, the shard never enters the cache
+    shard = sorted(p for p in (inputs["data"] / "train").glob("*.parquet"))[0]
+    key = f"ctm/prepared/train/{shard.name}"
+    c.put_object(Bucket=bucket, Key=key, Body=shard.read_bytes()[:-100])
+    msg = err(data_uri, str(inputs["teacher"]))
+    assert f"sha256 mismatch for {data_uri}/train/{shard.name}" in msg and "nothing cached" in msg
+    assert not list(cache.glob("prepared/*/train/*.parquet")) and not list(cache.glob("prepared/*/card.json"))
+    # a tampered teacher (one weight byte flipped): rejected by weights_sha256, nothing cached
+    blob = bytearray((inputs["teacher"] / "teacher.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    c.put_object(Bucket=bucket, Key="ctm/teacher/teacher.safetensors", Body=bytes(blob))
+    msg = err(str(inputs["data"]), teacher_uri)
+    assert f"teacher {teacher_uri} failed verification" in msg and "nothing cached" in msg
+    assert not list(cache.glob("teacher/*"))
+    assert not [p for p in cache.glob("tmp/**/*") if p.is_file()]
+
+    # the CLI without credentials: exit 2, one line naming the S3 path and the variables to set, Ray never started
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raytmp = Path(f"/tmp/rt_s3in{os.getpid()}")
+    raw["ray"]["temp_dir"] = str(raytmp)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = base_env(CTM_INPUT_CACHE=str(cache), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                   AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true",
+                   AWS_ENDPOINT_URL=s3["endpoint"], AWS_DEFAULT_REGION="us-east-1")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-m", "pipelines.distill", "--params", str(tmp_path / "params.yaml"),
+                          "--data", data_uri, "--teacher", teacher_uri, "--out", str(tmp_path / "student")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert f"{data_uri}/card.json" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0], lines[0]
+    assert not raytmp.exists() and not (tmp_path / "student").exists()

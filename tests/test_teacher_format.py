@@ -13,7 +13,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from conftest import FIXTURES_EDM, require_shared
+from tests.conftest import FIXTURES_EDM, require_shared
 
 from ctm_core import teacher_format
 from ctm_core.edm_pickle import read_edm_snapshot

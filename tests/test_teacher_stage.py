@@ -17,7 +17,7 @@ from pipelines.io_utils import sha256_file
 from pipelines.prepare import prepare_dataset
 from pipelines.teacher import TeacherError, main, run
 
-from conftest import FIXTURES_EDM, require_shared
+from tests.conftest import FIXTURES_EDM, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
