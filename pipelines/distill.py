@@ -21,32 +21,21 @@ float summation order (adaptive weights are per microbatch in both cases, as in 
 Outputs (``--out``, written atomically): the student folder of ``ctm_core.student_format`` (online + eval-EMA
 weights) and ``run.json`` (MLflow run id, Ray run name and storage, final checkpoint path, last metrics).
 
-Checkpoints you can trust. Each report writes ``<storage>/<run>/checkpoint_<step:06d>/trainer_state.pt`` through
-Ray's own upload path (``StorageContext.persist_current_checkpoint``), then, through the same pyarrow filesystem,
-checks that every file landed with its size and only then writes ``complete.json`` (step, size and sha256 of each
-file) LAST. Why: pyarrow 25's ``fs.copy_files`` (Ray 2.60's upload) returns normally when the S3 server dies in the
-middle of the PUT, and Ray logs "Checkpoint successfully created" for an object that does not exist
-(tests/test_faults.py). A failed check raises ``CheckpointStorageError`` (the storage path and the fix on one
-line) inside ``ray.train.report``, so Ray never registers that checkpoint; ``FailureConfig`` retries, and when the
-run gives up the stage exits 1 with that line. On every (re)start the workers resume from the newest checkpoint
-whose ``complete.json`` is present and whose files match its sha256, skipping half-written ones; a checkpoint
-without the marker is only used for runs written before the marker existed (with a warning).
+Checkpoints you can trust (``pipelines.checkpoints``): rank 0 reports through ``persist_checkpoint_verified`` (Ray's
+upload, checked file by file, then a ``complete.json`` marker written last); a failed check raises
+``CheckpointStorageError`` inside ``ray.train.report``, so Ray never registers that checkpoint; ``FailureConfig``
+retries, and when the run gives up the stage exits 1 with that one line. On every (re)start the workers resume from
+the newest checkpoint whose files match its marker, skipping half-written ones.
 
-Inputs on S3 (``ray job submit --working-dir .`` never uploads data/ or artifacts/): ``--data s3://.../prepared``
-and ``--teacher s3://.../teacher`` (the folders the prepare and teacher stages write, e.g. after
-``aws s3 sync data/prepared s3://bucket/ctm/prepared``). Before Ray starts, the driver downloads ``card.json`` and
-the train shards into ``$CTM_INPUT_CACHE`` (default ``<repo>/.cache/inputs``), checking each shard against the
-card's sha256, and the teacher (``config.json`` + ``teacher.safetensors``, checked against ``weights_sha256``);
-errors (no credentials, no bucket, missing key, wrong sha256) stop it with one line. Ray Data then reads the
-card's train shards from S3 (every node can), and the workers get the verified teacher bytes through the object
+Inputs on S3 (``pipelines.remote_inputs``): ``--data s3://.../prepared`` and ``--teacher s3://.../teacher`` are
+downloaded and verified before Ray starts (``ray job submit --working-dir .`` never uploads data/ or artifacts/); Ray
+Data then reads the card's train shards from S3 and the workers get the verified teacher bytes through the object
 store. The Ray run name is the same as for the same inputs on local disk.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -57,7 +46,22 @@ from typing import Any
 
 import yaml
 
+from pipelines.checkpoints import (  # noqa: F401 - re-exported: the stage's checkpoint API
+    _STORAGE_FIX,
+    CKPT_FILE,
+    MARKER_FILE,
+    CheckpointStorageError,
+    complete_checkpoints,
+    download_checkpoint,
+    newest_complete_checkpoint,
+    persist_checkpoint_verified,
+    read_marker,
+    storage_fs,
+    storage_uri,
+)
 from pipelines.config import ParamsError, apply_trial, distill_train_config, load_params, params_hash
+from pipelines.io_utils import one_line
+from pipelines.remote_inputs import InputError, Inputs, resolve_inputs  # noqa: F401 - re-exported
 
 __all__ = [
     "MARKER_FILE",
@@ -77,234 +81,8 @@ __all__ = [
     "train_loop_per_worker",
 ]
 
-CKPT_FILE = "trainer_state.pt"
-MARKER_FILE = "complete.json"  # written last, after the checkpoint's files were checked in storage
-MARKER_FORMAT = "ctm-checkpoint/v1"
-_CHUNK = 1 << 20
-
-
-class CheckpointStorageError(RuntimeError):
-    """A checkpoint could not be written to, or read back from, ``ray.storage_path`` (one line: path, cause, fix)."""
-
-
 class DistillRunError(RuntimeError):
     """The Ray run failed after its ``FailureConfig`` retries (one line: run, storage, root cause, fix)."""
-
-
-class InputError(ValueError):
-    """An ``s3://`` input could not be fetched or failed verification (one line: path, cause, fix)."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints in storage: verified upload, completion marker, newest complete checkpoint
-
-
-_STORAGE_FIX = ("fix: make ray.storage_path reachable and writable from every Ray node (S3: the endpoint "
-                "AWS_ENDPOINT_URL, the credentials, the bucket; local: free disk space), then re-run the stage: it "
-                "resumes from the last complete checkpoint")
-
-
-def _one_line(e: BaseException | str) -> str:
-    return " ".join(str(e).split())
-
-
-def storage_uri(fs, path: str) -> str:
-    """A user-facing URI for ``path`` on the pyarrow filesystem ``fs`` (``s3://bucket/key`` or a local path)."""
-    import pyarrow.fs as pafs
-
-    if isinstance(fs, pafs.S3FileSystem):
-        return f"s3://{path}"
-    if isinstance(fs, pafs.LocalFileSystem):
-        return path
-    return f"{fs.type_name}://{path}"
-
-
-def _storage_error(action: str, fs, path: str, e: BaseException) -> CheckpointStorageError:
-    return CheckpointStorageError(f"checkpoint storage error: {action} {storage_uri(fs, path)} failed "
-                                  f"({_one_line(e)}); {_STORAGE_FIX}")
-
-
-def persist_checkpoint_verified(storage, checkpoint, checkpoint_dir_name: str, *, step: int):
-    """Ray's upload of ``checkpoint`` into ``<run>/<checkpoint_dir_name>``, checked, then the completion marker.
-
-    Used as ``ray.train.report(checkpoint_upload_fn=...)`` on rank 0. ``storage`` is the run's
-    ``ray.train.get_context().get_storage()`` (Ray's ``StorageContext``: ``storage_filesystem``,
-    ``build_checkpoint_path_from_name``, ``persist_current_checkpoint``; ray/train/v2/_internal/execution/storage.py).
-    Order: delete an older attempt's marker in that folder, upload, stat every file (type and size) through the
-    same filesystem, write ``complete.json`` (step + size + sha256 per file), stat it. Returns Ray's persisted
-    ``Checkpoint``; raises ``CheckpointStorageError`` if any step fails or a file is missing or short.
-    """
-    import pyarrow.fs as pafs
-
-    from pipelines.io_utils import sha256_file
-
-    fs = storage.storage_filesystem
-    dest = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
-    local = Path(checkpoint.path)
-    files = {p.relative_to(local).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(local.rglob("*")) if p.is_file()}
-    if not files or MARKER_FILE in files:
-        raise ValueError(f"checkpoint {local}: expected files other than {MARKER_FILE}, got {sorted(files)}")
-    marker_path = f"{dest}/{MARKER_FILE}"
-    try:  # a marker left by an earlier attempt at this step must not vouch for what is written now
-        if fs.get_file_info(marker_path).type != pafs.FileType.NotFound:
-            fs.delete_file(marker_path)
-    except OSError as e:
-        raise _storage_error("clearing the completion marker of", fs, dest, e) from e
-    try:
-        persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
-    except OSError as e:
-        raise _storage_error("uploading the checkpoint to", fs, dest, e) from e
-    try:
-        infos = fs.get_file_info([f"{dest}/{rel}" for rel in files])
-    except OSError as e:
-        raise _storage_error("checking the uploaded checkpoint", fs, dest, e) from e
-    bad = []
-    for (rel, meta), info in zip(files.items(), infos, strict=True):
-        if info.type != pafs.FileType.File:
-            bad.append(f"{rel} missing")
-        elif info.size != meta["size"]:
-            bad.append(f"{rel} has {info.size} of {meta['size']} bytes")
-    if bad:
-        raise CheckpointStorageError(
-            f"checkpoint storage error: the upload to {storage_uri(fs, dest)} is incomplete although Ray reported "
-            f"it done ({', '.join(bad)}); {_STORAGE_FIX}")
-    data = (json.dumps({"format": MARKER_FORMAT, "step": int(step), "files": files}, indent=2, sort_keys=True)
-            + "\n").encode()
-    try:
-        with fs.open_output_stream(marker_path) as f:
-            f.write(data)
-        info = fs.get_file_info(marker_path)
-    except OSError as e:
-        raise _storage_error("writing the completion marker of", fs, dest, e) from e
-    if info.type != pafs.FileType.File or info.size != len(data):
-        raise CheckpointStorageError(f"checkpoint storage error: the completion marker {storage_uri(fs, marker_path)} "
-                                     f"did not land ({info}); {_STORAGE_FIX}")
-    return persisted
-
-
-def read_marker(fs, checkpoint_path: str) -> dict[str, Any] | None:
-    """The checkpoint's ``complete.json`` if present and well-formed, else None (an incomplete checkpoint)."""
-    try:
-        with fs.open_input_stream(f"{checkpoint_path}/{MARKER_FILE}") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise _storage_error("reading", fs, f"{checkpoint_path}/{MARKER_FILE}", e) from e
-    try:
-        marker = json.loads(raw)
-        ok = (marker.get("format") == MARKER_FORMAT and isinstance(marker.get("step"), int)
-              and isinstance(marker.get("files"), dict) and marker["files"]
-              and all(isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
-                      for m in marker["files"].values())
-              and all(not k.startswith("/") and ".." not in k.split("/") for k in marker["files"]))
-    except (ValueError, AttributeError):
-        return None
-    return marker if ok else None
-
-
-def checkpoint_dirs(fs, run_path: str) -> list[str]:
-    """Paths of the ``checkpoint_*`` folders directly under the run folder ``run_path`` (sorted by name)."""
-    import pyarrow.fs as pafs
-
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
-    except OSError as e:
-        raise _storage_error("listing the checkpoints under", fs, run_path, e) from e
-    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-
-
-def complete_checkpoints(fs, run_path: str) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
-    """(complete, incomplete): ``(path, marker)`` of the checkpoints with a valid marker, highest step first, and
-    the paths of those without one (half-written, or written before the marker existed)."""
-    complete, incomplete = [], []
-    for path in checkpoint_dirs(fs, run_path):
-        marker = read_marker(fs, path)
-        if marker is None:
-            incomplete.append(path)
-        else:
-            complete.append((path, marker))
-    complete.sort(key=lambda pm: (pm[1]["step"], pm[0]), reverse=True)
-    return complete, incomplete
-
-
-def download_checkpoint(fs, checkpoint_path: str, marker: dict[str, Any] | None, dest: Path) -> str | None:
-    """Copy the checkpoint's files into ``dest``; with a marker, check each file's size and sha256.
-
-    Returns None when the copy is complete and matches, else the reason (the partial copy is left to the caller).
-    """
-    names = list(marker["files"]) if marker else None
-    if names is None:  # legacy checkpoint (no marker): take what is there
-        import pyarrow.fs as pafs
-
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(checkpoint_path, recursive=True))
-        except OSError as e:
-            raise _storage_error("listing", fs, checkpoint_path, e) from e
-        names = [i.path[len(checkpoint_path) + 1:] for i in infos if i.type == pafs.FileType.File]
-    for rel in names:
-        out = dest / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        h, size = hashlib.sha256(), 0
-        try:
-            with fs.open_input_stream(f"{checkpoint_path}/{rel}") as src, open(out, "wb") as dst:
-                for chunk in iter(lambda: src.read(_CHUNK), b""):
-                    h.update(chunk)
-                    size += len(chunk)
-                    dst.write(chunk)
-        except FileNotFoundError:
-            return f"{rel} missing"
-        except OSError as e:
-            raise _storage_error("downloading", fs, f"{checkpoint_path}/{rel}", e) from e
-        if marker:
-            want = marker["files"][rel]
-            if size != want["size"] or h.hexdigest() != want["sha256"]:
-                return f"{rel} has {size} bytes, sha256 {h.hexdigest()[:12]}..., expected {want['size']} bytes, " \
-                       f"sha256 {want['sha256'][:12]}..."
-    return None
-
-
-def newest_complete_checkpoint(fs, run_path: str, dest: Path, *, legacy=None, log=None) -> tuple[str, int] | None:
-    """Download the newest checkpoint of the run whose files match its ``complete.json`` into ``dest``.
-
-    Half-written checkpoints (no marker, or files that do not match it) are skipped with a log line. ``legacy``:
-    Ray's registered checkpoint (``ray.train.get_checkpoint()``), used only when no checkpoint of the run has a
-    marker and it has none either (a run started before markers existed). Returns ``(path, step or -1)`` or None.
-    ``log``: called with each message (default: print). No builtin as a default value: run as ``python -m``, this
-    module is ``__main__`` and cloudpickle ships it to the workers by value, and Ray may have swapped
-    ``builtins.print`` by then ("Can't pickle <built-in function print>: it's not the same object").
-    """
-    if log is None:
-        def log(m: str) -> None:
-            print(m, flush=True)
-    complete, incomplete = complete_checkpoints(fs, run_path)
-    newest = complete[0][1]["step"] if complete else -1
-    use_legacy = legacy is not None and newest < 0 and read_marker(legacy.filesystem, legacy.path) is None
-    for path in incomplete:
-        if not (use_legacy and path.rstrip("/") == str(legacy.path).rstrip("/")):
-            log(f"[distill] {storage_uri(fs, path)} has no {MARKER_FILE} (half-written): not loading it")
-    for path, marker in complete:
-        reason = download_checkpoint(fs, path, marker, dest)
-        if reason is None:
-            return path, int(marker["step"])
-        log(f"[distill] {storage_uri(fs, path)} does not match its {MARKER_FILE} ({reason}): not loading it")
-        _empty_dir(dest)
-    if use_legacy:
-        log(f"[distill] WARNING: resuming from {storage_uri(legacy.filesystem, legacy.path)}, which has no "
-            f"{MARKER_FILE} (written before checkpoints were verified): its completeness is not checked")
-        reason = download_checkpoint(legacy.filesystem, legacy.path, None, dest)
-        if reason is None:
-            return legacy.path, -1
-        _empty_dir(dest)
-    return None
-
-
-def _empty_dir(folder: Path) -> None:
-    import shutil
-
-    for p in folder.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -604,136 +382,6 @@ def _distill_section(params, best_params: str | None):
     return d
 
 
-@dataclasses.dataclass(frozen=True)
-class Inputs:
-    """Local, verified copies of the distill inputs; ``*_uri`` are the ``s3://`` sources (None for local paths)."""
-
-    data_dir: Path
-    teacher_dir: Path
-    data_uri: str | None = None
-    teacher_uri: str | None = None
-
-
-def input_cache_dir() -> Path:
-    """``$CTM_INPUT_CACHE``, else ``<repo root>/.cache/inputs`` (git-ignored)."""
-    from pipelines import tracking
-
-    env = os.environ.get("CTM_INPUT_CACHE")
-    return Path(env).expanduser().resolve() if env else tracking.default_repo_root() / ".cache" / "inputs"
-
-
-def resolve_inputs(data: str, teacher: str, cache_dir: str | os.PathLike[str] | None = None) -> Inputs:
-    """Local folders as they are; ``s3://`` folders downloaded and verified into the cache (module doc).
-
-    Raises ``InputError`` (one line naming the S3 path and the fix) before anything starts.
-    """
-    is_s3 = [str(v).startswith("s3://") for v in (data, teacher)]
-    if not any(is_s3):
-        return Inputs(Path(data).resolve(), Path(teacher).resolve())
-    cache = Path(cache_dir) if cache_dir is not None else input_cache_dir()
-    data_dir = _fetch_prepared(str(data).rstrip("/"), cache) if is_s3[0] else Path(data).resolve()
-    teacher_dir = _fetch_teacher(str(teacher).rstrip("/"), cache) if is_s3[1] else Path(teacher).resolve()
-    return Inputs(data_dir, teacher_dir, str(data).rstrip("/") if is_s3[0] else None,
-                  str(teacher).rstrip("/") if is_s3[1] else None)
-
-
-def _s3_download(uri: str, tmp_dir: Path, what: str) -> tuple[Path, str]:
-    """Stream ``uri`` into a temp file under ``tmp_dir`` (boto3, retries: ``pipelines.fetch``); (path, sha256)."""
-    from pipelines.fetch import FetchError, _download_to_temp, _open_s3, _with_retries
-
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return _with_retries(lambda: _download_to_temp(lambda: _open_s3(uri, 30.0, 3), tmp_dir, uri, False),
-                             uri, 3, 0.5)
-    except FetchError as e:
-        msg = _one_line(e)
-        if msg.startswith("S3 object not found"):
-            msg += f" ({what})"
-        raise InputError(msg) from None
-
-
-def _install(tmp: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
-
-
-def _fetch_prepared(uri: str, cache: Path) -> Path:
-    """``card.json`` + the train shards of a prepared folder on S3, each shard checked against the card."""
-    from pipelines.io_utils import read_json, sha256_file
-    from pipelines.prepare import CARD_FORMAT
-
-    tmp_dir = cache / "tmp"
-    card_tmp, card_sha = _s3_download(f"{uri}/card.json", tmp_dir,
-                                      "fix: --data must be the folder the prepare stage writes (card.json + "
-                                      "train/*.parquet), e.g. after aws s3 sync data/prepared <that URI>")
-    try:
-        card = read_json(card_tmp)
-        if card.get("format") != CARD_FORMAT:
-            raise InputError(f"{uri}/card.json: expected format {CARD_FORMAT!r}, got {card.get('format')!r} "
-                             "(fix: point --data at a folder written by the prepare stage)")
-        folder = cache / "prepared" / card_sha[:16]
-        for shard in card["splits"]["train"]["shards"]:
-            dest = folder / shard["path"]
-            if dest.is_file() and sha256_file(dest) == shard["sha256"]:
-                continue  # verified copy from an earlier run
-            tmp, got = _s3_download(f"{uri}/{shard['path']}", tmp_dir, "listed in card.json")
-            if got != shard["sha256"]:
-                tmp.unlink(missing_ok=True)
-                raise InputError(f"sha256 mismatch for {uri}/{shard['path']}: expected {shard['sha256']} (card.json), "
-                                 f"got {got}; the object is truncated or was modified (nothing cached): re-upload "
-                                 "the prepared folder (aws s3 sync / dvc push) or re-run the prepare stage")
-            _install(tmp, dest)
-        _install(card_tmp, folder / "card.json")  # last: a folder with card.json has its train shards
-    finally:
-        card_tmp.unlink(missing_ok=True)
-    return folder
-
-
-def _fetch_teacher(uri: str, cache: Path) -> Path:
-    """``config.json`` + ``teacher.safetensors`` from S3, checked against ``weights_sha256`` before caching."""
-    import shutil
-
-    from ctm_core.teacher_format import CONFIG_FILE, WEIGHTS_FILE, load_edm_checkpoint
-    from pipelines.io_utils import read_json, sha256_file
-
-    fix = ("fix: --teacher must be the folder the teacher stage writes (teacher.safetensors + config.json), e.g. "
-           "after aws s3 sync artifacts/teacher <that URI>")
-    tmp_dir = cache / "tmp"
-    cfg_tmp, cfg_sha = _s3_download(f"{uri}/{CONFIG_FILE}", tmp_dir, fix)
-    try:
-        try:
-            cfg = read_json(cfg_tmp)
-        except ValueError as e:
-            raise InputError(f"{uri}/{CONFIG_FILE}: not JSON ({_one_line(e)}); {fix}") from None
-        folder = cache / "teacher" / str(cfg.get("weights_sha256") or cfg_sha)[:16]
-        stamp = folder / "verified.json"  # sha256 of both files once load_edm_checkpoint accepted them
-        if stamp.is_file() and (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
-            seen = read_json(stamp)
-            if (seen.get(CONFIG_FILE) == cfg_sha == sha256_file(folder / CONFIG_FILE)
-                    and seen.get(WEIGHTS_FILE) == sha256_file(folder / WEIGHTS_FILE)):
-                return folder
-        staging = Path(tempfile.mkdtemp(prefix="teacher-", dir=tmp_dir))
-        try:
-            w_tmp, w_sha = _s3_download(f"{uri}/{WEIGHTS_FILE}", tmp_dir, fix)
-            os.replace(w_tmp, staging / WEIGHTS_FILE)
-            shutil.copyfile(cfg_tmp, staging / CONFIG_FILE)
-            try:
-                load_edm_checkpoint(staging)  # weights_sha256 + config/metadata agreement + architecture
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise InputError(f"teacher {uri} failed verification ({_one_line(e)}); nothing cached: re-upload "
-                                 "the teacher folder or re-run the teacher stage") from None
-            (staging / "verified.json").write_text(json.dumps({CONFIG_FILE: cfg_sha, WEIGHTS_FILE: w_sha}))
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        cfg_tmp.unlink(missing_ok=True)
-    return folder
-
-
 def _check_inputs(data_dir: Path, teacher_dir: Path) -> dict[str, Any]:
     from ctm_core.teacher_format import load_edm_checkpoint
     from pipelines.prepare import load_card
@@ -878,21 +526,11 @@ def _root_cause(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _storage_fs(storage: str):
-    """(pyarrow filesystem, path) for ``ray.storage_path``, resolved as Ray resolves it (``FileSystem.from_uri``;
-    ray/train/v2/_internal/execution/storage.py ``get_fs_and_path``)."""
-    import pyarrow.fs as pafs
-
-    if "://" not in storage:
-        return pafs.LocalFileSystem(), str(Path(storage).resolve())
-    return pafs.FileSystem.from_uri(storage)
-
-
 def _final_state(storage: str, name: str, registered) -> tuple[str, dict]:
     """The newest complete checkpoint of the run (checked against its marker) as (path, trainer state dict)."""
     from ctm_core.trainer import load_checkpoint_file
 
-    fs, base = _storage_fs(storage)
+    fs, base = storage_fs(storage)
     run_path = f"{base.rstrip('/')}/{name}"
     with tempfile.TemporaryDirectory() as tmp:
         chosen = newest_complete_checkpoint(fs, run_path, Path(tmp), legacy=registered,
@@ -933,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs = resolve_inputs(args.data, args.teacher)
             card = _check_inputs(inputs.data_dir, inputs.teacher_dir)
     except (ParamsError, FileNotFoundError, ValueError) as e:
-        print(f"distill: {_one_line(e)}", file=sys.stderr)
+        print(f"distill: {one_line(e)}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(json.dumps({"distill": d.model_dump(), "data": card["splits"]["train"]["count"] if card else args.data,
@@ -947,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         record = run_distill(params, data_dir=args.data, teacher_dir=args.teacher, out_dir=args.out,
                              best_params=args.best_params)
     except (DistillRunError, CheckpointStorageError) as e:
-        print(f"distill: {_one_line(e)}", file=sys.stderr)
+        print(f"distill: {one_line(e)}", file=sys.stderr)
         return 1
     print(json.dumps(record, indent=2))
     return 0

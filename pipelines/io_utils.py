@@ -145,3 +145,8 @@ def staged_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out_dir.parent)
+
+
+def one_line(e: BaseException | str) -> str:
+    """An exception (or text) as one line: whitespace runs, newlines included, become single spaces."""
+    return " ".join(str(e).split())

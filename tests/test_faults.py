@@ -311,7 +311,9 @@ def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
         errors = [line for _, line in first.lines if line.startswith("distill: ")]
         assert len(errors) == 1, first.tail()
         err = errors[0]
-        assert f"s3://{bucket}/ray/distill-" in err and "fix:" in err and "checkpoint storage error" in err, err
+        # Our upload check ("checkpoint storage error: ...") usually fires first; when the cut hits Ray's own
+        # controller snapshot first, the stage's line names the run's storage and the same storage fix.
+        assert f"s3://{bucket}/ray" in err and "fix:" in err and "ray.storage_path" in err, err
         keys = list_keys(c, bucket, "ray/")
         names = sorted({k.split("/")[1] for k in keys if k.split("/")[1].startswith("distill-")})
         assert len(names) == 1, keys
