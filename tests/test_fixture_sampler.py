@@ -31,7 +31,7 @@ class SigmaRecorder:
 
 @pytest.fixture(scope="module", params=FIXTURES)
 def fixture(request):
-    from conftest import FIXTURES_EDM, require_shared
+    from tests.conftest import FIXTURES_EDM, require_shared
 
     teacher_format = pytest.importorskip("ctm_core.teacher_format")
     pkl = require_shared(FIXTURES_EDM / f"{request.param}.pkl")
