@@ -128,7 +128,7 @@ def write_params(folder: Path, overrides: dict[str, Any] | None = None, *, name:
 
 def copy_repo(dst: Path) -> Path:
     """The repository's tracked and untracked-but-not-ignored files as a fresh one-commit git repo at ``dst`` (what
-    a clone holds; same recipe as tests/test_e2e_dvc.py ``_copy_repo``). Ignored data/, artifacts/, ray_results/,
+    a clone holds; also used by tests/test_e2e_dvc.py). Ignored data/, artifacts/, ray_results/,
     .dvc/cache and .venv stay behind."""
     import shutil
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest_remote import copy_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,20 +34,6 @@ def _merge(base: dict, over: dict) -> dict:
     return base
 
 
-def _copy_repo(dst: Path) -> None:
-    """The repository's tracked and untracked-but-not-ignored files, as a fresh git repo (what a clone holds)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "snapshot"]):
-        subprocess.run(cmd, cwd=dst, check=True)
-
-
 def _env(repo: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_"))}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -59,7 +46,7 @@ def _env(repo: Path) -> dict[str, str]:
 def test_dvc_repro_end_to_end(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    _copy_repo(repo)
+    copy_repo(repo)  # tracked + untracked-not-ignored files as a one-commit repo: what a clone holds
     params = yaml.safe_load((repo / "params.yaml").read_text())
     _merge(params, TINY)
     params["ray"]["temp_dir"] = f"/tmp/ray_e2e{os.getpid()}"
