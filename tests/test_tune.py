@@ -292,3 +292,75 @@ def test_quality_probe_matches_evaluate_protocol(tiny_setup, tmp_path):
 
     bad = probe(types.SimpleNamespace(model=Diverged(), emas={}))
     assert bad["fd_nfe1_nonfinite"] == 1.0 and math.isfinite(bad["fd_nfe1"]) and bad["fd_nfe1"] > got["fd_nfe1"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_tune_stage_resumes_its_experiment(tiny_setup, tmp_path):
+    """SIGKILL `python -m pipelines.tune` (its whole process group, as killing `dvc repro` does) once the first trial
+    has a complete checkpoint; the re-run prints that it resumes the same Tune experiment, finishes both trials and
+    leaves exactly one parent MLflow run with two nested runs (no duplicates)."""
+    import signal
+    import subprocess
+
+    import mlflow
+
+    root = tiny_setup
+    temp_dir = f"/tmp/ray_tk{os.getpid()}"
+    storage = tmp_path / "ray_results"
+    tune_cfg = {**TINY["tune"], "steps": 6, "scheduler": {**TINY["tune"]["scheduler"], "max_t": 6}}
+    params_file = _write_params(
+        tmp_path / "params.yaml", **{**TINY, "tune": tune_cfg},
+        ray={"num_workers": 1, "cpus_per_worker": 1.0, "num_cpus": 4, "max_failures": 0, "storage_path": str(storage),
+             "temp_dir": temp_dir, "dashboard_port": _free_port()})
+    out = tmp_path / "best_params.yaml"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_"))}
+    env.update(MLFLOW_TRACKING_URI=uri, DVC_ROOT=str(tmp_path), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pipelines.tune", "--params", str(params_file), "--data", str(root / "prepared"),
+           "--teacher", str(root / "teacher"), "--out", str(out)]
+
+    def complete_checkpoints() -> list[Path]:
+        return sorted(storage.rglob("checkpoint_*/complete.json")) if storage.exists() else []
+
+    try:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+        deadline = time.time() + 300
+        while not complete_checkpoints() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert first.poll() is None, "the search ended before it could be killed (make the trials longer)"
+        assert complete_checkpoints(), "no trial checkpoint within 300 s"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        t_kill = time.time()
+        killed_with = len(complete_checkpoints())
+        for pid in _ray_processes(temp_dir):  # the local Ray the killed driver started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert not out.exists()
+
+        second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        recovery_s = time.time() - t_kill
+        assert second.returncode == 0, second.stderr[-4000:]
+        assert "tune: resuming the Tune experiment" in second.stderr, second.stderr[-4000:]
+        raw = yaml.safe_load(out.read_text())
+        assert raw["tuned"] is True and math.isfinite(raw["value"])
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        parent = client.get_run(raw["mlflow_parent_run_id"])
+        children = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert len(children) == 2, [c.data.tags for c in children]
+        parents = client.search_runs([parent.info.experiment_id], filter_string="tags.`ctm.stage` = 'tune'")
+        assert len({r.data.tags.get("mlflow.parentRunId", r.info.run_id) for r in parents}) == 1
+        print(f"FAULT kill -9 tune stage after {killed_with} complete trial checkpoint(s); re-run resumed the "
+              f"experiment and finished in {recovery_s:.1f} s", file=sys.stderr)
+    finally:
+        for pid in _ray_processes(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
