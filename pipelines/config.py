@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 __all__ = [
     "DataParams",
@@ -269,6 +269,9 @@ class ReferenceParams(_Section):
     splits: list[Literal["train", "heldout"]] = Field(default_factory=lambda: ["train", "heldout"], min_length=1)
 
 
+PROTOCOL_NUM_SAMPLES = {"inception": 50_000, "classifier": 1_000}  # evaluate.num_samples when null
+
+
 class EvaluateParams(_Section):
     """`evaluate` stage: student at each NFE × gamma, teacher Heun at `teacher_nfe`, Fréchet distance."""
 
@@ -276,7 +279,7 @@ class EvaluateParams(_Section):
     gammas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1)
     teacher_nfe: int = Field(35, ge=1)  # Heun: NFE = 2·steps − 1 (35 ↔ 18 steps)
     teacher_euler_nfe: int = Field(1, ge=1)  # the 1-step Euler baseline of the acceptance criterion
-    num_samples: int = Field(1000, ge=2)  # images per FD estimate
+    num_samples: int = Field(1000, ge=2)  # images per FD estimate; null/absent = the protocol's default (below)
     batch: int = Field(250, ge=1)
     seed_start: int = Field(0, ge=0)  # image i uses seed seed_start + i (EDM generate.py style)
     grid_size: int = Field(8, ge=1)  # PNG grids are grid_size × grid_size
@@ -288,6 +291,16 @@ class EvaluateParams(_Section):
     cache_dir: str = ".cache/fid"  # fetched weights / reference files and computed reference statistics
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_num_samples(cls, data: Any) -> Any:
+        """`num_samples: null` (or absent) = the feature space's protocol: 50,000 images for the Inception FID (EDM
+        fid.py `--num 50000`, the number papers report), 1,000 for the digits classifier's FD."""
+        if isinstance(data, dict) and data.get("num_samples") is None:
+            data = {**data, "num_samples": (PROTOCOL_NUM_SAMPLES["inception"] if data.get("features") == "inception"
+                                            else PROTOCOL_NUM_SAMPLES["classifier"])}
+        return data
 
 
 class LikelihoodParams(_Section):

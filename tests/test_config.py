@@ -307,3 +307,17 @@ def test_sections_map_onto_ctm_core_train_configs():
     assert ctm.run.batch_size * p.ray.num_workers == p.distill.batch and ctm.ema.eval_rates == (0.99, 0.999)
     edm = tc.EDMTrainConfig.from_dict(teacher_train_config(p.teacher.train))
     assert (edm.run.total_steps, edm.optim.name, edm.edm.P_mean) == (p.teacher.train.steps, "adam", -1.2)
+
+
+def test_evaluate_num_samples_follows_the_protocol():
+    """`evaluate.num_samples: null` (the default params.yaml) = 1,000 for the digits classifier's FD and 50,000 for
+    the Inception FID (EDM fid.py); an explicit value always wins."""
+    from pipelines.config import PROTOCOL_NUM_SAMPLES
+
+    assert yaml.safe_load(PARAMS.read_text())["evaluate"]["num_samples"] is None
+    assert load_params(PARAMS, check_env=False).evaluate.num_samples == PROTOCOL_NUM_SAMPLES["classifier"] == 1000
+    inception = load_params(PARAMS, {"evaluate": {"features": "inception"}}, check_env=False)
+    assert inception.evaluate.num_samples == PROTOCOL_NUM_SAMPLES["inception"] == 50_000
+    assert inception.section("evaluate")["num_samples"] == 50_000  # the stage's params hash sees the real value
+    explicit = load_params(PARAMS, {"evaluate": {"features": "inception", "num_samples": 10_000}}, check_env=False)
+    assert explicit.evaluate.num_samples == 10_000
