@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from pipelines.config import Params, ParamsError, load_params, resolve_path
+from pipelines.io_utils import one_line
 
 __all__ = [
     "FIDSetup",
@@ -99,10 +100,6 @@ class FIDSetup:
     reference: ReferenceInfo
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:600]
-
-
 # --- images -----------------------------------------------------------------------------------------------------------
 def levels_to_uint8(levels: np.ndarray | torch.Tensor, num_levels: int) -> torch.Tensor:
     """Prepared integer levels (N, C, H, W) in 0..L−1 → the uint8 images a generator would save for those pixels.
@@ -132,12 +129,12 @@ def load_inception(params: Params, *, progress: bool = False) -> tuple[torch.nn.
         path = fetch(source, cache, sha256=inc.sha256, progress=progress)
         digest = recorded_sha256(path)
     except (FetchError, ValueError, OSError) as e:
-        raise FIDSetupError(f"evaluate.inception.source: {_one_line(e)}") from None
+        raise FIDSetupError(f"evaluate.inception.source: {one_line(e, limit=600)}") from None
     try:
         model = FIDInception.from_file(path, expected_sha256=digest)
     except (ValueError, RuntimeError, OSError) as e:  # not a state_dict / wrong keys / wrong shapes
         raise FIDSetupError(f"evaluate.inception.source: {path.name} is not a FID Inception-v3 state_dict "
-                            f"(pytorch-fid layout): {_one_line(e)}") from None
+                            f"(pytorch-fid layout): {one_line(e, limit=600)}") from None
     return model, digest, path
 
 
@@ -178,7 +175,7 @@ def reference_from_file(source: str, sha256: str, cache_dir: str | Path, *, dim:
         digest = recorded_sha256(path)
         ref = load_reference_stats(path, expected_sha256=digest)
     except (FetchError, ValueError, OSError) as e:
-        raise FIDSetupError(f"evaluate.reference.source: {_one_line(e)}") from None
+        raise FIDSetupError(f"evaluate.reference.source: {one_line(e, limit=600)}") from None
     _check_reference(f"evaluate.reference.source: {Path(path).name}", ref.mu, ref.sigma, dim)
     return ReferenceInfo(mu=ref.mu, sigma=ref.sigma, sha256=digest, source=source, path=Path(path),
                          num_images=ref.num_images, cached=True, kid_features=None)
@@ -218,7 +215,7 @@ def reference_from_data(
                                  num_images=ref.num_images, cached=True, kid_features=kid_feats, splits=splits,
                                  data_hash=dhash, key=key)
         except (ValueError, OSError, KeyError) as e:
-            print(f"fid_reference: cached statistics {path} are unusable ({_one_line(e)}); recomputing",
+            print(f"fid_reference: cached statistics {path} are unusable ({one_line(e, limit=600)}); recomputing",
                   file=sys.stderr)
     num_levels = int(card["image"]["num_levels"])
     images = np.concatenate([load_prepared(data, s)[0] for s in splits])  # (N, C, H, W) levels
@@ -294,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         s = setup_inception_fid(params, card, args.data, device=dev, progress=not args.no_progress)
     except (ParamsError, FIDSetupError, FileNotFoundError, ValueError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e, limit=600)}", file=sys.stderr)
         return 2
     r = s.reference
     print(json.dumps({"path": str(r.path), "sha256": r.sha256, "num_images": r.num_images, "cached": r.cached,

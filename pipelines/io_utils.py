@@ -147,6 +147,8 @@ def staged_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     _fsync_dir(out_dir.parent)
 
 
-def one_line(e: BaseException | str) -> str:
-    """An exception (or text) as one line: whitespace runs, newlines included, become single spaces."""
-    return " ".join(str(e).split())
+def one_line(e: BaseException | str, limit: int | None = None) -> str:
+    """An exception (or text) as one line: whitespace runs, newlines included, become single spaces; at most
+    `limit` characters when given."""
+    line = " ".join(str(e).split())
+    return line if limit is None else line[:limit]

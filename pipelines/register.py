@@ -41,7 +41,7 @@ from typing import Any
 
 from pipelines.config import Params, ParamsError, load_params, params_hash
 from pipelines.gate import Decision, Evidence, decide, metric_noise, read_protocol
-from pipelines.io_utils import atomic_write_json, json_dumps, read_json
+from pipelines.io_utils import atomic_write_json, json_dumps, one_line, read_json
 
 __all__ = ["MODEL_ARTIFACT_NAME", "RegisterError", "decide", "main", "read_eval", "run"]
 
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = run(params, args.student, args.eval_dir, args.out)
     except (RegisterError, MlflowException, ValueError, OSError) as e:
-        print(f"register: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"register: {one_line(e)}", file=sys.stderr)
         return 1
     line = (f"register: {record['model_name']} v{record['version']} -> {record['decision']} "
             f"({record['reason']}); aliases {record['aliases']}")

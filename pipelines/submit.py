@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.io_utils import one_line
+
 __all__ = ["build_runtime_env", "find_auth_token", "submission_id", "submit_job"]
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -170,7 +172,7 @@ def _make_client(address: str, params: Any):
     try:
         client = JobSubmissionClient(address, headers=headers)
     except Exception as e:  # noqa: BLE001 - re-raised as one clear line
-        msg = " ".join(str(e).split())
+        msg = one_line(e)
         if "401" in msg or "403" in msg or "nauthorized" in msg or "orbidden" in msg:
             raise RuntimeError(
                 f"ray job submit: {address} refused authentication (token from {source}) (fix: set RAY_AUTH_TOKEN "
