@@ -18,6 +18,8 @@ import pytest
 import yaml
 import torch
 
+from tests.conftest import write_tiny_nets
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_EVAL = {
@@ -43,24 +45,12 @@ def _params(overrides=TINY_EVAL):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from ctm_core.precond import EDMPrecond
-    from ctm_core.student import CTMStudent
-    from ctm_core.student_format import save_student
-    from ctm_core.teacher_format import save_teacher
     from pipelines.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("evaluate")
     data = root / "prepared"
     prepare_dataset("sklearn-digits", None, data, heldout_fraction=0.1, seed=0, shard_size=4096, progress=False)
-    torch.manual_seed(0)
-    teacher = EDMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
-                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
-    with torch.no_grad():  # EDM zero-initialises the output conv (D = c_skip·x): perturb so the nets do something
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_teacher("EDMPrecond", teacher.init_kwargs, teacher.state_dict(), root / "teacher")
-    student = CTMStudent.from_teacher(teacher)
-    save_student(root / "student", student.init_kwargs, {"online": student.state_dict()})
+    write_tiny_nets(root)
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.setenv("DVC_ROOT", str(root))  # MLflow artifacts (mlruns/) next to the test DB, not in the repo

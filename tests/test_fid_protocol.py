@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import write_tiny_nets
+
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 12
 
@@ -53,10 +55,6 @@ def fid_setup(tmp_path_factory):
     from PIL import Image
 
     from ctm_core.inception import FIDInception
-    from ctm_core.precond import EDMPrecond
-    from ctm_core.student import CTMStudent
-    from ctm_core.student_format import save_student
-    from ctm_core.teacher_format import save_teacher
     from pipelines.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("fid")
@@ -72,15 +70,7 @@ def fid_setup(tmp_path_factory):
     card = prepare_dataset("imagefolder", folder, data, heldout_fraction=0.25, seed=0, shard_size=64, progress=False)
     assert card["labels"]["label_dim"] == 0 and card["image"]["num_levels"] == 256
 
-    torch.manual_seed(0)
-    teacher = EDMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
-                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
-    with torch.no_grad():  # EDM zero-initialises the output conv: perturb so the nets do something
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_teacher("EDMPrecond", teacher.init_kwargs, teacher.state_dict(), root / "teacher")
-    student = CTMStudent.from_teacher(teacher)
-    save_student(root / "student", student.init_kwargs, {"online": student.state_dict()})
+    write_tiny_nets(root)
 
     weights = root / "pt_inception-random.pth"
     torch.save(FIDInception(random_init=True, generator=torch.Generator().manual_seed(0)).state_dict(), weights)

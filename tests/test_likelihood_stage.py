@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import write_tiny_nets
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_LIK = {
@@ -30,23 +32,6 @@ def _params(overrides=TINY_LIK):
     return load_params(ROOT / "params.yaml", overrides=overrides, check_env=False)
 
 
-def _nets(root: Path) -> None:
-    from ctm_core.precond import EDMPrecond
-    from ctm_core.student import CTMStudent
-    from ctm_core.student_format import save_student
-    from ctm_core.teacher_format import save_teacher
-
-    torch.manual_seed(0)
-    teacher = EDMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
-                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
-    with torch.no_grad():  # EDM zero-initialises the output conv (D = c_skip·x): perturb so the nets do something
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_teacher("EDMPrecond", teacher.init_kwargs, teacher.state_dict(), root / "teacher")
-    student = CTMStudent.from_teacher(teacher)
-    save_student(root / "student", student.init_kwargs, {"online": student.state_dict()})
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from pipelines.prepare import prepare_dataset
@@ -54,7 +39,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("likelihood")
     data = root / "prepared"
     prepare_dataset("sklearn-digits", None, data, heldout_fraction=0.1, seed=0, shard_size=4096, progress=False)
-    _nets(root)
+    write_tiny_nets(root)
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.setenv("DVC_ROOT", str(root))  # MLflow artifacts (mlruns/) next to the test DB, not in the repo
@@ -140,7 +125,7 @@ def test_runs_on_unlabelled_data(tmp_path, monkeypatch, capsys):
     card = prepare_dataset("imagefolder", folder, tmp_path / "prepared", heldout_fraction=0.25, seed=0,
                            shard_size=64, progress=False)
     assert card["labels"]["label_dim"] == 0 and card["image"]["num_levels"] == 256
-    _nets(tmp_path)
+    write_tiny_nets(tmp_path)
     s = {"data": tmp_path / "prepared", "teacher": tmp_path / "teacher", "student": tmp_path / "student"}
     with pytest.raises(InputError, match="no class labels"):  # the evaluate stage's classifier features
         check_inputs(_params({"evaluate": {"features": "classifier"}}), s["data"], s["teacher"], s["student"])

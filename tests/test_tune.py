@@ -25,6 +25,8 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import write_tiny_nets
+
 ROOT = Path(__file__).resolve().parents[1]
 LR_GOOD, LR_BAD = 1.0e-4, 1.0e3
 
@@ -126,20 +128,12 @@ def test_max_concurrent_from_resources():
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from ctm_core.precond import EDMPrecond
-    from ctm_core.teacher_format import save_teacher
     from pipelines.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("tune")
     prepare_dataset("sklearn-digits", None, root / "prepared", heldout_fraction=0.1, seed=0, shard_size=4096,
                     progress=False)
-    torch.manual_seed(0)
-    teacher = EDMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
-                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
-    with torch.no_grad():  # EDM zero-initialises the output conv: perturb so the nets do something
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_teacher("EDMPrecond", teacher.init_kwargs, teacher.state_dict(), root / "teacher")
+    write_tiny_nets(root, student=False)
     return root
 
 
