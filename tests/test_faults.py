@@ -110,6 +110,18 @@ def test_kill_train_worker_restarts_from_checkpoint(ray_head, inputs, tmp_path):
     register_checkpoints(tmp_path / "ray_results")
 
 
+def _rerun_until_done(cmd: list[str], env: dict[str, str], log: Path, **kw) -> tuple[Proc, float, int, int]:
+    """Run the stage again: (process, time of its "resumed from step N" line, N, exit code)."""
+    proc = Proc(cmd, env, log=log, **kw)
+    try:
+        res = proc.wait_for(r"resumed from step (\d+)", timeout=240)
+        assert res is not None, proc.tail()
+        rc = proc.finish(timeout=240)
+    finally:
+        proc.kill()
+    return proc, res[0], int(res[1][1]), rc
+
+
 def _wait_first_checkpoint(proc: Proc, runs_dir: Path, timeout: float = 240) -> None:
     """Until the controller registered a checkpoint (snapshot written) and the next interval is under way."""
     deadline = time.monotonic() + timeout
@@ -169,14 +181,8 @@ def test_kill_dvc_repro_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
     stale = json.loads(rwlock.read_text()) if rwlock.is_file() else {}
     stale_entries = sum(len(v) for v in stale.values()) if isinstance(stale, dict) else 0
 
-    second = Proc([*dvc, "repro", "distill"], env, cwd=repo, log=tmp_path / "repro2.log")
-    try:
-        res = second.wait_for(r"resumed from step (\d+)", timeout=240)
-        assert res is not None, second.tail()
-        t_resumed, resumed = res[0], int(res[1][1])
-        rc = second.finish(timeout=240)
-    finally:
-        second.kill()
+    second, t_resumed, resumed, rc = _rerun_until_done([*dvc, "repro", "distill"], env, tmp_path / "repro2.log",
+                                                       cwd=repo)
     out = second.text()
     assert rc == 0, second.tail()
     lock_cleared = "had been killed. Auto removed it from the lock file" in out
@@ -323,14 +329,7 @@ def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
         killed_at = max(_steps_by_pid(first).values())
 
         proxy.start()  # the server is back: run the stage again
-        second = Proc(cmd, env, log=tmp_path / "distill2.log")
-        try:
-            res = second.wait_for(r"resumed from step (\d+)", timeout=240)
-            assert res is not None, second.tail()
-            t_resumed, resumed = res[0], int(res[1][1])
-            rc2 = second.finish(timeout=240)
-        finally:
-            second.kill()
+        second, t_resumed, resumed, rc2 = _rerun_until_done(cmd, env, tmp_path / "distill2.log")
     finally:
         proxy.stop()
     assert rc2 == 0, second.tail()
