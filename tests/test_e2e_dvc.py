@@ -35,7 +35,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _env(repo: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_"))}
+    # PYTHONDONTWRITEBYTECODE dropped too: a user's Python writes __pycache__/ into ctm_core/, a directory dependency
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_")) and k != "PYTHONDONTWRITEBYTECODE"}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(repo)
     env["OMP_NUM_THREADS"] = "1"
