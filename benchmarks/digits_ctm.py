@@ -1,7 +1,7 @@
 """CTM distillation on sklearn's 8x8 digits, on CPU: EDM teacher -> CTM student, compared by Fréchet distance.
 
 Steps: (1) scale ``sklearn.datasets.load_digits`` (values 0..16) to [-1, 1] as (B, 1, 8, 8); (2) train a toy MLP EDM
-denoiser (``ctm_core.toy.ToyEDMDenoiser``) with ``EDMTrainer``; (3) distill a ``ToyCTMStudent`` (initialized from
+denoiser (``ctm_core.nets.toy.ToyEDMDenoiser``) with ``EDMTrainer``; (3) distill a ``ToyCTMStudent`` (initialized from
 the teacher's EMA, s-branch fresh) with ``CTMTrainer`` (CTM l2 + DSM); (4) train a small sklearn MLP classifier on the
 data and compute the Fréchet distance between the hidden-layer features of generated samples and of the data, for:
 student 1-step and 2-step (γ = 0), teacher 1-step Euler (= D(x_T; σ_max)) and teacher 35-NFE Heun (EDM sampler,
@@ -33,11 +33,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Fréchet distance between the Gaussians fitted to two feature sets (ctm_core.metrics; Heusel et al. 2017).
+    """Fréchet distance between the Gaussians fitted to two feature sets (ctm_core.eval.metrics; Heusel et al. 2017).
 
     Dead ReLU units make the covariances singular: the symmetric-eigendecomposition form is used."""
-    from ctm_core.metrics import feature_statistics
-    from ctm_core.metrics import frechet_distance as fd
+    from ctm_core.eval.metrics import feature_statistics
+    from ctm_core.eval.metrics import frechet_distance as fd
 
     return fd(*feature_statistics(f1), *feature_statistics(f2), method="eigh")
 
@@ -63,11 +63,11 @@ def main(argv=None) -> None:
     from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
 
-    from ctm_core.edm_training import EDMTrainer
-    from ctm_core.samplers import edm_sampler, gamma_sampler
-    from ctm_core.toy import ToyCTMStudent, ToyEDMDenoiser
-    from ctm_core.train_config import CTMTrainConfig, EDMTrainConfig
-    from ctm_core.trainer import CTMTrainer, TensorDataSource
+    from ctm_core.training.edm_training import EDMTrainer
+    from ctm_core.diffusion.samplers import edm_sampler, gamma_sampler
+    from ctm_core.nets.toy import ToyCTMStudent, ToyEDMDenoiser
+    from ctm_core.training.train_config import CTMTrainConfig, EDMTrainConfig
+    from ctm_core.training.trainer import CTMTrainer, TensorDataSource
 
     torch.set_num_threads(args.threads)
     t_start = time.time()

@@ -25,7 +25,7 @@ floor in images/s is B / floor(step).
 
 Settings: ``fp32_eager`` (plain fp32, torch's default TF32 flags), ``bf16_eager`` (bf16 autocast + channels_last),
 ``bf16_compiled`` (bf16 + channels_last + torch.compile of student, target and teacher). The fast training
-step runs ``ctm_core.trainer.CTMTrainer.train_step`` in the fastest settings (``bf16_compiled`` unless turned off
+step runs ``ctm_core.training.trainer.CTMTrainer.train_step`` in the fastest settings (``bf16_compiled`` unless turned off
 or the compile fails or exceeds ``--compile-timeout-s``; then ``bf16_eager``); the naive step is the same trainer
 in fp32 eager. To compare with the floor at E[k], every timed repeat is one cycle of 3 steps whose k values
 average exactly (2K+1)/3 (for K = 17: 12, 12, 11); the trainer's k sampler is replaced for this only.
@@ -61,12 +61,12 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ctm_core.ema import frozen_copy  # noqa: E402
-from ctm_core.presets import build_preset  # noqa: E402
-from ctm_core.samplers import edm_sampler, gamma_sampler  # noqa: E402
-from ctm_core.student import CTMStudent  # noqa: E402
-from ctm_core.train_config import CTMTrainConfig  # noqa: E402
-from ctm_core.trainer import CTMTrainer, TensorDataSource  # noqa: E402
+from ctm_core.training.ema import frozen_copy  # noqa: E402
+from ctm_core.nets.presets import build_preset  # noqa: E402
+from ctm_core.diffusion.samplers import edm_sampler, gamma_sampler  # noqa: E402
+from ctm_core.nets.student import CTMStudent  # noqa: E402
+from ctm_core.training.train_config import CTMTrainConfig  # noqa: E402
+from ctm_core.training.trainer import CTMTrainer, TensorDataSource  # noqa: E402
 
 # A tiny SongUNet for CPU smoke runs (shapes as in tests/test_student.py).
 TINY_OVERRIDES = dict(img_resolution=16, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
@@ -341,7 +341,7 @@ class Bench:
         data = (torch.rand(4 * batch, student.img_channels, R, R, generator=self.gen) * 2 - 1).to(self.device)
         lpips = None
         if self.args.distance == "lpips":
-            from ctm_core.lpips import LPIPS
+            from ctm_core.gan.lpips import LPIPS
             lpips = LPIPS(random_init=True, generator=torch.Generator().manual_seed(0))
             lpips = lpips.to(self.device).eval().requires_grad_(False)
         tr = CTMTrainer(cfg, student, teacher, TensorDataSource(data, batch_size=batch, seed=self.args.seed),
@@ -799,7 +799,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="benchmarks/results", help="folder for <card>-<date>.json")
-    p.add_argument("--arch", default="edm-cifar10-32x32-uncond-vp", help="ctm_core.presets name (random weights)")
+    p.add_argument("--arch", default="edm-cifar10-32x32-uncond-vp", help="ctm_core.nets.presets name (random weights)")
     p.add_argument("--tiny", action="store_true", help="tiny SongUNet (16x16, 16 channels) for CPU tests")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="training batch per GPU (default 128; --tiny: 8)")

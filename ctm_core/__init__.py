@@ -4,20 +4,20 @@ Importing this package touches no disk, network or tracking server, and imports 
 The public API below is a contract: tests and pipelines outside the package call these names.
 """
 
-from ctm_core.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
-from ctm_core.likelihood import bits_per_dim, log_likelihood
-from ctm_core.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
-from ctm_core.presets import PRESETS, build_preset
-from ctm_core.samplers import (
+from ctm_core.io.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
+from ctm_core.diffusion.likelihood import bits_per_dim, log_likelihood
+from ctm_core.nets.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
+from ctm_core.nets.presets import PRESETS, build_preset
+from ctm_core.diffusion.samplers import (
     StackedRandomGenerator,
     edm_sampler,
     gamma_sampler,
     student_as_denoiser,
     student_heun_sampler,
 )
-from ctm_core.schedules import karras_sigmas
-from ctm_core.student import CTMStudent
-from ctm_core.teacher_format import convert_edm_pickle, load_edm_checkpoint, read_teacher, save_teacher
+from ctm_core.diffusion.schedules import karras_sigmas
+from ctm_core.nets.student import CTMStudent
+from ctm_core.io.teacher_format import convert_edm_pickle, load_edm_checkpoint, read_teacher, save_teacher
 
 __all__ = [
     "CTMStudent",

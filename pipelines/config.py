@@ -56,7 +56,7 @@ __all__ = [
 
 SHA256_RE = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
 URI_SCHEMES = ("https", "s3", "file")
-# Fallback when pipelines.fetch is not importable; the names of EDM_FACTS A3.1 (NVlabs/edm README.md:67-70).
+# Fallback when pipelines.support.fetch is not importable; the names of EDM_FACTS A3.1 (NVlabs/edm README.md:67-70).
 _RELEASES_FALLBACK = (
     "edm-cifar10-32x32-cond-vp", "edm-cifar10-32x32-cond-ve", "edm-cifar10-32x32-uncond-vp",
     "edm-cifar10-32x32-uncond-ve", "edm-ffhq-64x64-uncond-vp", "edm-ffhq-64x64-uncond-ve",
@@ -112,7 +112,7 @@ class DataParams(_Section):
 
 
 class TeacherModelParams(_Section):
-    """Constructor kwargs of the teacher's inner UNet (`ctm_core.networks`, CONTRACTS.md)."""
+    """Constructor kwargs of the teacher's inner UNet (`ctm_core.nets.networks`, CONTRACTS.md)."""
 
     model_type: Literal["SongUNet", "DhariwalUNet"] = "SongUNet"
     model_channels: int = Field(32, ge=1)
@@ -254,7 +254,7 @@ FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb
 
 
 class InceptionParams(_Section):
-    """FID Inception-v3 weights (`evaluate.features: inception`), fetched through pipelines.fetch, sha256-pinned."""
+    """FID Inception-v3 weights (`evaluate.features: inception`), fetched through pipelines.support.fetch, sha256-pinned."""
 
     source: str = FID_WEIGHTS_URL  # https:// | s3:// | file:// URI or a local path (.pth state_dict / .safetensors)
     sha256: str | None = FID_WEIGHTS_SHA256  # 64 hex digits, or 'record' (fetch once, print the digest to pin)
@@ -631,7 +631,7 @@ def _check_cross(p: Params) -> None:
 
 
 def _check_file_source(key: str, value: str) -> None:
-    """An https:// / s3:// / file:// URI or a local path (what pipelines.fetch accepts besides release names)."""
+    """An https:// / s3:// / file:// URI or a local path (what pipelines.support.fetch accepts besides release names)."""
     _require(bool(value.strip()), key, "must be an https://, s3:// or file:// URI or a local path, got ''")
     if "://" in value:
         scheme = urllib.parse.urlparse(value).scheme.lower()
@@ -670,7 +670,7 @@ def _check_evaluate_fid(ev: EvaluateParams) -> None:
 
 def _release_names() -> set[str]:
     try:
-        from pipelines.fetch import KNOWN_RELEASES
+        from pipelines.support.fetch import KNOWN_RELEASES
     except ImportError:
         return set(_RELEASES_FALLBACK)
     return set(KNOWN_RELEASES)
@@ -780,7 +780,7 @@ def params_hash(section: Any) -> str:
 
 
 def distill_train_config(d: DistillParams, num_workers: int = 1) -> dict[str, Any]:
-    """`distill` → `ctm_core.train_config.CTMTrainConfig.from_dict(...)` input for every rank of `num_workers`.
+    """`distill` → `ctm_core.training.train_config.CTMTrainConfig.from_dict(...)` input for every rank of `num_workers`.
 
     `run.batch_size` is the per-rank share (`distill.batch // num_workers`): the trainer assembles the global
     batch from `num_workers` draws of the shared data source, runs the microbatches i ≡ rank (mod num_workers) and
@@ -798,7 +798,7 @@ def distill_train_config(d: DistillParams, num_workers: int = 1) -> dict[str, An
 
 
 def teacher_train_config(t: TeacherTrainParams) -> dict[str, Any]:
-    """`teacher.train` → `ctm_core.train_config.EDMTrainConfig.from_dict(...)` input (single process)."""
+    """`teacher.train` → `ctm_core.training.train_config.EDMTrainConfig.from_dict(...)` input (single process)."""
     return {
         "edm": {"P_mean": t.P_mean, "P_std": t.P_std, "sigma_data": t.sigma_data},
         "optim": {"name": "adam", "lr": t.lr, "lr_warmup_steps": t.lr_warmup_steps},

@@ -9,7 +9,7 @@ RAY_ADDRESS there and it joins that cluster); without an address it starts a loc
 Resumption: the Ray run name is ``distill-<hash of the distill section, data and teacher>`` and lives under
 ``ray.storage_path``, so re-running the stage after a kill (or a dead worker, through ``FailureConfig``) continues
 from the last reported checkpoint instead of starting over (STACK_FACTS §1.4). The checkpoint holds the whole
-trainer state (ctm_core.trainer), so the resumed run ends with the same weights.
+trainer state (ctm_core.training.trainer), so the resumed run ends with the same weights.
 
 Data parallelism: every worker reads the full prepared train split through Ray Data (``read_parquet`` +
 ``get_dataset_shard``; the split is not sharded so every rank sees the same global batches), sorts it by the
@@ -18,16 +18,16 @@ keyed by (seed, step, microbatch), so a microbatch's noise, k, t, s and dropout 
 and gradients are summed across ranks with ``all_reduce``: W workers compute the same update as 1 worker, up to
 float summation order (adaptive weights are per microbatch in both cases, as in the official code).
 
-Outputs (``--out``, written atomically): the student folder of ``ctm_core.student_format`` (online + eval-EMA
+Outputs (``--out``, written atomically): the student folder of ``ctm_core.io.student_format`` (online + eval-EMA
 weights) and ``run.json`` (MLflow run id, Ray run name and storage, final checkpoint path, last metrics).
 
-Checkpoints you can trust (``pipelines.checkpoints``): rank 0 reports through ``persist_checkpoint_verified`` (Ray's
+Checkpoints you can trust (``pipelines.support.checkpoints``): rank 0 reports through ``persist_checkpoint_verified`` (Ray's
 upload, checked file by file, then a ``complete.json`` marker written last); a failed check raises
 ``CheckpointStorageError`` inside ``ray.train.report``, so Ray never registers that checkpoint; ``FailureConfig``
 retries, and when the run gives up the stage exits 1 with that one line. On every (re)start the workers resume from
 the newest checkpoint whose files match its marker, skipping half-written ones.
 
-Inputs on S3 (``pipelines.remote_inputs``): ``--data s3://.../prepared`` and ``--teacher s3://.../teacher`` are
+Inputs on S3 (``pipelines.support.remote_inputs``): ``--data s3://.../prepared`` and ``--teacher s3://.../teacher`` are
 downloaded and verified before Ray starts (``ray job submit --working-dir .`` never uploads data/ or artifacts/); Ray
 Data then reads the card's train shards from S3 and the workers get the verified teacher bytes through the object
 store. The Ray run name is the same as for the same inputs on local disk.
@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.checkpoints import (  # noqa: F401 - re-exported: the stage's checkpoint API
+from pipelines.support.checkpoints import (  # noqa: F401 - re-exported: the stage's checkpoint API
     _STORAGE_FIX,
     CKPT_FILE,
     MARKER_FILE,
@@ -60,8 +60,8 @@ from pipelines.checkpoints import (  # noqa: F401 - re-exported: the stage's che
     storage_uri,
 )
 from pipelines.config import ParamsError, apply_trial, distill_train_config, load_params, params_hash
-from pipelines.io_utils import one_line
-from pipelines.remote_inputs import InputError, Inputs, resolve_inputs  # noqa: F401 - re-exported
+from pipelines.support.io_utils import one_line
+from pipelines.support.remote_inputs import InputError, Inputs, resolve_inputs  # noqa: F401 - re-exported
 
 __all__ = [
     "MARKER_FILE",
@@ -168,10 +168,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     import ray.train
-    from ctm_core.student import CTMStudent
-    from ctm_core.teacher_format import load_edm_checkpoint
-    from ctm_core.train_config import CTMTrainConfig
-    from ctm_core.trainer import CTMTrainer, TensorDataSource, derive_seed
+    from ctm_core.nets.student import CTMStudent
+    from ctm_core.io.teacher_format import load_edm_checkpoint
+    from ctm_core.training.train_config import CTMTrainConfig
+    from ctm_core.training.trainer import CTMTrainer, TensorDataSource, derive_seed
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -284,8 +284,8 @@ def _resume(trainer, storage, rank: int, distributed: bool) -> None:
 class _QualityProbe:
     """Optional hook of the tune stage (``config["quality"]``): ``fd_nfe1`` at every report, on rank 0.
 
-    ``quality`` = {"dir": folder with ``classifier/`` (``ctm_core.feature_classifier``) and ``reference_stats.npz``
-    (``ctm_core.metrics.save_reference_stats``), both written by ``pipelines.tune``; "classifier_sha256",
+    ``quality`` = {"dir": folder with ``classifier/`` (``ctm_core.eval.classifier``) and ``reference_stats.npz``
+    (``ctm_core.eval.metrics.save_reference_stats``), both written by ``pipelines.tune``; "classifier_sha256",
     "reference_sha256": their expected digests; "num_samples", "batch", "seed": image i uses seed ``seed + i``;
     "ema": None (online weights) or an ``eval_emas`` rate}. The samples are made exactly as the evaluate stage
     makes its ``fd_nfe1`` (1-step γ=0 jump, ``pipelines.evaluate.sample_method``), clamped and quantised to the
@@ -295,8 +295,8 @@ class _QualityProbe:
     """
 
     def __init__(self, quality: dict[str, Any], card: dict[str, Any], device):
-        from ctm_core.feature_classifier import load_classifier
-        from ctm_core.metrics import load_reference_stats
+        from ctm_core.eval.classifier import load_classifier
+        from ctm_core.eval.metrics import load_reference_stats
 
         folder = Path(quality["dir"])
         self.classifier = load_classifier(folder / "classifier", quality.get("classifier_sha256"))
@@ -313,8 +313,8 @@ class _QualityProbe:
     def __call__(self, trainer) -> dict[str, float]:
         import torch
 
-        from ctm_core.feature_classifier import classifier_features
-        from ctm_core.metrics import feature_statistics, frechet_distance, images_to_levels
+        from ctm_core.eval.classifier import classifier_features
+        from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
         from pipelines.evaluate import Method, sample_method
 
         net = trainer.model if self.ema is None else trainer.emas[float(self.ema)]
@@ -375,15 +375,15 @@ def _distill_section(params, best_params: str | None):
     # Library features the Ray stage does not wire yet: refuse them here, before any work, not deep in a worker.
     if d.gan.enabled:
         raise ParamsError("distill.gan.enabled", "the GAN phase is not wired into the Ray stage yet, got true "
-                          "(fix: set it to false; ctm_core.gan / CTMTrainer(discriminator=...) provide it)")
+                          "(fix: set it to false; ctm_core.gan.objective / CTMTrainer(discriminator=...) provide it)")
     if d.distance == "lpips":
         raise ParamsError("distill.distance", "'lpips' needs VGG16 + LPIPS weights, which the stage does not fetch "
-                          "yet (fix: use l2 or pseudo_huber; ctm_core.lpips.LPIPS.from_files for library use)")
+                          "yet (fix: use l2 or pseudo_huber; ctm_core.gan.lpips.LPIPS.from_files for library use)")
     return d
 
 
 def _check_inputs(data_dir: Path, teacher_dir: Path) -> dict[str, Any]:
-    from ctm_core.teacher_format import load_edm_checkpoint
+    from ctm_core.io.teacher_format import load_edm_checkpoint
     from pipelines.prepare import load_card
 
     card = load_card(data_dir)  # names the missing stage output
@@ -415,11 +415,11 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
 
     import ray
     import ray.train
-    from ctm_core.student import CTMStudent
-    from ctm_core.student_format import ema_variant, save_student
-    from ctm_core.teacher_format import load_edm_checkpoint
-    from pipelines import ray_env, tracking
-    from pipelines.io_utils import read_json
+    from ctm_core.nets.student import CTMStudent
+    from ctm_core.io.student_format import ema_variant, save_student
+    from ctm_core.io.teacher_format import load_edm_checkpoint
+    from pipelines.support import ray_env, tracking
+    from pipelines.support.io_utils import read_json
 
     root = tracking.default_repo_root()
     d = _distill_section(params, best_params)
@@ -528,7 +528,7 @@ def _root_cause(e: BaseException) -> str:
 
 def _final_state(storage: str, name: str, registered) -> tuple[str, dict]:
     """The newest complete checkpoint of the run (checked against its marker) as (path, trainer state dict)."""
-    from ctm_core.trainer import load_checkpoint_file
+    from ctm_core.training.trainer import load_checkpoint_file
 
     fs, base = storage_fs(storage)
     run_path = f"{base.rstrip('/')}/{name}"
@@ -543,7 +543,7 @@ def _final_state(storage: str, name: str, registered) -> tuple[str, dict]:
 
 def _ema_state(emas_state: dict, rate: float) -> dict:
     """The state_dict of the EMA with ``rate`` out of an ``EMABank`` state_dict (one sub-module per rate)."""
-    from ctm_core.ema import EMABank
+    from ctm_core.training.ema import EMABank
 
     prefix = f"models.{EMABank.key(rate)}."
     sub = {k[len(prefix):]: v for k, v in emas_state.items() if k.startswith(prefix)}
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                           "workers": params.ray.num_workers}, indent=2))
         return 0
     if params.ray.submit and not os.environ.get("CTM_INSIDE_RAY_JOB"):
-        from pipelines.submit import submit_job  # blocks until the job ends, streaming its logs
+        from pipelines.support.submit import submit_job  # blocks until the job ends, streaming its logs
 
         return submit_job(params, "pipelines.distill", sys.argv[1:] if argv is None else argv)
     try:

@@ -6,14 +6,14 @@
 Protocol (section `evaluate` of params.yaml):
 
 * Feature space (`evaluate.features`):
-    - `classifier` (default, the offline digits run; needs labels): a `ctm_core.feature_classifier.SmallClassifier`
+    - `classifier` (default, the offline digits run; needs labels): a `ctm_core.eval.classifier.SmallClassifier`
       is trained on the prepared TRAIN split (`evaluate.classifier`: seeded, Adam; `steps` is turned into whole
       epochs, ceil(steps / batches per epoch)). Its held-out accuracy is reported. The Inception FID is
       meaningless on 8x8 grey digits: these Fréchet distances ("FD") are comparable only between runs with the same
       classifier (its weights' sha256 is in protocol.json). Reference statistics: float64 mean / unbiased
       covariance of the features of ALL real images (train + held-out split); `fd_heldout_vs_train` (held-out
       features against the train statistics) is the real-data floor at the held-out sample size.
-    - `inception`: FID on the field's protocol (`pipelines.fid_reference`: pinned pytorch-fid Inception-v3 pool3
+    - `inception`: FID on the field's protocol (`pipelines.support.fid_reference`: pinned pytorch-fid Inception-v3 pool3
       weights through the fetcher, EDM's uint8 images, reference statistics computed from the prepared data and
       cached, or a fetched npz such as EDM's cifar10-32x32.npz). Works on unlabelled data. The CIFAR-10 protocol
       is `num_samples: 50000` against the 50,000 training images (EDM fid.py:116). Weights and reference are
@@ -37,7 +37,7 @@ Protocol (section `evaluate` of params.yaml):
   so it OVERSTATES the noise of the full-size number: a conservative margin for promotion; both are also biased
   upwards against `<key>` by the smaller set size) and `<key>_min` (EDM's min-of-sets); and a basic
   bootstrap 95 % interval `<key>_ci_low/_ci_high` from `evaluate.num_bootstrap` resamples of the full set
-  (`ctm_core.metrics.fid_error_bars`). Each FD uses scipy's sqrtm (the protocol) when the set has more images than
+  (`ctm_core.eval.metrics.fid_error_bars`). Each FD uses scipy's sqrtm (the protocol) when the set has more images than
   feature dimensions, else the exact eigh form (`PreparedReference`; sqrtm of a singular 2048² product is slow
   and ill-conditioned); fd_details.json says which. KID (cubic polynomial kernel) for every method is in
   fd_details.json (against a 2,000-image subset of the reference features for `inception` with a data
@@ -63,7 +63,7 @@ Outputs (`--out`, built in a temporary folder and renamed into place: all or not
     classifier/             the feature classifier (safetensors + config; features: classifier only)
 
 MLflow: everything above is logged to the distill run (`mlflow_run_id` in <student>/run.json) when it exists in the
-tracking store, else to an `evaluate-<params hash>` run (pipelines.tracking). Exit codes: 0 ok, 2 bad params or
+tracking store, else to an `evaluate-<params hash>` run (pipelines.support.tracking). Exit codes: 0 ok, 2 bad params or
 missing inputs (one line on stderr, nothing written), 1 failure during the work (nothing written).
 """
 
@@ -83,8 +83,8 @@ import torch
 from tqdm import tqdm
 
 from pipelines.config import Params, ParamsError, load_params, params_hash
-from pipelines.io_utils import atomic_write_json, atomic_write_text, read_json, staged_dir
-from pipelines.stage_common import InputError, check_inputs, log_stage_to_mlflow, stage_arg_parser
+from pipelines.support.io_utils import atomic_write_json, atomic_write_text, read_json, staged_dir
+from pipelines.support.stage_common import InputError, check_inputs, log_stage_to_mlflow, stage_arg_parser
 
 __all__ = [
     "InputError",
@@ -122,7 +122,7 @@ def euler_sampler(
     num_steps = 1 is the single step from sigma_max to 0: x_0 = D(x_T; sigma_max) (the "1-step teacher" baseline).
     latents: (B, C, H, W) standard normal; returns (B, C, H, W) float64 (not clamped).
     """
-    from ctm_core.schedules import karras_sigmas
+    from ctm_core.diffusion.schedules import karras_sigmas
 
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
@@ -180,7 +180,7 @@ def plan_methods(params: Params) -> list[Method]:
 @torch.no_grad()
 def _sample_batch(method: Method, student, teacher, seeds: Sequence[int], img_shape: tuple[int, int, int],
                   label_dim: int, device: torch.device) -> torch.Tensor:
-    from ctm_core.samplers import StackedRandomGenerator, edm_sampler, gamma_sampler, student_heun_sampler
+    from ctm_core.diffusion.samplers import StackedRandomGenerator, edm_sampler, gamma_sampler, student_heun_sampler
 
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), *img_shape])  # (B, C, H, W)
@@ -198,7 +198,7 @@ def _sample_batch(method: Method, student, teacher, seeds: Sequence[int], img_sh
         return edm_sampler(teacher, latents, labels, randn_like=rnd.randn_like, num_steps=(method.nfe + 1) // 2)
     if method.kind in ("student_heun", "teacher_heun", "teacher_euler"):  # Heun with 1 step is 1 Euler step
         if method.kind == "student_heun":
-            from ctm_core.samplers import student_as_denoiser
+            from ctm_core.diffusion.samplers import student_as_denoiser
 
             return euler_sampler(student_as_denoiser(student), latents, labels, num_steps=method.nfe)
         return euler_sampler(teacher, latents, labels, num_steps=method.nfe)
@@ -240,7 +240,7 @@ def _fd_summary(key: str, feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.n
 
     Each FD: scipy sqrtm (the protocol) when the set has N > D images, else the exact eigh form
     (`fid_error_bars(method="auto")`). `prepared`: `PreparedReference` of (mu_ref, sigma_ref), built once per run."""
-    from ctm_core.metrics import PreparedReference, fid_error_bars
+    from ctm_core.eval.metrics import PreparedReference, fid_error_bars
 
     prepared = prepared or PreparedReference.from_stats(mu_ref, sigma_ref)
     boot = fid_error_bars([feats], mu_ref, sigma_ref, num_bootstrap=num_bootstrap,
@@ -264,7 +264,7 @@ def _fd_summary(key: str, feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.n
 
 
 def _kid(feats: np.ndarray, ref_feats: np.ndarray | None, seed: int) -> dict[str, float] | None:
-    from ctm_core.metrics import kid
+    from ctm_core.eval.metrics import kid
 
     if ref_feats is None:  # e.g. a fetched reference npz: statistics only, no features
         return None
@@ -276,7 +276,7 @@ def _kid(feats: np.ndarray, ref_feats: np.ndarray | None, seed: int) -> dict[str
 
 
 def _train_feature_classifier(params: Params, card: dict[str, Any], data: Path, out: Path, progress: bool):
-    from ctm_core.feature_classifier import save_classifier, train_classifier
+    from ctm_core.eval.classifier import save_classifier, train_classifier
     from pipelines.prepare import load_prepared
 
     cp = params.evaluate.classifier
@@ -313,19 +313,19 @@ def evaluate(
     log_mlflow: bool = True,
 ) -> dict[str, Any]:
     """Run the whole stage (module doc); returns the flat metrics. Raises InputError before any work."""
-    from ctm_core.feature_classifier import classifier_features
-    from ctm_core.inception import extract_features
-    from ctm_core.metrics import (
+    from ctm_core.eval.classifier import classifier_features
+    from ctm_core.eval.inception import extract_features
+    from ctm_core.eval.metrics import (
         PreparedReference,
         feature_statistics,
         frechet_distance,
         images_to_levels,
         images_to_uint8,
     )
-    from ctm_core.student_format import load_student
-    from ctm_core.teacher_format import load_edm_checkpoint
-    from pipelines.fid_reference import FIDSetupError, protocol_dict, protocol_sha256, setup_inception_fid
-    from pipelines.plots import plot_fd_vs_nfe, save_grid
+    from ctm_core.io.student_format import load_student
+    from ctm_core.io.teacher_format import load_edm_checkpoint
+    from pipelines.support.fid_reference import FIDSetupError, protocol_dict, protocol_sha256, setup_inception_fid
+    from pipelines.support.plots import plot_fd_vs_nfe, save_grid
     from pipelines.prepare import load_prepared
 
     data, teacher, student, out = Path(data), Path(teacher), Path(student), Path(out)
@@ -496,7 +496,7 @@ def _kid_ok(det: dict[str, Any]) -> bool:
 
 
 def _fid_preprocess_version() -> str:
-    from pipelines.fid_reference import PREPROCESS_VERSION
+    from pipelines.support.fid_reference import PREPROCESS_VERSION
 
     return PREPROCESS_VERSION
 

@@ -9,14 +9,14 @@ expensive ODE likelihood. Works on unlabelled data (no feature classifier here).
 Protocol (section `likelihood` of params.yaml; the student weights are the ones `evaluate.ema` picks):
 
 * The first `likelihood.num_samples` images of the prepared HELD-OUT split, scored by the teacher D(x; σ) and by the
-  student through g(x, σ, σ) (`ctm_core.likelihood.student_as_denoiser`, the student's own score), each with the
-  exact PF-ODE likelihood (`ctm_core.likelihood.log_likelihood`: integrate dx/dσ = (x − D(x; σ))/σ with its
+  student through g(x, σ, σ) (`ctm_core.diffusion.likelihood.student_as_denoiser`, the student's own score), each with the
+  exact PF-ODE likelihood (`ctm_core.diffusion.likelihood.log_likelihood`: integrate dx/dσ = (x − D(x; σ))/σ with its
   divergence from sigma_min to sigma_max, the Gaussian prior at sigma_max); NOT the official CTM ELBO with its σ
   bug (sony/ctm#13). Teacher: sigma in [max(0.002, net.sigma_min), min(80, net.sigma_max)]; student: its own
   sigma_min / sigma_max. `divergence: exact` or `hutchinson` with `num_probes` Rademacher probes per image;
   solver tolerances `rtol` / `atol`.
 * Discretisation: `bits_per_dim_levels` (below). Power-of-two levels (8-bit data) use the field's convention
-  (`ctm_core.likelihood.bits_per_dim`); the 17-level digits (not a power of 2) use bins of width Δ = 2/(L − 1)
+  (`ctm_core.diffusion.likelihood.bits_per_dim`); the 17-level digits (not a power of 2) use bins of width Δ = 2/(L − 1)
   centred on prepare's levels, with uniform dequantisation (`dequantize: uniform`, a Jensen upper bound) or the
   bin centres (`none`).
 * Randomness: one `torch.Generator` seeded with `likelihood.seed` per network (teacher, then student), drawing the
@@ -34,7 +34,7 @@ Outputs (`--out`, built in a temporary folder and renamed into place: all or not
 
 MLflow: metrics.json's numbers (bpd_* as they are, the others prefixed `likelihood_`) and both files (under
 `likelihood/`) are logged to the distill run (`mlflow_run_id` in <student>/run.json) when it exists in the tracking
-store, else to a `likelihood-<params hash>` run (`pipelines.stage_common.log_stage_to_mlflow`). Exit codes: 0 ok,
+store, else to a `likelihood-<params hash>` run (`pipelines.support.stage_common.log_stage_to_mlflow`). Exit codes: 0 ok,
 2 bad params or missing inputs (one line on stderr, nothing written), 1 failure during the work (nothing written).
 """
 
@@ -52,8 +52,8 @@ import torch
 from tqdm import tqdm
 
 from pipelines.config import Params, ParamsError, load_params, params_hash
-from pipelines.io_utils import atomic_write_json, staged_dir
-from pipelines.stage_common import InputError, check_inputs, log_stage_to_mlflow, stage_arg_parser
+from pipelines.support.io_utils import atomic_write_json, staged_dir
+from pipelines.support.stage_common import InputError, check_inputs, log_stage_to_mlflow, stage_arg_parser
 
 __all__ = ["bits_per_dim_levels", "check_likelihood_inputs", "likelihood", "main"]
 
@@ -70,7 +70,7 @@ def bits_per_dim_levels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image bits/dim of integer images with `num_levels` levels; returns (bpd (B,), Hutchinson stderr (B,)).
 
-    Power-of-two levels (8-bit data): `ctm_core.likelihood.bits_per_dim` with bits = log2(L), the field's
+    Power-of-two levels (8-bit data): `ctm_core.diffusion.likelihood.bits_per_dim` with bits = log2(L), the field's
     convention (bins of width 2/L on [-1, 1], `+ bits − 1` offset) so numbers compare with published ones.
 
     Other L (17-level digits): the data were mapped by prepare to the L points x_k = k·Δ − 1 with Δ = 2/(L − 1),
@@ -83,12 +83,12 @@ def bits_per_dim_levels(
     i.e. −log2 p(x)/D + log2((L − 1)/2). Check: the uniform density on the L cells, p = (LΔ)^(−D), gives exactly
     log2 L bits (4.09 for digits), the cost of a uniform guess. `dequantize='none'` uses the bin centres (u = ½):
     the point density times the bin volume, an approximation rather than a bound. The log-density comes from
-    `ctm_core.likelihood.log_likelihood` (exact PF-ODE, sigma from sigma_min to sigma_max).
+    `ctm_core.diffusion.likelihood.log_likelihood` (exact PF-ODE, sigma from sigma_min to sigma_max).
 
     levels: (B, C, H, W) integers in 0..L−1. The dequantisation noise is drawn from `generator` first, then the
     Hutchinson probes (the same order as `bits_per_dim`).
     """
-    from ctm_core.likelihood import bits_per_dim, log_likelihood
+    from ctm_core.diffusion.likelihood import bits_per_dim, log_likelihood
 
     L = int(num_levels)
     if L < 2:
@@ -152,7 +152,7 @@ def _protocol_text(card: dict[str, Any]) -> str:
     paras = [" ".join(p.split()) for p in bits_per_dim_levels.__doc__.split("\n\n")]
     L = int(card["image"]["num_levels"])
     body = paras[1] if L & (L - 1) == 0 else " ".join(paras[2:5])
-    return (f"Exact PF-ODE likelihood (ctm_core.likelihood.log_likelihood; not the official ELBO, sony/ctm#13); "
+    return (f"Exact PF-ODE likelihood (ctm_core.diffusion.likelihood.log_likelihood; not the official ELBO, sony/ctm#13); "
             f"teacher D(x; sigma), student g(x, sigma, sigma); {L} levels: {body}")
 
 
@@ -185,9 +185,9 @@ def likelihood(
         if not lk.enabled:
             metrics = {"enabled": False, "complete": True}
         else:
-            from ctm_core.likelihood import student_as_denoiser
-            from ctm_core.student_format import load_student
-            from ctm_core.teacher_format import load_edm_checkpoint
+            from ctm_core.diffusion.likelihood import student_as_denoiser
+            from ctm_core.io.student_format import load_student
+            from ctm_core.io.teacher_format import load_edm_checkpoint
             from pipelines.prepare import load_prepared
 
             num_levels = int(card["image"]["num_levels"])

@@ -53,8 +53,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.fetch import FetchError
-from pipelines.io_utils import atomic_write_json, json_dumps, normalize_sha256, read_json, sha256_file, staged_dir
+from pipelines.support.fetch import FetchError
+from pipelines.support.io_utils import atomic_write_json, json_dumps, normalize_sha256, read_json, sha256_file, staged_dir
 
 __all__ = [
     "CARD_FORMAT",
@@ -481,13 +481,13 @@ def _write_split(
 
 
 def _resolve_source(config: PrepareConfig, cache_dir: str | os.PathLike[str] | None, progress: bool) -> Path | None:
-    """Local path of the source; remote URIs go through pipelines.fetch (sha256 verified)."""
+    """Local path of the source; remote URIs go through pipelines.support.fetch (sha256 verified)."""
     if config.source == "sklearn-digits":
         return None
     assert config.source_path is not None
     scheme = urllib.parse.urlparse(config.source_path).scheme.lower()
     if scheme in ("http", "https", "s3", "file"):
-        from pipelines.fetch import fetch
+        from pipelines.support.fetch import fetch
 
         if config.source_sha256 is None:
             raise ValueError(f"prepare.source_sha256: required to fetch {config.source_path}, got None")

@@ -1,6 +1,6 @@
 """DVC stage `register`: the student as an MLflow pyfunc model, a registry version, and a guarded `@champion` move.
 
-1. Logs the student folder as a pyfunc model (`pipelines.pyfunc_model.CTMSampler`, weights + config as the
+1. Logs the student folder as a pyfunc model (`pipelines.support.pyfunc_model.CTMSampler`, weights + config as the
    `student` artifact, signature `num_samples, nfe, gamma, seed, class_labels -> uint8 (N, H, W, C)`, `ctm_core` and
    the sampler module as code paths) into the distill stage's MLflow run when `<student>/run.json` names one
    (`mlflow_run_id`), else into a run of its own; registers it as a version of `register.model_name`.
@@ -10,7 +10,7 @@
    `"complete": false`) never promotes: the version is tagged `ctm.eval_status=failed`, no alias moves, and the
    stage exits 1 after writing its record.
 3. Compares `register.metric` with the tag `metric.<name>` of the current `@champion` version through the gate of
-   `pipelines.gate`: `@champion` moves only if both were evaluated with the same protocol (`protocol.json`
+   `pipelines.support.gate`: `@champion` moves only if both were evaluated with the same protocol (`protocol.json`
    fingerprint: feature network, reference statistics, sample count, seeds) and the new value is better by more
    than `register.noise_z` × the measured noise of the difference (seed-set std / bootstrap interval of both
    evaluations) and by more than `register.min_improvement` (relative); otherwise the version gets `@challenger`
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params, ParamsError, load_params, params_hash
-from pipelines.gate import Decision, Evidence, decide, metric_noise, read_protocol
-from pipelines.io_utils import atomic_write_json, json_dumps, one_line, read_json
+from pipelines.support.gate import Decision, Evidence, decide, metric_noise, read_protocol
+from pipelines.support.io_utils import atomic_write_json, json_dumps, one_line, read_json
 
 __all__ = ["MODEL_ARTIFACT_NAME", "RegisterError", "decide", "main", "read_eval", "run"]
 
@@ -97,7 +97,7 @@ def read_eval(eval_dir: str | os.PathLike[str], metric: str) -> tuple[dict[str, 
 
 
 def _student_info(student_dir: str | os.PathLike[str], variant: str | None) -> dict[str, Any]:
-    from ctm_core.student_format import read_student_config
+    from ctm_core.io.student_format import read_student_config
 
     folder = Path(student_dir)
     try:
@@ -123,7 +123,7 @@ def _student_info(student_dir: str | os.PathLike[str], variant: str | None) -> d
 
 def _variant_for(params: Params, config: dict[str, Any]) -> str | None:
     """The evaluated weights: `evaluate.ema` (e.g. ema_0.999) if the student has it, else the default choice."""
-    from ctm_core.student_format import ema_variant
+    from ctm_core.io.student_format import ema_variant
 
     name = ema_variant(params.evaluate.ema)
     return name if name in config.get("variants", {}) else None
@@ -134,15 +134,17 @@ def _stage_code(tmp: Path) -> list[str]:
     """code_paths: a copy of ctm_core and a minimal `pipelines` package holding only the sampler module."""
     import ctm_core
 
-    import pipelines.pyfunc_model as pm
+    import pipelines.support.pyfunc_model as pm
 
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     core = tmp / "ctm_core"
     shutil.copytree(Path(ctm_core.__file__).parent, core, ignore=ignore)
     pkg = tmp / "pipelines"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text('"""Only the pyfunc sampler module of the CTM pipeline (see pyfunc_model.py)."""\n')
-    shutil.copy2(pm.__file__, pkg / "pyfunc_model.py")
+    (pkg / "support").mkdir()
+    (pkg / "__init__.py").write_text('"""Only the pyfunc sampler module of the CTM pipeline."""\n')
+    (pkg / "support" / "__init__.py").write_text('"""Only the pyfunc sampler module (pyfunc_model.py)."""\n')
+    shutil.copy2(pm.__file__, pkg / "support" / "pyfunc_model.py")
     return [str(core), str(pkg)]
 
 
@@ -220,7 +222,7 @@ def _target_run(params: Params, root: Path, tracking_uri: str, distill_run_id: s
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import run_name, start_run
+    from pipelines.support.tracking import run_name, start_run
 
     mlflow.set_tracking_uri(tracking_uri)
     if distill_run_id:
@@ -251,8 +253,8 @@ def run(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines.pyfunc_model import CTMSampler, input_example, make_signature
-    from pipelines.tracking import data_hash_from_lock, default_repo_root, resolve_tracking_uri, run_tags
+    from pipelines.support.pyfunc_model import CTMSampler, input_example, make_signature
+    from pipelines.support.tracking import data_hash_from_lock, default_repo_root, resolve_tracking_uri, run_tags
 
     reg = params.register
     root = Path(repo_root).resolve() if repo_root is not None else default_repo_root()

@@ -3,17 +3,17 @@
 `teacher.source` (params.yaml) picks the way:
 
     train        (the offline default) train an EDM denoiser on the prepared train split with the EDM loss
-                 (Karras et al. 2022, §5 / Table 1) through `ctm_core.edm_training.EDMTrainer`; the EMA weights
+                 (Karras et al. 2022, §5 / Table 1) through `ctm_core.training.edm_training.EDMTrainer`; the EMA weights
                  (rate `teacher.train.ema_rate`) become the teacher. Progress bar from the trainer, params and the
-                 loss curve go to one MLflow run (tagged by `pipelines.tracking`).
-    <release>    a released EDM network name (e.g. `edm-cifar10-32x32-uncond-vp`, `pipelines.fetch.resolve_release`)
+                 loss curve go to one MLflow run (tagged by `pipelines.support.tracking`).
+    <release>    a released EDM network name (e.g. `edm-cifar10-32x32-uncond-vp`, `pipelines.support.fetch.resolve_release`)
     https:// s3:// file://
                  a snapshot pickle (or a project `teacher.safetensors`) fetched into the content-addressed cache
                  with `teacher.sha256` verified (`record` = fetch once and print the digest to pin), then converted
-                 with `ctm_core.teacher_format.convert_edm_pickle` (an allow-list unpickler: nothing is executed).
+                 with `ctm_core.io.teacher_format.convert_edm_pickle` (an allow-list unpickler: nothing is executed).
 
 Output (`--out`, all-or-nothing: built in a temp folder next to it, checked with `load_edm_checkpoint`, renamed):
-    teacher.safetensors, config.json   the project's teacher format (`ctm_core.teacher_format.save_teacher`)
+    teacher.safetensors, config.json   the project's teacher format (`ctm_core.io.teacher_format.save_teacher`)
     source.json                        how it was made: kind, URI / release, file sha256, weights sha256
     train_meta.json                    (train only) steps, final / mean loss, data hash, seconds, config
 
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params, ParamsError, load_params, params_hash, resolve_path, teacher_train_config
-from pipelines.io_utils import atomic_write_json, json_dumps, read_json, sha256_file, staged_dir
+from pipelines.support.io_utils import atomic_write_json, json_dumps, read_json, sha256_file, staged_dir
 
 __all__ = ["TeacherError", "main", "plan", "run", "train_teacher", "fetch_teacher"]
 
@@ -100,7 +100,7 @@ def plan(params: Params, data_dir: str | os.PathLike[str] | None, out_dir: str |
         _train_config(params)  # EDMTrainConfig's own validation (one line naming the key)
     else:
         if kind == "release":
-            from pipelines.fetch import resolve_release
+            from pipelines.support.fetch import resolve_release
 
             try:
                 info["uri"] = resolve_release(t.source)
@@ -127,7 +127,7 @@ def _init_kwargs(params: Params, card: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_config(params: Params, *, progress: bool = True):
-    from ctm_core.train_config import EDMTrainConfig
+    from ctm_core.training.train_config import EDMTrainConfig
 
     raw = teacher_train_config(params.teacher.train)
     raw["run"]["progress"] = progress
@@ -155,9 +155,9 @@ def train_teacher(
     """
     import torch
 
-    from ctm_core.edm_training import EDMTrainer, export_teacher
-    from ctm_core.precond import build_precond
-    from ctm_core.trainer import TensorDataSource
+    from ctm_core.training.edm_training import EDMTrainer, export_teacher
+    from ctm_core.nets.precond import build_precond
+    from ctm_core.training.trainer import TensorDataSource
     from pipelines.prepare import levels_to_unit, load_prepared
 
     tr = params.teacher.train
@@ -223,8 +223,8 @@ def fetch_teacher(
     When `data_dir` holds a prepared dataset, the teacher's image geometry must match it (the student is trained
     on those images); a mismatch fails before `out_dir` changes.
     """
-    from ctm_core.teacher_format import convert_edm_pickle, read_teacher, save_teacher
-    from pipelines.fetch import fetch
+    from ctm_core.io.teacher_format import convert_edm_pickle, read_teacher, save_teacher
+    from pipelines.support.fetch import fetch
 
     t = params.teacher
     info = plan(params, data_dir, out_dir)
@@ -266,7 +266,7 @@ def fetch_teacher(
 
 def _verify(folder: Path):
     """The written folder must load through the one teacher entry point (strict keys and shapes)."""
-    from ctm_core.teacher_format import load_edm_checkpoint
+    from ctm_core.io.teacher_format import load_edm_checkpoint
 
     try:
         return load_edm_checkpoint(folder)
@@ -289,7 +289,7 @@ def run(
     sections = ("data", "teacher") if kind == "train" else ("teacher",)
     ctx: Any = contextlib.nullcontext()
     if track:
-        from pipelines.tracking import stage_run
+        from pipelines.support.tracking import stage_run
 
         ctx = stage_run("teacher", params, sections, extra_tags={"ctm.teacher.source": params.teacher.source})
     with ctx as mlrun:
@@ -297,7 +297,7 @@ def run(
         if track:
             import mlflow
 
-            from pipelines.tracking import flatten
+            from pipelines.support.tracking import flatten
 
             mlflow.log_params(flatten({s: params.section(s) for s in sections}))
         if kind == "train":
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json_dumps(info), end="")
         return 0
-    from pipelines.fetch import FetchError
+    from pipelines.support.fetch import FetchError
 
     try:
         summary = run(params, args.data, args.out, progress=not args.no_progress, track=not args.no_mlflow)

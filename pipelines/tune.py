@@ -86,7 +86,7 @@ def disabled_payload(params: Params) -> dict[str, Any]:
 
 def write_best_params(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     """Write the tune output atomically (readers never see a partial file)."""
-    from pipelines.io_utils import atomic_write_text
+    from pipelines.support.io_utils import atomic_write_text
 
     text = "# written by pipelines/tune.py (dvc stage tune); read by pipelines/distill.py --best-params\n"
     return atomic_write_text(path, text + yaml.safe_dump(payload, sort_keys=False))
@@ -121,7 +121,7 @@ def max_concurrent(params: Params, cluster: dict[str, float], workers: int) -> i
 
 def _check_inputs(params: Params, data: Path, teacher: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from pipelines.distill import _check_inputs as check_distill_inputs
-    from pipelines.io_utils import read_json
+    from pipelines.support.io_utils import read_json
 
     try:
         card = check_distill_inputs(data, teacher)
@@ -140,8 +140,8 @@ def _prepare_quality(params: Params, card: dict[str, Any], data: Path, folder: P
     """Train the feature classifier (as the evaluate stage does) and save it + reference statistics in `folder`."""
     import numpy as np
 
-    from ctm_core.feature_classifier import classifier_features
-    from ctm_core.metrics import feature_statistics, save_reference_stats
+    from ctm_core.eval.classifier import classifier_features
+    from ctm_core.eval.metrics import feature_statistics, save_reference_stats
     from pipelines.evaluate import _train_feature_classifier
 
     clf, info, (x_train, x_held) = _train_feature_classifier(params, card, data, folder, progress=False)
@@ -308,7 +308,7 @@ def run_tune(params: Params, *, data_dir: str | os.PathLike, teacher_dir: str | 
 
     import ray
     from ray import tune
-    from pipelines import ray_env, tracking
+    from pipelines.support import ray_env, tracking
 
     t = params.tune
     if not t.enabled:

@@ -165,8 +165,8 @@ def tiny_inputs() -> dict[str, Path]:
         return _CACHE["inputs"]
     import torch
 
-    from ctm_core.precond import EDMPrecond
-    from ctm_core.teacher_format import save_teacher
+    from ctm_core.nets.precond import EDMPrecond
+    from ctm_core.io.teacher_format import save_teacher
     from pipelines.prepare import prepare_dataset
 
     root = short_tmp("ctm-inputs")

@@ -1,6 +1,6 @@
 """pipelines.config: the default params validate; bad edits fail with one line naming the key; params_hash; CLI.
 
-Plus one `ray`-marked test of pipelines.ray_env: a real local Ray (2 logical CPUs, dashboard, token auth) that runs
+Plus one `ray`-marked test of pipelines.support.ray_env: a real local Ray (2 logical CPUs, dashboard, token auth) that runs
 one task and leaves no process behind.
 """
 
@@ -230,7 +230,7 @@ def test_cli_set_and_show(capsys):
 def test_local_ray_starts_runs_and_cleans_up(tmp_path):
     import psutil
 
-    from pipelines import ray_env
+    from pipelines.support import ray_env
 
     port = _free_port()
     temp_dir = f"/tmp/rt_{os.getpid()}"
@@ -298,7 +298,7 @@ def test_dvc_yaml_schema_and_params_keys():
 
 def test_sections_map_onto_ctm_core_train_configs():
     """The distill / teacher.train sections feed ctm_core's trainer configs without renaming surprises."""
-    tc = pytest.importorskip("ctm_core.train_config")
+    tc = pytest.importorskip("ctm_core.training.train_config")
     from pipelines.config import distill_train_config, teacher_train_config
 
     p = load_params(PARAMS)

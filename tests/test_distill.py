@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from ctm_core.precond import EDMPrecond
-from ctm_core.student_format import load_student, read_student_config
-from ctm_core.teacher_format import save_teacher
+from ctm_core.nets.precond import EDMPrecond
+from ctm_core.io.student_format import load_student, read_student_config
+from ctm_core.io.teacher_format import save_teacher
 from pipelines.config import load_params
 from pipelines.prepare import prepare_dataset
 
@@ -68,8 +68,8 @@ def test_two_workers_equal_one_worker_and_rerun_resumes(inputs, monkeypatch):
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=name)
     # The students trained: weights moved away from the teacher-initialised ones.
-    from ctm_core.student import CTMStudent
-    from ctm_core.teacher_format import load_edm_checkpoint
+    from ctm_core.nets.student import CTMStudent
+    from ctm_core.io.teacher_format import load_edm_checkpoint
 
     torch.manual_seed(0)
     init = CTMStudent.from_teacher(load_edm_checkpoint(inputs / "teacher")).state_dict()

@@ -25,7 +25,7 @@ import pytest
 import torch
 from tests.conftest import EDM_KEYS, FIXTURES_EDM, require_shared
 
-from ctm_core.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
+from ctm_core.io.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 # Released preset with the same architecture family, for the key grammar check (EDM_FACTS A1.6).
@@ -395,7 +395,7 @@ def _build_on_global(module: str, name: str, attr: str) -> bytes:
 )
 def test_hostile_build_cannot_patch_the_allow_list(module, name, attr):
     """BUILD on an allow-listed global must not change how later files are read."""
-    from ctm_core import edm_pickle
+    from ctm_core.io import edm_pickle
 
     target = edm_pickle._ALLOWED_GLOBALS[(module, name)]
     before = getattr(target, attr, None)

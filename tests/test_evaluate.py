@@ -181,8 +181,8 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
 
 @pytest.mark.parametrize("kind,nfe,gamma", [("gamma", 2, 1.0), ("teacher_heun", 3, None)])
 def test_sample_does_not_depend_on_batch_size(setup, kind, nfe, gamma):
-    from ctm_core.student_format import load_student
-    from ctm_core.teacher_format import load_edm_checkpoint
+    from ctm_core.io.student_format import load_student
+    from ctm_core.io.teacher_format import load_edm_checkpoint
     from pipelines.evaluate import Method, sample_method
 
     student = load_student(setup["student"], "online")
@@ -227,7 +227,7 @@ def test_missing_ema_variant_fails_before_work(setup, tmp_path, capsys):
 
 def test_diverged_student_is_incomplete(setup, tmp_path):
     """Non-finite student samples: the stage still writes the teacher numbers but complete=false, no fd_nfe1."""
-    from ctm_core.student_format import load_student, save_student
+    from ctm_core.io.student_format import load_student, save_student
     from pipelines.evaluate import evaluate
 
     student = load_student(setup["student"], "online")
@@ -258,8 +258,8 @@ def test_bad_params_one_line_exit_2(tmp_path, capsys):
 def test_fd_path_data_against_itself_is_zero(setup):
     """Real images through the samples' path (unit range -> clamp -> levels -> features) give FD ≈ 0 vs themselves,
     and the quantisation inverts prepare's level mapping exactly."""
-    from ctm_core.feature_classifier import classifier_features, train_classifier
-    from ctm_core.metrics import feature_statistics, frechet_distance, images_to_levels
+    from ctm_core.eval.classifier import classifier_features, train_classifier
+    from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
     from pipelines.evaluate import _fd_summary, seed_sets
     from pipelines.prepare import levels_to_unit, load_prepared
 
@@ -279,7 +279,7 @@ def test_fd_path_data_against_itself_is_zero(setup):
 
 
 def test_grid_image_places_cells_row_major():
-    from pipelines.plots import grid_image
+    from pipelines.support.plots import grid_image
 
     levels = np.zeros((3, 1, 2, 2), dtype=np.uint8)
     levels[1, 0, 0, 1] = 16  # image 1: top-right pixel white

@@ -346,7 +346,7 @@ def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
 
 
 def test_s3_truncated_or_tampered_teacher_rejected(s3, tmp_path):
-    from pipelines.fetch import ChecksumMismatchError, fetch
+    from pipelines.support.fetch import ChecksumMismatchError, fetch
 
     payload = bytes(range(256)) * 2048
     sha = hashlib.sha256(payload).hexdigest()

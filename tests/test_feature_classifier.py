@@ -1,4 +1,4 @@
-"""Tests for ctm_core.feature_classifier: trains on sklearn digits, feature shapes, determinism, save/load."""
+"""Tests for ctm_core.eval.classifier: trains on sklearn digits, feature shapes, determinism, save/load."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctm_core.feature_classifier import (
+from ctm_core.eval.classifier import (
     SmallClassifier,
     classifier_features,
     levels_to_unit,
@@ -18,7 +18,7 @@ from ctm_core.feature_classifier import (
     save_classifier,
     train_classifier,
 )
-from ctm_core.metrics import feature_statistics, frechet_distance, images_to_levels
+from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
 
 NUM_LEVELS = 17  # sklearn digits: levels 0..16
 

@@ -1,4 +1,4 @@
-"""pipelines.fetch against real servers on loopback: http.server for https/http paths, moto for s3://."""
+"""pipelines.support.fetch against real servers on loopback: http.server for https/http paths, moto for s3://."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.fetch import (
+from pipelines.support.fetch import (
     KNOWN_RELEASES,
     ChecksumMismatchError,
     FetchError,

@@ -54,7 +54,7 @@ def _params(overrides):
 def fid_setup(tmp_path_factory):
     from PIL import Image
 
-    from ctm_core.inception import FIDInception
+    from ctm_core.eval.inception import FIDInception
     from pipelines.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("fid")
@@ -93,7 +93,7 @@ def test_inception_fid_end_to_end_unlabelled_data_and_reference_cache(fid_setup,
     """Random-weight Inception fetched via file:// + sha256, reference stats computed from the (unlabelled) data and
     cached; a second run reuses the cache (no reference feature extraction, same file, same mtime) and gives the
     same numbers."""
-    import ctm_core.inception as inc
+    import ctm_core.eval.inception as inc
 
     s = fid_setup
     ov = _tiny_eval(s["cache"], s["weights"], s["sha"], num_samples=4, batch=4)
@@ -161,7 +161,7 @@ def fewer_methods(monkeypatch):
 
 def test_inception_fid_against_fetched_npz_reference(fid_setup, tmp_path, fewer_methods):
     """An EDM-layout npz (plain np.savez, mu/sigma only) fetched with its sha256: used as is; no KID (no features)."""
-    from ctm_core.metrics import feature_statistics
+    from ctm_core.eval.metrics import feature_statistics
 
     s = fid_setup
     rng = np.random.default_rng(3)
@@ -249,7 +249,7 @@ def test_unlabelled_data_refused_by_the_classifier_features(fid_setup, tmp_path)
 
 
 def test_damaged_cache_entry_is_recomputed(fid_setup, tmp_path, capsys):
-    from pipelines.fid_reference import _cache_key, load_inception, reference_from_data
+    from pipelines.support.fid_reference import _cache_key, load_inception, reference_from_data
     from pipelines.prepare import load_card
 
     s = fid_setup
@@ -269,8 +269,8 @@ def test_damaged_cache_entry_is_recomputed(fid_setup, tmp_path, capsys):
 
 
 def test_levels_to_uint8_is_identity_for_8bit_and_matches_the_sampler_path():
-    from ctm_core.metrics import images_to_uint8
-    from pipelines.fid_reference import levels_to_uint8
+    from ctm_core.eval.metrics import images_to_uint8
+    from pipelines.support.fid_reference import levels_to_uint8
 
     k = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
     assert torch.equal(levels_to_uint8(k, 256), torch.from_numpy(k))

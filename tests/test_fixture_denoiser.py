@@ -16,8 +16,8 @@ import pytest
 import torch
 from tests.conftest import FIXTURES_EDM, require_shared
 
-from ctm_core.edm_pickle import read_edm_snapshot
-from ctm_core.precond import build_precond
+from ctm_core.io.edm_pickle import read_edm_snapshot
+from ctm_core.nets.precond import build_precond
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 RTOL = 1e-5

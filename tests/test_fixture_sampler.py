@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctm_core.samplers import StackedRandomGenerator, edm_sampler
+from ctm_core.diffusion.samplers import StackedRandomGenerator, edm_sampler
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 
@@ -33,7 +33,7 @@ class SigmaRecorder:
 def fixture(request):
     from tests.conftest import FIXTURES_EDM, require_shared
 
-    teacher_format = pytest.importorskip("ctm_core.teacher_format")
+    teacher_format = pytest.importorskip("ctm_core.io.teacher_format")
     pkl = require_shared(FIXTURES_EDM / f"{request.param}.pkl")
     ref = dict(np.load(require_shared(FIXTURES_EDM / f"{request.param}.ref.npz")))
     net = teacher_format.load_edm_checkpoint(pkl)

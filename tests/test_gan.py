@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctm_core.diffaug import DiffAugmentParams, apply_diffaugment, diff_augment, sample_diffaugment_params
-from ctm_core.discriminator import Conv2dSame, EfficientNetLite, init_parameters_
-from ctm_core.gan import (
+from ctm_core.gan.diffaug import DiffAugmentParams, apply_diffaugment, diff_augment, sample_diffaugment_params
+from ctm_core.gan.discriminator import Conv2dSame, EfficientNetLite, init_parameters_
+from ctm_core.gan.objective import (
     D_BETAS,
     D_LR,
     OFFICIAL_BACKBONES,

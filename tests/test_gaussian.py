@@ -1,4 +1,4 @@
-"""Closed forms of ctm_core.gaussian checked against direct linear algebra and ODE invariants."""
+"""Closed forms of ctm_core.diffusion.gaussian checked against direct linear algebra and ODE invariants."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from ctm_core.gaussian import ExactStudent, GaussianData
+from ctm_core.diffusion.gaussian import ExactStudent, GaussianData
 
 torch.manual_seed(0)
 DTYPE = torch.float64

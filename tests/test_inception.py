@@ -1,4 +1,4 @@
-"""Tests for ctm_core.inception: key names/shapes of the FID Inception-v3 (derived here from the torchvision /
+"""Tests for ctm_core.eval.inception: key names/shapes of the FID Inception-v3 (derived here from the torchvision /
 pytorch-fid layer list), strict loading from files, and the random-weight path end to end."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctm_core.inception import FIDInception, _preprocess, _tf_avg_pool3x3, count_parameters, extract_features
+from ctm_core.eval.inception import FIDInception, _preprocess, _tf_avg_pool3x3, count_parameters, extract_features
 
 SEED = 0
 
@@ -196,7 +196,7 @@ def test_input_validation(random_model):
 
 
 def test_preprocess_matches_tensorflow_convention():
-    from ctm_core.inception import resize_bilinear_tf1
+    from ctm_core.eval.inception import resize_bilinear_tf1
 
     g = torch.Generator().manual_seed(4)
     x299 = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8, generator=g)
@@ -235,8 +235,8 @@ def test_extract_features_batches_in_order():
 
 
 def _fid_path(model, tmp_path, dims):
-    from ctm_core.metrics import feature_statistics, frechet_distance, images_to_uint8, load_reference_stats
-    from ctm_core.metrics import save_reference_stats
+    from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_uint8, load_reference_stats
+    from ctm_core.eval.metrics import save_reference_stats
 
     g = torch.Generator().manual_seed(3)
     x_data = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1  # "training images" in [-1, 1]

@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from ctm_core.inception import FIDInception
+from ctm_core.eval.inception import FIDInception
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_resize_matches_tensorflow1x_bilinear(tfid):
-    from ctm_core.inception import resize_bilinear_tf1
+    from ctm_core.eval.inception import resize_bilinear_tf1
 
     g = torch.Generator().manual_seed(0)
     for shape, size in (((2, 3, 32, 32), (299, 299)), ((1, 3, 8, 8), (299, 299)), ((1, 1, 64, 40), (299, 299)),

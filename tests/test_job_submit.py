@@ -3,7 +3,7 @@
 1. The CLI path documented in infra/README §4: ``ray job submit --working-dir <repo>`` of the distill entrypoint with
    absolute data/teacher/out paths and an absolute MLflow sqlite URI; client token mode as README §3 says.
 2. The DVC-stage path: ``python -m pipelines.distill`` with ``ray.submit: true`` submits through
-   ``pipelines.submit.submit_job`` (explicit Authorization header, no RAY_AUTH_MODE on the client), streams the logs
+   ``pipelines.support.submit.submit_job`` (explicit Authorization header, no RAY_AUTH_MODE on the client), streams the logs
    and blocks. The client is killed mid-job (a killed ``dvc repro``) and re-run: it attaches to the same job
    (deterministic submission id) instead of submitting a duplicate, and returns 0.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import submit
+from pipelines.support import submit
 from tests.conftest_remote import (  # noqa: F401 - fixtures are used by name
     ROOT,
     VENV_BIN,

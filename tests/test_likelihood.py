@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ctm_core.gaussian import ExactStudent, GaussianData
-from ctm_core.likelihood import bits_per_dim, log_likelihood, student_as_denoiser
+from ctm_core.diffusion.gaussian import ExactStudent, GaussianData
+from ctm_core.diffusion.likelihood import bits_per_dim, log_likelihood, student_as_denoiser
 
 torch.manual_seed(0)
 DTYPE = torch.float64

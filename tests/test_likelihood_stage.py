@@ -83,7 +83,7 @@ def test_outputs_keys_and_details(setup):
 def test_bits_per_dim_levels_matches_gaussian_closed_form():
     """17 levels (not a power of 2): bpd = (−log p(x) − D log Δ)/(D ln 2), Δ = 2/16, for a Gaussian model whose
     density at sigma_min is known in closed form (bin centres, exact divergence)."""
-    from ctm_core.likelihood import log_likelihood
+    from ctm_core.diffusion.likelihood import log_likelihood
     from pipelines.likelihood import bits_per_dim_levels
 
     s2 = 0.3**2

@@ -1,4 +1,4 @@
-"""Tests pinning the CTM training-step semantics (CTM_FACTS §2 and the traps of §8) in ctm_core.losses."""
+"""Tests pinning the CTM training-step semantics (CTM_FACTS §2 and the traps of §8) in ctm_core.training.losses."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ctm_core import losses
-from ctm_core.losses import (
+from ctm_core.training import losses
+from ctm_core.training.losses import (
     adaptive_weight,
     ctm_distance,
     ctm_dsm_loss,
@@ -20,7 +20,7 @@ from ctm_core.losses import (
     sample_num_heun_steps,
     teacher_heun_solve,
 )
-from ctm_core.toy import ToyCTMStudent
+from ctm_core.nets.toy import ToyCTMStudent
 
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ctm_core.lpips import (
+from ctm_core.gan.lpips import (
     EPS,
     IMAGENET_MEAN,
     IMAGENET_STD,

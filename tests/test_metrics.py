@@ -1,4 +1,4 @@
-"""Tests for ctm_core.metrics: Fréchet distance vs an independent implementation and closed forms, KID, error bars,
+"""Tests for ctm_core.eval.metrics: Fréchet distance vs an independent implementation and closed forms, KID, error bars,
 uint8 quantisation semantics and reference-statistics files."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctm_core import metrics
-from ctm_core.metrics import (
+from ctm_core.eval import metrics
+from ctm_core.eval.metrics import (
     feature_statistics,
     fid_error_bars,
     fid_from_features,
@@ -49,7 +49,7 @@ def _frechet_eigh(mu1, sigma1, mu2, sigma2) -> float:
 
 def _frechet_scipy(f1: np.ndarray, f2: np.ndarray) -> float:
     """Independent FID from raw features: np.cov statistics and scipy.linalg.sqrtm of the product (the textbook form,
-    Heusel et al. 2017), real part; no code shared with ctm_core.metrics."""
+    Heusel et al. 2017), real part; no code shared with ctm_core.eval.metrics."""
     import scipy.linalg
 
     m1, m2 = f1.mean(axis=0), f2.mean(axis=0)
@@ -63,7 +63,7 @@ def _frechet_scipy(f1: np.ndarray, f2: np.ndarray) -> float:
 
 @pytest.mark.parametrize("D,N", [(16, 200), (64, 500)])
 def test_fid_matches_independent_scipy_sqrtm_implementation(D, N):
-    from ctm_core.metrics import PreparedReference
+    from ctm_core.eval.metrics import PreparedReference
 
     rng = _rng(11)
     f1 = rng.standard_normal((N, D)) @ rng.standard_normal((D, D)) * 0.3 + rng.standard_normal(D)
@@ -79,7 +79,7 @@ def test_fid_matches_independent_scipy_sqrtm_implementation(D, N):
 
 def test_prepared_reference_low_rank_path_fewer_samples_than_dims():
     """N − 1 < D: the N × N Gram form equals the full D × D eigh form; finite, no sqrtm of a singular product."""
-    from ctm_core.metrics import PreparedReference
+    from ctm_core.eval.metrics import PreparedReference
 
     rng = _rng(5)
     D = 256
@@ -108,7 +108,7 @@ def test_prepared_reference_low_rank_path_fewer_samples_than_dims():
 
 def test_fid_error_bars_auto_method_with_few_samples_in_high_dimension():
     """2048-d features with 6 images (the tiny Inception test regime): finite FIDs, bootstrap and seed sets."""
-    from ctm_core.metrics import PreparedReference
+    from ctm_core.eval.metrics import PreparedReference
 
     rng = _rng(9)
     D = 2048

@@ -15,10 +15,10 @@ import pytest
 import torch
 from tests.conftest import EDM_KEYS, require_shared
 
-from ctm_core.layers import GroupNorm, Linear, PositionalEmbedding, UNetBlock
-from ctm_core.networks import DhariwalUNet, SongUNet
-from ctm_core.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
-from ctm_core.presets import PRESETS, build_preset
+from ctm_core.nets.layers import GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from ctm_core.nets.networks import DhariwalUNet, SongUNet
+from ctm_core.nets.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
+from ctm_core.nets.presets import PRESETS, build_preset
 
 SEED = 0
 

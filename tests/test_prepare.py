@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import SHARED, require_shared
 from PIL import Image
 
-from pipelines.io_utils import sha256_file
+from pipelines.support.io_utils import sha256_file
 from pipelines.prepare import (
     DatasetError,
     PrepareConfig,

@@ -1,4 +1,4 @@
-"""pipelines.register + pipelines.pyfunc_model against a real MLflow SQLite store (pre-migrated once per session).
+"""pipelines.register + pipelines.support.pyfunc_model against a real MLflow SQLite store (pre-migrated once per session).
 
 The champion/challenger logic is checked end to end through the registry (aliases, version tags, registry.json),
 the sampler against `gamma_sampler` with per-image seeds, and the registered model in a separate process through
@@ -23,12 +23,12 @@ import torch
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from ctm_core.samplers import StackedRandomGenerator, gamma_sampler  # noqa: E402
-from ctm_core.student import CTMStudent  # noqa: E402
-from ctm_core.student_format import load_student, save_student  # noqa: E402
+from ctm_core.diffusion.samplers import StackedRandomGenerator, gamma_sampler  # noqa: E402
+from ctm_core.nets.student import CTMStudent  # noqa: E402
+from ctm_core.io.student_format import load_student, save_student  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
-from pipelines.pyfunc_model import CTMSampler, to_uint8  # noqa: E402
-from pipelines.gate import Evidence, decide, metric_noise, read_protocol  # noqa: E402
+from pipelines.support.pyfunc_model import CTMSampler, to_uint8  # noqa: E402
+from pipelines.support.gate import Evidence, decide, metric_noise, read_protocol  # noqa: E402
 from pipelines.register import main, read_eval, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def _register(params, student, eval_dir, root):
     return rec
 
 
-# --- pure decision rule (pipelines.gate) ---------------------------------------------------------------------------
+# --- pure decision rule (pipelines.support.gate) ---------------------------------------------------------------------------
 P = "proto-a"  # one protocol fingerprint
 
 

@@ -107,7 +107,7 @@ def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatc
 
     prefix = f"s3://{s3['bucket']}/ray"
     params_path = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address, "storage_path": prefix}})
-    from pipelines.ray_env import _refresh_ray_auth_config
+    from pipelines.support.ray_env import _refresh_ray_auth_config
 
     for k, v in ray_head.env.items():
         if k.startswith("RAY_AUTH"):
@@ -224,7 +224,7 @@ def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
 
     from pipelines.config import load_params, params_hash
     from pipelines.distill import _distill_section, run_identity
-    from pipelines.io_utils import read_json, sha256_file
+    from pipelines.support.io_utils import read_json, sha256_file
     from pipelines.prepare import load_card
 
     ref = reference_run()

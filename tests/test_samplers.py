@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from ctm_core.gaussian import ExactStudent, GaussianData
-from ctm_core.samplers import (
+from ctm_core.diffusion.gaussian import ExactStudent, GaussianData
+from ctm_core.diffusion.samplers import (
     StackedRandomGenerator,
     edm_sampler,
     gamma_sampler,
     student_as_denoiser,
     student_heun_sampler,
 )
-from ctm_core.schedules import karras_sigmas
+from ctm_core.diffusion.schedules import karras_sigmas
 
 torch.manual_seed(0)
 DTYPE = torch.float64

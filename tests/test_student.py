@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctm_core.precond import EDMPrecond, VEPrecond
-from ctm_core.student import CTMStudent, is_s_branch_key, s_branch_parameters
+from ctm_core.nets.precond import EDMPrecond, VEPrecond
+from ctm_core.nets.student import CTMStudent, is_s_branch_key, s_branch_parameters
 
 TINY = {
     "SongUNet-ddpmpp": dict(

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from ctm_core.student import CTMStudent
-from ctm_core.student_format import ema_variant, load_student, read_student_config, save_student
+from ctm_core.nets.student import CTMStudent
+from ctm_core.io.student_format import ema_variant, load_student, read_student_config, save_student
 
 KW = dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet", model_channels=16,
           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)

@@ -15,9 +15,9 @@ import safetensors.torch
 import torch
 from tests.conftest import FIXTURES_EDM, require_shared
 
-from ctm_core import teacher_format
-from ctm_core.edm_pickle import read_edm_snapshot
-from ctm_core.teacher_format import (
+from ctm_core.io import teacher_format
+from ctm_core.io.edm_pickle import read_edm_snapshot
+from ctm_core.io.teacher_format import (
     CONFIG_FILE,
     METADATA_KEY,
     WEIGHTS_FILE,
@@ -194,7 +194,7 @@ def test_save_into_existing_folder_replaces(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# load_edm_checkpoint (builds ctm_core.precond networks).
+# load_edm_checkpoint (builds ctm_core.nets.precond networks).
 
 
 @pytest.mark.parametrize("name", FIXTURES)

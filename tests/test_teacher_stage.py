@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from ctm_core.edm_pickle import read_edm_snapshot
-from ctm_core.teacher_format import load_edm_checkpoint
+from ctm_core.io.edm_pickle import read_edm_snapshot
+from ctm_core.io.teacher_format import load_edm_checkpoint
 from pipelines.config import ParamsError, load_params
-from pipelines.io_utils import sha256_file
+from pipelines.support.io_utils import sha256_file
 from pipelines.prepare import prepare_dataset
 from pipelines.teacher import TeacherError, main, run
 
@@ -75,7 +75,7 @@ def test_train_writes_loadable_teacher_and_mlflow_run(tmp_path, prepared, monkey
 
 
 def test_train_failure_leaves_no_output(tmp_path, prepared, monkeypatch):
-    import ctm_core.teacher_format as tf
+    import ctm_core.io.teacher_format as tf
 
     params = load_params(PARAMS, {"teacher": {"train": {**TINY_TRAIN, "steps": 1}}}, check_env=False)
     out = tmp_path / "teacher"

@@ -1,7 +1,7 @@
 """CTM distillation on Gaussian data, where the exact flow map is known (STYLE.md §17a).
 
 x0 ~ N(mu, Sigma) in d = 2; the teacher is the exact denoiser D(x; σ) = mu + Sigma(Sigma + σ²I)⁻¹(x − mu), and the
-ideal student is Φ_{t→s}(x) = mu + (Sigma + s²I)^{1/2}(Sigma + t²I)^{-1/2}(x − mu) (ctm_core.gaussian). A toy MLP
+ideal student is Φ_{t→s}(x) = mu + (Sigma + s²I)^{1/2}(Sigma + t²I)^{-1/2}(x − mu) (ctm_core.diffusion.gaussian). A toy MLP
 student trained with the CTM (l2) + DSM loss must bring G(x_t, t, s) much closer to Φ.
 """
 
@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-from ctm_core.gaussian import GaussianData
-from ctm_core.losses import karras_grid
-from ctm_core.toy import ToyCTMStudent
-from ctm_core.train_config import CTMTrainConfig
-from ctm_core.trainer import CTMTrainer, TensorDataSource
+from ctm_core.diffusion.gaussian import GaussianData
+from ctm_core.training.losses import karras_grid
+from ctm_core.nets.toy import ToyCTMStudent
+from ctm_core.training.train_config import CTMTrainConfig
+from ctm_core.training.trainer import CTMTrainer, TensorDataSource
 
 MU = torch.tensor([0.3, -0.2], dtype=torch.float64)
 SIGMA = torch.tensor([[0.25, 0.1], [0.1, 0.15]], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""pipelines.tracking against a real MLflow SQLite store (pre-migrated once per session, copied per test)."""
+"""pipelines.support.tracking against a real MLflow SQLite store (pre-migrated once per session, copied per test)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.config import MlflowParams  # noqa: E402
-from pipelines.tracking import (  # noqa: E402
+from pipelines.support.tracking import (  # noqa: E402
     RUN_KEY_TAG,
     data_hash_from_lock,
     flatten,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ctm_core.trainer as trainer_mod
-from ctm_core.edm_training import EDMTrainer, edm_loss, edm_sigmas
-from ctm_core.ema import EMABank, frozen_copy, update_ema_
-from ctm_core.gaussian import GaussianData
-from ctm_core.toy import ToyCTMStudent, ToyEDMDenoiser
-from ctm_core.train_config import CTMTrainConfig, EDMTrainConfig
-from ctm_core.trainer import CTMTrainer, TensorDataSource, atomic_torch_save, load_checkpoint_file
+import ctm_core.training.trainer as trainer_mod
+from ctm_core.training.edm_training import EDMTrainer, edm_loss, edm_sigmas
+from ctm_core.training.ema import EMABank, frozen_copy, update_ema_
+from ctm_core.diffusion.gaussian import GaussianData
+from ctm_core.nets.toy import ToyCTMStudent, ToyEDMDenoiser
+from ctm_core.training.train_config import CTMTrainConfig, EDMTrainConfig
+from ctm_core.training.trainer import CTMTrainer, TensorDataSource, atomic_torch_save, load_checkpoint_file
 
 DIM = 3
 
@@ -335,10 +335,10 @@ def test_edm_config_and_trainer_type_checks():
 
 def test_edm_then_ctm_with_real_precond_and_student(tmp_path):
     """EDMPrecond teacher trained a step, exported via teacher_format, reloaded, distilled into a CTMStudent."""
-    from ctm_core.edm_training import export_teacher
-    from ctm_core.precond import EDMPrecond
-    from ctm_core.student import CTMStudent
-    from ctm_core.teacher_format import load_edm_checkpoint
+    from ctm_core.training.edm_training import export_teacher
+    from ctm_core.nets.precond import EDMPrecond
+    from ctm_core.nets.student import CTMStudent
+    from ctm_core.io.teacher_format import load_edm_checkpoint
 
     torch.manual_seed(0)
     arch = dict(model_type="SongUNet", model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[],
@@ -368,7 +368,7 @@ def test_edm_then_ctm_with_real_precond_and_student(tmp_path):
 
 
 def make_gan_trainer():
-    from ctm_core.gan import build_discriminator, make_d_optimizer
+    from ctm_core.gan.objective import build_discriminator, make_d_optimizer
 
     torch.manual_seed(0)
     teacher = ToyEDMDenoiser((3, 8, 8), hidden=16, depth=1, emb_channels=8)
@@ -477,8 +477,8 @@ def test_two_ranks_make_the_same_update_as_one_process():
 def test_gan_phase_with_projected_discriminator_random_features():
     """The official discriminator kind (frozen feature networks + random projections; random weights here, tiny
     widths for CPU) runs G and D steps inside the trainer: D heads learn, frozen backbones stay fixed."""
-    from ctm_core.discriminator import OFFICIAL_BACKBONES, ProjectedDiscriminator
-    from ctm_core.gan import make_d_optimizer
+    from ctm_core.gan.discriminator import OFFICIAL_BACKBONES, ProjectedDiscriminator
+    from ctm_core.gan.objective import make_d_optimizer
 
     deit, effnet = OFFICIAL_BACKBONES
     tiny = {deit: dict(embed_dim=16, depth=4, num_heads=2, mlp_ratio=2.0, hooks=(0, 1, 2, 3),

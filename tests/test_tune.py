@@ -143,7 +143,7 @@ def test_enabled_asha_optuna_mlflow_and_cleanup(tiny_setup, monkeypatch):
     import ray
     from ray.util.state import list_placement_groups
 
-    from pipelines import ray_env
+    from pipelines.support import ray_env
     from pipelines.config import apply_trial, load_params
     from pipelines.distill import _distill_section
     from pipelines.tune import TRIAL_ID_TAG, run_tune
@@ -241,10 +241,10 @@ def test_quality_probe_matches_evaluate_protocol(tiny_setup, tmp_path):
 
     import numpy as np
 
-    from ctm_core.feature_classifier import classifier_features
-    from ctm_core.metrics import feature_statistics, frechet_distance, images_to_levels
-    from ctm_core.student import CTMStudent
-    from ctm_core.teacher_format import load_edm_checkpoint
+    from ctm_core.eval.classifier import classifier_features
+    from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
+    from ctm_core.nets.student import CTMStudent
+    from ctm_core.io.teacher_format import load_edm_checkpoint
     from pipelines.config import load_params
     from pipelines.distill import _QualityProbe
     from pipelines.evaluate import Method, _train_feature_classifier, sample_method

@@ -1,0 +1,1 @@
+"""Evaluation: Fréchet distance / KID with error bars, the FID Inception-v3, the small feature classifier."""

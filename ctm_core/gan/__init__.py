@@ -1,0 +1,1 @@
+"""The optional GAN phase and perceptual distance: DiffAugment, discriminators, the adversarial terms, LPIPS."""

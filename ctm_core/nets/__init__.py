@@ -1,0 +1,1 @@
+"""Networks: EDM-compatible layers and UNets, preconditioning, released presets, the CTM student, toy MLPs."""

@@ -1,0 +1,79 @@
+"""EDM teacher training: the EDM loss and a trainer built on ``ctm_core.training.trainer.Trainer``.
+
+Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", §5 and Table 1:
+
+    ln σ ~ N(P_mean, P_std²) (P_mean −1.2, P_std 1.2),   λ(σ) = (σ² + σ_d²)/(σ·σ_d)²,
+    L = E λ(σ)·‖D_θ(x + σ·n; σ) − x‖²,  n ~ N(0, I).
+
+The loss here is the per-sample mean over the non-batch dims (EDM sums and divides by the batch; the two differ
+by the constant C·H·W). Works with any denoiser ``D(x, sigma, class_labels=None)`` (``EDMPrecond`` or
+``ctm_core.nets.toy.ToyEDMDenoiser``). Exporting the teacher uses ``ctm_core.io.teacher_format.save_teacher``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ctm_core.training.train_config import EDMTrainConfig
+from ctm_core.training.trainer import Trainer
+from ctm_core.nets.utils import append_dims
+
+__all__ = ["edm_sigmas", "edm_loss", "EDMTrainer", "export_teacher"]
+
+
+def edm_sigmas(batch: int, generator: torch.Generator, *, P_mean: float = -1.2, P_std: float = 1.2,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """σ = exp(P_mean + P_std·z), z ~ N(0, 1): (B,)."""
+    z = torch.randn(batch, generator=generator, dtype=torch.float64)
+    return (P_mean + P_std * z).exp().to(dtype)
+
+
+def edm_loss(denoiser: Callable, x0: torch.Tensor, generator: torch.Generator, *, P_mean: float = -1.2,
+             P_std: float = 1.2, sigma_data: float = 0.5, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample EDM loss λ(σ)·mean (D(x0 + σn; σ) − x0)²: x0 (B, ...) -> (B,). Noise from ``generator`` (CPU)."""
+    B = x0.shape[0]
+    sigma = edm_sigmas(B, generator, P_mean=P_mean, P_std=P_std, dtype=x0.dtype).to(x0.device)
+    n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # (B,)
+    D_x = denoiser(x0 + append_dims(sigma, x0.ndim) * n, sigma, class_labels=class_labels)
+    return weight * (D_x.float() - x0.float()).square().reshape(B, -1).mean(dim=1)
+
+
+class EDMTrainer(Trainer):
+    """Trains an EDM denoiser with Adam (EDM train.py defaults) and evaluation EMAs; no target network."""
+
+    kind = "edm"
+
+    def __init__(self, config: EDMTrainConfig, denoiser: nn.Module, data, **kwargs):
+        if not isinstance(config, EDMTrainConfig):
+            raise TypeError(f"config must be an EDMTrainConfig, got {type(config).__name__}")
+        sd = getattr(denoiser, "sigma_data", config.edm.sigma_data)
+        if float(sd) != config.edm.sigma_data:
+            raise ValueError(f"edm.sigma_data={config.edm.sigma_data} differs from the denoiser's sigma_data={sd}")
+        super().__init__(config, denoiser, data, **kwargs)
+
+    def microbatch_loss(self, x0, labels, ctx: dict[str, Any], generator: torch.Generator):
+        c = self.config.edm
+        loss = edm_loss(self.model, x0, generator, P_mean=c.P_mean, P_std=c.P_std,
+                        sigma_data=c.sigma_data, class_labels=labels).mean()
+        return loss, {"loss_edm": loss.detach()}
+
+    def ema_model(self, rate: float | None = None) -> nn.Module:
+        """The evaluation EMA with ``rate`` (default: the first configured rate)."""
+        return self.emas[self.config.ema.eval_rates[0] if rate is None else rate]
+
+
+def export_teacher(net: nn.Module, out_dir: str | os.PathLike) -> dict:
+    """Write ``net`` (an ``EDMPrecond`` with ``init_kwargs``, usually an EMA copy) in the teacher format via
+    ``ctm_core.io.teacher_format.save_teacher`` (the format's owner); returns the written config dict."""
+    from ctm_core.io.teacher_format import save_teacher
+
+    init_kwargs = getattr(net, "init_kwargs", None)
+    if init_kwargs is None:
+        raise ValueError(f"export_teacher needs a precond with init_kwargs (e.g. EDMPrecond), got {type(net).__name__}")
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return save_teacher(type(net).__name__, dict(init_kwargs), state, out_dir)

@@ -1,0 +1,524 @@
+"""Single-process training loop shared by CTM distillation and EDM teacher training.
+
+One iteration (CTM_FACTS §2.7-2.8; Kim-Dongjun/ctm-cifar10 cm/train_util.py:972-1115):
+    batch ← data source;  per microbatch: loss = microbatch_loss(...); (loss·b/B).backward()
+    optimizer step (lr warm-up optional, no clipping by default);  EMA/target updates;  step += 1
+
+Reproducibility: all randomness is keyed, not carried. The iteration's k comes from a CPU ``torch.Generator``
+seeded by (seed, step); each microbatch's noise/times/σ from one seeded by (seed, step, microbatch index); dropout
+(the global torch RNG) is re-seeded from the same key inside ``torch.random.fork_rng``, so the caller's RNG is
+untouched. The data order is a seeded permutation per epoch with a saved position. Hence a resumed run is bitwise
+identical to an uninterrupted one on CPU, and a microbatch's randomness does not depend on which rank runs it.
+
+Data parallelism (``world_size`` W > 1, used by pipelines/distill.py): every rank builds the same data source
+(same seed and rank argument), takes W of its batches per step as one global batch of W·``run.batch_size``, runs
+the microbatches i ≡ rank (mod W), scales each microbatch loss by b/(global batch) and calls ``grad_sync(params)``
+(an all-reduce sum) before the optimizer step, so W ranks make the same update as one process, up to float
+summation order. ``metric_sync`` sums the per-rank metric contributions likewise.
+
+A checkpoint holds everything needed to continue exactly and is loadable with ``torch.load(weights_only=True)``;
+saving is atomic (temp file in the same folder + os.replace).
+
+The library does no logging/tracking: metrics go to ``metrics_callback(step, {name: float})``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ctm_core.training.ema import EMABank, frozen_copy, update_ema_
+from ctm_core.training.losses import ctm_dsm_loss, ctm_estimate, karras_grid, sample_num_heun_steps
+from ctm_core.training.train_config import CTMTrainConfig, OptimConfig, RunConfig
+
+__all__ = [
+    "derive_seed",
+    "TensorDataSource",
+    "atomic_torch_save",
+    "load_checkpoint_file",
+    "build_optimizer",
+    "Trainer",
+    "CTMTrainer",
+]
+
+CHECKPOINT_FORMAT = "ctm_core.training.trainer/1"
+
+
+def derive_seed(seed: int, rank: int, stream: str, *extra: int) -> int:
+    """A 63-bit seed for one named random stream of one rank (independent of the others)."""
+    digest = hashlib.sha256(repr((int(seed), int(rank), stream, *map(int, extra))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class TensorDataSource:
+    """In-memory dataset with a seeded permutation per epoch and a resumable position (epoch, index).
+
+    ``next_batch()`` returns (x (B, ...), labels (B, L) or None) on CPU; batches run across epoch ends.
+    """
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int, seed: int,
+                 rank: int = 0):
+        if data.ndim < 2 or data.shape[0] < 1:
+            raise ValueError(f"data must have shape (num_samples, ...), got {tuple(data.shape)}")
+        if labels is not None and labels.shape[0] != data.shape[0]:
+            raise ValueError(f"labels must have {data.shape[0]} rows like data, got {labels.shape[0]}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.data, self.labels = data, labels
+        self.batch_size, self.seed, self.rank = int(batch_size), int(seed), int(rank)
+        self.epoch, self.index = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, "data", epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.data.shape[0], generator=gen), epoch
+        return self._perm
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts, need = [], self.batch_size
+        while need > 0:
+            perm = self._permutation(self.epoch)
+            take = perm[self.index:self.index + need]
+            parts.append(take)
+            need -= take.numel()
+            self.index += take.numel()
+            if self.index >= perm.numel():
+                self.epoch, self.index = self.epoch + 1, 0
+        idx = torch.cat(parts)
+        return self.data[idx], (None if self.labels is None else self.labels[idx])
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the destination folder, fsync, then ``os.replace``.
+
+    An exception during the write leaves any previous file at ``path`` untouched and removes the temp file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with a format check."""
+    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: expected a training checkpoint of format {CHECKPOINT_FORMAT!r}, got {got!r}")
+    return state
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """RAdam (official CTM, C train_util.py:111-113) or Adam (EDM teacher)."""
+    params = [p for p in params if p.requires_grad]
+    cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.name]
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic loop
+
+
+class Trainer:
+    """Generic loop: subclasses implement ``iteration_context()`` and ``microbatch_loss(x0, labels, ctx, generator)``.
+
+    Args:
+        config: a ``CTMTrainConfig``/``EDMTrainConfig`` (needs ``optim``, ``ema``, ``run`` sections).
+        model: the trained network (student or denoiser); moved to ``device``.
+        data: a data source with ``next_batch()``, ``state_dict()``, ``load_state_dict()`` (the same on every rank).
+        rank, world_size: data-parallel position; rank runs microbatches i ≡ rank (mod world_size) of the global
+            batch of world_size·run.batch_size samples. Progress bars only on rank 0.
+        grad_sync: ``grad_sync(params)`` sums the gradients over ranks in place (all-reduce) before the step.
+        metric_sync: ``metric_sync({name: 0-dim tensor}) -> dict`` sums the per-rank metric contributions.
+        metrics_callback: called as ``cb(step, {name: float})`` every ``run.log_every_steps`` steps.
+        discriminator, d_optimizer: optional slot for the GAN phase (saved/restored with the checkpoint).
+    """
+
+    kind = "base"
+
+    def __init__(self, config, model: nn.Module, data, *, device: str | torch.device = "cpu", rank: int = 0,
+                 world_size: int = 1,
+                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
+                 metric_sync: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 metrics_callback: Callable[[int, dict[str, float]], None] | None = None,
+                 discriminator: nn.Module | None = None, d_optimizer: torch.optim.Optimizer | None = None):
+        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+            raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank!r}, "
+                             f"world_size={world_size!r}")
+        self.config = config
+        self.run_cfg: RunConfig = config.run
+        self.device = torch.device(device)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.grad_sync, self.metric_sync = grad_sync, metric_sync
+        self.metrics_callback = metrics_callback
+        self.data = data
+        self.step = 0
+
+        mf = torch.channels_last if self.run_cfg.channels_last else torch.preserve_format
+        self.model = model.to(self.device, memory_format=mf)
+        self.model.train()
+        self.emas = EMABank(self.model, config.ema.eval_rates)
+        self.optimizer = build_optimizer(self.model.parameters(), config.optim)
+        self.discriminator, self.d_optimizer = discriminator, d_optimizer
+
+        if self.run_cfg.precision == "bf16" and self.device.type != "cuda":
+            warnings.warn("run.precision='bf16' autocast applies on CUDA only; running fp32 on " + str(self.device))
+        self.autocast_enabled = self.run_cfg.precision == "bf16" and self.device.type == "cuda"
+
+    def keyed_generator(self, stream: str, *keys: int) -> torch.Generator:
+        """A CPU generator seeded by (run.seed, stream, step, *keys): the same on every rank and after a resume."""
+        return torch.Generator().manual_seed(derive_seed(self.run_cfg.seed, 0, stream, self.step, *keys))
+
+    def _seed_dropout(self, microbatch: int) -> None:
+        """Re-seed the (forked) global RNG that dropout draws from, keyed like ``keyed_generator``."""
+        seed = derive_seed(self.run_cfg.seed, 0, "dropout", self.step, microbatch)
+        torch.random.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self._cuda_index):
+                torch.cuda.manual_seed(seed)
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def iteration_context(self) -> dict[str, Any]:
+        """Per-iteration random quantities shared by all microbatches and ranks (e.g. CTM's k)."""
+        return {}
+
+    def microbatch_loss(self, x0: torch.Tensor, labels: torch.Tensor | None, ctx: dict[str, Any],
+                        generator: torch.Generator):
+        """Return (scalar loss = mean over the microbatch, {name: 0-dim detached tensor})."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        self.emas.update(self.model)
+
+    def is_generator_step(self) -> bool:
+        """False on discriminator-only steps (GAN phase); those call ``discriminator_step`` instead."""
+        return True
+
+    def discriminator_step(self, x: torch.Tensor, labels: torch.Tensor | None, ctx: dict[str, Any]):
+        raise NotImplementedError
+
+    def my_microbatches(self) -> range:
+        """Indices of the global batch's microbatches this rank runs (i ≡ rank mod world_size)."""
+        num = self.run_cfg.batch_size * self.world_size // self.run_cfg.microbatch
+        return range(self.rank, num, self.world_size)
+
+    def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = [self.data.next_batch() for _ in range(self.world_size)]
+        for x, _ in parts:
+            if x.shape[0] != self.run_cfg.batch_size:
+                raise ValueError(f"data source returned {x.shape[0]} samples, expected run.batch_size="
+                                 f"{self.run_cfg.batch_size}")
+        x = torch.cat([p[0] for p in parts])
+        labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        return x, labels
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def compile_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    @property
+    def _cuda_index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _maybe_compile(self) -> None:
+        if self.run_cfg.compile and not getattr(self, "_compiled", False):
+            for m in self.compile_modules():
+                getattr(m, "model", m).compile()  # in place: state_dict keys unchanged
+            self._compiled = True
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.run_cfg.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def current_lr(self) -> float:
+        cfg = self.config.optim
+        if cfg.lr_warmup_steps > 0:
+            return cfg.lr * min(1.0, (self.step + 1) / cfg.lr_warmup_steps)
+        return cfg.lr
+
+    def _isolated_global_rng(self):
+        return torch.random.fork_rng(devices=[self._cuda_index] if self.device.type == "cuda" else [])
+
+    # -- one iteration -------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over the global batch (world_size · run.batch_size samples) in ``run.microbatch``
+        chunks, of which this rank runs ``my_microbatches()``; returns the metrics (batch means)."""
+        self._maybe_compile()
+        b = self.run_cfg.microbatch
+        B = self.run_cfg.batch_size * self.world_size  # global batch
+        with self._isolated_global_rng():
+            self.model.train()
+            x, labels = self._global_batch()
+            ctx = self.iteration_context()
+            lr = self.current_lr()
+            if not self.is_generator_step():
+                sums = self.discriminator_step(x, labels, ctx)
+                self.step += 1
+                return sums
+            self.optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, torch.Tensor] = {}
+            for i in self.my_microbatches():
+                xb = self._prepare(x[i * b:(i + 1) * b])
+                lb = None if labels is None else labels[i * b:(i + 1) * b].to(self.device)
+                self._seed_dropout(i)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
+                    loss, metrics = self.microbatch_loss(xb, lb, ctx, self.keyed_generator("loss", i))
+                (loss * (b / B)).backward()
+                for name, v in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + v.detach().float() * (b / B)
+            if self.grad_sync is not None:
+                self.grad_sync([p for p in self.model.parameters() if p.requires_grad])
+            if self.metric_sync is not None:
+                sums = self.metric_sync(sums)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.config.optim.grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip_norm)
+            self.optimizer.step()
+            self.after_optimizer_step()
+        self.step += 1
+        sums["lr"] = torch.tensor(lr)
+        for name, v in ctx.items():
+            if isinstance(v, (int, float)):
+                sums[name] = torch.tensor(float(v))
+        return sums
+
+    def train(self, num_steps: int | None = None, *, checkpoint_path: str | os.PathLike | None = None) -> int:
+        """Run until ``step == self.step + num_steps`` (default: up to ``run.total_steps``); returns the step.
+
+        Saves ``checkpoint_path`` every ``run.checkpoint_every_steps`` steps and at the end (when given).
+        """
+        from tqdm.auto import tqdm
+
+        end = self.run_cfg.total_steps if num_steps is None else self.step + int(num_steps)
+        every = self.run_cfg.checkpoint_every_steps
+        bar = tqdm(total=max(0, end - self.step), disable=not self.run_cfg.progress or self.rank != 0,
+                   desc=f"{self.kind} training", dynamic_ncols=True)
+        while self.step < end:
+            metrics = self.train_step()
+            bar.update(1)
+            if self.metrics_callback is not None and self.step % self.run_cfg.log_every_steps == 0:
+                self.metrics_callback(self.step, {k: float(v) for k, v in metrics.items()})
+            if checkpoint_path is not None and every > 0 and self.step % every == 0 and self.step < end:
+                self.save_checkpoint(checkpoint_path)
+        bar.close()
+        if checkpoint_path is not None:
+            self.save_checkpoint(checkpoint_path)
+        return self.step
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # All randomness is keyed by (seed, step, microbatch) (see the module docstring): nothing else to store.
+        rng = {"scheme": "keyed(seed, step, microbatch)", "seed": self.run_cfg.seed}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": self.kind,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "emas": self.emas.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "discriminator": None if self.discriminator is None else self.discriminator.state_dict(),
+            "d_optimizer": None if self.d_optimizer is None else self.d_optimizer.state_dict(),
+            "rng": rng,
+            "data": self.data.state_dict(),
+            "config": self.config.to_dict(),
+        }
+        state.update(self.extra_state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint kind: expected {self.kind!r}, got {state.get('kind')!r}")
+        # The loss definition must match; optimizer/EMA-rate/run/eval settings follow the current config (a later
+        # phase, e.g. the GAN fine-tune, resumes with another lr or batch; CTM_FACTS §2.9).
+        saved, mine = state["config"], self.config.to_dict()
+        for section in ("ctm", "edm"):
+            if section in mine and saved.get(section) != mine[section]:
+                raise ValueError(f"checkpoint config section {section!r} differs from the trainer's: "
+                                 f"saved {saved.get(section)!r}, current {mine[section]!r}")
+        self.model.load_state_dict(state["model"])
+        self.emas.load_state_dict(state["emas"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["discriminator"] is None) != (self.discriminator is None):
+            raise ValueError("checkpoint discriminator slot: presence differs between checkpoint and trainer")
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            if self.d_optimizer is not None and state["d_optimizer"] is not None:
+                self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if state["rng"].get("seed") != self.run_cfg.seed:
+            raise ValueError(f"checkpoint run.seed={state['rng'].get('seed')!r} differs from run.seed="
+                             f"{self.run_cfg.seed!r}: the resumed run would not continue the same random streams")
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.load_extra_state(state)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        atomic_torch_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(load_checkpoint_file(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CTM distillation
+
+
+def _lpips_on_signed_images(lpips: Callable | None) -> Callable | None:
+    """``ctm_distance`` hands LPIPS images in [-1, 1]; ``ctm_core.gan.lpips.LPIPS`` expects [0, 1] (piq convention):
+    wrap it with (x + 1)/2, unclamped (CTM_FACTS §2.4). Other callables are used as given."""
+    if lpips is None:
+        return None
+    try:
+        from ctm_core.gan.lpips import LPIPS
+    except ImportError:  # pragma: no cover - the module is optional
+        return lpips
+    if isinstance(lpips, LPIPS):
+        module = lpips
+        return lambda x, y: module((x + 1) / 2, (y + 1) / 2)
+    return lpips
+
+
+class CTMTrainer(Trainer):
+    """CTM (+DSM) distillation of an EDM teacher into ``student`` (CTM_FACTS §2).
+
+    The target network θ⁻ is a frozen copy of the student (kept in train mode, as in the official code) updated
+    with rate ``ema.target_rate`` after every step; ``lpips`` is the module for ``ctm.distance='lpips'``.
+    The teacher is not stored in checkpoints.
+    """
+
+    kind = "ctm"
+
+    def __init__(self, config: CTMTrainConfig, student: nn.Module, teacher: Callable, data, *,
+                 lpips: Callable | None = None, **kwargs):
+        if not isinstance(config, CTMTrainConfig):
+            raise TypeError(f"config must be a CTMTrainConfig, got {type(config).__name__}")
+        if config.ctm.distance == "lpips" and lpips is None:
+            raise ValueError("ctm.distance='lpips' needs the lpips= module (ctm_core.gan.lpips)")
+        super().__init__(config, student, data, **kwargs)
+        self.teacher = teacher
+        if isinstance(teacher, nn.Module):
+            teacher.eval().requires_grad_(False)
+        self.lpips = _lpips_on_signed_images(lpips)
+        if config.gan.enabled and (self.discriminator is None or self.d_optimizer is None):
+            raise ValueError("gan.enabled=True needs discriminator= and d_optimizer= (see ctm_core.gan.objective)")
+        self.target = frozen_copy(self.model)
+        self.target.train()
+        c = config.ctm
+        self.grid = karras_grid(c.N, c.sigma_min, c.sigma_max, c.rho)  # (N,) float64, CPU
+
+    @property
+    def student(self) -> nn.Module:
+        return self.model
+
+    def compile_modules(self) -> list[nn.Module]:
+        # The teacher (2k of the ~2k+4 network calls per microbatch) belongs to the caller: compile it there.
+        return [self.model, self.target]
+
+    def iteration_context(self) -> dict[str, Any]:
+        return {"k": sample_num_heun_steps(self.config.ctm.K, self.keyed_generator("k"))}  # shared by all ranks
+
+    def is_generator_step(self) -> bool:
+        gan = self.config.gan
+        return not gan.enabled or self.step % gan.g_learning_period == 0
+
+    def microbatch_loss(self, x0, labels, ctx, generator):
+        c = self.config.ctm
+        loss, metrics, out = ctm_dsm_loss(
+            self.model, self.target, self.teacher, x0, ctx["k"], generator, grid=self.grid,
+            sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho, sigma_data=c.sigma_data, class_labels=labels,
+            distance=c.distance, lpips=self.lpips, mode=c.mode, ctm_weight=c.ctm_weight, dsm_weight=c.dsm_weight,
+            P_mean=c.P_mean, P_std=c.P_std, diffusion_mult=c.diffusion_mult,
+        )
+        if self.config.gan.enabled:
+            # G step of the GAN phase: + w_D·λ_GAN·mean(−D(x_est)) (C karras_diffusion.py:412-437, 529-543).
+            from ctm_core.gan.objective import adaptive_gan_weight, g_loss
+
+            l_g = g_loss(self.discriminator, out.x_est, generator)
+            lam = adaptive_gan_weight(out.loss.mean(), l_g, self.model.last_layer_weight())
+            loss = loss + self.config.gan.weight * lam * l_g
+            metrics.update(loss_gan_g=l_g.detach(), lambda_gan=lam, loss=loss.detach())
+        return loss, metrics
+
+    def discriminator_step(self, x, labels, ctx):
+        """D-only step: hinge loss on real x0 vs the detached CTM estimate, per microbatch; no EMA update."""
+        from ctm_core.gan.objective import d_hinge_loss
+
+        c, b = self.config.ctm, self.run_cfg.microbatch
+        B = self.run_cfg.batch_size * self.world_size
+        self.discriminator.train()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for i in self.my_microbatches():
+            xb = self._prepare(x[i * b:(i + 1) * b])
+            lb = None if labels is None else labels[i * b:(i + 1) * b].to(self.device)
+            generator = self.keyed_generator("loss", i)
+            self._seed_dropout(i)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
+                with torch.no_grad():
+                    fake = ctm_estimate(self.model, self.target, xb, ctx["k"], generator, grid=self.grid,
+                                        sigma_min=c.sigma_min, class_labels=lb, mode=c.mode)
+                loss = d_hinge_loss(self.discriminator, xb, fake, generator)
+            (loss * (b / B)).backward()
+            total = total + loss.detach().float() * (b / B)
+        if self.grad_sync is not None:
+            self.grad_sync([p for p in self.discriminator.parameters() if p.requires_grad])
+        sums = {"loss_gan_d": total}
+        if self.metric_sync is not None:
+            sums = self.metric_sync(sums)
+        self.d_optimizer.step()
+        sums["k"] = torch.tensor(float(ctx["k"]))
+        return sums
+
+    def after_optimizer_step(self) -> None:
+        update_ema_(self.target, self.model, self.config.ema.target_rate)
+        self.emas.update(self.model)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.target.load_state_dict(state["target"])

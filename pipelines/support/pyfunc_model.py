@@ -1,0 +1,202 @@
+"""The CTM student as an MLflow pyfunc model: a sampler with 1-step / few-step γ-sampling.
+
+Input (a pandas DataFrame, one request per row, or a dict of scalars = one request):
+
+    num_samples  int    images to draw (>= 1)
+    nfe          int    student network evaluations (>= 1; 1 = one jump from sigma_max to sigma_min)
+    gamma        float  in [0, 1]: 0 = deterministic long jumps, 1 = CM multistep (Kim et al. 2024, Algorithm 2)
+    seed         int    image i of the request uses seed + i (per-sample generators, EDM generate.py style), so an
+                        image does not depend on num_samples or on the batch it was computed in
+    class_labels list[int] (optional) one class index per image, or a single one for all; conditional students
+                        draw a random class per image from its own generator when absent; unconditional students
+                        reject it
+
+Output: uint8 numpy array (N, H, W, C), N = sum of num_samples over the rows, in request order. Pixel values are
+EDM's 8-bit mapping of the sampler output x ∈ [-1, 1]: clip(x·127.5 + 128, 0, 255) (NVlabs/edm generate.py's
+final conversion). For data with fewer levels (sklearn digits: 17 grey levels 0..16 mapped to [-1, 1] by
+prepare's `levels_to_unit`), level L appears as about L/16·255: the pixel scale is always 0..255.
+
+Artifacts: `context.artifacts["student"]` is a student folder written by `ctm_core.io.student_format.save_student`;
+the weights variant (e.g. `ema_0.999`) is fixed when the model is logged (`CTMSampler(variant=...)`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+__all__ = ["CTMSampler", "INPUT_COLUMNS", "MAX_SAMPLES_PER_ROW", "input_example", "make_signature", "to_uint8"]
+
+INPUT_COLUMNS = ("num_samples", "nfe", "gamma", "seed", "class_labels")
+MAX_SAMPLES_PER_ROW = 100_000
+MAX_NFE = 1000
+_CHUNK = 256  # images per forward pass (results do not depend on it: per-image generators)
+
+
+def to_uint8(x) -> np.ndarray:
+    """(B, C, H, W) tensor in [-1, 1] -> (B, H, W, C) uint8 via clip(x·127.5 + 128, 0, 255) (EDM generate.py)."""
+    import torch
+
+    img = (x.to(torch.float64) * 127.5 + 128).clip(0, 255).to(torch.uint8)  # (B, C, H, W)
+    return img.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+
+
+def input_example():
+    """One request: 1 image, 1 step, deterministic (shown in the MLflow UI and used for the serving example)."""
+    import pandas as pd
+
+    return pd.DataFrame({"num_samples": [1], "nfe": [1], "gamma": [0.0], "seed": [0]})
+
+
+def make_signature(img_resolution: int, img_channels: int):
+    """ModelSignature: the request columns above -> uint8 tensor (-1, H, W, C)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types.schema import Array
+
+    inputs = Schema([
+        ColSpec(DataType.long, "num_samples"),
+        ColSpec(DataType.long, "nfe"),
+        ColSpec(DataType.double, "gamma"),
+        ColSpec(DataType.long, "seed"),
+        ColSpec(Array(DataType.long), "class_labels", required=False),
+    ])
+    outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, int(img_resolution), int(img_resolution),
+                                                      int(img_channels)))])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _is_missing(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    return False
+
+
+def _as_int(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, (bool, np.bool_)) or _is_missing(v):
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
+    if isinstance(v, (float, np.floating)):
+        if not float(v).is_integer():
+            raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
+    try:
+        i = int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}") from None
+    if not lo <= i <= hi:
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {i}")
+    return i
+
+
+def _rows(model_input: Any) -> list[dict[str, Any]]:
+    """Requests as plain dicts from a DataFrame (one per row), a dict of scalars, or a list of dicts."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        return model_input.to_dict(orient="records")
+    if isinstance(model_input, Mapping):
+        values = dict(model_input)
+        if any(isinstance(v, (list, tuple, np.ndarray)) for k, v in values.items() if k != "class_labels"):
+            return pd.DataFrame(values).to_dict(orient="records")  # a dict of columns
+        return [values]
+    if isinstance(model_input, list) and all(isinstance(r, Mapping) for r in model_input):
+        return [dict(r) for r in model_input]
+    raise ValueError(f"model_input: expected a pandas DataFrame or a dict with keys {list(INPUT_COLUMNS)}, got "
+                     f"{type(model_input).__name__}")
+
+
+class CTMSampler(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: γ-sampling (`ctm_core.diffusion.samplers.gamma_sampler`) with the student's G_θ(x_t, t, s)."""
+
+    def __init__(self, variant: str | None = None, rho: float = 7.0):
+        self.variant = variant  # None: the first EMA variant of the folder if any, else 'online'
+        self.rho = float(rho)
+        self.student = None
+
+    def load_context(self, context) -> None:
+        from ctm_core.io.student_format import load_student, read_student_config
+
+        folder = context.artifacts["student"]
+        config = read_student_config(folder)
+        variants = sorted(config["variants"])
+        variant = self.variant
+        if variant is None:
+            emas = [v for v in variants if v.startswith("ema_")]
+            variant = emas[0] if emas else "online"
+        self.loaded_variant = variant
+        self.student = load_student(folder, variant)
+        self.config = config
+
+    # -- one request --------------------------------------------------------------------------------------------
+    def _labels(self, row: dict[str, Any], n: int) -> Any:
+        """(n, L) one-hot float32 labels from the request, None when absent (random per image for L > 0 later)."""
+        import torch
+
+        L = int(self.student.label_dim)
+        raw = row.get("class_labels")
+        missing = raw is None or (not isinstance(raw, (list, tuple, np.ndarray)) and _is_missing(raw))
+        missing = missing or len(list(raw)) == 0
+        if L == 0:
+            if not missing:
+                raise ValueError(f"class_labels: this student is unconditional (label_dim 0), got {list(raw)!r}")
+            return None
+        if missing:
+            return None
+        labels = [_as_int("class_labels[]", v, 0, L - 1) for v in list(raw)]
+        if len(labels) == 1:
+            labels = labels * n
+        if len(labels) != n:
+            raise ValueError(f"class_labels: expected 1 or num_samples={n} labels, got {len(labels)}")
+        return torch.eye(L, dtype=torch.float32)[torch.tensor(labels, dtype=torch.int64)]  # (n, L)
+
+    def _sample(self, row: dict[str, Any]) -> np.ndarray:
+        import torch
+
+        from ctm_core.diffusion.samplers import StackedRandomGenerator, gamma_sampler
+
+        n = _as_int("num_samples", row.get("num_samples"), 1, MAX_SAMPLES_PER_ROW)
+        nfe = _as_int("nfe", row.get("nfe", 1), 1, MAX_NFE)
+        seed = _as_int("seed", row.get("seed", 0), 0, 2**63 - 1)
+        gamma = row.get("gamma", 0.0)
+        if isinstance(gamma, bool) or _is_missing(gamma) or not isinstance(gamma, (int, float, np.number)) or \
+                not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
+        gamma = float(gamma)
+        st = self.student
+        C, R = int(st.img_channels), int(st.img_resolution)
+        out = []
+        with torch.no_grad():
+            labels_all = self._labels(row, n)
+            L = int(st.label_dim)
+            for start in range(0, n, _CHUNK):
+                seeds = [seed + i for i in range(start, min(n, start + _CHUNK))]
+                rnd = StackedRandomGenerator("cpu", seeds)
+                latents = rnd.randn([len(seeds), C, R, R])  # (b, C, R, R) float32, as EDM generate.py draws them
+                if labels_all is not None:
+                    labels = labels_all[start:start + len(seeds)]  # (b, L)
+                elif L > 0:  # a random class per image, drawn after its latents (EDM generate.py order)
+                    labels = torch.eye(L, dtype=torch.float32)[rnd.randint(L, size=[len(seeds)])]  # (b, L)
+                else:
+                    labels = None
+                x = gamma_sampler(st, latents, labels, nfe=nfe, gamma=gamma, sigma_min=st.sigma_min,
+                                  sigma_max=st.sigma_max, rho=self.rho, randn_like=rnd.randn_like)
+                out.append(to_uint8(x))
+        return np.concatenate(out)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+        """Images (N, H, W, C) uint8 for the requests in `model_input` (see the module docstring).
+
+        `model_input` is deliberately not type-hinted: the explicit signature (`make_signature`) validates the
+        columns (MLflow's UserWarning "Add type hints to the predict method" at import is expected).
+        """
+        if self.student is None:
+            raise RuntimeError("CTMSampler: load_context() has not run (load the model with mlflow.pyfunc.load_model)")
+        rows = _rows(model_input)
+        if not rows:
+            raise ValueError("model_input: expected at least one request row, got none")
+        return np.concatenate([self._sample(r) for r in rows])
