@@ -28,7 +28,6 @@ import time
 import numpy as np
 import torch
 
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
@@ -63,9 +62,9 @@ def main(argv=None) -> None:
     from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
 
-    from ctm_core.training.edm_training import EDMTrainer
     from ctm_core.diffusion.samplers import edm_sampler, gamma_sampler
     from ctm_core.nets.toy import ToyCTMStudent, ToyEDMDenoiser
+    from ctm_core.training.edm_training import EDMTrainer
     from ctm_core.training.train_config import CTMTrainConfig, EDMTrainConfig
     from ctm_core.training.trainer import CTMTrainer, TensorDataSource
 
@@ -80,7 +79,7 @@ def main(argv=None) -> None:
     # -- feature network for the Fréchet distance ---------------------------------------------------------------
     clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=args.seed)
     perm = np.random.default_rng(args.seed).permutation(len(y))
-    tr_idx, te_idx = perm[: len(y) * 4 // 5], perm[len(y) * 4 // 5:]
+    tr_idx, te_idx = perm[: len(y) * 4 // 5], perm[len(y) * 4 // 5 :]
     X = x.reshape(len(y), -1).numpy()
     clf.fit(X[tr_idx], y[tr_idx])
     print(f"feature classifier: held-out accuracy {clf.score(X[te_idx], y[te_idx]):.3f}")
@@ -95,12 +94,19 @@ def main(argv=None) -> None:
     # -- teacher --------------------------------------------------------------------------------------------------
     torch.manual_seed(args.seed)
     teacher = ToyEDMDenoiser((1, 8, 8), hidden=args.hidden, depth=args.depth)
-    edm_cfg = EDMTrainConfig.from_dict({
-        "optim": {"lr": args.teacher_lr},
-        "ema": {"eval_rates": [0.999]},
-        "run": {"batch_size": args.teacher_batch, "microbatch": args.teacher_batch, "seed": args.seed,
-                "progress": args.progress, "total_steps": args.teacher_steps},
-    })
+    edm_cfg = EDMTrainConfig.from_dict(
+        {
+            "optim": {"lr": args.teacher_lr},
+            "ema": {"eval_rates": [0.999]},
+            "run": {
+                "batch_size": args.teacher_batch,
+                "microbatch": args.teacher_batch,
+                "seed": args.seed,
+                "progress": args.progress,
+                "total_steps": args.teacher_steps,
+            },
+        }
+    )
     edm = EDMTrainer(edm_cfg, teacher, TensorDataSource(x, batch_size=args.teacher_batch, seed=args.seed))
     t0 = time.time()
     edm.train(args.teacher_steps)
@@ -111,13 +117,20 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed + 1)
     student = ToyCTMStudent.from_teacher(teacher_ema)
     student.requires_grad_(True)
-    ctm_cfg = CTMTrainConfig.from_dict({
-        "ctm": {"distance": args.distance},
-        "optim": {"lr": args.student_lr},
-        "ema": {"target_rate": args.target_rate, "eval_rates": [0.999]},
-        "run": {"batch_size": args.student_batch, "microbatch": args.student_batch, "seed": args.seed,
-                "progress": args.progress, "total_steps": args.student_steps},
-    })
+    ctm_cfg = CTMTrainConfig.from_dict(
+        {
+            "ctm": {"distance": args.distance},
+            "optim": {"lr": args.student_lr},
+            "ema": {"target_rate": args.target_rate, "eval_rates": [0.999]},
+            "run": {
+                "batch_size": args.student_batch,
+                "microbatch": args.student_batch,
+                "seed": args.seed,
+                "progress": args.progress,
+                "total_steps": args.student_steps,
+            },
+        }
+    )
     ctm = CTMTrainer(ctm_cfg, student, teacher_ema, TensorDataSource(x, batch_size=args.student_batch, seed=args.seed))
     t0 = time.time()
     ctm.train(args.student_steps)

@@ -51,8 +51,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -61,10 +62,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ctm_core.training.ema import frozen_copy  # noqa: E402
-from ctm_core.nets.presets import build_preset  # noqa: E402
 from ctm_core.diffusion.samplers import edm_sampler, gamma_sampler  # noqa: E402
+from ctm_core.nets.presets import build_preset  # noqa: E402
 from ctm_core.nets.student import CTMStudent  # noqa: E402
+from ctm_core.training.ema import frozen_copy  # noqa: E402
 from ctm_core.training.train_config import CTMTrainConfig  # noqa: E402
 from ctm_core.training.trainer import CTMTrainer, TensorDataSource  # noqa: E402
 
@@ -91,8 +92,12 @@ def k_cycle(K: int) -> list[int]:
 
 def floor_seconds(t: dict[str, float], K: int) -> float:
     """The per-step floor (module docstring) from the per-pass medians in seconds."""
-    return (2 * expected_k(K) * t["teacher_fwd"] + 2 * t["student_nograd_fwd"] + 2 * t["student_fwdbwd"]
-            + t["target_fwd_inputgrad"])
+    return (
+        2 * expected_k(K) * t["teacher_fwd"]
+        + 2 * t["student_nograd_fwd"]
+        + 2 * t["student_fwdbwd"]
+        + t["target_fwd_inputgrad"]
+    )
 
 
 class SkipPart(Exception):
@@ -154,9 +159,14 @@ class Clock:
                 fn()
                 times.append((time.perf_counter() - t) / per)
         med = statistics.median(times)
-        return {"median_s": med, "min_s": min(times), "max_s": max(times),
-                "spread": (max(times) - min(times)) / med if med > 0 else 0.0, "repeats": len(times),
-                "warmup_wall_s": warm_s}
+        return {
+            "median_s": med,
+            "min_s": min(times),
+            "max_s": max(times),
+            "spread": (max(times) - min(times)) / med if med > 0 else 0.0,
+            "repeats": len(times),
+            "warmup_wall_s": warm_s,
+        }
 
 
 def randomize_zero_params_(module: nn.Module, generator: torch.Generator, scale: float = 0.02) -> None:
@@ -246,13 +256,22 @@ class Bench:
             "batch": self.B,
             "arch": args.arch,
             "tiny": bool(args.tiny),
-            "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "floor_img_per_s": None, "step_img_per_s": None, "naive_fp32_img_per_s": None,
-            "compiled_forward_img_per_s": None, "sample_1step_img_per_s": None, "sample_2step_img_per_s": None,
-            "teacher_heun_img_per_s": None, "peak_mem_gib": None,
-            "ratios": {}, "floors": {}, "passes": {}, "parts": {}, "errors": {},
+            "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "floor_img_per_s": None,
+            "step_img_per_s": None,
+            "naive_fp32_img_per_s": None,
+            "compiled_forward_img_per_s": None,
+            "sample_1step_img_per_s": None,
+            "sample_2step_img_per_s": None,
+            "teacher_heun_img_per_s": None,
+            "peak_mem_gib": None,
+            "ratios": {},
+            "floors": {},
+            "passes": {},
+            "parts": {},
+            "errors": {},
         }
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
         name = f"{'tiny-' if args.tiny else ''}{slug(self.res['card'])}-{stamp}.json"
         self.out_path = Path(args.out) / name
         self.gen = torch.Generator().manual_seed(args.seed)
@@ -322,15 +341,31 @@ class Bench:
             inner.compile(backend=self.args.compile_backend, dynamic=False)
 
     def make_config(self, *, batch: int, precision: str, cl: bool, compile_: bool) -> CTMTrainConfig:
-        return CTMTrainConfig.from_dict({
-            "ctm": {"K": self.K, "N": self.args.N, "distance": self.args.distance},
-            "run": {"batch_size": batch, "microbatch": batch if self.args.microbatch <= 0 else self.args.microbatch,
-                    "precision": precision, "channels_last": cl, "compile": compile_, "progress": False,
-                    "seed": self.args.seed},
-        })
+        return CTMTrainConfig.from_dict(
+            {
+                "ctm": {"K": self.K, "N": self.args.N, "distance": self.args.distance},
+                "run": {
+                    "batch_size": batch,
+                    "microbatch": batch if self.args.microbatch <= 0 else self.args.microbatch,
+                    "precision": precision,
+                    "channels_last": cl,
+                    "compile": compile_,
+                    "progress": False,
+                    "seed": self.args.seed,
+                },
+            }
+        )
 
-    def make_trainer(self, teacher: nn.Module, *, batch: int, precision: str, cl: bool, compile_: bool,
-                     student: nn.Module | None = None) -> CTMTrainer:
+    def make_trainer(
+        self,
+        teacher: nn.Module,
+        *,
+        batch: int,
+        precision: str,
+        cl: bool,
+        compile_: bool,
+        student: nn.Module | None = None,
+    ) -> CTMTrainer:
         """A CTMTrainer on random data held on the device; the trainer compiles student and target itself when
         ``compile_`` and the backend is inductor (other backends: compiled here, the same way)."""
         own_compile = compile_ and self.args.compile_backend != "inductor"
@@ -342,10 +377,17 @@ class Bench:
         lpips = None
         if self.args.distance == "lpips":
             from ctm_core.gan.lpips import LPIPS
+
             lpips = LPIPS(random_init=True, generator=torch.Generator().manual_seed(0))
             lpips = lpips.to(self.device).eval().requires_grad_(False)
-        tr = CTMTrainer(cfg, student, teacher, TensorDataSource(data, batch_size=batch, seed=self.args.seed),
-                        device=self.device, lpips=lpips)
+        tr = CTMTrainer(
+            cfg,
+            student,
+            teacher,
+            TensorDataSource(data, batch_size=batch, seed=self.args.seed),
+            device=self.device,
+            lpips=lpips,
+        )
         if own_compile:
             self.compile_inplace(tr.model)
             self.compile_inplace(tr.target)
@@ -369,15 +411,32 @@ class Bench:
         n_params = sum(p.numel() for p in self.teacher.parameters())
         student_tmp = CTMStudent.from_teacher(self.teacher)
         self.res["settings"] = {
-            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "device": str(self.device), "arch": a.arch, "tiny": bool(a.tiny), "img_resolution": self.R,
-            "teacher_params": n_params, "student_params": sum(p.numel() for p in student_tmp.parameters()),
-            "K": self.K, "N": a.N, "E_k": expected_k(self.K), "k_cycle": k_cycle(self.K), "distance": a.distance,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "device": str(self.device),
+            "arch": a.arch,
+            "tiny": bool(a.tiny),
+            "img_resolution": self.R,
+            "teacher_params": n_params,
+            "student_params": sum(p.numel() for p in student_tmp.parameters()),
+            "K": self.K,
+            "N": a.N,
+            "E_k": expected_k(self.K),
+            "k_cycle": k_cycle(self.K),
+            "distance": a.distance,
             "microbatch": self.B if a.microbatch <= 0 else a.microbatch,
-            "bf16": self.bf16, "channels_last": self.cl, "compile": self.compile_enabled,
-            "compile_backend": a.compile_backend, "compile_timeout_s": a.compile_timeout_s,
-            "repeats": a.repeats, "warmup": a.warmup, "sample_images": a.sample_images,
-            "sample_batch": a.sample_batch, "heun_images": a.heun_images, "time_budget_s": a.time_budget_s,
+            "bf16": self.bf16,
+            "channels_last": self.cl,
+            "compile": self.compile_enabled,
+            "compile_backend": a.compile_backend,
+            "compile_timeout_s": a.compile_timeout_s,
+            "repeats": a.repeats,
+            "warmup": a.warmup,
+            "sample_images": a.sample_images,
+            "sample_batch": a.sample_batch,
+            "heun_images": a.heun_images,
+            "time_budget_s": a.time_budget_s,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "cudnn_allow_tf32": _safe(lambda: torch.backends.cudnn.allow_tf32),
             "matmul_allow_tf32": _safe(lambda: torch.backends.cuda.matmul.allow_tf32),
@@ -386,8 +445,9 @@ class Bench:
         }
         del student_tmp
 
-    def time_passes(self, setting: str, teacher: nn.Module, student: nn.Module, target: nn.Module,
-                    bf16: bool, cl: bool) -> None:
+    def time_passes(
+        self, setting: str, teacher: nn.Module, student: nn.Module, target: nn.Module, bf16: bool, cl: bool
+    ) -> None:
         """Time the four network passes of a CTM+DSM step at batch B (module docstring) in one setting."""
         B, R, a = self.B, self.R, self.args
         g = torch.Generator().manual_seed(1)
@@ -423,8 +483,12 @@ class Bench:
 
         compiled = setting == "bf16_compiled"
         timings = {}
-        for name, fn in [("teacher_fwd", teacher_fwd), ("student_nograd_fwd", student_nograd_fwd),
-                         ("student_fwdbwd", student_fwdbwd), ("target_fwd_inputgrad", target_fwd_inputgrad)]:
+        for name, fn in [
+            ("teacher_fwd", teacher_fwd),
+            ("student_nograd_fwd", student_nograd_fwd),
+            ("student_fwdbwd", student_fwdbwd),
+            ("target_fwd_inputgrad", target_fwd_inputgrad),
+        ]:
             limit = a.compile_timeout_s if compiled else None
             with time_limit(limit, f"{setting}/{name} warm-up (compile)"):
                 fn()  # first call: compiles when compiled
@@ -436,7 +500,9 @@ class Bench:
         fl = floor_seconds(med, self.K)
         self.res["passes"][setting] = timings
         self.res["floors"][setting] = {
-            "floor_s_per_step": fl, "floor_img_per_s": B / fl, "outputs_finite": finite,
+            "floor_s_per_step": fl,
+            "floor_img_per_s": B / fl,
+            "outputs_finite": finite,
             "teacher_fwd_img_per_s": B / med["teacher_fwd"],
             "share_teacher": 2 * expected_k(self.K) * med["teacher_fwd"] / fl,
         }
@@ -505,8 +571,9 @@ class Bench:
             self.compile_inplace(self.teacher_c)
         info: dict[str, Any] = {"precision": precision, "channels_last": self.cl, "compiled": compiled}
         try:
-            self.fast = self.make_trainer(self.teacher_c, batch=self.B, precision=precision, cl=self.cl,
-                                          compile_=compiled)
+            self.fast = self.make_trainer(
+                self.teacher_c, batch=self.B, precision=precision, cl=self.cl, compile_=compiled
+            )
             m = self._time_step(self.fast, "fast_step", compiled=compiled)
         except (CompileTimeout, Exception) as e:  # noqa: BLE001
             if not compiled:
@@ -522,8 +589,7 @@ class Bench:
             if self.cl:
                 self.teacher_c.to(memory_format=torch.channels_last)
             info["compiled"] = False
-            self.fast = self.make_trainer(self.teacher_c, batch=self.B, precision=precision, cl=self.cl,
-                                          compile_=False)
+            self.fast = self.make_trainer(self.teacher_c, batch=self.B, precision=precision, cl=self.cl, compile_=False)
             m = self._time_step(self.fast, "fast_step_eager_fallback", compiled=False)
         m.update(info)
         self.res["fast_step"] = m
@@ -536,8 +602,7 @@ class Bench:
         if self.compile_failed:
             raise RuntimeError(f"compile failed in the fast step: {self.compile_failed[:300]}")
         # The trainer's own compiled modules: the same graphs serve the step and these passes.
-        self.time_passes("bf16_compiled", self.teacher_c, self.fast.model, self.fast.target, bf16=self.bf16,
-                         cl=self.cl)
+        self.time_passes("bf16_compiled", self.teacher_c, self.fast.model, self.fast.target, bf16=self.bf16, cl=self.cl)
 
     def part_parity(self) -> None:
         """One bf16 (+channels_last) step vs one fp32 step (TF32 off) from the same state, dropout off in both.
@@ -551,8 +616,9 @@ class Bench:
         trainers = {}
         for precision, cl in (("fp32", False), ("bf16" if self.bf16 else "fp32", self.cl)):
             self.gen.manual_seed(self.args.seed + 7)  # same data for both
-            tr = self.make_trainer(self.teacher, batch=B, precision=precision, cl=cl, compile_=False,
-                                   student=copy.deepcopy(base))
+            tr = self.make_trainer(
+                self.teacher, batch=B, precision=precision, cl=cl, compile_=False, student=copy.deepcopy(base)
+            )
             set_dropout_(tr.target, 0.0)
             trainers[precision + ("_cl" if cl else "")] = tr
         (name_ref, ref), (name_fast, fast) = trainers.items()
@@ -563,14 +629,19 @@ class Bench:
         m_fast = fast.train_step()
         d_ref = torch.cat([(p.detach() - b).flatten() for p, b in zip(ref.model.parameters(), before)])
         d_fast = torch.cat([(p.detach() - b).flatten() for p, b in zip(fast.model.parameters(), before)])
-        out = {"reference": name_ref, "fast": name_fast, "batch": B, "k": k_cycle(self.K)[0],
-               "loss_ref": float(m_ref["loss"]), "loss_fast": float(m_fast["loss"]),
-               "loss_rel_diff": abs(float(m_fast["loss"]) - float(m_ref["loss"])) / max(abs(float(m_ref["loss"])),
-                                                                                         1e-30),
-               "update_rel_diff": rel_diff(d_fast, d_ref),
-               "update_norm_ref": d_ref.norm().item(),
-               "finite": all_finite([d_fast, d_ref]) and all(math.isfinite(float(v)) for v in m_fast.values()),
-               **tf32}
+        out = {
+            "reference": name_ref,
+            "fast": name_fast,
+            "batch": B,
+            "k": k_cycle(self.K)[0],
+            "loss_ref": float(m_ref["loss"]),
+            "loss_fast": float(m_fast["loss"]),
+            "loss_rel_diff": abs(float(m_fast["loss"]) - float(m_ref["loss"])) / max(abs(float(m_ref["loss"])), 1e-30),
+            "update_rel_diff": rel_diff(d_fast, d_ref),
+            "update_norm_ref": d_ref.norm().item(),
+            "finite": all_finite([d_fast, d_ref]) and all(math.isfinite(float(v)) for v in m_fast.values()),
+            **tf32,
+        }
         for key in ("loss_ctm", "loss_dsm", "lambda_dsm"):
             if key in m_ref and key in m_fast:
                 r, f = float(m_ref[key]), float(m_fast[key])
@@ -613,6 +684,7 @@ class Bench:
                 for i in range(n_batches):
                     with torch.no_grad(), self.autocast(self.bf16):
                         outs[f"s{nfe}"] = gamma_sampler(fresh, lat[i % 2], nfe=nfe, gamma=0.0)
+
             return run
 
         with time_limit(a.compile_timeout_s if compiled else None, "sample forward warm-up (compile)"):
@@ -666,8 +738,15 @@ class Bench:
             run()
             self.clock.sync()
         m = self.clock.measure(run, warmup=0, repeats=a.heun_repeats)
-        m.update({"images": a.heun_images, "nfe": 35, "compiled": compiled,
-                  "img_per_s": a.heun_images / m["median_s"], "finite": all_finite([outs["x"]])})
+        m.update(
+            {
+                "images": a.heun_images,
+                "nfe": 35,
+                "compiled": compiled,
+                "img_per_s": a.heun_images / m["median_s"],
+                "finite": all_finite([outs["x"]]),
+            }
+        )
         self.res["teacher_heun"] = m
         self.res["teacher_heun_img_per_s"] = m["img_per_s"]
         if not m["finite"]:
@@ -687,8 +766,9 @@ class Bench:
         if self.cl:
             teacher.to(memory_format=torch.channels_last)
         try:
-            tr = self.make_trainer(teacher, batch=B2, precision="bf16" if self.bf16 else "fp32", cl=self.cl,
-                                   compile_=False)
+            tr = self.make_trainer(
+                teacher, batch=B2, precision="bf16" if self.bf16 else "fp32", cl=self.cl, compile_=False
+            )
             metrics = tr.train_step()
             self.clock.sync()
             info["status"] = "ok"
@@ -718,14 +798,16 @@ class Bench:
             "step_over_floor": ratio(r["step_img_per_s"], r["floor_img_per_s"]),
             "step_over_naive": ratio(r["step_img_per_s"], r["naive_fp32_img_per_s"]),
             "sample_1step_over_compiled_forward": ratio(r["sample_1step_img_per_s"], r["compiled_forward_img_per_s"]),
-            "naive_over_fp32_floor": ratio(r["naive_fp32_img_per_s"],
-                                           (r["floors"].get("fp32_eager") or {}).get("floor_img_per_s")),
+            "naive_over_fp32_floor": ratio(
+                r["naive_fp32_img_per_s"], (r["floors"].get("fp32_eager") or {}).get("floor_img_per_s")
+            ),
         }
-        r["targets"] = {"step_over_floor>=0.8": _ge(r["ratios"]["step_over_floor"], 0.8),
-                        "step_over_naive>=2.5": _ge(r["ratios"]["step_over_naive"], 2.5),
-                        "sample_1step_over_compiled_forward>=0.9":
-                            _ge(r["ratios"]["sample_1step_over_compiled_forward"], 0.9),
-                        "batch2x_no_oom": (r.get("batch2x") or {}).get("status") == "ok" if "batch2x" in r else None}
+        r["targets"] = {
+            "step_over_floor>=0.8": _ge(r["ratios"]["step_over_floor"], 0.8),
+            "step_over_naive>=2.5": _ge(r["ratios"]["step_over_naive"], 2.5),
+            "sample_1step_over_compiled_forward>=0.9": _ge(r["ratios"]["sample_1step_over_compiled_forward"], 0.9),
+            "batch2x_no_oom": (r.get("batch2x") or {}).get("status") == "ok" if "batch2x" in r else None,
+        }
 
     def table(self) -> str:
         r = self.res
@@ -796,8 +878,9 @@ def _json_default(o):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default="benchmarks/results", help="folder for <card>-<date>.json")
     p.add_argument("--arch", default="edm-cifar10-32x32-uncond-vp", help="ctm_core.nets.presets name (random weights)")
     p.add_argument("--tiny", action="store_true", help="tiny SongUNet (16x16, 16 channels) for CPU tests")
@@ -806,35 +889,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--microbatch", type=int, default=0, help="trainer microbatch (0 = the whole batch)")
     p.add_argument("--K", type=int, default=17, help="max teacher Heun steps (E[k] = (2K+1)/3)")
     p.add_argument("--N", type=int, default=18, help="grid points")
-    p.add_argument("--distance", default="l2", choices=("l2", "pseudo_huber", "lpips"),
-                   help="CTM distance (lpips uses random VGG weights; not part of the floor)")
+    p.add_argument(
+        "--distance",
+        default="l2",
+        choices=("l2", "pseudo_huber", "lpips"),
+        help="CTM distance (lpips uses random VGG weights; not part of the floor)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per pass, median reported (5; --tiny: 2)")
-    p.add_argument("--step-repeats", type=int, default=None,
-                   help="timed 3-step cycles per training step (3; --tiny: 1)")
+    p.add_argument(
+        "--step-repeats", type=int, default=None, help="timed 3-step cycles per training step (3; --tiny: 1)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first one (2; tiny: 1)")
     p.add_argument("--sample-images", type=int, default=None, help="default 10000; --tiny: 64")
     p.add_argument("--sample-batch", type=int, default=None, help="default 1000; --tiny: 32")
     p.add_argument("--sample-repeats", type=int, default=None, help="timed runs of all sample batches (2; --tiny: 1)")
     p.add_argument("--heun-images", type=int, default=None, help="default 1024; --tiny: 16")
     p.add_argument("--heun-repeats", type=int, default=1)
-    p.add_argument("--heun-compile", action="store_true",
-                   help="compile the teacher for the Heun run (one more compile; default: eager bf16)")
+    p.add_argument(
+        "--heun-compile",
+        action="store_true",
+        help="compile the teacher for the Heun run (one more compile; default: eager bf16)",
+    )
     p.add_argument("--parity-batch", type=int, default=0, help="batch of the bf16-vs-fp32 step check (0 = --batch)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="auto = on for CUDA only")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' to test on CPU)")
-    p.add_argument("--compile-timeout-s", type=float, default=270.0,
-                   help="abort a compile warm-up after this long (then eager fallback)")
+    p.add_argument(
+        "--compile-timeout-s",
+        type=float,
+        default=270.0,
+        help="abort a compile warm-up after this long (then eager fallback)",
+    )
     p.add_argument("--no-bf16", action="store_true", help="fast path in fp32")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-cudnn-benchmark", action="store_true")
     p.add_argument("--time-budget-s", type=float, default=360.0, help="parts starting after this are skipped")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (0 = torch's default; default: 1 with --tiny on CPU, else 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (0 = torch's default; default: 1 with --tiny on CPU, else 0)",
+    )
     args = p.parse_args(argv)
-    for name, full, tiny in (("batch", 128, 8), ("sample_images", 10_000, 64), ("sample_batch", 1000, 32),
-                             ("heun_images", 1024, 16), ("repeats", 5, 2), ("step_repeats", 3, 1), ("warmup", 2, 1),
-                             ("sample_repeats", 2, 1)):
+    for name, full, tiny in (
+        ("batch", 128, 8),
+        ("sample_images", 10_000, 64),
+        ("sample_batch", 1000, 32),
+        ("heun_images", 1024, 16),
+        ("repeats", 5, 2),
+        ("step_repeats", 3, 1),
+        ("warmup", 2, 1),
+        ("sample_repeats", 2, 1),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
     return args

@@ -113,15 +113,24 @@ def main(argv: list[str] | None = None) -> int:
         peak["rss"] = max(peak["rss"], rss_sum)
         now = time.monotonic()
         if now - last_print > 30:
-            print(f"[peak_memory] {now - t0:6.0f} s  {len(pids):3d} processes  PSS {pss_sum / GIB:.2f} GiB  "
-                  f"(peak {peak['pss'] / GIB:.2f})", file=sys.stderr, flush=True)
+            print(
+                f"[peak_memory] {now - t0:6.0f} s  {len(pids):3d} processes  PSS {pss_sum / GIB:.2f} GiB  "
+                f"(peak {peak['pss'] / GIB:.2f})",
+                file=sys.stderr,
+                flush=True,
+            )
             last_print = now
         time.sleep(args.interval)
     result = {
-        "command": " ".join(cmd), "returncode": proc.returncode, "wall_s": round(time.monotonic() - t0, 1),
-        "peak_pss_gib": round(peak["pss"] / GIB, 3), "peak_rss_gib": round(peak["rss"] / GIB, 3),
-        "peak_pss_at_s": round(peak["t_pss"], 1), "processes_at_peak": peak["processes"],
-        "peak_single_rss_gib": round(peak["single"] / GIB, 3), "peak_single_cmd": peak["single_cmd"],
+        "command": " ".join(cmd),
+        "returncode": proc.returncode,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "peak_pss_gib": round(peak["pss"] / GIB, 3),
+        "peak_rss_gib": round(peak["rss"] / GIB, 3),
+        "peak_pss_at_s": round(peak["t_pss"], 1),
+        "processes_at_peak": peak["processes"],
+        "peak_single_rss_gib": round(peak["single"] / GIB, 3),
+        "peak_single_cmd": peak["single_cmd"],
         "interval_s": args.interval,
     }
     print(json.dumps(result, indent=2))

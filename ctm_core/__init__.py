@@ -4,10 +4,7 @@ Importing this package touches no disk, network or tracking server, and imports 
 The public API below is a contract: tests and pipelines outside the package call these names.
 """
 
-from ctm_core.io.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
 from ctm_core.diffusion.likelihood import bits_per_dim, log_likelihood
-from ctm_core.nets.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
-from ctm_core.nets.presets import PRESETS, build_preset
 from ctm_core.diffusion.samplers import (
     StackedRandomGenerator,
     edm_sampler,
@@ -16,8 +13,11 @@ from ctm_core.diffusion.samplers import (
     student_heun_sampler,
 )
 from ctm_core.diffusion.schedules import karras_sigmas
-from ctm_core.nets.student import CTMStudent
+from ctm_core.io.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
 from ctm_core.io.teacher_format import convert_edm_pickle, load_edm_checkpoint, read_teacher, save_teacher
+from ctm_core.nets.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
+from ctm_core.nets.presets import PRESETS, build_preset
+from ctm_core.nets.student import CTMStudent
 
 __all__ = [
     "CTMStudent",

@@ -58,9 +58,15 @@ SHA256_RE = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
 URI_SCHEMES = ("https", "s3", "file")
 # Fallback when pipelines.support.fetch is not importable; the names of EDM_FACTS A3.1 (NVlabs/edm README.md:67-70).
 _RELEASES_FALLBACK = (
-    "edm-cifar10-32x32-cond-vp", "edm-cifar10-32x32-cond-ve", "edm-cifar10-32x32-uncond-vp",
-    "edm-cifar10-32x32-uncond-ve", "edm-ffhq-64x64-uncond-vp", "edm-ffhq-64x64-uncond-ve",
-    "edm-afhqv2-64x64-uncond-vp", "edm-afhqv2-64x64-uncond-ve", "edm-imagenet-64x64-cond-adm",
+    "edm-cifar10-32x32-cond-vp",
+    "edm-cifar10-32x32-cond-ve",
+    "edm-cifar10-32x32-uncond-vp",
+    "edm-cifar10-32x32-uncond-ve",
+    "edm-ffhq-64x64-uncond-vp",
+    "edm-ffhq-64x64-uncond-ve",
+    "edm-afhqv2-64x64-uncond-vp",
+    "edm-afhqv2-64x64-uncond-ve",
+    "edm-imagenet-64x64-cond-adm",
 )
 
 
@@ -224,12 +230,14 @@ class TuneParams(_Section):
     search_alg: Literal["optuna", "hyperopt"] = "optuna"
     metric: str = "fd_nfe1"
     mode: Literal["min", "max"] = "min"
-    space: dict[str, SpaceParam] = Field(default_factory=lambda: {
-        "lr": SpaceParam(type="loguniform", low=1e-4, high=1e-3),
-        "target_ema": SpaceParam(type="choice", values=[0.99, 0.999]),
-        "K": SpaceParam(type="choice", values=[4, 6, 8]),
-        "dsm_weight": SpaceParam(type="uniform", low=0.5, high=1.0),
-    })
+    space: dict[str, SpaceParam] = Field(
+        default_factory=lambda: {
+            "lr": SpaceParam(type="loguniform", low=1e-4, high=1e-3),
+            "target_ema": SpaceParam(type="choice", values=[0.99, 0.999]),
+            "K": SpaceParam(type="choice", values=[4, 6, 8]),
+            "dsm_weight": SpaceParam(type="uniform", low=0.5, high=1.0),
+        }
+    )
     seed: int = Field(0, ge=0)
 
 
@@ -248,8 +256,9 @@ class ClassifierParams(_Section):
 # the same file as torch-fidelity's weights-inception-2015-12-05-6726825d.pth, 95,628,359 bytes), and it starts with
 # the `6726825d` in the file name (torch.hub's `<name>-<first 8 hex of sha256>` convention). Not verified here
 # (no download): a mismatch stops the stage before any sampling.
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
@@ -298,8 +307,14 @@ class EvaluateParams(_Section):
         """`num_samples: null` (or absent) = the feature space's protocol: 50,000 images for the Inception FID (EDM
         fid.py `--num 50000`, the number papers report), 1,000 for the digits classifier's FD."""
         if isinstance(data, dict) and data.get("num_samples") is None:
-            data = {**data, "num_samples": (PROTOCOL_NUM_SAMPLES["inception"] if data.get("features") == "inception"
-                                            else PROTOCOL_NUM_SAMPLES["classifier"])}
+            data = {
+                **data,
+                "num_samples": (
+                    PROTOCOL_NUM_SAMPLES["inception"]
+                    if data.get("features") == "inception"
+                    else PROTOCOL_NUM_SAMPLES["classifier"]
+                ),
+            }
         return data
 
 
@@ -378,10 +393,20 @@ class Params(_Section):
 
 # --- pydantic errors → one line ---------------------------------------------------------------------------------------
 _EXPECTED = {
-    "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "bool_type": "true or false",
-    "string_type": "a string", "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
-    "model_attributes_type": "a mapping", "finite_number": "a finite number", "int_parsing": "an integer",
-    "float_parsing": "a number", "bool_parsing": "true or false", "none_required": "null",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "finite_number": "a finite number",
+    "int_parsing": "an integer",
+    "float_parsing": "a number",
+    "bool_parsing": "true or false",
+    "none_required": "null",
 }
 
 
@@ -482,21 +507,32 @@ def _require(cond: bool, key: str, problem: str) -> None:
 
 
 def _check_distill(d: DistillParams, pre: str = "distill") -> None:
-    _require(d.sigma_min < d.sigma_max, f"{pre}.sigma_min",
-             f"must be < {pre}.sigma_max ({d.sigma_max}), got {d.sigma_min} (fix: lower sigma_min or raise sigma_max)")
-    _require(d.K < d.N, f"{pre}.K",
-             f"must be < {pre}.N ({d.N}), got {d.K} (fix: set {pre}.K <= {d.N - 1} or raise {pre}.N)")
-    _require(d.batch % d.microbatch == 0, f"{pre}.microbatch",
-             f"must divide {pre}.batch ({d.batch}), got {d.microbatch} (fix: pick a divisor of {d.batch})")
+    _require(
+        d.sigma_min < d.sigma_max,
+        f"{pre}.sigma_min",
+        f"must be < {pre}.sigma_max ({d.sigma_max}), got {d.sigma_min} (fix: lower sigma_min or raise sigma_max)",
+    )
+    _require(
+        d.K < d.N, f"{pre}.K", f"must be < {pre}.N ({d.N}), got {d.K} (fix: set {pre}.K <= {d.N - 1} or raise {pre}.N)"
+    )
+    _require(
+        d.batch % d.microbatch == 0,
+        f"{pre}.microbatch",
+        f"must divide {pre}.batch ({d.batch}), got {d.microbatch} (fix: pick a divisor of {d.batch})",
+    )
     for i, r in enumerate(d.eval_emas):
         _require(0.0 < r < 1.0, f"{pre}.eval_emas[{i}]", f"must be in (0, 1), got {r}")
-    _require(len(set(d.eval_emas)) == len(d.eval_emas), f"{pre}.eval_emas",
-             f"rates must be distinct, got {d.eval_emas}")
+    _require(
+        len(set(d.eval_emas)) == len(d.eval_emas), f"{pre}.eval_emas", f"rates must be distinct, got {d.eval_emas}"
+    )
     for name in ("lr", "sigma_min", "sigma_max", "rho", "sigma_data", "dsm_weight", "target_ema"):
         v = getattr(d, name)
         _require(math.isfinite(v), f"{pre}.{name}", f"must be finite, got {v}")
-    _require(not (d.gan.enabled and d.mode == "cm"), f"{pre}.gan.enabled",
-             "the GAN phase is a CTM feature, got true with distill.mode 'cm' (fix: set mode: ctm or disable gan)")
+    _require(
+        not (d.gan.enabled and d.mode == "cm"),
+        f"{pre}.gan.enabled",
+        "the GAN phase is a CTM feature, got true with distill.mode 'cm' (fix: set mode: ctm or disable gan)",
+    )
 
 
 def _check_space(p: Params) -> None:
@@ -504,16 +540,22 @@ def _check_space(p: Params) -> None:
     distill_keys = set(DistillParams.model_fields)
     for name, spec in t.space.items():
         key = f"tune.space.{name}"
-        _require(name.split(".")[0] in distill_keys, key,
-                 f"not a distill key (allowed: {', '.join(sorted(distill_keys))}; fix: use a distill.<key> name)")
+        _require(
+            name.split(".")[0] in distill_keys,
+            key,
+            f"not a distill key (allowed: {', '.join(sorted(distill_keys))}; fix: use a distill.<key> name)",
+        )
         if spec.type == "choice":
             _require(bool(spec.values), f"{key}.values", f"choice needs a non-empty list, got {_fmt(spec.values)}")
             _require(spec.low is None and spec.high is None, key, "choice takes only 'values', got low/high too")
             candidates = list(spec.values)
         else:
             _require(spec.values is None, f"{key}.values", f"{spec.type} takes low/high, not values")
-            _require(spec.low is not None and spec.high is not None, key,
-                     f"{spec.type} needs both low and high, got low={spec.low}, high={spec.high}")
+            _require(
+                spec.low is not None and spec.high is not None,
+                key,
+                f"{spec.type} needs both low and high, got low={spec.low}, high={spec.high}",
+            )
             _require(spec.low < spec.high, f"{key}.low", f"must be < {key}.high ({spec.high}), got {spec.low}")
             if spec.type == "loguniform":
                 _require(spec.low > 0, f"{key}.low", f"loguniform needs low > 0, got {spec.low}")
@@ -548,86 +590,138 @@ def apply_trial(distill: DistillParams, trial: dict[str, Any], *, num_workers: i
 
 def _check_batch_split(d: DistillParams, num_workers: int) -> None:
     per = num_workers * d.microbatch
-    _require(d.batch % per == 0, "distill.batch",
-             f"must be divisible by ray.num_workers × distill.microbatch ({num_workers} × {d.microbatch} = {per}), "
-             f"got {d.batch} (fix: set distill.batch to a multiple of {per})")
+    _require(
+        d.batch % per == 0,
+        "distill.batch",
+        f"must be divisible by ray.num_workers × distill.microbatch ({num_workers} × {d.microbatch} = {per}), "
+        f"got {d.batch} (fix: set distill.batch to a multiple of {per})",
+    )
 
 
 def _check_cross(p: Params) -> None:
     """Relations between keys (one section or several)."""
     data = p.data
-    _require(data.source == "sklearn-digits" or bool(data.path), "data.path",
-             f"required for data.source {data.source!r}, got null (fix: point it at the dataset file or folder)")
+    _require(
+        data.source == "sklearn-digits" or bool(data.path),
+        "data.path",
+        f"required for data.source {data.source!r}, got null (fix: point it at the dataset file or folder)",
+    )
     if data.path and data.path.startswith(("https://", "http://", "s3://")):
-        _require(data.sha256 is not None, "data.sha256",
-                 f"required to download data.path {data.path!r}, got null (fix: pin the file's 64-hex sha256)")
+        _require(
+            data.sha256 is not None,
+            "data.sha256",
+            f"required to download data.path {data.path!r}, got null (fix: pin the file's 64-hex sha256)",
+        )
     if data.sha256 is not None:
         _require(bool(SHA256_RE.match(data.sha256)), "data.sha256", f"expected 64 hex digits, got {data.sha256!r}")
     t = p.teacher
     src = t.source
     scheme = urllib.parse.urlparse(src).scheme.lower() if "://" in src else ""
     if scheme:
-        _require(scheme in URI_SCHEMES, "teacher.source",
-                 f"expected 'train', a release name or an https://, s3:// or file:// URI, got {src!r}")
+        _require(
+            scheme in URI_SCHEMES,
+            "teacher.source",
+            f"expected 'train', a release name or an https://, s3:// or file:// URI, got {src!r}",
+        )
     elif src != "train":
-        _require(not (src.startswith((".", "~")) or "/" in src.removeprefix("baseline/")), "teacher.source",
-                 f"local paths must be file:// URIs, got {src!r} (fix: teacher.source: file:///abs/path/teacher.pkl)")
+        _require(
+            not (src.startswith((".", "~")) or "/" in src.removeprefix("baseline/")),
+            "teacher.source",
+            f"local paths must be file:// URIs, got {src!r} (fix: teacher.source: file:///abs/path/teacher.pkl)",
+        )
         releases = _release_names()
         name = src[:-4] if src.endswith(".pkl") else src
-        _require(name in releases, "teacher.source",
-                 f"unknown release name {src!r} (expected 'train', a URI or one of: {', '.join(sorted(releases))})")
+        _require(
+            name in releases,
+            "teacher.source",
+            f"unknown release name {src!r} (expected 'train', a URI or one of: {', '.join(sorted(releases))})",
+        )
     if src != "train":
-        _require(t.sha256 is not None, "teacher.sha256",
-                 f"required when teacher.source is {src!r}, got null (fix: pin the 64-hex digest, or set "
-                 "sha256: record to fetch once and print it)")
+        _require(
+            t.sha256 is not None,
+            "teacher.sha256",
+            f"required when teacher.source is {src!r}, got null (fix: pin the 64-hex digest, or set "
+            "sha256: record to fetch once and print it)",
+        )
     if t.sha256 is not None:
-        _require(t.sha256 == "record" or bool(SHA256_RE.match(t.sha256)), "teacher.sha256",
-                 f"expected 64 hex digits or 'record', got {t.sha256!r}")
+        _require(
+            t.sha256 == "record" or bool(SHA256_RE.match(t.sha256)),
+            "teacher.sha256",
+            f"expected 64 hex digits or 'record', got {t.sha256!r}",
+        )
     _check_distill(p.distill)
     _check_batch_split(p.distill, p.ray.num_workers)
     d = p.distill
-    _require(d.checkpoint_every <= d.steps, "distill.checkpoint_every",
-             f"must be <= distill.steps ({d.steps}), got {d.checkpoint_every}")
+    _require(
+        d.checkpoint_every <= d.steps,
+        "distill.checkpoint_every",
+        f"must be <= distill.steps ({d.steps}), got {d.checkpoint_every}",
+    )
     ev = p.evaluate
     for i, n in enumerate(ev.nfe):
         _require(n >= 1, f"evaluate.nfe[{i}]", f"must be an integer >= 1, got {n}")
     _require(len(set(ev.nfe)) == len(ev.nfe), "evaluate.nfe", f"values must be distinct, got {ev.nfe}")
     for i, g in enumerate(ev.gammas):
         _require(0.0 <= g <= 1.0, f"evaluate.gammas[{i}]", f"must be in [0, 1], got {g} (0 = deterministic, 1 = CM)")
-    _require(ev.teacher_nfe % 2 == 1, "evaluate.teacher_nfe",
-             f"must be odd (Heun NFE = 2·steps − 1), got {ev.teacher_nfe} (fix: e.g. 35 for 18 steps)")
+    _require(
+        ev.teacher_nfe % 2 == 1,
+        "evaluate.teacher_nfe",
+        f"must be odd (Heun NFE = 2·steps − 1), got {ev.teacher_nfe} (fix: e.g. 35 for 18 steps)",
+    )
     if ev.ema is not None:
-        _require(ev.ema in d.eval_emas, "evaluate.ema",
-                 f"must be one of distill.eval_emas {d.eval_emas} or null, got {ev.ema}")
+        _require(
+            ev.ema in d.eval_emas,
+            "evaluate.ema",
+            f"must be one of distill.eval_emas {d.eval_emas} or null, got {ev.ema}",
+        )
     _check_evaluate_fid(ev)
     tu = p.tune
-    _require(tu.scheduler.grace_period <= tu.scheduler.max_t, "tune.scheduler.grace_period",
-             f"must be <= tune.scheduler.max_t ({tu.scheduler.max_t}), got {tu.scheduler.grace_period}")
+    _require(
+        tu.scheduler.grace_period <= tu.scheduler.max_t,
+        "tune.scheduler.grace_period",
+        f"must be <= tune.scheduler.max_t ({tu.scheduler.max_t}), got {tu.scheduler.grace_period}",
+    )
     reports = tu.steps // tu.report_every
-    _require(tu.report_every <= tu.steps, "tune.report_every",
-             f"must be <= tune.steps ({tu.steps}), got {tu.report_every}")
-    _require(tu.scheduler.max_t <= reports, "tune.scheduler.max_t",
-             f"must be <= tune.steps // tune.report_every ({reports} reports per trial), got {tu.scheduler.max_t}")
+    _require(
+        tu.report_every <= tu.steps, "tune.report_every", f"must be <= tune.steps ({tu.steps}), got {tu.report_every}"
+    )
+    _require(
+        tu.scheduler.max_t <= reports,
+        "tune.scheduler.max_t",
+        f"must be <= tune.steps // tune.report_every ({reports} reports per trial), got {tu.scheduler.max_t}",
+    )
     _check_space(p)
     r = p.ray
     if r.address is None and "RAY_ADDRESS" not in os.environ:
         need = r.num_workers * r.cpus_per_worker
-        _require(r.num_cpus > need, "ray.num_cpus",
-                 f"must be > ray.num_workers × ray.cpus_per_worker ({need:g}) so Ray Data keeps a CPU, got "
-                 f"{r.num_cpus} (fix: raise ray.num_cpus; logical CPUs may exceed physical cores)")
-    _require(not r.submit or bool(r.address or os.environ.get("RAY_ADDRESS")), "ray.submit",
-             "true needs a cluster, got ray.address null and no RAY_ADDRESS (fix: set ray.address to the "
-             "dashboard URL, e.g. http://head:8265)")
+        _require(
+            r.num_cpus > need,
+            "ray.num_cpus",
+            f"must be > ray.num_workers × ray.cpus_per_worker ({need:g}) so Ray Data keeps a CPU, got "
+            f"{r.num_cpus} (fix: raise ray.num_cpus; logical CPUs may exceed physical cores)",
+        )
+    _require(
+        not r.submit or bool(r.address or os.environ.get("RAY_ADDRESS")),
+        "ray.submit",
+        "true needs a cluster, got ray.address null and no RAY_ADDRESS (fix: set ray.address to the "
+        "dashboard URL, e.g. http://head:8265)",
+    )
     if r.address:
         is_http = r.address.startswith(("http://", "https://"))
         if r.submit:
             _require(is_http, "ray.address", f"ray.submit needs the dashboard URL http://host:8265, got {r.address!r}")
         else:
-            _require(not is_http, "ray.address",
-                     f"{r.address!r} is a job-submission URL, which ray.init cannot join (fix: set ray.submit: true, "
-                     "or use ray://host:10001 / host:6379)")
-    _require(len(r.temp_dir) <= 60, "ray.temp_dir",
-             f"must be a short path (<= 60 chars, unix socket limit 107), got {len(r.temp_dir)} chars")
+            _require(
+                not is_http,
+                "ray.address",
+                f"{r.address!r} is a job-submission URL, which ray.init cannot join (fix: set ray.submit: true, "
+                "or use ray://host:10001 / host:6379)",
+            )
+    _require(
+        len(r.temp_dir) <= 60,
+        "ray.temp_dir",
+        f"must be a short path (<= 60 chars, unix socket limit 107), got {len(r.temp_dir)} chars",
+    )
 
 
 def _check_file_source(key: str, value: str) -> None:
@@ -635,8 +729,9 @@ def _check_file_source(key: str, value: str) -> None:
     _require(bool(value.strip()), key, "must be an https://, s3:// or file:// URI or a local path, got ''")
     if "://" in value:
         scheme = urllib.parse.urlparse(value).scheme.lower()
-        _require(scheme in URI_SCHEMES, key,
-                 f"expected an https://, s3:// or file:// URI or a local path, got {value!r}")
+        _require(
+            scheme in URI_SCHEMES, key, f"expected an https://, s3:// or file:// URI or a local path, got {value!r}"
+        )
 
 
 def _check_evaluate_fid(ev: EvaluateParams) -> None:
@@ -644,28 +739,49 @@ def _check_evaluate_fid(ev: EvaluateParams) -> None:
     inc, ref = ev.inception, ev.reference
     _check_file_source("evaluate.inception.source", inc.source)
     if ev.features == "inception":
-        _require(inc.sha256 is not None, "evaluate.inception.sha256",
-                 "required when evaluate.features is 'inception', got null (fix: pin the weights' 64-hex sha256, "
-                 f"{FID_WEIGHTS_SHA256} for pytorch-fid's file, or set sha256: record to fetch once and print it)")
+        _require(
+            inc.sha256 is not None,
+            "evaluate.inception.sha256",
+            "required when evaluate.features is 'inception', got null (fix: pin the weights' 64-hex sha256, "
+            f"{FID_WEIGHTS_SHA256} for pytorch-fid's file, or set sha256: record to fetch once and print it)",
+        )
     if inc.sha256 is not None:
-        _require(inc.sha256 == "record" or bool(SHA256_RE.match(inc.sha256)), "evaluate.inception.sha256",
-                 f"expected 64 hex digits or 'record', got {inc.sha256!r}")
-    _require(len(set(ref.splits)) == len(ref.splits), "evaluate.reference.splits",
-             f"values must be distinct, got {ref.splits}")
+        _require(
+            inc.sha256 == "record" or bool(SHA256_RE.match(inc.sha256)),
+            "evaluate.inception.sha256",
+            f"expected 64 hex digits or 'record', got {inc.sha256!r}",
+        )
+    _require(
+        len(set(ref.splits)) == len(ref.splits),
+        "evaluate.reference.splits",
+        f"values must be distinct, got {ref.splits}",
+    )
     if ref.source == "data":
-        _require(ref.sha256 is None, "evaluate.reference.sha256",
-                 f"must be null when evaluate.reference.source is 'data' (the pipeline computes and caches the "
-                 f"statistics), got {ref.sha256!r}")
+        _require(
+            ref.sha256 is None,
+            "evaluate.reference.sha256",
+            f"must be null when evaluate.reference.source is 'data' (the pipeline computes and caches the "
+            f"statistics), got {ref.sha256!r}",
+        )
         return
     _check_file_source("evaluate.reference.source", ref.source)
-    _require(ev.features == "inception", "evaluate.reference.source",
-             f"a reference file ({ref.source!r}) needs evaluate.features: inception, got {ev.features!r} (the "
-             "classifier's reference is always computed from the data: set reference.source: data)")
-    _require(ref.sha256 is not None, "evaluate.reference.sha256",
-             f"required when evaluate.reference.source is {ref.source!r}, got null (fix: pin the file's 64-hex "
-             "sha256, or set sha256: record to fetch once and print it)")
-    _require(ref.sha256 == "record" or bool(SHA256_RE.match(ref.sha256)), "evaluate.reference.sha256",
-             f"expected 64 hex digits or 'record', got {ref.sha256!r}")
+    _require(
+        ev.features == "inception",
+        "evaluate.reference.source",
+        f"a reference file ({ref.source!r}) needs evaluate.features: inception, got {ev.features!r} (the "
+        "classifier's reference is always computed from the data: set reference.source: data)",
+    )
+    _require(
+        ref.sha256 is not None,
+        "evaluate.reference.sha256",
+        f"required when evaluate.reference.source is {ref.source!r}, got null (fix: pin the file's 64-hex "
+        "sha256, or set sha256: record to fetch once and print it)",
+    )
+    _require(
+        ref.sha256 == "record" or bool(SHA256_RE.match(ref.sha256)),
+        "evaluate.reference.sha256",
+        f"expected 64 hex digits or 'record', got {ref.sha256!r}",
+    )
 
 
 def _release_names() -> set[str]:
@@ -716,28 +832,43 @@ def check_environment(p: Params, *, timeout_s: float = 1.0) -> None:
     if p.ray.use_gpu and not addr:  # a remote cluster's GPUs are not visible from here
         import torch
 
-        _require(torch.cuda.is_available(), "ray.use_gpu",
-                 "true but no CUDA GPU is visible on this machine (fix: set ray.use_gpu: false, or set ray.address "
-                 "to a GPU cluster)")
-    s3_paths = [("ray.storage_path", p.ray.storage_path), ("teacher.source", p.teacher.source),
-                ("data.path", p.data.path or "")]
+        _require(
+            torch.cuda.is_available(),
+            "ray.use_gpu",
+            "true but no CUDA GPU is visible on this machine (fix: set ray.use_gpu: false, or set ray.address "
+            "to a GPU cluster)",
+        )
+    s3_paths = [
+        ("ray.storage_path", p.ray.storage_path),
+        ("teacher.source", p.teacher.source),
+        ("data.path", p.data.path or ""),
+    ]
     for key, value in s3_paths:
         if value.startswith("s3://"):
-            _require(_has_s3_credentials(), key,
-                     f"{value!r} needs S3 credentials, found none (fix: export AWS_ACCESS_KEY_ID and "
-                     "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; plus AWS_ENDPOINT_URL for MinIO)")
+            _require(
+                _has_s3_credentials(),
+                key,
+                f"{value!r} needs S3 credentials, found none (fix: export AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; plus AWS_ENDPOINT_URL for MinIO)",
+            )
     if addr:
         target = _parse_address(addr)
         if target is not None:
             host, port = target
-            _require(_reachable(host, port, timeout_s), addr_key,
-                     f"cannot reach {addr!r} ({host}:{port}) within {timeout_s:g} s (fix: start the cluster, "
-                     "correct the address, or set it to null for a local Ray)")
+            _require(
+                _reachable(host, port, timeout_s),
+                addr_key,
+                f"cannot reach {addr!r} ({host}:{port}) within {timeout_s:g} s (fix: start the cluster, "
+                "correct the address, or set it to null for a local Ray)",
+            )
     if p.tune.enabled and p.tune.search_alg == "hyperopt":
         import importlib.util
 
-        _require(importlib.util.find_spec("hyperopt") is not None, "tune.search_alg",
-                 "'hyperopt' is not installed (fix: pip install hyperopt, or use optuna)")
+        _require(
+            importlib.util.find_spec("hyperopt") is not None,
+            "tune.search_alg",
+            "'hyperopt' is not installed (fix: pip install hyperopt, or use optuna)",
+        )
 
 
 def load_params(
@@ -788,12 +919,27 @@ def distill_train_config(d: DistillParams, num_workers: int = 1) -> dict[str, An
     """
     _check_batch_split(d, num_workers)
     return {
-        "ctm": {"sigma_min": d.sigma_min, "sigma_max": d.sigma_max, "rho": d.rho, "sigma_data": d.sigma_data,
-                "N": d.N, "K": d.K, "distance": d.distance, "mode": d.mode, "dsm_weight": d.dsm_weight},
+        "ctm": {
+            "sigma_min": d.sigma_min,
+            "sigma_max": d.sigma_max,
+            "rho": d.rho,
+            "sigma_data": d.sigma_data,
+            "N": d.N,
+            "K": d.K,
+            "distance": d.distance,
+            "mode": d.mode,
+            "dsm_weight": d.dsm_weight,
+        },
         "optim": {"name": "radam", "lr": d.lr},
         "ema": {"target_rate": d.target_ema, "eval_rates": list(d.eval_emas)},
-        "run": {"batch_size": d.batch // num_workers, "microbatch": d.microbatch, "total_steps": d.steps,
-                "checkpoint_every_steps": d.checkpoint_every, "log_every_steps": d.log_every, "seed": d.seed},
+        "run": {
+            "batch_size": d.batch // num_workers,
+            "microbatch": d.microbatch,
+            "total_steps": d.steps,
+            "checkpoint_every_steps": d.checkpoint_every,
+            "log_every_steps": d.log_every,
+            "seed": d.seed,
+        },
     }
 
 
@@ -803,8 +949,13 @@ def teacher_train_config(t: TeacherTrainParams) -> dict[str, Any]:
         "edm": {"P_mean": t.P_mean, "P_std": t.P_std, "sigma_data": t.sigma_data},
         "optim": {"name": "adam", "lr": t.lr, "lr_warmup_steps": t.lr_warmup_steps},
         "ema": {"eval_rates": [t.ema_rate]},
-        "run": {"batch_size": t.batch, "microbatch": t.batch, "total_steps": t.steps, "log_every_steps": t.log_every,
-                "seed": t.seed},
+        "run": {
+            "batch_size": t.batch,
+            "microbatch": t.batch,
+            "total_steps": t.steps,
+            "log_every_steps": t.log_every,
+            "seed": t.seed,
+        },
     }
 
 

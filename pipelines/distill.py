@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.config import ParamsError, apply_trial, distill_train_config, load_params, params_hash
 from pipelines.support.checkpoints import (  # noqa: F401 - re-exported: the stage's checkpoint API
     _STORAGE_FIX,
     CKPT_FILE,
@@ -59,7 +60,6 @@ from pipelines.support.checkpoints import (  # noqa: F401 - re-exported: the sta
     storage_fs,
     storage_uri,
 )
-from pipelines.config import ParamsError, apply_trial, distill_train_config, load_params, params_hash
 from pipelines.support.io_utils import one_line
 from pipelines.support.remote_inputs import InputError, Inputs, resolve_inputs  # noqa: F401 - re-exported
 
@@ -80,6 +80,7 @@ __all__ = [
     "storage_uri",
     "train_loop_per_worker",
 ]
+
 
 class DistillRunError(RuntimeError):
     """The Ray run failed after its ``FailureConfig`` retries (one line: run, storage, root cause, fix)."""
@@ -120,8 +121,10 @@ def _load_train_split(data_dir: str, card: dict[str, Any]):
         images, labels = load_prepared(data_dir, "train")
     want = card["splits"]["train"]["count"]
     if len(images) != want:
-        raise ValueError(f"{data_dir}: read {len(images)} training images, card.json lists {want}: the shards "
-                         "changed after they were verified; re-run the prepare stage or re-upload the folder")
+        raise ValueError(
+            f"{data_dir}: read {len(images)} training images, card.json lists {want}: the shards "
+            "changed after they were verified; re-run the prepare stage or re-upload the folder"
+        )
     x = torch.from_numpy(levels_to_unit(images, im["num_levels"]))
     label_dim = card["labels"]["label_dim"]
     onehot = None
@@ -142,7 +145,7 @@ def _all_reduce_grads(parameters) -> None:
     offset = 0
     for g in grads:
         n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 
@@ -164,12 +167,12 @@ def _all_reduce_metrics(metrics: dict) -> dict:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: build ctm_core objects, resume from the latest checkpoint, train, report checkpoints."""
+    import ray.train
     import torch
     import torch.distributed as dist
 
-    import ray.train
-    from ctm_core.nets.student import CTMStudent
     from ctm_core.io.teacher_format import load_edm_checkpoint
+    from ctm_core.nets.student import CTMStudent
     from ctm_core.training.train_config import CTMTrainConfig
     from ctm_core.training.trainer import CTMTrainer, TensorDataSource, derive_seed
 
@@ -202,7 +205,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     logger = _RankZeroLogger(config) if rank == 0 else None
     trainer = CTMTrainer(
-        cfg, student, teacher, data, device=device, rank=rank, world_size=world if distributed else 1,
+        cfg,
+        student,
+        teacher,
+        data,
+        device=device,
+        rank=rank,
+        world_size=world if distributed else 1,
         grad_sync=_all_reduce_grads if distributed else None,
         metric_sync=_all_reduce_metrics if distributed else None,
         metrics_callback=logger.log if logger else None,
@@ -231,8 +240,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if storage is not None:
                     upload = _verified_upload(storage, trainer.step)
             # One folder per step: a retry of a failed upload rewrites the same folder (its marker removed first).
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{trainer.step:06d}",
-                             checkpoint_upload_fn=upload)
+            ray.train.report(
+                metrics,
+                checkpoint=ckpt,
+                checkpoint_dir_name=f"checkpoint_{trainer.step:06d}",
+                checkpoint_upload_fn=upload,
+            )
     if logger is not None:
         logger.close()
 
@@ -257,8 +270,9 @@ def _resume(trainer, storage, rank: int, distributed: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         chosen = None
         if rank == 0:
-            chosen = newest_complete_checkpoint(fs, run_path, Path(tmp), legacy=ray.train.get_checkpoint(),
-                                                log=lambda m: print(m, flush=True))
+            chosen = newest_complete_checkpoint(
+                fs, run_path, Path(tmp), legacy=ray.train.get_checkpoint(), log=lambda m: print(m, flush=True)
+            )
         if distributed:
             import torch.distributed as dist
 
@@ -269,15 +283,19 @@ def _resume(trainer, storage, rank: int, distributed: bool) -> None:
                 marker = read_marker(fs, chosen[0]) if chosen[1] >= 0 else None
                 reason = download_checkpoint(fs, chosen[0], marker, Path(tmp))
                 if reason is not None:
-                    raise CheckpointStorageError(f"checkpoint storage error: rank {rank} read "
-                                                 f"{storage_uri(fs, chosen[0])} differently from rank 0 ({reason}); "
-                                                 f"{_STORAGE_FIX}")
+                    raise CheckpointStorageError(
+                        f"checkpoint storage error: rank {rank} read "
+                        f"{storage_uri(fs, chosen[0])} differently from rank 0 ({reason}); "
+                        f"{_STORAGE_FIX}"
+                    )
         if chosen is None:
             return
         trainer.load_checkpoint(Path(tmp) / CKPT_FILE)
     if chosen[1] >= 0 and trainer.step != chosen[1]:
-        raise CheckpointStorageError(f"checkpoint storage error: {storage_uri(fs, chosen[0])} holds step "
-                                     f"{trainer.step} but its {MARKER_FILE} says {chosen[1]}; {_STORAGE_FIX}")
+        raise CheckpointStorageError(
+            f"checkpoint storage error: {storage_uri(fs, chosen[0])} holds step "
+            f"{trainer.step} but its {MARKER_FILE} says {chosen[1]}; {_STORAGE_FIX}"
+        )
     print(f"[distill rank {rank}] resumed from step {trainer.step} ({storage_uri(fs, chosen[0])})", flush=True)
 
 
@@ -321,9 +339,16 @@ class _QualityProbe:
         was_training = net.training
         net.eval()
         try:
-            x = sample_method(Method("fd_nfe1", "gamma", 1, 0.0), net, None, seeds=self.seeds, batch=self.batch,
-                              img_shape=self.img_shape, label_dim=int(getattr(net, "label_dim", 0)),
-                              device=self.device)
+            x = sample_method(
+                Method("fd_nfe1", "gamma", 1, 0.0),
+                net,
+                None,
+                seeds=self.seeds,
+                batch=self.batch,
+                img_shape=self.img_shape,
+                label_dim=int(getattr(net, "label_dim", 0)),
+                device=self.device,
+            )
         finally:
             net.train(was_training)
         finite = torch.isfinite(x)
@@ -374,11 +399,17 @@ def _distill_section(params, best_params: str | None):
         d = apply_trial(params.distill, section, num_workers=params.ray.num_workers)
     # Library features the Ray stage does not wire yet: refuse them here, before any work, not deep in a worker.
     if d.gan.enabled:
-        raise ParamsError("distill.gan.enabled", "the GAN phase is not wired into the Ray stage yet, got true "
-                          "(fix: set it to false; ctm_core.gan.objective / CTMTrainer(discriminator=...) provide it)")
+        raise ParamsError(
+            "distill.gan.enabled",
+            "the GAN phase is not wired into the Ray stage yet, got true "
+            "(fix: set it to false; ctm_core.gan.objective / CTMTrainer(discriminator=...) provide it)",
+        )
     if d.distance == "lpips":
-        raise ParamsError("distill.distance", "'lpips' needs VGG16 + LPIPS weights, which the stage does not fetch "
-                          "yet (fix: use l2 or pseudo_huber; ctm_core.gan.lpips.LPIPS.from_files for library use)")
+        raise ParamsError(
+            "distill.distance",
+            "'lpips' needs VGG16 + LPIPS weights, which the stage does not fetch "
+            "yet (fix: use l2 or pseudo_huber; ctm_core.gan.lpips.LPIPS.from_files for library use)",
+        )
     return d
 
 
@@ -404,20 +435,31 @@ def _check_inputs(data_dir: Path, teacher_dir: Path) -> dict[str, Any]:
 def run_identity(d, card: dict[str, Any], teacher_weights_sha256: str | None, workers: int) -> dict[str, Any]:
     """What names the Ray run (``distill-<params_hash(identity)[:12]>``): the distill section, the train shards'
     sha256s, the teacher's weights sha256 and the worker count; where the inputs came from (disk or S3) is not."""
-    return {"distill": d.model_dump(), "data": [s["sha256"] for s in card["splits"]["train"]["shards"]],
-            "teacher": teacher_weights_sha256, "workers": workers}
+    return {
+        "distill": d.model_dump(),
+        "data": [s["sha256"] for s in card["splits"]["train"]["shards"]],
+        "teacher": teacher_weights_sha256,
+        "workers": workers,
+    }
 
 
-def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_params: str | None = None,
-                num_workers: int | None = None) -> dict[str, Any]:
+def run_distill(
+    params,
+    *,
+    data_dir: str,
+    teacher_dir: str,
+    out_dir: str,
+    best_params: str | None = None,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
     """Validate, then fit a ``TorchTrainer`` and write the student folder; returns the run record."""
     import mlflow
-
     import ray
     import ray.train
-    from ctm_core.nets.student import CTMStudent
+
     from ctm_core.io.student_format import ema_variant, save_student
     from ctm_core.io.teacher_format import load_edm_checkpoint
+    from ctm_core.nets.student import CTMStudent
     from pipelines.support import ray_env, tracking
     from pipelines.support.io_utils import read_json
 
@@ -435,21 +477,27 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
     storage = ray_env.storage_path(params)
     tracking_uri = tracking.resolve_tracking_uri(params, root)
 
-    with tracking.start_run(name, tracking_uri=tracking_uri, experiment_name=params.mlflow.experiment_name,
-                            tags=tracking.run_tags("distill", params_hash(ident), root), repo_root=root) as run:
+    with tracking.start_run(
+        name,
+        tracking_uri=tracking_uri,
+        experiment_name=params.mlflow.experiment_name,
+        tags=tracking.run_tags("distill", params_hash(ident), root),
+        repo_root=root,
+    ) as run:
         run_id = run.info.run_id
         client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
         logged = client.get_run(run_id).data.params
-        new = {k: str(v) for k, v in tracking.flatten({"distill": d.model_dump(), "ray.num_workers": workers}).items()
-               if k not in logged}
+        new = {
+            k: str(v)
+            for k, v in tracking.flatten({"distill": d.model_dump(), "ray.num_workers": workers}).items()
+            if k not in logged
+        }
         if new:
             mlflow.log_params(new)
         info = ray_env.connect_or_start(params)
         try:
-            from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+            from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
             from ray.train.torch import TorchTrainer
-
-            from ray.train import TrainingFailedError
 
             ray.data.DataContext.get_current().enable_progress_bars = False
             # The card's train shards (verified): from S3 when the data came from S3 (every node can read it).
@@ -461,16 +509,27 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={
-                    "card": card, "train_config": train_cfg, "data_dir": str(data_dir_p),
-                    "teacher_dir": str(teacher_dir_p), "teacher_ref": teacher_ref, "use_gpu": params.ray.use_gpu,
+                    "card": card,
+                    "train_config": train_cfg,
+                    "data_dir": str(data_dir_p),
+                    "teacher_dir": str(teacher_dir_p),
+                    "teacher_ref": teacher_ref,
+                    "use_gpu": params.ray.use_gpu,
                     "threads_per_worker": max(1, int(params.ray.cpus_per_worker)),
-                    "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                    "mlflow_run_id": run_id,
+                    "tracking_uri": tracking_uri,
                 },
-                scaling_config=ScalingConfig(num_workers=workers, use_gpu=params.ray.use_gpu,
-                                             resources_per_worker={"CPU": params.ray.cpus_per_worker}),
-                run_config=RunConfig(name=name, storage_path=storage,
-                                     failure_config=FailureConfig(max_failures=params.ray.max_failures),
-                                     checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                scaling_config=ScalingConfig(
+                    num_workers=workers,
+                    use_gpu=params.ray.use_gpu,
+                    resources_per_worker={"CPU": params.ray.cpus_per_worker},
+                ),
+                run_config=RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    failure_config=FailureConfig(max_failures=params.ray.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                ),
                 datasets={"train": ds},
                 dataset_config=ray.train.DataConfig(datasets_to_split=[]),
             )
@@ -480,12 +539,19 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
             except TrainingFailedError as e:
                 cause = _root_cause(e)
                 if "fix:" not in cause:
-                    storage_related = any(t in cause for t in ("AWS Error", "checkpoint_manager_snapshot",
-                                                                storage.split("?")[0].split("://")[-1]))
-                    cause += f"; {_STORAGE_FIX}" if storage_related else \
-                        "; fix the cause and re-run the stage: it resumes from the last complete checkpoint"
-                raise DistillRunError(f"Ray run {name} under {storage} failed after ray.max_failures="
-                                      f"{params.ray.max_failures} restarts: {cause}") from e
+                    storage_related = any(
+                        t in cause
+                        for t in ("AWS Error", "checkpoint_manager_snapshot", storage.split("?")[0].split("://")[-1])
+                    )
+                    cause += (
+                        f"; {_STORAGE_FIX}"
+                        if storage_related
+                        else "; fix the cause and re-run the stage: it resumes from the last complete checkpoint"
+                    )
+                raise DistillRunError(
+                    f"Ray run {name} under {storage} failed after ray.max_failures="
+                    f"{params.ray.max_failures} restarts: {cause}"
+                ) from e
             wall = time.time() - t0
         finally:
             if not params.ray.address and not os.environ.get("RAY_ADDRESS"):
@@ -493,17 +559,23 @@ def run_distill(params, *, data_dir: str, teacher_dir: str, out_dir: str, best_p
         ckpt_path, state = _final_state(storage, name, result.checkpoint)
         if state["step"] != d.steps:
             raise RuntimeError(f"final checkpoint is at step {state['step']}, expected distill.steps={d.steps}")
-        student = CTMStudent.from_teacher(load_edm_checkpoint(teacher_dir_p), sigma_min=d.sigma_min,
-                                          sigma_max=d.sigma_max)
+        student = CTMStudent.from_teacher(
+            load_edm_checkpoint(teacher_dir_p), sigma_min=d.sigma_min, sigma_max=d.sigma_max
+        )
         variants = {"online": state["model"]}
         for rate in d.eval_emas:
             variants[ema_variant(rate)] = _ema_state(state["emas"], rate)
         record = {
-            "mlflow_run_id": run_id, "ray_run_name": name, "ray_storage_path": storage,
-            "checkpoint_path": ckpt_path, "steps": int(state["step"]),
+            "mlflow_run_id": run_id,
+            "ray_run_name": name,
+            "ray_storage_path": storage,
+            "checkpoint_path": ckpt_path,
+            "steps": int(state["step"]),
             "inputs": {"data": inputs.data_uri or str(data_dir_p), "teacher": inputs.teacher_uri or str(teacher_dir_p)},
             "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-            "fit_wall_s": round(wall, 2), "num_workers": workers, "ray": {k: info.get(k) for k in ("dashboard_url",)},
+            "fit_wall_s": round(wall, 2),
+            "num_workers": workers,
+            "ray": {k: info.get(k) for k in ("dashboard_url",)},
             "teacher_weights_sha256": teacher_cfg.get("weights_sha256"),
         }
         save_student(out_dir, student.init_kwargs, variants, meta=record, extra_json={"run.json": record})
@@ -533,11 +605,14 @@ def _final_state(storage: str, name: str, registered) -> tuple[str, dict]:
     fs, base = storage_fs(storage)
     run_path = f"{base.rstrip('/')}/{name}"
     with tempfile.TemporaryDirectory() as tmp:
-        chosen = newest_complete_checkpoint(fs, run_path, Path(tmp), legacy=registered,
-                                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        chosen = newest_complete_checkpoint(
+            fs, run_path, Path(tmp), legacy=registered, log=lambda m: print(m, file=sys.stderr, flush=True)
+        )
         if chosen is None:
-            raise RuntimeError(f"Ray run {name} finished without a complete checkpoint under {storage}/{name} "
-                               "(fix: re-run the stage; check ray.storage_path)")
+            raise RuntimeError(
+                f"Ray run {name} finished without a complete checkpoint under {storage}/{name} "
+                "(fix: re-run the stage; check ray.storage_path)"
+            )
         return chosen[0], load_checkpoint_file(Path(tmp) / CKPT_FILE)
 
 
@@ -546,7 +621,7 @@ def _ema_state(emas_state: dict, rate: float) -> dict:
     from ctm_core.training.ema import EMABank
 
     prefix = f"models.{EMABank.key(rate)}."
-    sub = {k[len(prefix):]: v for k, v in emas_state.items() if k.startswith(prefix)}
+    sub = {k[len(prefix) :]: v for k, v in emas_state.items() if k.startswith(prefix)}
     if not sub:
         raise KeyError(f"EMA rate {rate} not in the checkpoint (have {sorted({k.split('.')[0] for k in emas_state})})")
     return sub
@@ -574,16 +649,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: {one_line(e)}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(json.dumps({"distill": d.model_dump(), "data": card["splits"]["train"]["count"] if card else args.data,
-                          "workers": params.ray.num_workers}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "distill": d.model_dump(),
+                    "data": card["splits"]["train"]["count"] if card else args.data,
+                    "workers": params.ray.num_workers,
+                },
+                indent=2,
+            )
+        )
         return 0
     if params.ray.submit and not os.environ.get("CTM_INSIDE_RAY_JOB"):
         from pipelines.support.submit import submit_job  # blocks until the job ends, streaming its logs
 
         return submit_job(params, "pipelines.distill", sys.argv[1:] if argv is None else argv)
     try:
-        record = run_distill(params, data_dir=args.data, teacher_dir=args.teacher, out_dir=args.out,
-                             best_params=args.best_params)
+        record = run_distill(
+            params, data_dir=args.data, teacher_dir=args.teacher, out_dir=args.out, best_params=args.best_params
+        )
     except (DistillRunError, CheckpointStorageError) as e:
         print(f"distill: {one_line(e)}", file=sys.stderr)
         return 1

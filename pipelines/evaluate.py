@@ -170,16 +170,37 @@ def plan_methods(params: Params) -> list[Method]:
             methods.append(Method(f"fd_nfe{n}_gamma{g:g}", "gamma", n, g, f"CTM γ={g:g}, {n} NFE"))
     for n in STUDENT_HEUN_NFES:
         methods.append(Method(f"fd_student_heun{n}", "student_heun", n, None, f"student g Heun, {n} NFE"))
-    methods.append(Method(f"fd_teacher_heun{ev.teacher_nfe}", "teacher_heun", ev.teacher_nfe, None,
-                          f"teacher Heun, {ev.teacher_nfe} NFE"))
-    methods.append(Method(f"fd_teacher_euler{ev.teacher_euler_nfe}", "teacher_euler", ev.teacher_euler_nfe, None,
-                          f"teacher Euler, {ev.teacher_euler_nfe} NFE"))
+    methods.append(
+        Method(
+            f"fd_teacher_heun{ev.teacher_nfe}",
+            "teacher_heun",
+            ev.teacher_nfe,
+            None,
+            f"teacher Heun, {ev.teacher_nfe} NFE",
+        )
+    )
+    methods.append(
+        Method(
+            f"fd_teacher_euler{ev.teacher_euler_nfe}",
+            "teacher_euler",
+            ev.teacher_euler_nfe,
+            None,
+            f"teacher Euler, {ev.teacher_euler_nfe} NFE",
+        )
+    )
     return methods
 
 
 @torch.no_grad()
-def _sample_batch(method: Method, student, teacher, seeds: Sequence[int], img_shape: tuple[int, int, int],
-                  label_dim: int, device: torch.device) -> torch.Tensor:
+def _sample_batch(
+    method: Method,
+    student,
+    teacher,
+    seeds: Sequence[int],
+    img_shape: tuple[int, int, int],
+    label_dim: int,
+    device: torch.device,
+) -> torch.Tensor:
     from ctm_core.diffusion.samplers import StackedRandomGenerator, edm_sampler, gamma_sampler, student_heun_sampler
 
     rnd = StackedRandomGenerator(device, seeds)
@@ -188,12 +209,26 @@ def _sample_batch(method: Method, student, teacher, seeds: Sequence[int], img_sh
     if label_dim:  # EDM generate.py: one-hot labels from the same per-seed streams
         labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, [len(seeds)])]
     if method.kind == "gamma":
-        return gamma_sampler(student, latents, labels, nfe=method.nfe, gamma=method.gamma,
-                             sigma_min=student.sigma_min, sigma_max=student.sigma_max, randn_like=rnd.randn_like)
+        return gamma_sampler(
+            student,
+            latents,
+            labels,
+            nfe=method.nfe,
+            gamma=method.gamma,
+            sigma_min=student.sigma_min,
+            sigma_max=student.sigma_max,
+            randn_like=rnd.randn_like,
+        )
     if method.kind == "student_heun" and method.nfe > 1:
-        return student_heun_sampler(student, latents, labels, num_steps=(method.nfe + 1) // 2,
-                                    sigma_min=student.sigma_min, sigma_max=student.sigma_max,
-                                    randn_like=rnd.randn_like)
+        return student_heun_sampler(
+            student,
+            latents,
+            labels,
+            num_steps=(method.nfe + 1) // 2,
+            sigma_min=student.sigma_min,
+            sigma_max=student.sigma_max,
+            randn_like=rnd.randn_like,
+        )
     if method.kind == "teacher_heun" and method.nfe > 1:
         return edm_sampler(teacher, latents, labels, randn_like=rnd.randn_like, num_steps=(method.nfe + 1) // 2)
     if method.kind in ("student_heun", "teacher_heun", "teacher_euler"):  # Heun with 1 step is 1 Euler step
@@ -205,16 +240,26 @@ def _sample_batch(method: Method, student, teacher, seeds: Sequence[int], img_sh
     raise ValueError(f"method.kind: expected gamma/student_heun/teacher_heun/teacher_euler, got {method.kind!r}")
 
 
-def sample_method(method: Method, student, teacher, *, seeds: Sequence[int], batch: int,
-                  img_shape: tuple[int, int, int], label_dim: int = 0, device: str | torch.device = "cpu",
-                  progress: bool = False) -> torch.Tensor:
+def sample_method(
+    method: Method,
+    student,
+    teacher,
+    *,
+    seeds: Sequence[int],
+    batch: int,
+    img_shape: tuple[int, int, int],
+    label_dim: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
     """Samples (N, C, H, W) float64, not clamped, for `seeds` (one image per seed), in chunks of `batch`."""
     device = torch.device(device)
     out = []
     chunks = range(0, len(seeds), batch)
     for i in tqdm(chunks, desc=method.label or method.key, unit="batch", disable=not progress, leave=False):
-        out.append(_sample_batch(method, student, teacher, list(seeds[i : i + batch]), img_shape, label_dim,
-                                 device).cpu())
+        out.append(
+            _sample_batch(method, student, teacher, list(seeds[i : i + batch]), img_shape, label_dim, device).cpu()
+        )
     return torch.cat(out)
 
 
@@ -233,9 +278,17 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _fd_summary(key: str, feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, sets: list[slice],
-                seed: int, *, num_bootstrap: int = NUM_BOOTSTRAP, prepared=None) -> tuple[dict[str, float],
-                                                                                          dict[str, Any]]:
+def _fd_summary(
+    key: str,
+    feats: np.ndarray,
+    mu_ref: np.ndarray,
+    sigma_ref: np.ndarray,
+    sets: list[slice],
+    seed: int,
+    *,
+    num_bootstrap: int = NUM_BOOTSTRAP,
+    prepared=None,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Flat metrics (key, _std, _min, _ci_low, _ci_high) and the details of one method's features (N, D).
 
     Each FD: scipy sqrtm (the protocol) when the set has N > D images, else the exact eigh form
@@ -243,23 +296,39 @@ def _fd_summary(key: str, feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.n
     from ctm_core.eval.metrics import PreparedReference, fid_error_bars
 
     prepared = prepared or PreparedReference.from_stats(mu_ref, sigma_ref)
-    boot = fid_error_bars([feats], mu_ref, sigma_ref, num_bootstrap=num_bootstrap,
-                          generator=torch.Generator().manual_seed(seed), method="auto", prepared=prepared)
-    per_set = fid_error_bars([feats[s] for s in sets], mu_ref, sigma_ref, num_bootstrap=0, method="auto",
-                             prepared=prepared)
+    boot = fid_error_bars(
+        [feats],
+        mu_ref,
+        sigma_ref,
+        num_bootstrap=num_bootstrap,
+        generator=torch.Generator().manual_seed(seed),
+        method="auto",
+        prepared=prepared,
+    )
+    per_set = fid_error_bars(
+        [feats[s] for s in sets], mu_ref, sigma_ref, num_bootstrap=0, method="auto", prepared=prepared
+    )
     flat = {key: boot.fids[0], f"{key}_ci_low": boot.bootstrap_low, f"{key}_ci_high": boot.bootstrap_high}
     if len(sets) > 1:
         flat[f"{key}_mean"] = per_set.mean
         flat[f"{key}_std"] = per_set.std
         flat[f"{key}_min"] = per_set.min
     dim = feats.shape[1]
-    details = {"fd": boot.fids[0], "fd_method": "sqrtm" if len(feats) > dim else "eigh",
-               "bootstrap": {k: v for k, v in boot.to_dict().items()
-                                                 if k.startswith("bootstrap") or k in ("confidence", "num_bootstrap")},
-               "seed_sets": {"fds": list(per_set.fids), "mean": per_set.mean,
-                             "std": per_set.std if len(sets) > 1 else None, "min": per_set.min,
-                             "num_samples": list(per_set.num_samples),
-                             "fd_method": ["sqrtm" if n > dim else "eigh" for n in per_set.num_samples]}}
+    details = {
+        "fd": boot.fids[0],
+        "fd_method": "sqrtm" if len(feats) > dim else "eigh",
+        "bootstrap": {
+            k: v for k, v in boot.to_dict().items() if k.startswith("bootstrap") or k in ("confidence", "num_bootstrap")
+        },
+        "seed_sets": {
+            "fds": list(per_set.fids),
+            "mean": per_set.mean,
+            "std": per_set.std if len(sets) > 1 else None,
+            "min": per_set.min,
+            "num_samples": list(per_set.num_samples),
+            "fd_method": ["sqrtm" if n > dim else "eigh" for n in per_set.num_samples],
+        },
+    }
     return {k: float(v) for k, v in flat.items() if _finite(v)}, details
 
 
@@ -289,14 +358,25 @@ def _train_feature_classifier(params: Params, card: dict[str, Any], data: Path, 
     with tqdm(total=1, desc=f"feature classifier ({epochs} epochs)", disable=not progress, leave=False) as bar:
         has_held = len(y_held) > 0 and bool((y_held >= 0).all())
         model, acc = train_classifier(
-            x_train, y_train, num_levels, epochs=epochs, batch_size=cp.batch, lr=cp.lr,
+            x_train,
+            y_train,
+            num_levels,
+            epochs=epochs,
+            batch_size=cp.batch,
+            lr=cp.lr,
             generator=torch.Generator().manual_seed(cp.seed),
             num_classes=int(card["labels"]["label_dim"]) or None,
-            heldout_images=x_held if has_held else None, heldout_labels=y_held if has_held else None,
+            heldout_images=x_held if has_held else None,
+            heldout_labels=y_held if has_held else None,
         )
         bar.update()
-    info = {"epochs": epochs, "steps": epochs * steps_per_epoch, "heldout_accuracy": acc,
-            "train_seconds": time.perf_counter() - t0, "data_sha256": card["source"]["sha256"]}
+    info = {
+        "epochs": epochs,
+        "steps": epochs * steps_per_epoch,
+        "heldout_accuracy": acc,
+        "train_seconds": time.perf_counter() - t0,
+        "data_sha256": card["source"]["sha256"],
+    }
     info["sha256"] = save_classifier(model, out / "classifier", meta={**info, "params": cp.model_dump()})
     return model, info, (x_train, x_held)
 
@@ -324,9 +404,9 @@ def evaluate(
     )
     from ctm_core.io.student_format import load_student
     from ctm_core.io.teacher_format import load_edm_checkpoint
+    from pipelines.prepare import load_prepared
     from pipelines.support.fid_reference import FIDSetupError, protocol_dict, protocol_sha256, setup_inception_fid
     from pipelines.support.plots import plot_fd_vs_nfe, save_grid
-    from pipelines.prepare import load_prepared
 
     data, teacher, student, out = Path(data), Path(teacher), Path(student), Path(out)
     ev = params.evaluate
@@ -378,6 +458,7 @@ def evaluate(
 
             def features_of(x: torch.Tensor) -> np.ndarray:
                 return classifier_features(clf, images_to_levels(x.clamp(-1, 1), num_levels))
+
         feature_dim = int(mu_ref.shape[0])
         metrics.update(feature_dim=feature_dim, inception_features=inception)
         prepared = PreparedReference.from_stats(mu_ref, sigma_ref)  # the reference root, once per run
@@ -396,17 +477,33 @@ def evaluate(
         for m in tqdm(methods, desc="evaluate methods", unit="method", disable=not progress):
             t0 = time.perf_counter()
             try:
-                x = sample_method(m, student_net, teacher_net, seeds=seeds, batch=ev.batch, img_shape=img_shape,
-                                  label_dim=label_dim, device=dev, progress=progress)
+                x = sample_method(
+                    m,
+                    student_net,
+                    teacher_net,
+                    seeds=seeds,
+                    batch=ev.batch,
+                    img_shape=img_shape,
+                    label_dim=label_dim,
+                    device=dev,
+                    progress=progress,
+                )
                 feats = features_of(x)  # (N, D); raises ValueError on non-finite samples
                 q = images_to_levels(x[: ev.grid_size**2].clamp(-1, 1), num_levels)  # grid: integer levels
             except (ValueError, RuntimeError) as e:  # e.g. a diverged sampler (non-finite samples)
                 errors.append(f"{m.key}: {type(e).__name__}: {e}")
                 continue
-            flat, det = _fd_summary(m.key, feats, mu_ref, sigma_ref, sets, ev.seed, num_bootstrap=ev.num_bootstrap,
-                                    prepared=prepared)
-            det.update(kind=m.kind, nfe=m.nfe, gamma=m.gamma, label=m.label, kid=_kid(feats, f_kid_ref, ev.seed),
-                       seconds=time.perf_counter() - t0)
+            flat, det = _fd_summary(
+                m.key, feats, mu_ref, sigma_ref, sets, ev.seed, num_bootstrap=ev.num_bootstrap, prepared=prepared
+            )
+            det.update(
+                kind=m.kind,
+                nfe=m.nfe,
+                gamma=m.gamma,
+                label=m.label,
+                kid=_kid(feats, f_kid_ref, ev.seed),
+                seconds=time.perf_counter() - t0,
+            )
             details[m.key] = det
             metrics.update(flat)
             save_grid(tmp / "grids" / f"{m.grid_name}.png", q.numpy(), num_levels, ev.grid_size)
@@ -424,8 +521,10 @@ def evaluate(
             metrics["kid_nfe1"] = details["fd_nfe1_gamma0"]["kid"]["mean"]
         heun_key = f"fd_teacher_heun{ev.teacher_nfe}"
         euler_key = f"fd_teacher_euler{ev.teacher_euler_nfe}"
-        for ref_key, name in ((heun_key, f"fd_nfe1_over_teacher_heun{ev.teacher_nfe}"),
-                              (euler_key, f"fd_nfe1_over_teacher_euler{ev.teacher_euler_nfe}")):
+        for ref_key, name in (
+            (heun_key, f"fd_nfe1_over_teacher_heun{ev.teacher_nfe}"),
+            (euler_key, f"fd_nfe1_over_teacher_euler{ev.teacher_euler_nfe}"),
+        ):
             if "fd_nfe1" in metrics and metrics.get(ref_key, 0) > 0:
                 metrics[name] = metrics["fd_nfe1"] / metrics[ref_key]
 
@@ -438,54 +537,107 @@ def evaluate(
                     vals = [metrics.get(f"{k}{s}", "") for s in ("", "_std", "_min", "_ci_low", "_ci_high")]
                     rows.append(",".join([str(n)] + [f"{v:.6g}" if v != "" else "" for v in vals]))
             atomic_write_text(tmp / "fd_vs_nfe" / f"gamma_{g:g}.csv", "\n".join(rows) + "\n")
-        curves = {g: [(n, metrics[f"fd_nfe{n}_gamma{g:g}"], metrics.get(f"fd_nfe{n}_gamma{g:g}_std"))
-                      for n in _nfes(params) if f"fd_nfe{n}_gamma{g:g}" in metrics] for g in gammas}
-        heun_pts = [(m.nfe, metrics[m.key], metrics.get(f"{m.key}_std")) for m in methods
-                    if m.kind == "student_heun" and m.key in metrics]
-        baselines = {lbl: metrics[k] for lbl, k in ((f"teacher Heun {ev.teacher_nfe} NFE", heun_key),
-                                                    (f"teacher Euler {ev.teacher_euler_nfe} NFE", euler_key))
-                     if k in metrics}
+        curves = {
+            g: [
+                (n, metrics[f"fd_nfe{n}_gamma{g:g}"], metrics.get(f"fd_nfe{n}_gamma{g:g}_std"))
+                for n in _nfes(params)
+                if f"fd_nfe{n}_gamma{g:g}" in metrics
+            ]
+            for g in gammas
+        }
+        heun_pts = [
+            (m.nfe, metrics[m.key], metrics.get(f"{m.key}_std"))
+            for m in methods
+            if m.kind == "student_heun" and m.key in metrics
+        ]
+        baselines = {
+            lbl: metrics[k]
+            for lbl, k in (
+                (f"teacher Heun {ev.teacher_nfe} NFE", heun_key),
+                (f"teacher Euler {ev.teacher_euler_nfe} NFE", euler_key),
+            )
+            if k in metrics
+        }
         if "fd_heldout_vs_train" in metrics:
             baselines["real held-out vs train"] = metrics["fd_heldout_vs_train"]
-        plot_fd_vs_nfe(tmp / "fd_vs_nfe.png", curves, baselines=baselines,
-                       extra_points={"student g Heun": heun_pts} if heun_pts else None)
+        plot_fd_vs_nfe(
+            tmp / "fd_vs_nfe.png",
+            curves,
+            baselines=baselines,
+            extra_points={"student g Heun": heun_pts} if heun_pts else None,
+        )
 
-        metrics = {k: (float(v) if not isinstance(v, (bool, int)) else v) for k, v in metrics.items()
-                   if isinstance(v, bool) or _finite(v)}
+        metrics = {
+            k: (float(v) if not isinstance(v, (bool, int)) else v)
+            for k, v in metrics.items()
+            if isinstance(v, bool) or _finite(v)
+        }
         expected = [m.key for m in methods]
         missing = [k for k in expected if k not in metrics]
         metrics["complete"] = not errors and not missing
         metrics["eval_seconds"] = time.perf_counter() - t_start
         protocol = protocol_dict(
-            features=ev.features, feature_net_sha256=feature_net_sha256, feature_dim=feature_dim,
-            reference_source="data" if fid is None else fid.reference.source, reference_sha256=reference_sha256,
-            num_samples=ev.num_samples, seed_start=ev.seed_start, preprocessing=preprocessing)
+            features=ev.features,
+            feature_net_sha256=feature_net_sha256,
+            feature_dim=feature_dim,
+            reference_source="data" if fid is None else fid.reference.source,
+            reference_sha256=reference_sha256,
+            num_samples=ev.num_samples,
+            seed_start=ev.seed_start,
+            preprocessing=preprocessing,
+        )
         protocol_hash = protocol_sha256(protocol)
         atomic_write_json(tmp / "protocol.json", {**protocol, "protocol_sha256": protocol_hash})
         if fid is None:
-            reference = {"source": "data", "splits": ["train", "heldout"], "count": metrics["num_reference"],
-                         "feature_dim": feature_dim, "sha256": reference_sha256}
+            reference = {
+                "source": "data",
+                "splits": ["train", "heldout"],
+                "count": metrics["num_reference"],
+                "feature_dim": feature_dim,
+                "sha256": reference_sha256,
+            }
         else:
             r = fid.reference
-            reference = {"source": r.source, "splits": list(r.splits) if r.splits else None, "count": r.num_images,
-                         "feature_dim": feature_dim, "sha256": r.sha256, "file": str(r.path), "cached": r.cached,
-                         "data_hash": r.data_hash, "cache_key": r.key, "kid_features": None if r.kid_features is None
-                         else int(len(r.kid_features))}
+            reference = {
+                "source": r.source,
+                "splits": list(r.splits) if r.splits else None,
+                "count": r.num_images,
+                "feature_dim": feature_dim,
+                "sha256": r.sha256,
+                "file": str(r.path),
+                "cached": r.cached,
+                "data_hash": r.data_hash,
+                "cache_key": r.key,
+                "kid_features": None if r.kid_features is None else int(len(r.kid_features)),
+            }
         atomic_write_json(tmp / "metrics.json", metrics)
-        atomic_write_json(tmp / "fd_details.json", {
-            "methods": details, "errors": errors, "missing": missing, "classifier": clf_info,
-            "features": ev.features, "protocol": {**protocol, "protocol_sha256": protocol_hash},
-            "inception": None if fid is None else {"source": fid.weights_source, "sha256": fid.weights_sha256,
-                                                   "file": str(fid.weights_path)},
-            "reference": reference,
-            "seed_sets": [[s.start + ev.seed_start, s.stop + ev.seed_start] for s in sets],
-            "seed_sets_note": None if len(sets) > 1 else (
-                f"one seed set: {ev.num_samples} images < {2 * 2 * feature_dim} (2 sets of >= 2·{feature_dim}); "
-                "no _mean/_std/_min, only the bootstrap interval"),
-            "student": {"dir": str(student), "variant": variant}, "teacher": {"dir": str(teacher)},
-            "device": str(dev), "params": params.section("evaluate"),
-            "params_hash": params_hash(params.section("evaluate")),
-        })
+        atomic_write_json(
+            tmp / "fd_details.json",
+            {
+                "methods": details,
+                "errors": errors,
+                "missing": missing,
+                "classifier": clf_info,
+                "features": ev.features,
+                "protocol": {**protocol, "protocol_sha256": protocol_hash},
+                "inception": None
+                if fid is None
+                else {"source": fid.weights_source, "sha256": fid.weights_sha256, "file": str(fid.weights_path)},
+                "reference": reference,
+                "seed_sets": [[s.start + ev.seed_start, s.stop + ev.seed_start] for s in sets],
+                "seed_sets_note": None
+                if len(sets) > 1
+                else (
+                    f"one seed set: {ev.num_samples} images < {2 * 2 * feature_dim} (2 sets of >= 2·{feature_dim}); "
+                    "no _mean/_std/_min, only the bootstrap interval"
+                ),
+                "student": {"dir": str(student), "variant": variant},
+                "teacher": {"dir": str(teacher)},
+                "device": str(dev),
+                "params": params.section("evaluate"),
+                "params_hash": params_hash(params.section("evaluate")),
+            },
+        )
         if log_mlflow:
             _log_to_mlflow(params, student, tmp, metrics)
     return metrics
@@ -529,11 +681,16 @@ def _log_to_mlflow(params: Params, student: Path, folder: Path, metrics: dict[st
     tags = {"ctm.evaluate.features": params.evaluate.features}
     if (folder / "protocol.json").is_file():
         proto = read_json(folder / "protocol.json")
-        tags.update({"ctm.evaluate.protocol_sha256": str(proto.get("protocol_sha256")),
-                     "ctm.evaluate.feature_net_sha256": str(proto.get("feature_net_sha256")),
-                     "ctm.evaluate.reference_sha256": str(proto.get("reference_sha256"))})
-    return log_stage_to_mlflow(params, student, folder, metrics, stage="evaluate", artifact_prefix="eval",
-                               extra_tags=tags)
+        tags.update(
+            {
+                "ctm.evaluate.protocol_sha256": str(proto.get("protocol_sha256")),
+                "ctm.evaluate.feature_net_sha256": str(proto.get("feature_net_sha256")),
+                "ctm.evaluate.reference_sha256": str(proto.get("reference_sha256")),
+            }
+        )
+    return log_stage_to_mlflow(
+        params, student, folder, metrics, stage="evaluate", artifact_prefix="eval", extra_tags=tags
+    )
 
 
 # --- entrypoint -------------------------------------------------------------------------------------------------------
@@ -552,15 +709,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"input error: {e}", file=sys.stderr)
         return 2
     try:
-        metrics = evaluate(params, args.data, args.teacher, args.student, args.out, progress=not args.no_progress,
-                           device=args.device, log_mlflow=not args.no_mlflow)
+        metrics = evaluate(
+            params,
+            args.data,
+            args.teacher,
+            args.student,
+            args.out,
+            progress=not args.no_progress,
+            device=args.device,
+            log_mlflow=not args.no_mlflow,
+        )
     except InputError as e:
         print(f"input error: {e}", file=sys.stderr)
         return 2
-    main_keys = [k for k in ("fd_nfe1", f"fd_teacher_heun{params.evaluate.teacher_nfe}", "complete")
-                 if k in metrics]
-    print("evaluate: " + ", ".join(f"{k}={metrics[k]:.4g}" if not isinstance(metrics[k], bool) else
-                                   f"{k}={metrics[k]}" for k in main_keys) + f" -> {args.out}", file=sys.stderr)
+    main_keys = [k for k in ("fd_nfe1", f"fd_teacher_heun{params.evaluate.teacher_nfe}", "complete") if k in metrics]
+    print(
+        "evaluate: "
+        + ", ".join(
+            f"{k}={metrics[k]:.4g}" if not isinstance(metrics[k], bool) else f"{k}={metrics[k]}" for k in main_keys
+        )
+        + f" -> {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 

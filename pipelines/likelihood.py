@@ -95,8 +95,15 @@ def bits_per_dim_levels(
         raise ValueError(f"num_levels: expected an int >= 2, got {num_levels!r}")
     q = torch.as_tensor(levels).to(torch.int64)
     if L & (L - 1) == 0:
-        bpd, se = bits_per_dim(denoiser, q, bits=L.bit_length() - 1, dequantize=dequantize, generator=generator,
-                               return_stderr=True, **likelihood_kwargs)
+        bpd, se = bits_per_dim(
+            denoiser,
+            q,
+            bits=L.bit_length() - 1,
+            dequantize=dequantize,
+            generator=generator,
+            return_stderr=True,
+            **likelihood_kwargs,
+        )
         return bpd, se
     if dequantize not in ("uniform", "none"):
         raise ValueError(f"dequantize: expected 'uniform' or 'none', got {dequantize!r}")
@@ -121,21 +128,41 @@ def check_likelihood_inputs(params: Params, data: Path, teacher: Path, student: 
     checked = check_inputs(params, data, teacher, student, need_labels=False)
     held = int(checked["card"]["splits"]["heldout"]["count"])
     if params.likelihood.enabled and held < 1:
-        raise InputError(f"--data: {data} has an empty held-out split; bits/dim is measured on held-out images "
-                         "(fix: set data.heldout_fraction > 0, or likelihood.enabled: false)")
+        raise InputError(
+            f"--data: {data} has an empty held-out split; bits/dim is measured on held-out images "
+            "(fix: set data.heldout_fraction > 0, or likelihood.enabled: false)"
+        )
     return checked
 
 
 # --- the stage --------------------------------------------------------------------------------------------------------
-def _bpd(params: Params, name: str, denoiser, levels: torch.Tensor, num_levels: int, sigma_min: float,
-         sigma_max: float, progress: bool) -> dict[str, float]:
+def _bpd(
+    params: Params,
+    name: str,
+    denoiser,
+    levels: torch.Tensor,
+    num_levels: int,
+    sigma_min: float,
+    sigma_max: float,
+    progress: bool,
+) -> dict[str, float]:
     b = params.likelihood
     gen = torch.Generator().manual_seed(b.seed)
     t0 = time.perf_counter()
     with tqdm(total=len(levels), desc=f"bits/dim {name}", unit="img", disable=not progress, leave=False) as bar:
-        bpd, se = bits_per_dim_levels(denoiser, levels, num_levels, dequantize=b.dequantize, generator=gen,
-                                      sigma_min=sigma_min, sigma_max=sigma_max, divergence=b.divergence,
-                                      num_probes=b.num_probes, rtol=b.rtol, atol=b.atol)
+        bpd, se = bits_per_dim_levels(
+            denoiser,
+            levels,
+            num_levels,
+            dequantize=b.dequantize,
+            generator=gen,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            divergence=b.divergence,
+            num_probes=b.num_probes,
+            rtol=b.rtol,
+            atol=b.atol,
+        )
         bar.update(len(levels))
     n = len(bpd)
     out = {f"bpd_{name}": float(bpd.mean())}
@@ -152,8 +179,10 @@ def _protocol_text(card: dict[str, Any]) -> str:
     paras = [" ".join(p.split()) for p in bits_per_dim_levels.__doc__.split("\n\n")]
     L = int(card["image"]["num_levels"])
     body = paras[1] if L & (L - 1) == 0 else " ".join(paras[2:5])
-    return (f"Exact PF-ODE likelihood (ctm_core.diffusion.likelihood.log_likelihood; not the official ELBO, sony/ctm#13); "
-            f"teacher D(x; sigma), student g(x, sigma, sigma); {L} levels: {body}")
+    return (
+        f"Exact PF-ODE likelihood (ctm_core.diffusion.likelihood.log_likelihood; not the official ELBO, sony/ctm#13); "
+        f"teacher D(x; sigma), student g(x, sigma, sigma); {L} levels: {body}"
+    )
 
 
 def likelihood(
@@ -175,11 +204,17 @@ def likelihood(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     protocol = _protocol_text(card) if lk.enabled else None
-    details: dict[str, Any] = {"enabled": lk.enabled, "protocol": protocol, "errors": [], "networks": {},
-                               "student": {"dir": str(student), "variant": variant},
-                               "teacher": {"dir": str(teacher)}, "device": str(dev),
-                               "params": params.section("likelihood"),
-                               "params_hash": params_hash(params.section("likelihood"))}
+    details: dict[str, Any] = {
+        "enabled": lk.enabled,
+        "protocol": protocol,
+        "errors": [],
+        "networks": {},
+        "student": {"dir": str(student), "variant": variant},
+        "teacher": {"dir": str(teacher)},
+        "device": str(dev),
+        "params": params.section("likelihood"),
+        "params_hash": params_hash(params.section("likelihood")),
+    }
     metrics: dict[str, Any] = {}
     with staged_dir(out) as tmp:
         if not lk.enabled:
@@ -197,18 +232,30 @@ def likelihood(
             student_net = load_student(student, variant, device=dev)
             metrics["num_images"] = int(len(levels))
             for name, den, smin, smax in (
-                ("teacher", teacher_net, max(0.002, float(getattr(teacher_net, "sigma_min", 0.0))),
-                 min(80.0, float(getattr(teacher_net, "sigma_max", 80.0)))),
-                ("student", student_as_denoiser(student_net), float(student_net.sigma_min),
-                 float(student_net.sigma_max)),
+                (
+                    "teacher",
+                    teacher_net,
+                    max(0.002, float(getattr(teacher_net, "sigma_min", 0.0))),
+                    min(80.0, float(getattr(teacher_net, "sigma_max", 80.0))),
+                ),
+                (
+                    "student",
+                    student_as_denoiser(student_net),
+                    float(student_net.sigma_min),
+                    float(student_net.sigma_max),
+                ),
             ):
                 try:
                     r = _bpd(params, name, den, levels, num_levels, smin, smax, progress)
                 except (ValueError, RuntimeError) as e:  # e.g. a diverged network (non-finite ODE)
                     details["errors"].append(f"bpd_{name}: {type(e).__name__}: {e}")
                     continue
-                details["networks"][name] = {"sigma_min": smin, "sigma_max": smax,
-                                             "seconds": r.pop(f"bpd_{name}_seconds"), **r}
+                details["networks"][name] = {
+                    "sigma_min": smin,
+                    "sigma_max": smax,
+                    "seconds": r.pop(f"bpd_{name}_seconds"),
+                    **r,
+                }
                 metrics.update({k: v for k, v in r.items() if math.isfinite(v)})
             missing = [k for k in ("bpd_teacher", "bpd_student") if k not in metrics]
             details["missing"] = missing
@@ -220,9 +267,16 @@ def likelihood(
         if log_mlflow:
             # bpd_* keep their names; complete / num_images would clash with evaluate's in the distill run
             logged = {k if k.startswith("bpd_") else f"likelihood_{k}": v for k, v in metrics.items()}
-            log_stage_to_mlflow(params, student, tmp, logged, stage="likelihood", artifact_prefix="likelihood",
-                                extra_tags={"ctm.likelihood.enabled": str(lk.enabled).lower()},
-                                complete=bool(metrics["complete"]))
+            log_stage_to_mlflow(
+                params,
+                student,
+                tmp,
+                logged,
+                stage="likelihood",
+                artifact_prefix="likelihood",
+                extra_tags={"ctm.likelihood.enabled": str(lk.enabled).lower()},
+                complete=bool(metrics["complete"]),
+            )
     return metrics
 
 
@@ -238,14 +292,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_likelihood_inputs(params, Path(args.data), Path(args.teacher), Path(args.student))
-        metrics = likelihood(params, args.data, args.teacher, args.student, args.out,
-                             progress=not args.no_progress, device=args.device, log_mlflow=not args.no_mlflow)
+        metrics = likelihood(
+            params,
+            args.data,
+            args.teacher,
+            args.student,
+            args.out,
+            progress=not args.no_progress,
+            device=args.device,
+            log_mlflow=not args.no_mlflow,
+        )
     except InputError as e:
         print(f"input error: {e}", file=sys.stderr)
         return 2
     shown = [k for k in ("bpd_teacher", "bpd_student", "complete") if k in metrics]
-    print("likelihood: " + ", ".join(f"{k}={metrics[k]}" if isinstance(metrics[k], bool) else
-                                     f"{k}={metrics[k]:.4g}" for k in shown) + f" -> {args.out}", file=sys.stderr)
+    print(
+        "likelihood: "
+        + ", ".join(f"{k}={metrics[k]}" if isinstance(metrics[k], bool) else f"{k}={metrics[k]:.4g}" for k in shown)
+        + f" -> {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -54,7 +54,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.support.fetch import FetchError
-from pipelines.support.io_utils import atomic_write_json, json_dumps, normalize_sha256, read_json, sha256_file, staged_dir
+from pipelines.support.io_utils import (
+    atomic_write_json,
+    json_dumps,
+    normalize_sha256,
+    read_json,
+    sha256_file,
+    staged_dir,
+)
 
 __all__ = [
     "CARD_FORMAT",
@@ -608,9 +615,7 @@ def load_card(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return card
 
 
-def load_prepared(
-    out_dir: str | os.PathLike[str], split: str, *, verify: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+def load_prepared(out_dir: str | os.PathLike[str], split: str, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Load a split written by `prepare_dataset`.
 
     Returns:

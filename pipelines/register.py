@@ -117,8 +117,13 @@ def _student_info(student_dir: str | os.PathLike[str], variant: str | None) -> d
     h = hashlib.sha256(f"{variant}:{entry['sha256']}".encode()).hexdigest()
     run_json = folder / "run.json"
     run_info = read_json(run_json) if run_json.is_file() else {}
-    return {"config": config, "variant": variant, "sha256": h, "weights_sha256": entry["sha256"],
-            "run": run_info if isinstance(run_info, dict) else {}}
+    return {
+        "config": config,
+        "variant": variant,
+        "sha256": h,
+        "weights_sha256": entry["sha256"],
+        "run": run_info if isinstance(run_info, dict) else {},
+    }
 
 
 def _variant_for(params: Params, config: dict[str, Any]) -> str | None:
@@ -133,7 +138,6 @@ def _variant_for(params: Params, config: dict[str, Any]) -> str | None:
 def _stage_code(tmp: Path) -> list[str]:
     """code_paths: a copy of ctm_core and a minimal `pipelines` package holding only the sampler module."""
     import ctm_core
-
     import pipelines.support.pyfunc_model as pm
 
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -185,7 +189,7 @@ def _champion(client, name: str, alias: str):
 def _metric_tags(mv) -> dict[str, float]:
     """The `metric.*` version tags as numbers (what `metric_noise` reads for the champion)."""
     out = {}
-    for k in (mv.tags or {}):
+    for k in mv.tags or {}:
         if k.startswith("metric."):
             v = _float_tag(mv, k)
             if v is not None:
@@ -200,8 +204,10 @@ def _read_protocol_status(eval_dir) -> tuple[Any, str | None]:
     except ValueError as e:
         return str(e), None
     if sha is None:
-        return (f"{Path(eval_dir) / 'protocol.json'} not found (the evaluate stage did not finish, or wrote no "
-                "protocol fingerprint: re-run it)"), None
+        return (
+            f"{Path(eval_dir) / 'protocol.json'} not found (the evaluate stage did not finish, or wrote no "
+            "protocol fingerprint: re-run it)"
+        ), None
     return protocol, sha
 
 
@@ -229,15 +235,23 @@ def _target_run(params: Params, root: Path, tracking_uri: str, distill_run_id: s
         try:
             MlflowClient(tracking_uri).get_run(distill_run_id)
         except MlflowException:
-            print(f"register: run.json names MLflow run {distill_run_id}, which is not in {tracking_uri}; "
-                  "logging into a run of the register stage instead", file=sys.stderr)
+            print(
+                f"register: run.json names MLflow run {distill_run_id}, which is not in {tracking_uri}; "
+                "logging into a run of the register stage instead",
+                file=sys.stderr,
+            )
         else:
             with mlflow.start_run(run_id=distill_run_id) as run:
                 yield run
             return
     h = tags["ctm.params_hash"]
-    with start_run(run_name("register", h), tracking_uri=tracking_uri, experiment_name=params.mlflow.experiment_name,
-                   tags=tags, repo_root=root) as run:
+    with start_run(
+        run_name("register", h),
+        tracking_uri=tracking_uri,
+        experiment_name=params.mlflow.experiment_name,
+        tags=tags,
+        repo_root=root,
+    ) as run:
         yield run
 
 
@@ -273,9 +287,11 @@ def run(
     p_hash = params_hash({s: params.section(s) for s in HASHED_SECTIONS})
     provenance = {
         "data.hash": next((str(meta[k]) for k in _META_KEYS["data.hash"] if meta.get(k)), None)
-        or data_hash_from_lock(root) or "unknown",
+        or data_hash_from_lock(root)
+        or "unknown",
         "teacher.hash": next((str(meta[k]) for k in _META_KEYS["teacher.hash"] if meta.get(k)), None)
-        or data_hash_from_lock(root, "artifacts/teacher") or "unknown",
+        or data_hash_from_lock(root, "artifacts/teacher")
+        or "unknown",
     }
     tags = run_tags("register", p_hash, root, data_hash=provenance["data.hash"])
     tracking_uri = resolve_tracking_uri(params, root)
@@ -323,13 +339,24 @@ def run(
         champ = _champion(client, reg.model_name, reg.champion_alias)
         champ_value = _float_tag(champ, f"metric.{reg.metric}")
         challenger_ev = Evidence(value, metric_noise(metrics, reg.metric), protocol_sha)
-        champion_ev = None if champ is None else Evidence(
-            champ_value, metric_noise(_metric_tags(champ), reg.metric), (champ.tags or {}).get(PROTOCOL_TAG))
+        champion_ev = (
+            None
+            if champ is None
+            else Evidence(
+                champ_value, metric_noise(_metric_tags(champ), reg.metric), (champ.tags or {}).get(PROTOCOL_TAG)
+            )
+        )
         if champ is not None and str(champ.version) == version and status == "ok":
             gate = Decision("champion", "this version already is the champion")
         else:
-            gate = decide(challenger_ev, status, champion_ev, mode=reg.mode, noise_z=reg.noise_z,
-                          min_improvement=reg.min_improvement)
+            gate = decide(
+                challenger_ev,
+                status,
+                champion_ev,
+                mode=reg.mode,
+                noise_z=reg.noise_z,
+                min_improvement=reg.min_improvement,
+            )
         decision, reason = gate.decision, gate.reason
         if decision == "champion" and not (champ is not None and str(champ.version) == version):
             client.set_registered_model_alias(reg.model_name, reg.champion_alias, version)
@@ -358,23 +385,39 @@ def run(
             "protocol_sha256": protocol_sha,
             "gate": {"noise_z": reg.noise_z, "min_improvement": reg.min_improvement, **gate.to_dict()},
             "relative_improvement": gate.to_dict()["relative_improvement"],
-            "champion_before": None if champ is None else {
-                "version": str(champ.version), "value": champ_value, "noise": champion_ev.noise,
-                "protocol_sha256": champion_ev.protocol},
+            "champion_before": None
+            if champ is None
+            else {
+                "version": str(champ.version),
+                "value": champ_value,
+                "noise": champion_ev.noise,
+                "protocol_sha256": champion_ev.protocol,
+            },
             "run_id": run_id,
             "student_variant": variant,
             "student_sha256": info["sha256"],
             "params_hash": p_hash,
             "tracking_uri": tracking_uri,
         }
-        mlflow.set_tags({"ctm.register.decision": decision, "ctm.register.version": version,
-                         "ctm.register.model_name": reg.model_name})
-        numbers = {k: v for k, v in (("register/value", value), ("register/champion_value", champ_value),
-                                     ("register/relative_improvement", record["relative_improvement"]),
-                                     ("register/improvement", gate.to_dict()["improvement"]),
-                                     ("register/noise", gate.to_dict()["noise"]),
-                                     ("register/threshold", gate.to_dict()["threshold"]))
-                   if v is not None}
+        mlflow.set_tags(
+            {
+                "ctm.register.decision": decision,
+                "ctm.register.version": version,
+                "ctm.register.model_name": reg.model_name,
+            }
+        )
+        numbers = {
+            k: v
+            for k, v in (
+                ("register/value", value),
+                ("register/champion_value", champ_value),
+                ("register/relative_improvement", record["relative_improvement"]),
+                ("register/improvement", gate.to_dict()["improvement"]),
+                ("register/noise", gate.to_dict()["noise"]),
+                ("register/threshold", gate.to_dict()["threshold"]),
+            )
+            if v is not None
+        }
         if numbers:
             mlflow.log_metrics(numbers)
         mlflow.log_dict(record, f"register/decision-v{version}.json")
@@ -390,9 +433,14 @@ def _check_inputs(params: Params, student_dir: str, eval_dir: str) -> dict[str, 
     protocol, protocol_sha = _read_protocol_status(eval_dir)
     if status == "ok" and protocol_sha is None:
         status = f"failed: {protocol}"
-    return {"model_name": params.register.model_name, "student_variant": info["variant"],
-            "student_sha256": info["sha256"], "eval_status": status, "value": value,
-            "mlflow_run_id": info["run"].get("mlflow_run_id")}
+    return {
+        "model_name": params.register.model_name,
+        "student_variant": info["variant"],
+        "student_sha256": info["sha256"],
+        "eval_status": status,
+        "value": value,
+        "mlflow_run_id": info["run"].get("mlflow_run_id"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RegisterError, MlflowException, ValueError, OSError) as e:
         print(f"register: {one_line(e)}", file=sys.stderr)
         return 1
-    line = (f"register: {record['model_name']} v{record['version']} -> {record['decision']} "
-            f"({record['reason']}); aliases {record['aliases']}")
+    line = (
+        f"register: {record['model_name']} v{record['version']} -> {record['decision']} "
+        f"({record['reason']}); aliases {record['aliases']}"
+    )
     print(line, file=sys.stderr)
     return 1 if record["decision"] == "rejected" else 0
 

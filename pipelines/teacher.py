@@ -79,15 +79,20 @@ def plan(params: Params, data_dir: str | os.PathLike[str] | None, out_dir: str |
         tr = t.train
         if tr.precond != "EDMPrecond":
             # The EDM loss trains an EDM-preconditioned net, and CTMStudent.from_teacher needs EDMPrecond.
-            raise ParamsError("teacher.train.precond", f"training supports 'EDMPrecond' only (the CTM student "
-                              f"copies an EDMPrecond teacher), got {tr.precond!r} (fix: precond: EDMPrecond)")
+            raise ParamsError(
+                "teacher.train.precond",
+                f"training supports 'EDMPrecond' only (the CTM student "
+                f"copies an EDMPrecond teacher), got {tr.precond!r} (fix: precond: EDMPrecond)",
+            )
         if data_dir is None:
             raise TeacherError("--data: required when teacher.source is 'train' (the prepared dataset folder)")
         card = _data_card(data_dir)
         im = card["image"]
         if im["height"] != im["width"]:
-            raise TeacherError(f"--data: EDM networks need square images, got {im['height']}x{im['width']} in "
-                               f"{data_dir} (fix: prepare square images)")
+            raise TeacherError(
+                f"--data: EDM networks need square images, got {im['height']}x{im['width']} in "
+                f"{data_dir} (fix: prepare square images)"
+            )
         n_train = int(card["splits"]["train"]["count"])
         if n_train < 1:
             raise TeacherError(f"--data: the train split of {data_dir} is empty (fix: lower data.heldout_fraction)")
@@ -155,8 +160,8 @@ def train_teacher(
     """
     import torch
 
-    from ctm_core.training.edm_training import EDMTrainer, export_teacher
     from ctm_core.nets.precond import build_precond
+    from ctm_core.training.edm_training import EDMTrainer, export_teacher
     from ctm_core.training.trainer import TensorDataSource
     from pipelines.prepare import levels_to_unit, load_prepared
 
@@ -204,8 +209,9 @@ def train_teacher(
         written = export_teacher(teacher, tmp)
         meta["weights_sha256"] = written["weights_sha256"]
         atomic_write_json(tmp / TRAIN_META_FILE, meta)
-        atomic_write_json(tmp / SOURCE_FILE, {"kind": "train", "source": "train",
-                                              "weights_sha256": written["weights_sha256"]})
+        atomic_write_json(
+            tmp / SOURCE_FILE, {"kind": "train", "source": "train", "weights_sha256": written["weights_sha256"]}
+        )
         _verify(tmp)
     return meta
 
@@ -305,16 +311,22 @@ def run(
             if mlflow is not None:
                 cb = lambda step, m: mlflow.log_metrics({f"teacher/{k}": float(v) for k, v in m.items()}, step=step)
             meta = train_teacher(params, data_dir, out_dir, progress=progress, metrics_callback=cb)
-            summary = {"kind": kind, "steps": meta["steps"], "loss_final": meta["loss_final"],
-                       "train_seconds": meta["train_seconds"], "weights_sha256": meta["weights_sha256"]}
+            summary = {
+                "kind": kind,
+                "steps": meta["steps"],
+                "loss_final": meta["loss_final"],
+                "train_seconds": meta["train_seconds"],
+                "weights_sha256": meta["weights_sha256"],
+            }
         else:
             record = fetch_teacher(params, out_dir, data_dir=data_dir, progress=progress)
             summary = {"kind": kind, "file_sha256": record["file_sha256"], "weights_sha256": record["weights_sha256"]}
         if mlflow is not None:
             mlflow.set_tags({"ctm.teacher.weights_sha256": summary["weights_sha256"]})
             if kind == "train":
-                mlflow.log_metrics({"teacher/loss_final": summary["loss_final"],
-                                    "teacher/train_seconds": summary["train_seconds"]})
+                mlflow.log_metrics(
+                    {"teacher/loss_final": summary["loss_final"], "teacher/train_seconds": summary["train_seconds"]}
+                )
                 mlflow.log_dict(read_json(Path(out_dir) / TRAIN_META_FILE), "teacher/train_meta.json")
             mlflow.log_dict(read_json(Path(out_dir) / "config.json"), "teacher/config.json")
             summary["mlflow_run_id"] = mlrun.info.run_id

@@ -59,8 +59,17 @@ import yaml
 
 from pipelines.config import Params, ParamsError, apply_trial, distill_train_config, load_params, params_hash
 
-__all__ = ["TRIAL_ID_TAG", "InputError", "SearchInterrupted", "disabled_payload", "experiment_name", "main",
-           "max_concurrent", "run_tune", "write_best_params"]
+__all__ = [
+    "TRIAL_ID_TAG",
+    "InputError",
+    "SearchInterrupted",
+    "disabled_payload",
+    "experiment_name",
+    "main",
+    "max_concurrent",
+    "run_tune",
+    "write_best_params",
+]
 
 TRIAL_ID_TAG = "ctm.tune.trial_id"
 QUALITY_METRICS = ("fd_nfe1",)
@@ -97,11 +106,17 @@ def experiment_name(params: Params, card: dict[str, Any], teacher_sha256: str | 
     """Deterministic Tune experiment name: everything that changes the trials' results, hashed."""
     ev = params.evaluate
     ident = {
-        "tune": params.section("tune"), "distill": params.section("distill"),
-        "fd": {"classifier": ev.classifier.model_dump(mode="json"), "num_samples": ev.num_samples,
-               "seed_start": ev.seed_start},
+        "tune": params.section("tune"),
+        "distill": params.section("distill"),
+        "fd": {
+            "classifier": ev.classifier.model_dump(mode="json"),
+            "num_samples": ev.num_samples,
+            "seed_start": ev.seed_start,
+        },
         "data": [s["sha256"] for s in card["splits"]["train"]["shards"]],
-        "teacher": teacher_sha256, "workers": workers, "use_gpu": params.ray.use_gpu,
+        "teacher": teacher_sha256,
+        "workers": workers,
+        "use_gpu": params.ray.use_gpu,
     }
     return f"tune-{params_hash(ident)[:12]}"
 
@@ -128,11 +143,15 @@ def _check_inputs(params: Params, data: Path, teacher: Path) -> tuple[dict[str, 
     except (FileNotFoundError, ValueError) as e:
         raise InputError(" ".join(str(e).split())) from None
     if int(card["labels"]["label_dim"]) < 2 and params.tune.metric in QUALITY_METRICS:
-        raise InputError(f"--data: {data} has no class labels; tune.metric {params.tune.metric!r} needs the "
-                         "feature classifier trained on labels (fix: use labelled data, or tune.metric: train/loss)")
+        raise InputError(
+            f"--data: {data} has no class labels; tune.metric {params.tune.metric!r} needs the "
+            "feature classifier trained on labels (fix: use labelled data, or tune.metric: train/loss)"
+        )
     if params.tune.metric not in QUALITY_METRICS and not params.tune.metric.startswith("train/"):
-        raise InputError(f"tune.metric: expected one of {', '.join(QUALITY_METRICS)} or a train/<name> metric, "
-                         f"got {params.tune.metric!r}")
+        raise InputError(
+            f"tune.metric: expected one of {', '.join(QUALITY_METRICS)} or a train/<name> metric, "
+            f"got {params.tune.metric!r}"
+        )
     return card, read_json(teacher / "config.json")
 
 
@@ -149,13 +168,23 @@ def _prepare_quality(params: Params, card: dict[str, Any], data: Path, folder: P
     if len(x_held):
         f_ref = np.concatenate([f_ref, classifier_features(clf, x_held)])
     mu, sigma = feature_statistics(f_ref)
-    ref_sha = save_reference_stats(folder / "reference_stats.npz", mu, sigma,
-                                   meta={"count": int(len(f_ref)), "splits": ["train", "heldout"],
-                                         "classifier_sha256": info["sha256"]})
+    ref_sha = save_reference_stats(
+        folder / "reference_stats.npz",
+        mu,
+        sigma,
+        meta={"count": int(len(f_ref)), "splits": ["train", "heldout"], "classifier_sha256": info["sha256"]},
+    )
     ev = params.evaluate
-    return {"dir": str(folder), "classifier_sha256": info["sha256"], "reference_sha256": ref_sha,
-            "num_samples": ev.num_samples, "batch": ev.batch, "seed": ev.seed_start, "ema": None,
-            "classifier_accuracy": info["heldout_accuracy"]}
+    return {
+        "dir": str(folder),
+        "classifier_sha256": info["sha256"],
+        "reference_sha256": ref_sha,
+        "num_samples": ev.num_samples,
+        "batch": ev.batch,
+        "seed": ev.seed_start,
+        "ema": None,
+        "classifier_accuracy": info["heldout_accuracy"],
+    }
 
 
 # --- trial side -----------------------------------------------------------------------------------------------------
@@ -193,8 +222,11 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     _pin_cluster_address()
     workers = int(setup["workers"])
     trial = {k: _plain(v) for k, v in config.items()}
-    d = apply_trial(DistillParams.model_validate(setup["distill"]),
-                    {**trial, "steps": setup["steps"], "checkpoint_every": setup["report_every"]}, num_workers=workers)
+    d = apply_trial(
+        DistillParams.model_validate(setup["distill"]),
+        {**trial, "steps": setup["steps"], "checkpoint_every": setup["report_every"]},
+        num_workers=workers,
+    )
     train_cfg = distill_train_config(d, workers)
     train_cfg["run"]["progress"] = False
     trial_id = ray.tune.get_context().get_trial_id()
@@ -202,16 +234,24 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "card": setup["card"], "train_config": train_cfg, "data_dir": setup["data_dir"],
-            "teacher_dir": setup["teacher_dir"], "use_gpu": setup["use_gpu"],
-            "threads_per_worker": max(1, int(setup["cpus_per_worker"])), "quality": setup["quality"],
+            "card": setup["card"],
+            "train_config": train_cfg,
+            "data_dir": setup["data_dir"],
+            "teacher_dir": setup["teacher_dir"],
+            "use_gpu": setup["use_gpu"],
+            "threads_per_worker": max(1, int(setup["cpus_per_worker"])),
+            "quality": setup["quality"],
         },  # no mlflow_run_id: trials never write to the tracking store (the Tune driver does)
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=setup["use_gpu"],
-                                     resources_per_worker={"CPU": setup["cpus_per_worker"]}),
-        run_config=RunConfig(name=f"train-{trial_id}", storage_path=setup["train_storage"],
-                             failure_config=FailureConfig(max_failures=setup["max_failures"]),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             callbacks=[TuneReportCallback()]),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=setup["use_gpu"], resources_per_worker={"CPU": setup["cpus_per_worker"]}
+        ),
+        run_config=RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=setup["train_storage"],
+            failure_config=FailureConfig(max_failures=setup["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()],
+        ),
         datasets={"train": ray.data.read_parquet(str(Path(setup["data_dir"]) / "train"))},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
@@ -229,16 +269,18 @@ def _nested_logger(tracking_uri: str, experiment: str, parent_run_id: str, tags:
                 client = self.mlflow_util._get_client()
                 found = client.search_runs(
                     [self.mlflow_util.experiment_id],
-                    filter_string=(f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and "
-                                   f"tags.`mlflow.parentRunId` = '{parent_run_id}'"),
-                    max_results=1)
+                    filter_string=(
+                        f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+                    ),
+                    max_results=1,
+                )
                 if found:  # a restored experiment: keep logging into the trial's run
                     run_id = found[0].info.run_id
                     client.update_run(run_id, status="RUNNING")
                 else:
                     run_id = self.mlflow_util.start_run(
-                        run_name=str(trial), tags={**self.tags, "trial_name": str(trial),
-                                                   TRIAL_ID_TAG: trial.trial_id}).info.run_id
+                        run_name=str(trial), tags={**self.tags, "trial_name": str(trial), TRIAL_ID_TAG: trial.trial_id}
+                    ).info.run_id
                 self._trial_runs[trial] = run_id
             super().log_trial_start(trial)  # logs trial.config as params (same values on a restore: allowed)
 
@@ -247,8 +289,12 @@ def _nested_logger(tracking_uri: str, experiment: str, parent_run_id: str, tags:
             step = int(result.get("step") or result["training_iteration"])
             self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
 
-    return NestedTrialRuns(tracking_uri=tracking_uri, experiment_name=experiment,
-                           tags={**tags, "mlflow.parentRunId": parent_run_id}, save_artifact=False)
+    return NestedTrialRuns(
+        tracking_uri=tracking_uri,
+        experiment_name=experiment,
+        tags={**tags, "mlflow.parentRunId": parent_run_id},
+        save_artifact=False,
+    )
 
 
 # --- search ---------------------------------------------------------------------------------------------------------
@@ -269,8 +315,9 @@ def _scheduler(params: Params):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=s.max_t, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+    )
 
 
 def _pick_best(results, metric: str, mode: str) -> dict[str, Any]:
@@ -284,10 +331,17 @@ def _pick_best(results, metric: str, mode: str) -> dict[str, Any]:
         m = r.metrics or {}
         v = m.get(metric)
         if r.error is None and isinstance(v, (int, float)) and math.isfinite(v):
-            rows.append({"trial_id": m.get("trial_id"), "value": float(v), "config": dict(r.config or {}),
-                         "iterations": int(m.get("training_iteration", 0)),
-                         "steps": int(m.get("step", m.get("training_iteration", 0))), "path": r.path,
-                         "checkpoint_path": m.get("checkpoint_path")})
+            rows.append(
+                {
+                    "trial_id": m.get("trial_id"),
+                    "value": float(v),
+                    "config": dict(r.config or {}),
+                    "iterations": int(m.get("training_iteration", 0)),
+                    "steps": int(m.get("step", m.get("training_iteration", 0))),
+                    "path": r.path,
+                    "checkpoint_path": m.get("checkpoint_path"),
+                }
+            )
     if not rows:
         errors = [f"{type(r.error).__name__}: {r.error}" for r in results if r.error is not None][:3]
         raise RuntimeError(f"no trial reported a finite {metric!r} ({len(results)} trials; errors: {errors})")
@@ -298,16 +352,22 @@ def _pick_best(results, metric: str, mode: str) -> dict[str, Any]:
 
 
 # --- the stage ------------------------------------------------------------------------------------------------------
-def run_tune(params: Params, *, data_dir: str | os.PathLike, teacher_dir: str | os.PathLike,
-             out: str | os.PathLike, points_to_evaluate: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def run_tune(
+    params: Params,
+    *,
+    data_dir: str | os.PathLike,
+    teacher_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    points_to_evaluate: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Run the search (module doc), write `out`, return its payload. Raises InputError before any work.
 
     `points_to_evaluate`: trial configs the searcher proposes first (Python API only; e.g. a known good setting).
     """
     import mlflow
-
     import ray
     from ray import tune
+
     from pipelines.support import ray_env, tracking
 
     t = params.tune
@@ -325,14 +385,22 @@ def run_tune(params: Params, *, data_dir: str | os.PathLike, teacher_dir: str | 
     h = name.removeprefix("tune-")
     t_start = time.time()
 
-    with tracking.start_run(name, tracking_uri=tracking_uri, experiment_name=params.mlflow.experiment_name,
-                            tags=tracking.run_tags("tune", h, root, extra={"ctm.tune.experiment": name}),
-                            repo_root=root) as parent:
+    with tracking.start_run(
+        name,
+        tracking_uri=tracking_uri,
+        experiment_name=params.mlflow.experiment_name,
+        tags=tracking.run_tags("tune", h, root, extra={"ctm.tune.experiment": name}),
+        repo_root=root,
+    ) as parent:
         parent_id = parent.info.run_id
         logged = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri).get_run(parent_id).data.params
-        new = {k: str(v) for k, v in tracking.flatten({"tune": params.section("tune"),
-                                                       "distill": params.section("distill"),
-                                                       "ray.num_workers": workers}).items() if k not in logged}
+        new = {
+            k: str(v)
+            for k, v in tracking.flatten(
+                {"tune": params.section("tune"), "distill": params.section("distill"), "ray.num_workers": workers}
+            ).items()
+            if k not in logged
+        }
         if new:
             mlflow.log_params(new)
         qdir = Path(tempfile.mkdtemp(prefix="ctm-tune-quality-"))
@@ -344,10 +412,17 @@ def run_tune(params: Params, *, data_dir: str | os.PathLike, teacher_dir: str | 
                 started = True
             concurrency = max_concurrent(params, ray.cluster_resources(), workers)
             setup = {
-                "distill": params.section("distill"), "steps": t.steps, "report_every": t.report_every,
-                "workers": workers, "card": card, "data_dir": str(data_p), "teacher_dir": str(teacher_p),
-                "use_gpu": params.ray.use_gpu, "cpus_per_worker": params.ray.cpus_per_worker,
-                "max_failures": params.ray.max_failures, "train_storage": f"{storage.rstrip('/')}/{name}-train",
+                "distill": params.section("distill"),
+                "steps": t.steps,
+                "report_every": t.report_every,
+                "workers": workers,
+                "card": card,
+                "data_dir": str(data_p),
+                "teacher_dir": str(teacher_p),
+                "use_gpu": params.ray.use_gpu,
+                "cpus_per_worker": params.ray.cpus_per_worker,
+                "max_failures": params.ray.max_failures,
+                "train_storage": f"{storage.rstrip('/')}/{name}-train",
                 "quality": {k: v for k, v in quality.items() if k != "classifier_accuracy"} if quality else None,
             }
             trainable = tune.with_parameters(_trial_driver, setup=setup)
@@ -360,14 +435,27 @@ def run_tune(params: Params, *, data_dir: str | os.PathLike, teacher_dir: str | 
                     trainable,
                     param_space=ray_env.tune_search_space(t.space),
                     tune_config=tune.TuneConfig(
-                        metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                        search_alg=_search_alg(params, points_to_evaluate), scheduler=_scheduler(params),
-                        max_concurrent_trials=concurrency),  # Tune wraps the searcher in a ConcurrencyLimiter
+                        metric=t.metric,
+                        mode=t.mode,
+                        num_samples=t.num_samples,
+                        search_alg=_search_alg(params, points_to_evaluate),
+                        scheduler=_scheduler(params),
+                        max_concurrent_trials=concurrency,
+                    ),  # Tune wraps the searcher in a ConcurrencyLimiter
                     run_config=tune.RunConfig(
-                        name=name, storage_path=storage, verbose=1,
+                        name=name,
+                        storage_path=storage,
+                        verbose=1,
                         failure_config=tune.FailureConfig(max_failures=max(0, params.ray.max_failures)),
-                        callbacks=[_nested_logger(tracking_uri, params.mlflow.experiment_name, parent_id,
-                                                  {"ctm.stage": "tune", "ctm.tune.experiment": name})]),
+                        callbacks=[
+                            _nested_logger(
+                                tracking_uri,
+                                params.mlflow.experiment_name,
+                                parent_id,
+                                {"ctm.stage": "tune", "ctm.tune.experiment": name},
+                            )
+                        ],
+                    ),
                 )
             results = tuner.fit()
         finally:
@@ -376,28 +464,51 @@ def run_tune(params: Params, *, data_dir: str | os.PathLike, teacher_dir: str | 
                 ray_env.shutdown()
         unfinished = len(results) - results.num_terminated - results.num_errors
         if unfinished:  # e.g. Ctrl-C / SIGTERM: Tune saved its state and returned; write nothing
-            raise SearchInterrupted(f"the search stopped with {unfinished} of {len(results)} trials unfinished "
-                                    f"(state saved in {storage.rstrip('/')}/{name}; re-run the stage to resume it)")
+            raise SearchInterrupted(
+                f"the search stopped with {unfinished} of {len(results)} trials unfinished "
+                f"(state saved in {storage.rstrip('/')}/{name}; re-run the stage to resume it)"
+            )
         best = _pick_best(results, t.metric, t.mode)
         trial_values = {k: _plain(v) for k, v in best["config"].items()}
         d = apply_trial(params.distill, trial_values, num_workers=workers)
         payload = {
-            "distill": d.model_dump(mode="json"), "tuned": True, "metric": t.metric, "mode": t.mode,
-            "value": best["value"], "trial_id": best["trial_id"], "trial_config": trial_values,
-            "iterations": best["iterations"], "steps": best["steps"], "num_trials": len(results),
-            "experiment": name, "storage_path": storage, "mlflow_parent_run_id": parent_id,
-            "trials": [{"trial_id": r["trial_id"], "config": {k: _plain(v) for k, v in r["config"].items()},
-                        "iterations": r["iterations"], "steps": r["steps"], "value": r["value"]}
-                       for r in best["trials"]],
+            "distill": d.model_dump(mode="json"),
+            "tuned": True,
+            "metric": t.metric,
+            "mode": t.mode,
+            "value": best["value"],
+            "trial_id": best["trial_id"],
+            "trial_config": trial_values,
+            "iterations": best["iterations"],
+            "steps": best["steps"],
+            "num_trials": len(results),
+            "experiment": name,
+            "storage_path": storage,
+            "mlflow_parent_run_id": parent_id,
+            "trials": [
+                {
+                    "trial_id": r["trial_id"],
+                    "config": {k: _plain(v) for k, v in r["config"].items()},
+                    "iterations": r["iterations"],
+                    "steps": r["steps"],
+                    "value": r["value"],
+                }
+                for r in best["trials"]
+            ],
         }
         if quality and quality.get("classifier_accuracy") is not None:
             payload["classifier_accuracy"] = float(quality["classifier_accuracy"])
         write_best_params(out, payload)
         steps = [r["steps"] for r in best["trials"]]
-        mlflow.log_metrics({f"best_{t.metric}": best["value"], "num_trials": float(len(results)),
-                            "num_finished_trials": float(len(best["trials"])),
-                            "num_stopped_early": float(sum(n < max(steps) for n in steps)),
-                            "tune_wall_s": time.time() - t_start})
+        mlflow.log_metrics(
+            {
+                f"best_{t.metric}": best["value"],
+                "num_trials": float(len(results)),
+                "num_finished_trials": float(len(best["trials"])),
+                "num_stopped_early": float(sum(n < max(steps) for n in steps)),
+                "tune_wall_s": time.time() - t_start,
+            }
+        )
         mlflow.set_tags({"ctm.tune.best_trial_id": str(best["trial_id"])})
         mlflow.log_dict(payload, "tune/best_params.json")
     return payload
@@ -429,8 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     except SearchInterrupted as e:
         print(f"tune: interrupted: {e}", file=sys.stderr)
         return 1
-    print(f"tune: best {payload['metric']}={payload['value']:.4g} (trial {payload['trial_id']}, "
-          f"{payload['trial_config']}) -> {args.out}", file=sys.stderr)
+    print(
+        f"tune: best {payload['metric']}={payload['value']:.4g} (trial {payload['trial_id']}, "
+        f"{payload['trial_config']}) -> {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -53,14 +53,22 @@ def _isolate_mlflow_globals():
 def write_tiny_nets(root: pathlib.Path, *, student: bool = True):
     """A tiny 8×8 grey EDM teacher (seed 0, weights perturbed because EDM zero-initialises the output conv, so
     D = c_skip·x would do nothing) saved to `root/teacher`, and its CTM student to `root/student`. Returns the teacher."""
-    from ctm_core.nets.precond import EDMPrecond
-    from ctm_core.nets.student import CTMStudent
     from ctm_core.io.student_format import save_student
     from ctm_core.io.teacher_format import save_teacher
+    from ctm_core.nets.precond import EDMPrecond
+    from ctm_core.nets.student import CTMStudent
 
     torch.manual_seed(0)
-    teacher = EDMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
-                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+    teacher = EDMPrecond(
+        img_resolution=8,
+        img_channels=1,
+        model_type="SongUNet",
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    ).eval()
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))

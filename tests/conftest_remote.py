@@ -31,17 +31,50 @@ VENV_BIN = Path(sys.executable).parent
 
 # Tiny distill: 1 worker, a few seconds of CPU per checkpoint interval. K >= 4 so steps cost a bit (teacher Heun).
 TINY_DISTILL: dict[str, Any] = {
-    "distill": {"N": 8, "K": 4, "batch": 8, "microbatch": 8, "steps": 24, "checkpoint_every": 6, "log_every": 1,
-                "eval_emas": [0.999], "seed": 0},
-    "ray": {"num_workers": 1, "cpus_per_worker": 1.0, "num_cpus": 3, "object_store_mb": 100, "max_failures": 2,
-            "use_gpu": False},
+    "distill": {
+        "N": 8,
+        "K": 4,
+        "batch": 8,
+        "microbatch": 8,
+        "steps": 24,
+        "checkpoint_every": 6,
+        "log_every": 1,
+        "eval_emas": [0.999],
+        "seed": 0,
+    },
+    "ray": {
+        "num_workers": 1,
+        "cpus_per_worker": 1.0,
+        "num_cpus": 3,
+        "object_store_mb": 100,
+        "max_failures": 2,
+        "use_gpu": False,
+    },
     "mlflow": {"experiment_name": "ctm-remote-tests"},
 }
-CLEAR_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS",
-             "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "CTM_INSIDE_RAY_JOB", "DVC_ROOT")
-AWS_CLEAR = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-             "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+CLEAR_ENV = (
+    "RAY_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_API_SERVER_ADDRESS",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "CTM_INSIDE_RAY_JOB",
+    "DVC_ROOT",
+)
+AWS_CLEAR = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+)
 
 _CACHE: dict[str, Any] = {}
 
@@ -94,9 +127,15 @@ def base_env(**extra: str) -> dict[str, str]:
 
 def aws_env(endpoint: str, tmp: Path) -> dict[str, str]:
     """Dummy credentials + endpoint for moto; no shared config/credential files, no EC2 metadata lookups."""
-    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint,
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-credentials"), "AWS_CONFIG_FILE": str(tmp / "no-config")}
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-credentials"),
+        "AWS_CONFIG_FILE": str(tmp / "no-config"),
+    }
 
 
 def set_aws_env(monkeypatch, endpoint: str, tmp: Path) -> None:
@@ -132,15 +171,23 @@ def copy_repo(dst: Path) -> Path:
     .dvc/cache and .venv stay behind."""
     import shutil
 
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = ROOT / rel
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "snapshot"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "snapshot"],
+    ):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
     return dst
 
@@ -165,18 +212,27 @@ def tiny_inputs() -> dict[str, Path]:
         return _CACHE["inputs"]
     import torch
 
-    from ctm_core.nets.precond import EDMPrecond
     from ctm_core.io.teacher_format import save_teacher
+    from ctm_core.nets.precond import EDMPrecond
     from pipelines.prepare import prepare_dataset
 
     root = short_tmp("ctm-inputs")
-    prepare_dataset("sklearn-digits", None, root / "prepared", heldout_fraction=0.1, seed=0, shard_size=4096,
-                    progress=False)
+    prepare_dataset(
+        "sklearn-digits", None, root / "prepared", heldout_fraction=0.1, seed=0, shard_size=4096, progress=False
+    )
     g = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        teacher = EDMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
-                             channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+        teacher = EDMPrecond(
+            img_resolution=8,
+            img_channels=1,
+            model_type="SongUNet",
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[],
+            dropout=0.0,
+        ).eval()
     with torch.no_grad():  # EDM zero-initialises the output conv: perturb so the nets do something
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -201,8 +257,16 @@ class Proc:
         self.t0 = time.monotonic()
         self.lines: list[tuple[float, str]] = []
         self.log = open(log, "w") if log else None  # noqa: SIM115 - closed in _reader
-        self.p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, bufsize=1, start_new_session=True)
+        self.p = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
         self._thread = threading.Thread(target=self._reader, daemon=True)
         self._thread.start()
 
@@ -256,8 +320,19 @@ class Proc:
 
 
 def distill_cmd(params: Path, out: Path, inp: dict[str, Path]) -> list[str]:
-    return [sys.executable, "-m", "pipelines.distill", "--params", str(params), "--data", str(inp["data"]),
-            "--teacher", str(inp["teacher"]), "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.distill",
+        "--params",
+        str(params),
+        "--data",
+        str(inp["data"]),
+        "--teacher",
+        str(inp["teacher"]),
+        "--out",
+        str(out),
+    ]
 
 
 def ray_processes(temp_dir: str | Path) -> list:
@@ -338,8 +413,12 @@ def reference_run(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     finally:
         proc.kill()
     assert rc == 0, f"reference distill failed (rc {rc}):\n{proc.tail()}"
-    _CACHE[key] = {"weights": student_weights(folder / "student"), "wall_s": time.monotonic() - proc.t0,
-                   "folder": folder, "source": "reference_run"}
+    _CACHE[key] = {
+        "weights": student_weights(folder / "student"),
+        "wall_s": time.monotonic() - proc.t0,
+        "folder": folder,
+        "source": "reference_run",
+    }
     register_checkpoints(folder / "ray_results")
     return _CACHE[key]
 
@@ -490,7 +569,7 @@ class CutProxy:
                             i = hay.find(self.cut_pattern)
                             if i >= 0:
                                 armed, start = True, max(0, i + len(self.cut_pattern) - len(window))
-                            window = hay[-len(self.cut_pattern):]
+                            window = hay[-len(self.cut_pattern) :]
                     if armed and sent + len(data) - start > self.cut_bytes:
                         dst.sendall(data[: start + max(0, self.cut_bytes - sent)])
                         self.cut_at = time.monotonic()
@@ -580,14 +659,35 @@ class RayHead:
         self.num_cpus = num_cpus
 
     def start(self) -> RayHead:
-        ports = {"--port": self.gcs_port, "--dashboard-port": self.dashboard_port,
-                 "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
-                 "--dashboard-agent-grpc-port": free_port(), "--metrics-export-port": free_port(),
-                 "--runtime-env-agent-port": free_port()}
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-               "--dashboard-host", "127.0.0.1", "--temp-dir", str(self.temp_dir), "--num-cpus", str(self.num_cpus),
-               "--num-gpus", "0", "--include-dashboard", "true", "--object-store-memory", str(150 * 2**20),
-               "--disable-usage-stats"]
+        ports = {
+            "--port": self.gcs_port,
+            "--dashboard-port": self.dashboard_port,
+            "--ray-client-server-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+        }
+        cmd = [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--temp-dir",
+            str(self.temp_dir),
+            "--num-cpus",
+            str(self.num_cpus),
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "true",
+            "--object-store-memory",
+            str(150 * 2**20),
+            "--disable-usage-stats",
+        ]
         for k, v in ports.items():
             cmd += [k, str(v)]
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
@@ -601,8 +701,10 @@ class RayHead:
         import urllib.request
 
         deadline = time.monotonic() + timeout
-        req = urllib.request.Request(f"{self.dashboard_url}/api/version",
-                                     headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"})
+        req = urllib.request.Request(
+            f"{self.dashboard_url}/api/version",
+            headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"},
+        )
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(req, timeout=2) as resp:

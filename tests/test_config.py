@@ -44,8 +44,14 @@ def _free_port() -> int:
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     """No ambient Ray / AWS settings; boto3 must not probe the EC2 metadata service."""
-    for k in ("RAY_ADDRESS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-              "AWS_DEFAULT_PROFILE"):
+    for k in (
+        "RAY_ADDRESS",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+    ):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
@@ -89,14 +95,20 @@ BAD_EDITS = [
     ({"bogus": {"x": 1}}, "bogus", "unknown key"),  # unknown top-level section
     ({"distill.lambda_dsm": 1.0}, "distill.lambda_dsm", "unknown key"),  # unknown nested key
     ({"teacher.train.model.width": 64}, "teacher.train.model.width", "unknown key"),  # unknown, 3 levels deep
-    ({"tune.space.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3, "log": True}}, "tune.space.lr.log",
-     "unknown key"),
+    (
+        {"tune.space.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3, "log": True}},
+        "tune.space.lr.log",
+        "unknown key",
+    ),
     ({"distill.sigma_min": 80.0}, "distill.sigma_min", "must be < distill.sigma_max (80.0)"),
     ({"distill.sigma_min": 100.0}, "distill.sigma_min", "must be < distill.sigma_max"),
     ({"distill.K": 12}, "distill.K", "must be < distill.N (12), got 12"),
     ({"distill.K": 0}, "distill.K", "must be >= 1"),
-    ({"distill.batch": 48, "distill.microbatch": 16, "ray.num_workers": 2}, "distill.batch",
-     "divisible by ray.num_workers × distill.microbatch (2 × 16 = 32)"),
+    (
+        {"distill.batch": 48, "distill.microbatch": 16, "ray.num_workers": 2},
+        "distill.batch",
+        "divisible by ray.num_workers × distill.microbatch (2 × 16 = 32)",
+    ),
     ({"distill.microbatch": 24}, "distill.microbatch", "must divide distill.batch (32)"),
     ({"evaluate.nfe": [1, 0, 4]}, "evaluate.nfe[1]", "must be an integer >= 1, got 0"),
     ({"evaluate.nfe": [1, 2.5]}, "evaluate.nfe[1]", "expected an integer"),
@@ -107,18 +119,30 @@ BAD_EDITS = [
     ({"distill.distance": "lpipz"}, "distill.distance", "expected one of 'l2', 'pseudo_huber' or 'lpips'"),
     ({"distill.mode": "ctm2"}, "distill.mode", "expected one of"),
     ({"data.source": "imagefolder"}, "data.path", "required for data.source 'imagefolder'"),
-    ({"data.source": "cifar10-python", "data.path": "https://example.com/cifar-10-python.tar.gz"}, "data.sha256",
-     "required to download data.path"),
+    (
+        {"data.source": "cifar10-python", "data.path": "https://example.com/cifar-10-python.tar.gz"},
+        "data.sha256",
+        "required to download data.path",
+    ),
     ({"teacher.source": "https://example.com/edm.pkl"}, "teacher.sha256", "required when teacher.source"),
     ({"teacher.source": "file:///tmp/edm.pkl"}, "teacher.sha256", "sha256: record"),
-    ({"teacher.source": "edm-cifar10-64x64-uncond-vp", "teacher.sha256": "record"}, "teacher.source",
-     "unknown release name"),
+    (
+        {"teacher.source": "edm-cifar10-64x64-uncond-vp", "teacher.sha256": "record"},
+        "teacher.source",
+        "unknown release name",
+    ),
     ({"teacher.source": "/data/edm.pkl", "teacher.sha256": "record"}, "teacher.source", "must be file:// URIs"),
     ({"teacher.source": "ftp://host/edm.pkl", "teacher.sha256": "record"}, "teacher.source", "expected 'train'"),
-    ({"teacher.source": "edm-cifar10-32x32-uncond-vp", "teacher.sha256": "abc123"}, "teacher.sha256",
-     "64 hex digits or 'record'"),
-    ({"tune.enabled": True, "tune.space.K": {"type": "choice", "values": [8, 18]}}, "tune.space.K",
-     "value 18 makes distill.K"),
+    (
+        {"teacher.source": "edm-cifar10-32x32-uncond-vp", "teacher.sha256": "abc123"},
+        "teacher.sha256",
+        "64 hex digits or 'record'",
+    ),
+    (
+        {"tune.enabled": True, "tune.space.K": {"type": "choice", "values": [8, 18]}},
+        "tune.space.K",
+        "value 18 makes distill.K",
+    ),
     ({"tune.space.lr": {"type": "loguniform", "low": 0.0, "high": 1e-3}}, "tune.space.lr.low", "low > 0"),
     ({"tune.space.nope": {"type": "uniform", "low": 0.0, "high": 1.0}}, "tune.space.nope", "not a distill key"),
     ({"tune.scheduler.grace_period": 5}, "tune.scheduler.grace_period", "must be <= tune.scheduler.max_t (4)"),
@@ -205,15 +229,17 @@ def test_cli_exit_codes(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "pipelines.config", *a], capture_output=True, text=True,
-                                    cwd=ROOT, env=env, timeout=60)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "pipelines.config", *a], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
     ok = run("--check", "--params", str(PARAMS))
     assert ok.returncode == 0 and ok.stdout.strip() == "OK", ok.stderr
     err = run("--check", "--params", str(bad))
     assert err.returncode == 2
     lines = [ln for ln in err.stderr.splitlines() if ln.strip()]
-    assert lines == ["params error: distill.K: must be < distill.N (12), got 18 (fix: set distill.K <= 11 or raise "
-                     "distill.N)"], err.stderr
+    assert lines == [
+        "params error: distill.K: must be < distill.N (12), got 18 (fix: set distill.K <= 11 or raise distill.N)"
+    ], err.stderr
 
 
 def test_cli_set_and_show(capsys):
@@ -234,8 +260,16 @@ def test_local_ray_starts_runs_and_cleans_up(tmp_path):
 
     port = _free_port()
     temp_dir = f"/tmp/rt_{os.getpid()}"
-    p = load_params(PARAMS, {"ray.num_cpus": 2, "ray.num_workers": 1, "ray.dashboard_port": port,
-                             "ray.temp_dir": temp_dir, "distill.microbatch": 32})
+    p = load_params(
+        PARAMS,
+        {
+            "ray.num_cpus": 2,
+            "ray.num_workers": 1,
+            "ray.dashboard_port": port,
+            "ray.temp_dir": temp_dir,
+            "distill.microbatch": 32,
+        },
+    )
     auth_before = os.environ.get("RAY_AUTH_MODE")
     t0 = time.monotonic()
     try:
@@ -284,8 +318,9 @@ def test_dvc_yaml_schema_and_params_keys():
                 node = node[part]
         for out in st["outs"]:  # every out a later stage reads is declared as its dep
             path = out if isinstance(out, str) else next(iter(out))
-            assert any(path in s["deps"] for s in stages.values()) or name in ("evaluate", "likelihood",
-                                                                               "register"), path
+            assert any(path in s["deps"] for s in stages.values()) or name in ("evaluate", "likelihood", "register"), (
+                path
+            )
     reg_out = stages["register"]["outs"][0]["artifacts/registry.json"]
     assert reg_out["persist"] is True and reg_out["cache"] is False  # no run-cache for the registry side effect
     assert dvc["metrics"] == ["artifacts/eval/metrics.json", "artifacts/likelihood/metrics.json"]

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from ctm_core.nets.precond import EDMPrecond
 from ctm_core.io.student_format import load_student, read_student_config
 from ctm_core.io.teacher_format import save_teacher
+from ctm_core.nets.precond import EDMPrecond
 from pipelines.config import load_params
 from pipelines.prepare import prepare_dataset
 
@@ -24,11 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
-    prepare_dataset("sklearn-digits", None, root / "data", heldout_fraction=0.1, seed=0, shard_size=512,
-                    progress=False)
+    prepare_dataset("sklearn-digits", None, root / "data", heldout_fraction=0.1, seed=0, shard_size=512, progress=False)
     torch.manual_seed(0)
-    teacher = EDMPrecond(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet", model_channels=16,
-                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    teacher = EDMPrecond(
+        img_resolution=8,
+        img_channels=1,
+        label_dim=0,
+        model_type="SongUNet",
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # EDM zero-inits the output conv: give the teacher a non-trivial function
         for p in teacher.parameters():
@@ -39,10 +47,17 @@ def inputs(tmp_path_factory):
 
 def _params(root: Path, storage: str, **extra):
     overrides = {
-        "distill.steps": 4, "distill.batch": 8, "distill.microbatch": 2, "distill.checkpoint_every": 2,
-        "distill.log_every": 2, "distill.K": 4, "distill.N": 6,
-        "ray.storage_path": str(root / storage), "ray.temp_dir": f"/tmp/ray_td{os.getpid()}",
-        "ray.dashboard_port": 8291, "mlflow.tracking_uri": f"sqlite:///{root}/mlflow.db",
+        "distill.steps": 4,
+        "distill.batch": 8,
+        "distill.microbatch": 2,
+        "distill.checkpoint_every": 2,
+        "distill.log_every": 2,
+        "distill.K": 4,
+        "distill.N": 6,
+        "ray.storage_path": str(root / storage),
+        "ray.temp_dir": f"/tmp/ray_td{os.getpid()}",
+        "ray.dashboard_port": 8291,
+        "mlflow.tracking_uri": f"sqlite:///{root}/mlflow.db",
     }
     overrides.update(extra)
     return load_params(ROOT / "params.yaml", overrides=overrides)
@@ -58,18 +73,28 @@ def test_two_workers_equal_one_worker_and_rerun_resumes(inputs, monkeypatch):
     from pipelines.distill import run_distill
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    one = run_distill(_params(inputs, "ray1"), data_dir=str(inputs / "data"), teacher_dir=str(inputs / "teacher"),
-                      out_dir=str(inputs / "s1"), num_workers=1)
-    two = run_distill(_params(inputs, "ray2"), data_dir=str(inputs / "data"), teacher_dir=str(inputs / "teacher"),
-                      out_dir=str(inputs / "s2"), num_workers=2)
+    one = run_distill(
+        _params(inputs, "ray1"),
+        data_dir=str(inputs / "data"),
+        teacher_dir=str(inputs / "teacher"),
+        out_dir=str(inputs / "s1"),
+        num_workers=1,
+    )
+    two = run_distill(
+        _params(inputs, "ray2"),
+        data_dir=str(inputs / "data"),
+        teacher_dir=str(inputs / "teacher"),
+        out_dir=str(inputs / "s2"),
+        num_workers=2,
+    )
     assert one["steps"] == two["steps"] == 4
     w1, w2 = _weights(inputs / "s1"), _weights(inputs / "s2")
     changed = 0
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=name)
     # The students trained: weights moved away from the teacher-initialised ones.
-    from ctm_core.nets.student import CTMStudent
     from ctm_core.io.teacher_format import load_edm_checkpoint
+    from ctm_core.nets.student import CTMStudent
 
     torch.manual_seed(0)
     init = CTMStudent.from_teacher(load_edm_checkpoint(inputs / "teacher")).state_dict()
@@ -77,11 +102,17 @@ def test_two_workers_equal_one_worker_and_rerun_resumes(inputs, monkeypatch):
     assert changed > len(w1) // 2
     params = _params(inputs, "ray1")
     assert set(read_student_config(inputs / "s1")["variants"]) == {"online"} | {
-        f"ema_{r:g}" for r in params.distill.eval_emas}
+        f"ema_{r:g}" for r in params.distill.eval_emas
+    }
 
     # Same params again: same Ray run name and storage, nothing retrained, identical weights.
-    again = run_distill(_params(inputs, "ray2"), data_dir=str(inputs / "data"), teacher_dir=str(inputs / "teacher"),
-                        out_dir=str(inputs / "s2b"), num_workers=2)
+    again = run_distill(
+        _params(inputs, "ray2"),
+        data_dir=str(inputs / "data"),
+        teacher_dir=str(inputs / "teacher"),
+        out_dir=str(inputs / "s2b"),
+        num_workers=2,
+    )
     assert again["ray_run_name"] == two["ray_run_name"]
     assert again["mlflow_run_id"] == two["mlflow_run_id"]
     for name, v in _weights(inputs / "s2b").items():
@@ -93,8 +124,14 @@ def test_two_workers_equal_one_worker_and_rerun_resumes(inputs, monkeypatch):
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipelines.distill", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.distill", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_missing_teacher_stops_before_ray(inputs, tmp_path):
@@ -102,8 +139,19 @@ def test_missing_teacher_stops_before_ray(inputs, tmp_path):
     raytmp = Path(f"/tmp/rt_missing{os.getpid()}")
     params["ray"]["temp_dir"] = str(raytmp)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = _cli(["--params", str(tmp_path / "params.yaml"), "--data", str(inputs / "data"),
-                "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "student")], tmp_path)
+    out = _cli(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(inputs / "data"),
+            "--teacher",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "student"),
+        ],
+        tmp_path,
+    )
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "teacher" in lines[0] and "run the teacher stage" in lines[0], out.stderr
@@ -129,16 +177,30 @@ def test_best_params_applied_and_validated(inputs, tmp_path):
 def test_dry_run_plans_without_training(inputs, tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = _cli(["--params", str(tmp_path / "params.yaml"), "--data", str(inputs / "data"),
-                "--teacher", str(inputs / "teacher"), "--out", str(tmp_path / "student"), "--dry-run"], tmp_path)
+    out = _cli(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(inputs / "data"),
+            "--teacher",
+            str(inputs / "teacher"),
+            "--out",
+            str(tmp_path / "student"),
+            "--dry-run",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["distill"]["N"] == params["distill"]["N"] and plan["workers"] == params["ray"]["num_workers"]
     assert not (tmp_path / "student").exists()
 
 
-@pytest.mark.parametrize("edit,key", [({"distill.gan.enabled": True}, "distill.gan.enabled"),
-                                      ({"distill.distance": "lpips"}, "distill.distance")])
+@pytest.mark.parametrize(
+    "edit,key",
+    [({"distill.gan.enabled": True}, "distill.gan.enabled"), ({"distill.distance": "lpips"}, "distill.distance")],
+)
 def test_unwired_features_refused_before_work(inputs, edit, key):
     from pipelines.config import ParamsError
     from pipelines.distill import _distill_section
@@ -155,8 +217,13 @@ def test_checkpoint_markers_on_local_storage(tmp_path):
     from ray.train import Checkpoint
     from ray.train.v2._internal.execution.storage import StorageContext
 
-    from pipelines.distill import (MARKER_FILE, complete_checkpoints, newest_complete_checkpoint,
-                                   persist_checkpoint_verified, read_marker)
+    from pipelines.distill import (
+        MARKER_FILE,
+        complete_checkpoints,
+        newest_complete_checkpoint,
+        persist_checkpoint_verified,
+        read_marker,
+    )
 
     ctx = StorageContext(storage_path=str(tmp_path / "ray_results"), experiment_dir_name="distill-local")
     fs, run = ctx.storage_filesystem, ctx.experiment_fs_path

@@ -21,8 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "teacher": {"train": {"steps": 40, "batch": 32, "log_every": 10, "lr_warmup_steps": 5}},
     "distill": {"steps": 6, "batch": 16, "microbatch": 8, "checkpoint_every": 3, "log_every": 3, "K": 4, "N": 6},
-    "evaluate": {"nfe": [1, 2], "num_samples": 96, "batch": 48, "grid_size": 4,
-                 "classifier": {"steps": 30, "batch": 64}},
+    "evaluate": {
+        "nfe": [1, 2],
+        "num_samples": 96,
+        "batch": 48,
+        "grid_size": 4,
+        "classifier": {"steps": 30, "batch": 64},
+    },
     "likelihood": {"enabled": True, "num_samples": 4, "rtol": 1.0e-3, "atol": 1.0e-3},
     "ray": {"num_workers": 1, "num_cpus": 2, "dashboard_port": 8297},
 }
@@ -36,8 +41,11 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _env(repo: Path) -> dict[str, str]:
     # PYTHONDONTWRITEBYTECODE dropped too: a user's Python writes __pycache__/ into ctm_core/, a directory dependency
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_")) and k != "PYTHONDONTWRITEBYTECODE"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_")) and k != "PYTHONDONTWRITEBYTECODE"
+    }
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(repo)
     env["OMP_NUM_THREADS"] = "1"
@@ -56,8 +64,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     env = _env(repo)
 
     t0 = time.time()
-    first = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True,
-                           text=True, timeout=900)
+    first = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+    )
     wall = time.time() - t0
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     print(f"first dvc repro: {wall:.1f} s")
@@ -80,15 +89,17 @@ def test_dvc_repro_end_to_end(tmp_path):
         "print(x.shape, x.dtype)\n"
     )
     load_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=load_env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=load_env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(3, 8, 8, 1) uint8" in out.stdout
 
     # Nothing changed: nothing runs (register's persist out keeps the run-cache away, not a forced re-run).
     t0 = time.time()
-    second = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True,
-                            text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
     print(f"second dvc repro: {time.time() - t0:.1f} s")
     assert second.returncode == 0, second.stderr[-3000:]
     for stage in ("prepare", "teacher", "tune", "distill", "evaluate", "likelihood", "register"):

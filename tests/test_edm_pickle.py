@@ -23,9 +23,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from tests.conftest import EDM_KEYS, FIXTURES_EDM, require_shared
 
 from ctm_core.io.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
+from tests.conftest import EDM_KEYS, FIXTURES_EDM, require_shared
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 # Released preset with the same architecture family, for the key grammar check (EDM_FACTS A1.6).
@@ -97,8 +97,14 @@ class _Persistent:
 
 
 def _module_state(params=None, buffers=None, modules=None, non_persistent=(), **attrs):
-    return dict(training=False, _parameters=dict(params or {}), _buffers=dict(buffers or {}),
-                _non_persistent_buffers_set=set(non_persistent), _modules=dict(modules or {}), **attrs)
+    return dict(
+        training=False,
+        _parameters=dict(params or {}),
+        _buffers=dict(buffers or {}),
+        _non_persistent_buffers_set=set(non_persistent),
+        _modules=dict(modules or {}),
+        **attrs,
+    )
 
 
 def _module_dict(children: dict) -> torch.nn.ModuleDict:
@@ -110,18 +116,35 @@ def _module_dict(children: dict) -> torch.nn.ModuleDict:
 def _tiny_snapshot(ema_src=PLACEHOLDER_SRC, weight=None, init_kwargs=None, version=6) -> dict:
     """A snapshot dict with EDM's layout: EDMPrecond -> SongUNet -> ModuleDict 'enc' -> Conv2d."""
     w = torch.nn.Parameter(torch.arange(6, dtype=torch.float32).reshape(2, 3), requires_grad=False)
-    conv = _Persistent("Conv2d", _module_state(
-        params={"weight": w if weight is None else weight, "bias": None},
-        buffers={"resample_filter": torch.ones(1, 1, 2, 2), "scratch": torch.zeros(3)},
-        non_persistent=("scratch",)), version=version)
-    unet = _Persistent("SongUNet", _module_state(
-        params={"map_layer0_bias": torch.nn.Parameter(torch.full((4,), 0.5), requires_grad=False)},
-        modules={"enc": _module_dict({"32x32_conv": conv}), "map_augment": None},
-        skip_scale=np.sqrt(np.float64(0.5))))
+    conv = _Persistent(
+        "Conv2d",
+        _module_state(
+            params={"weight": w if weight is None else weight, "bias": None},
+            buffers={"resample_filter": torch.ones(1, 1, 2, 2), "scratch": torch.zeros(3)},
+            non_persistent=("scratch",),
+        ),
+        version=version,
+    )
+    unet = _Persistent(
+        "SongUNet",
+        _module_state(
+            params={"map_layer0_bias": torch.nn.Parameter(torch.full((4,), 0.5), requires_grad=False)},
+            modules={"enc": _module_dict({"32x32_conv": conv}), "map_augment": None},
+            skip_scale=np.sqrt(np.float64(0.5)),
+        ),
+    )
     kwargs = dict(model_type="SongUNet", channel_mult=(1, 2), dropout=np.float64(0.13), img_resolution=32)
-    ema = _Persistent("EDMPrecond", _module_state(modules={"model": unet}, sigma_data=0.5, _init_args=(),
-                                                  _init_kwargs=kwargs if init_kwargs is None else init_kwargs),
-                      src=ema_src, version=version)
+    ema = _Persistent(
+        "EDMPrecond",
+        _module_state(
+            modules={"model": unet},
+            sigma_data=0.5,
+            _init_args=(),
+            _init_kwargs=kwargs if init_kwargs is None else init_kwargs,
+        ),
+        src=ema_src,
+        version=version,
+    )
     loss_fn = _Persistent("EDMLoss", _module_state(_init_args=(), _init_kwargs={}))
     return dict(ema=ema, loss_fn=loss_fn, augment_pipe=None, dataset_kwargs={"resolution": 32})
 
@@ -230,11 +253,13 @@ def test_planted_torch_utils_is_never_resolved(tmp_path):
 def test_written_snapshot_walk_and_kwargs(tmp_path):
     snap = read_edm_snapshot(_dump(_tiny_snapshot(), tmp_path / "ok.pkl"))
     # nn.Module.state_dict order: own params, persistent buffers, children; None and non-persistent skipped
-    assert list(snap.state_dict) == ["model.map_layer0_bias", "model.enc.32x32_conv.weight",
-                                     "model.enc.32x32_conv.resample_filter"]
+    assert list(snap.state_dict) == [
+        "model.map_layer0_bias",
+        "model.enc.32x32_conv.weight",
+        "model.enc.32x32_conv.resample_filter",
+    ]
     assert torch.equal(snap.state_dict["model.enc.32x32_conv.weight"], torch.arange(6.0).reshape(2, 3))
-    assert snap.init_kwargs == {"model_type": "SongUNet", "channel_mult": [1, 2], "dropout": 0.13,
-                                "img_resolution": 32}
+    assert snap.init_kwargs == {"model_type": "SongUNet", "channel_mult": [1, 2], "dropout": 0.13, "img_resolution": 32}
     assert type(snap.init_kwargs["dropout"]) is float
     assert snap.source_sha256["EDMPrecond"] == snap.source_sha256["Conv2d"] == snap.source_sha256["EDMLoss"]
     _assert_edm_not_imported()
@@ -300,8 +325,12 @@ def test_hostile_reduce_os_system(tmp_path):
     assert marker.exists()
     marker.unlink()
 
-    for i, obj in enumerate([{"ema": _System(_touch_command(marker))},
-                             _tiny_snapshot(init_kwargs={"model_type": _System(_touch_command(marker))})]):
+    for i, obj in enumerate(
+        [
+            {"ema": _System(_touch_command(marker))},
+            _tiny_snapshot(init_kwargs={"model_type": _System(_touch_command(marker))}),
+        ]
+    ):
         path = _dump(obj, tmp_path / f"evil-a{i}.pkl")
         with pytest.raises(UnsafeCheckpointError, match=r"global (os|posix)\.system is not allowed"):
             read_edm_snapshot(path)
@@ -365,23 +394,26 @@ class _EvilTensor:
 def test_hostile_storage_blob(tmp_path):
     marker = tmp_path / "pwned-d"
     # legacy torch.save layout: magic number, protocol version, sys info, then the (here malicious) object pickle
-    header = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001,
-                                                            dict(protocol_version=1001, little_endian=True)))
+    header = b"".join(
+        pickle.dumps(x, protocol=2)
+        for x in (0x1950A86A20F9469CFC6C, 1001, dict(protocol_version=1001, little_endian=True))
+    )
     blob = header + pickle.dumps(_System(_touch_command(marker)), protocol=2)
     path = _dump(_tiny_snapshot(weight=_EvilTensor(blob)), tmp_path / "evil-d.pkl")
     with pytest.raises(UnsafeCheckpointError, match=r"refused by torch\.load\(weights_only=True\)"):
         read_edm_snapshot(path)
     assert not marker.exists()
     # the payload is live: torch's own _load_from_bytes (weights_only=False) would run it
-    pickle.loads(blob[len(header):])
+    pickle.loads(blob[len(header) :])
     assert marker.exists()
 
 
 def _build_on_global(module: str, name: str, attr: str) -> bytes:
     """Opcodes: GLOBAL module.name; BUILD with state (None, {attr: 1}) = setattr(global, attr, 1)."""
     key = attr.encode()
-    return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"N}X" + struct.pack("<I", len(key)) + key
-            + b"K\x01\x85s\x86b.")
+    return (
+        b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"N}X" + struct.pack("<I", len(key)) + key + b"K\x01\x85s\x86b."
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 
 from tests.conftest import write_tiny_nets
 
@@ -63,8 +63,9 @@ def first_run(setup):
     from pipelines.evaluate import evaluate
 
     out = setup["root"] / "eval"
-    metrics = evaluate(_params(), setup["data"], setup["teacher"], setup["student"], out, progress=False,
-                       log_mlflow=False)
+    metrics = evaluate(
+        _params(), setup["data"], setup["teacher"], setup["student"], out, progress=False, log_mlflow=False
+    )
     return out, metrics
 
 
@@ -74,10 +75,24 @@ def test_outputs_keys_and_columns(setup, first_run):
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["complete"] is True
     assert on_disk["num_samples"] == 160
-    for key in ("fd_nfe1", "fd_nfe2", "fd_nfe2_gamma0", "fd_nfe2_gamma1", "fd_nfe1_gamma1", "fd_teacher_heun3",
-                "fd_teacher_euler1", "fd_student_heun7", "fd_student_heun3", "fd_nfe1_over_teacher_heun3",
-                "fd_nfe1_over_teacher_euler1", "fd_nfe1_ci_low", "fd_nfe1_ci_high", "fd_heldout_vs_train",
-                "classifier_accuracy", "kid_nfe1"):
+    for key in (
+        "fd_nfe1",
+        "fd_nfe2",
+        "fd_nfe2_gamma0",
+        "fd_nfe2_gamma1",
+        "fd_nfe1_gamma1",
+        "fd_teacher_heun3",
+        "fd_teacher_euler1",
+        "fd_student_heun7",
+        "fd_student_heun3",
+        "fd_nfe1_over_teacher_heun3",
+        "fd_nfe1_over_teacher_euler1",
+        "fd_nfe1_ci_low",
+        "fd_nfe1_ci_high",
+        "fd_heldout_vs_train",
+        "classifier_accuracy",
+        "kid_nfe1",
+    ):
         assert key in on_disk, key
     for k, v in on_disk.items():
         if k != "complete":
@@ -93,8 +108,14 @@ def test_outputs_keys_and_columns(setup, first_run):
         assert [int(r["nfe"]) for r in rows] == [1, 2]
         assert float(rows[1]["fd"]) == pytest.approx(on_disk[f"fd_nfe2_gamma{g}"], rel=1e-5)
     grids = {p.name for p in (out / "grids").glob("*.png")}
-    assert {"data.png", "nfe1_gamma0.png", "nfe2_gamma1.png", "teacher_heun3.png", "teacher_euler1.png",
-            "student_heun7.png"} <= grids
+    assert {
+        "data.png",
+        "nfe1_gamma0.png",
+        "nfe2_gamma1.png",
+        "teacher_heun3.png",
+        "teacher_euler1.png",
+        "student_heun7.png",
+    } <= grids
     assert (out / "fd_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     details = json.loads((out / "fd_details.json").read_text())
     assert details["errors"] == [] and details["reference"]["splits"] == ["train", "heldout"]
@@ -105,12 +126,19 @@ def test_outputs_keys_and_columns(setup, first_run):
     proto = json.loads((out / "protocol.json").read_text())
     assert proto == details["protocol"]
     assert {k: proto[k] for k in ("features", "num_samples", "seed_start", "reference_source", "feature_dim")} == {
-        "features": "classifier", "num_samples": 160, "seed_start": 0, "reference_source": "data", "feature_dim": 64}
+        "features": "classifier",
+        "num_samples": 160,
+        "seed_start": 0,
+        "reference_source": "data",
+        "feature_dim": 64,
+    }
     body = {k: v for k, v in proto.items() if k != "protocol_sha256"}
     import hashlib
 
-    assert proto["protocol_sha256"] == hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert (
+        proto["protocol_sha256"]
+        == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    )
     assert proto["reference_sha256"] == details["reference"]["sha256"] and len(proto["feature_net_sha256"]) == 64
 
 
@@ -126,8 +154,22 @@ def test_deterministic(setup, first_run, tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
     out2 = tmp_path / "eval2"
-    rc = main(["--params", str(params_file), "--data", str(setup["data"]), "--teacher", str(setup["teacher"]),
-               "--student", str(setup["student"]), "--out", str(out2), "--no-progress", "--no-mlflow"])
+    rc = main(
+        [
+            "--params",
+            str(params_file),
+            "--data",
+            str(setup["data"]),
+            "--teacher",
+            str(setup["teacher"]),
+            "--student",
+            str(setup["student"]),
+            "--out",
+            str(out2),
+            "--no-progress",
+            "--no-mlflow",
+        ]
+    )
     assert rc == 0
     again = json.loads((out2 / "metrics.json").read_text())
     assert set(again) == set(metrics)
@@ -159,7 +201,9 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval")}
     assert {"eval/metrics.json", "eval/fd_vs_nfe.png", "eval/fd_vs_nfe", "eval/grids"} <= arts
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval/fd_vs_nfe")} == {
-        "eval/fd_vs_nfe/gamma_0.csv", "eval/fd_vs_nfe/gamma_1.csv"}
+        "eval/fd_vs_nfe/gamma_0.csv",
+        "eval/fd_vs_nfe/gamma_1.csv",
+    }
 
     with mlflow.start_run(run_name="distill-fake") as distill:
         pass
@@ -170,8 +214,10 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
         assert logged.metrics["fd_teacher_heun3"] == pytest.approx(metrics["fd_teacher_heun3"])
         assert logged.tags["ctm.evaluate.complete"] == "true"
         assert logged.tags["ctm.evaluate.features"] == "classifier"
-        assert logged.tags["ctm.evaluate.protocol_sha256"] == json.loads((out / "protocol.json").read_text())[
-            "protocol_sha256"]
+        assert (
+            logged.tags["ctm.evaluate.protocol_sha256"]
+            == json.loads((out / "protocol.json").read_text())["protocol_sha256"]
+        )
         run_json.write_text(json.dumps({"mlflow_run_id": "0" * 32}))
         assert _log_to_mlflow(params, setup["student"], out, metrics) == runs[0].info.run_id
     finally:
@@ -203,8 +249,21 @@ def test_missing_student_fails_before_work(setup, tmp_path, capsys):
     from pipelines.evaluate import main
 
     out = tmp_path / "eval"
-    rc = main(["--params", str(ROOT / "params.yaml"), "--data", str(setup["data"]), "--teacher",
-               str(setup["teacher"]), "--student", str(tmp_path / "nope"), "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "--params",
+            str(ROOT / "params.yaml"),
+            "--data",
+            str(setup["data"]),
+            "--teacher",
+            str(setup["teacher"]),
+            "--student",
+            str(tmp_path / "nope"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and "--student" in err[0] and "nope" in err[0]
@@ -218,8 +277,21 @@ def test_missing_ema_variant_fails_before_work(setup, tmp_path, capsys):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["evaluate"]["ema"] = 0.999
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    rc = main(["--params", str(tmp_path / "params.yaml"), "--data", str(setup["data"]), "--teacher",
-               str(setup["teacher"]), "--student", str(setup["student"]), "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(setup["data"]),
+            "--teacher",
+            str(setup["teacher"]),
+            "--student",
+            str(setup["student"]),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "evaluate.ema" in err[0] and "ema_0.999" in err[0]
     assert not out.exists()
@@ -231,13 +303,28 @@ def test_diverged_student_is_incomplete(setup, tmp_path):
     from pipelines.evaluate import evaluate
 
     student = load_student(setup["student"], "online")
-    sd = {k: torch.full_like(v, float("nan")) if k.endswith("aux_conv.weight") else v
-          for k, v in student.state_dict().items()}
+    sd = {
+        k: torch.full_like(v, float("nan")) if k.endswith("aux_conv.weight") else v
+        for k, v in student.state_dict().items()
+    }
     save_student(tmp_path / "student", student.init_kwargs, {"online": sd})
-    ov = {"evaluate": {**TINY_EVAL["evaluate"], "nfe": [1], "num_samples": 40,
-                       "classifier": {"steps": 1, "batch": 128, "lr": 1.0e-3, "seed": 0}}}
-    m = evaluate(_params(ov), setup["data"], setup["teacher"], tmp_path / "student", tmp_path / "eval",
-                 progress=False, log_mlflow=False)
+    ov = {
+        "evaluate": {
+            **TINY_EVAL["evaluate"],
+            "nfe": [1],
+            "num_samples": 40,
+            "classifier": {"steps": 1, "batch": 128, "lr": 1.0e-3, "seed": 0},
+        }
+    }
+    m = evaluate(
+        _params(ov),
+        setup["data"],
+        setup["teacher"],
+        tmp_path / "student",
+        tmp_path / "eval",
+        progress=False,
+        log_mlflow=False,
+    )
     assert m["complete"] is False and "fd_nfe1" not in m and "fd_teacher_heun3" in m
     details = json.loads((tmp_path / "eval" / "fd_details.json").read_text())
     assert any(e.startswith("fd_nfe1_gamma0:") for e in details["errors"])
@@ -249,8 +336,7 @@ def test_bad_params_one_line_exit_2(tmp_path, capsys):
 
     bad = tmp_path / "params.yaml"
     bad.write_text((ROOT / "params.yaml").read_text().replace("teacher_nfe: 35", "teacher_nfe: 34"))
-    rc = main(["--params", str(bad), "--data", "d", "--teacher", "t", "--student", "s", "--out",
-               str(tmp_path / "o")])
+    rc = main(["--params", str(bad), "--data", "d", "--teacher", "t", "--student", "s", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "evaluate.teacher_nfe" in err[0]
 
@@ -267,8 +353,9 @@ def test_fd_path_data_against_itself_is_zero(setup):
     x_unit = torch.from_numpy(levels_to_unit(x, 17)).to(torch.float64)
     q = images_to_levels(x_unit.clamp(-1, 1), 17)
     assert torch.equal(q, torch.from_numpy(x))
-    clf, _ = train_classifier(x[:256], y[:256], 17, epochs=1, batch_size=128,
-                              generator=torch.Generator().manual_seed(0))
+    clf, _ = train_classifier(
+        x[:256], y[:256], 17, epochs=1, batch_size=128, generator=torch.Generator().manual_seed(0)
+    )
     f = classifier_features(clf, q)
     mu, sigma = feature_statistics(classifier_features(clf, x))
     flat, det = _fd_summary("fd_x", f, mu, sigma, seed_sets(len(f), f.shape[1]), seed=0)

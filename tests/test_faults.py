@@ -75,12 +75,14 @@ def _steps_by_pid(proc: Proc) -> dict[int, int]:
 def test_kill_train_worker_restarts_from_checkpoint(ray_head, inputs, tmp_path):
     ref = reference_run()
     params = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address}})
-    proc = Proc(distill_cmd(params, tmp_path / "student", inputs), head_run_env(ray_head, tmp_path),
-                log=tmp_path / "distill.log")
+    proc = Proc(
+        distill_cmd(params, tmp_path / "student", inputs),
+        head_run_env(ray_head, tmp_path),
+        log=tmp_path / "distill.log",
+    )
     try:
         # mid-interval: after the first checkpoint was reported, two steps into the next interval
-        hit = proc.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+\[distill\] step %d\b" % (CKPT_EVERY + 2),
-                            timeout=240)
+        hit = proc.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+\[distill\] step %d\b" % (CKPT_EVERY + 2), timeout=240)
         assert hit is not None, proc.tail()
         pid = int(hit[1][1])
         deadline = time.monotonic() + 60  # and the controller registered checkpoint 1 (else nothing to resume)
@@ -100,10 +102,18 @@ def test_kill_train_worker_restarts_from_checkpoint(ray_head, inputs, tmp_path):
     killed_at = _steps_by_pid(proc)[pid]
     lost = killed_at - resumed
     weights = student_weights(tmp_path / "student")
-    report_fault(fault="kill -9 RayTrainWorker", pid=pid, killed_after_step=killed_at, resumed_from_step=resumed,
-                 steps_lost=lost, recovery_s=round(t_resumed - t_kill, 1),
-                 run_wall_s=round(time.monotonic() - proc.t0, 1), reference_wall_s=round(ref["wall_s"], 1),
-                 reference=ref.get("source"), weights_match=weights == ref["weights"])
+    report_fault(
+        fault="kill -9 RayTrainWorker",
+        pid=pid,
+        killed_after_step=killed_at,
+        resumed_from_step=resumed,
+        steps_lost=lost,
+        recovery_s=round(t_resumed - t_kill, 1),
+        run_wall_s=round(time.monotonic() - proc.t0, 1),
+        reference_wall_s=round(ref["wall_s"], 1),
+        reference=ref.get("source"),
+        weights_match=weights == ref["weights"],
+    )
     assert resumed > 0 and resumed % CKPT_EVERY == 0
     assert 0 <= lost <= CKPT_EVERY  # at most one checkpoint interval
     assert weights == ref["weights"]  # bitwise equal to the uninterrupted run
@@ -125,8 +135,10 @@ def _rerun_until_done(cmd: list[str], env: dict[str, str], log: Path, **kw) -> t
 def _wait_first_checkpoint(proc: Proc, runs_dir: Path, timeout: float = 240) -> None:
     """Until the controller registered a checkpoint (snapshot written) and the next interval is under way."""
     deadline = time.monotonic() + timeout
-    while not (list(runs_dir.glob("distill-*/checkpoint_manager_snapshot.json"))
-               and max(_steps_by_pid(proc).values(), default=0) >= CKPT_EVERY + 2):
+    while not (
+        list(runs_dir.glob("distill-*/checkpoint_manager_snapshot.json"))
+        and max(_steps_by_pid(proc).values(), default=0) >= CKPT_EVERY + 2
+    ):
         assert proc.p.poll() is None and time.monotonic() < deadline, proc.tail()
         time.sleep(0.05)
 
@@ -158,8 +170,9 @@ def test_kill_dvc_repro_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
     env.pop("DVC_ROOT")  # dvc sets it for the stage
     dvc = [sys.executable, "-m", "dvc"]
     # prepare/teacher outputs are already there (the reference's): record them in dvc.lock instead of re-running
-    r = subprocess.run([*dvc, "commit", "-f", "prepare", "teacher"], cwd=repo, env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [*dvc, "commit", "-f", "prepare", "teacher"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     runs_dir = repo / "ray_results"
 
@@ -181,18 +194,27 @@ def test_kill_dvc_repro_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
     stale = json.loads(rwlock.read_text()) if rwlock.is_file() else {}
     stale_entries = sum(len(v) for v in stale.values()) if isinstance(stale, dict) else 0
 
-    second, t_resumed, resumed, rc = _rerun_until_done([*dvc, "repro", "distill"], env, tmp_path / "repro2.log",
-                                                       cwd=repo)
+    second, t_resumed, resumed, rc = _rerun_until_done(
+        [*dvc, "repro", "distill"], env, tmp_path / "repro2.log", cwd=repo
+    )
     out = second.text()
     assert rc == 0, second.tail()
     lock_cleared = "had been killed. Auto removed it from the lock file" in out
     record = json.loads((repo / "artifacts" / "student" / "run.json").read_text())
     weights = student_weights(repo / "artifacts" / "student")
-    report_fault(fault="SIGKILL dvc repro process group during distill", killed_after_step=killed_at,
-                 resumed_from_step=resumed, steps_lost=killed_at - resumed, recovery_s=round(t_resumed - t_kill, 1),
-                 rerun_wall_s=round(time.monotonic() - second.t0, 1), reference_wall_s=round(ref["wall_s"], 1),
-                 stale_rwlock_entries=stale_entries, dvc_cleared_stale_lock=lock_cleared,
-                 same_ray_run=record["ray_run_name"] == names[0], weights_match=weights == ref["weights"])
+    report_fault(
+        fault="SIGKILL dvc repro process group during distill",
+        killed_after_step=killed_at,
+        resumed_from_step=resumed,
+        steps_lost=killed_at - resumed,
+        recovery_s=round(t_resumed - t_kill, 1),
+        rerun_wall_s=round(time.monotonic() - second.t0, 1),
+        reference_wall_s=round(ref["wall_s"], 1),
+        stale_rwlock_entries=stale_entries,
+        dvc_cleared_stale_lock=lock_cleared,
+        same_ray_run=record["ray_run_name"] == names[0],
+        weights_match=weights == ref["weights"],
+    )
     assert resumed > 0 and resumed % CKPT_EVERY == 0 and killed_at - resumed <= CKPT_EVERY
     assert record["ray_run_name"] == names[0]  # the same Ray run, not a fresh one
     assert [p.name for p in runs_dir.iterdir() if p.is_dir()] == names  # and the same storage folder
@@ -221,8 +243,13 @@ def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
     from ray.train import Checkpoint
     from ray.train.v2._internal.execution.storage import StorageContext
 
-    from pipelines.distill import (MARKER_FILE, CheckpointStorageError, newest_complete_checkpoint,
-                                   persist_checkpoint_verified, read_marker)
+    from pipelines.distill import (
+        MARKER_FILE,
+        CheckpointStorageError,
+        newest_complete_checkpoint,
+        persist_checkpoint_verified,
+        read_marker,
+    )
 
     good, nxt = _fake_checkpoint(tmp_path / "c6", 6), _fake_checkpoint(tmp_path / "c12", 12)
     data = (nxt / "trainer_state.pt").read_bytes()
@@ -286,10 +313,19 @@ def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
         assert any("does not match its complete.json" in line for line in logs), logs
     finally:
         proxy.stop()
-    report_fault(fault="S3 endpoint down mid checkpoint PUT (unit)", cut_after_bytes=len(data) // 3,
-                 checkpoint_bytes=len(data), ray_upload_raised=ray_raised, ray_upload_wrote_object=ray_wrote_object,
-                 our_error_after_s=round(t_err, 1), error=msg[:160], last_good_step=6, last_good_valid=True,
-                 retry_s=round(t_retry, 2), retry_ok=True)
+    report_fault(
+        fault="S3 endpoint down mid checkpoint PUT (unit)",
+        cut_after_bytes=len(data) // 3,
+        checkpoint_bytes=len(data),
+        ray_upload_raised=ray_raised,
+        ray_upload_wrote_object=ray_wrote_object,
+        our_error_after_s=round(t_err, 1),
+        error=msg[:160],
+        last_good_step=6,
+        last_good_valid=True,
+        retry_s=round(t_retry, 2),
+        retry_ok=True,
+    )
 
 
 @pytest.mark.slow
@@ -301,8 +337,9 @@ def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
     proxy = CutProxy(s3["server"].port).start()
     # the endpoint rides in the URI, so the driver and the head's workers (whose env points at moto) use the proxy
     storage = f"s3://{bucket}/ray?endpoint_override=127.0.0.1:{proxy.port}&scheme=http&region=us-east-1"
-    params = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address, "storage_path": storage,
-                                             "max_failures": 1}})
+    params = write_params(
+        tmp_path, {"ray": {"address": ray_head.gcs_address, "storage_path": storage, "max_failures": 1}}
+    )
     cmd, env = distill_cmd(params, tmp_path / "student", inputs), head_run_env(ray_head, tmp_path)
     try:
         proxy.cut_on(b"checkpoint_000012/trainer_state.pt", 1_000_000)  # of ~4.3 MB
@@ -335,10 +372,18 @@ def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
     assert rc2 == 0, second.tail()
     record = json.loads((tmp_path / "student" / "run.json").read_text())
     weights = student_weights(tmp_path / "student")
-    report_fault(fault="S3 endpoint down mid checkpoint PUT during distill", cut_during="checkpoint_000012 upload",
-                 killed_after_step=killed_at, failed_after_s=round(t_fail - first.t0, 1), error=err[:200],
-                 resumed_from_step=resumed, steps_lost=killed_at - resumed, recovery_s=round(t_resumed - t_fail, 1),
-                 rerun_wall_s=round(time.monotonic() - second.t0, 1), weights_match=weights == ref["weights"])
+    report_fault(
+        fault="S3 endpoint down mid checkpoint PUT during distill",
+        cut_during="checkpoint_000012 upload",
+        killed_after_step=killed_at,
+        failed_after_s=round(t_fail - first.t0, 1),
+        error=err[:200],
+        resumed_from_step=resumed,
+        steps_lost=killed_at - resumed,
+        recovery_s=round(t_resumed - t_fail, 1),
+        rerun_wall_s=round(time.monotonic() - second.t0, 1),
+        weights_match=weights == ref["weights"],
+    )
     assert resumed == CKPT_EVERY  # the last complete checkpoint, never the half-written 12
     assert record["ray_run_name"] == name and record["steps"] == 24
     assert f"{bucket}/ray/{name}/checkpoint_000024" == record["checkpoint_path"]
@@ -356,9 +401,15 @@ def test_s3_truncated_or_tampered_teacher_rejected(s3, tmp_path):
     cache = tmp_path / "cache"
     for key in ("truncated", "tampered"):
         with pytest.raises(ChecksumMismatchError, match=f"expected {sha}"):
-            fetch(f"s3://{bucket}/teachers/{key}.pkl", cache, sha256=sha, progress=False, timeout_s=5.0, retries=1,
-                  backoff_s=0.01)
+            fetch(
+                f"s3://{bucket}/teachers/{key}.pkl",
+                cache,
+                sha256=sha,
+                progress=False,
+                timeout_s=5.0,
+                retries=1,
+                backoff_s=0.01,
+            )
     left = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
     assert left == []
     report_fault(fault="truncated/tampered teacher on S3", rejected_by="sha256", files_left_in_cache=len(left))
-

@@ -39,8 +39,18 @@ def digits():
 def trained(digits):
     x_tr, y_tr, x_te, y_te = digits
     t0 = time.perf_counter()
-    model, acc = train_classifier(x_tr, y_tr, NUM_LEVELS, epochs=4, batch_size=128, lr=2e-3, width=16,
-                                  generator=torch.Generator().manual_seed(1), heldout_images=x_te, heldout_labels=y_te)
+    model, acc = train_classifier(
+        x_tr,
+        y_tr,
+        NUM_LEVELS,
+        epochs=4,
+        batch_size=128,
+        lr=2e-3,
+        width=16,
+        generator=torch.Generator().manual_seed(1),
+        heldout_images=x_te,
+        heldout_labels=y_te,
+    )
     return model, acc, time.perf_counter() - t0
 
 
@@ -91,8 +101,9 @@ def test_save_load_round_trip(trained, digits, tmp_path: pathlib.Path):
     assert loaded.meta["dataset"] == "sklearn-digits" and loaded.file_sha256 == digest
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
-    np.testing.assert_allclose(classifier_features(loaded, x_te[:50]), classifier_features(model, x_te[:50]),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        classifier_features(loaded, x_te[:50]), classifier_features(model, x_te[:50]), rtol=1e-6, atol=1e-6
+    )
     loaded_file = load_classifier(tmp_path / "clf" / "classifier.safetensors")
     assert loaded_file.init_kwargs == model.init_kwargs
     with pytest.raises(ValueError, match="sha256"):
@@ -109,9 +120,9 @@ def test_levels_to_unit_and_argument_checks():
     with pytest.raises(ValueError, match="generator"):
         train_classifier(np.zeros((4, 1, 8, 8), np.uint8), np.arange(4) % 2, NUM_LEVELS, generator=None)
     with pytest.raises(ValueError, match="labels"):
-        train_classifier(np.zeros((4, 1, 8, 8), np.uint8), np.arange(3), NUM_LEVELS,
-                         generator=torch.Generator())
+        train_classifier(np.zeros((4, 1, 8, 8), np.uint8), np.arange(3), NUM_LEVELS, generator=torch.Generator())
     skeleton = SmallClassifier(1, 8, 10)
     assert all(p.is_meta for p in skeleton.parameters())
     assert SmallClassifier(3, 32, 10, generator=torch.Generator().manual_seed(0)).features(
-        torch.zeros(2, 3, 32, 32)).shape == (2, 64)
+        torch.zeros(2, 3, 32, 32)
+    ).shape == (2, 64)

@@ -65,7 +65,8 @@ def fid_setup(tmp_path_factory):
     for i in range(NUM_IMAGES):
         ramp = np.add.outer(np.arange(8), np.arange(8)) * (8 + i)  # structured, different per image
         Image.fromarray(((ramp + rng.integers(0, 40, (8, 8))) % 256).astype(np.uint8), mode="L").save(
-            folder / f"img{i:02d}.png")
+            folder / f"img{i:02d}.png"
+        )
     data = root / "prepared"
     card = prepare_dataset("imagefolder", folder, data, heldout_fraction=0.25, seed=0, shard_size=64, progress=False)
     assert card["labels"]["label_dim"] == 0 and card["image"]["num_levels"] == 256
@@ -78,8 +79,15 @@ def fid_setup(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.setenv("DVC_ROOT", str(root))
-    yield {"root": root, "data": data, "teacher": root / "teacher", "student": root / "student", "weights": weights,
-           "sha": sha, "cache": root / "cache"}
+    yield {
+        "root": root,
+        "data": data,
+        "teacher": root / "teacher",
+        "student": root / "student",
+        "weights": weights,
+        "sha": sha,
+        "cache": root / "cache",
+    }
     mp.undo()
 
 
@@ -109,8 +117,16 @@ def test_inception_fid_end_to_end_unlabelled_data_and_reference_cache(fid_setup,
     out = tmp_path / "eval1"
     assert m1["complete"] is True and m1["inception_features"] is True and m1["feature_dim"] == 2048
     assert m1["num_reference"] == NUM_IMAGES and m1["num_samples"] == 4
-    for key in ("fd_nfe1", "fd_nfe1_ci_low", "fd_nfe1_ci_high", "fd_teacher_heun3", "fd_teacher_euler1",
-                "fd_student_heun3", "fd_student_heun7", "kid_nfe1"):
+    for key in (
+        "fd_nfe1",
+        "fd_nfe1_ci_low",
+        "fd_nfe1_ci_high",
+        "fd_teacher_heun3",
+        "fd_teacher_euler1",
+        "fd_student_heun3",
+        "fd_student_heun7",
+        "kid_nfe1",
+    ):
         assert key in m1 and math.isfinite(m1[key]), key
     assert m1["fd_nfe1"] > 0 and "classifier_accuracy" not in m1 and "fd_nfe1_std" not in m1
     assert NUM_IMAGES in calls  # the reference: all 12 prepared images (train + heldout) in one chunk
@@ -169,8 +185,14 @@ def test_inception_fid_against_fetched_npz_reference(fid_setup, tmp_path, fewer_
     npz = tmp_path / "cifar10-32x32.npz"
     np.savez(npz, mu=mu, sigma=sigma)
     ref_sha = hashlib.sha256(npz.read_bytes()).hexdigest()
-    ov = _tiny_eval(tmp_path / "cache", s["weights"], s["sha"], num_samples=4, batch=4,
-                    reference={"source": npz.as_uri(), "sha256": ref_sha})
+    ov = _tiny_eval(
+        tmp_path / "cache",
+        s["weights"],
+        s["sha"],
+        num_samples=4,
+        batch=4,
+        reference={"source": npz.as_uri(), "sha256": ref_sha},
+    )
     m = _run(s, tmp_path / "eval", ov)
     assert m["complete"] is True and math.isfinite(m["fd_nfe1"]) and "num_reference" not in m
     assert "kid_nfe1" not in m
@@ -207,8 +229,22 @@ def test_wrong_inception_sha256_refused_before_sampling(fid_setup, tmp_path, mon
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["evaluate"].update(ov["evaluate"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    rc = main(["--params", str(tmp_path / "params.yaml"), "--data", str(s["data"]), "--teacher", str(s["teacher"]),
-               "--student", str(s["student"]), "--out", str(tmp_path / "eval"), "--no-progress", "--no-mlflow"])
+    rc = main(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(s["data"]),
+            "--teacher",
+            str(s["teacher"]),
+            "--student",
+            str(s["student"]),
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-progress",
+            "--no-mlflow",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "evaluate.inception.source" in err[0] and "sha256 mismatch" in err[0]
     assert not (tmp_path / "eval").exists()
@@ -230,8 +266,12 @@ def test_bad_reference_file_refused_before_sampling(fid_setup, tmp_path, monkeyp
     np.savez(npz, mu=mu, sigma=sigma)
     sha = "cd" * 32 if case == "wrong_sha" else hashlib.sha256(npz.read_bytes()).hexdigest()
     ov = _tiny_eval(tmp_path / "cache", s["weights"], s["sha"], reference={"source": str(npz), "sha256": sha})
-    fragment = {"wrong_sha": "sha256 mismatch", "wrong_dim": "expected mu (2048,)", "non_finite": "non-finite",
-                "asymmetric": "not symmetric"}[case]
+    fragment = {
+        "wrong_sha": "sha256 mismatch",
+        "wrong_dim": "expected mu (2048,)",
+        "non_finite": "non-finite",
+        "asymmetric": "not symmetric",
+    }[case]
     with pytest.raises(InputError) as info:
         _run(s, tmp_path / "eval", ov)
     msg = str(info.value)
@@ -249,8 +289,8 @@ def test_unlabelled_data_refused_by_the_classifier_features(fid_setup, tmp_path)
 
 
 def test_damaged_cache_entry_is_recomputed(fid_setup, tmp_path, capsys):
-    from pipelines.support.fid_reference import _cache_key, load_inception, reference_from_data
     from pipelines.prepare import load_card
+    from pipelines.support.fid_reference import _cache_key, load_inception, reference_from_data
 
     s = fid_setup
     params = _params(_tiny_eval(tmp_path / "cache", s["weights"], s["sha"]))
@@ -282,19 +322,41 @@ def test_levels_to_uint8_is_identity_for_8bit_and_matches_the_sampler_path():
 
 # --- params validation (evaluate.features / inception / reference) ----------------------------------------------------
 BAD = [
-    ({"evaluate.features": "inception", "evaluate.inception.sha256": None}, "evaluate.inception.sha256",
-     "required when evaluate.features is 'inception'"),
-    ({"evaluate.features": "inception", "evaluate.inception.sha256": "abc"}, "evaluate.inception.sha256",
-     "64 hex digits or 'record'"),
-    ({"evaluate.features": "inception", "evaluate.reference.source": "https://example.com/cifar10-32x32.npz"},
-     "evaluate.reference.sha256", "required when evaluate.reference.source"),
-    ({"evaluate.features": "inception", "evaluate.reference.source": "ftp://x/ref.npz",
-      "evaluate.reference.sha256": "record"}, "evaluate.reference.source", "expected an https://, s3:// or file://"),
-    ({"evaluate.features": "inception", "evaluate.inception.source": "gs://b/w.pth"}, "evaluate.inception.source",
-     "expected an https://"),
+    (
+        {"evaluate.features": "inception", "evaluate.inception.sha256": None},
+        "evaluate.inception.sha256",
+        "required when evaluate.features is 'inception'",
+    ),
+    (
+        {"evaluate.features": "inception", "evaluate.inception.sha256": "abc"},
+        "evaluate.inception.sha256",
+        "64 hex digits or 'record'",
+    ),
+    (
+        {"evaluate.features": "inception", "evaluate.reference.source": "https://example.com/cifar10-32x32.npz"},
+        "evaluate.reference.sha256",
+        "required when evaluate.reference.source",
+    ),
+    (
+        {
+            "evaluate.features": "inception",
+            "evaluate.reference.source": "ftp://x/ref.npz",
+            "evaluate.reference.sha256": "record",
+        },
+        "evaluate.reference.source",
+        "expected an https://, s3:// or file://",
+    ),
+    (
+        {"evaluate.features": "inception", "evaluate.inception.source": "gs://b/w.pth"},
+        "evaluate.inception.source",
+        "expected an https://",
+    ),
     ({"evaluate.features": "incept"}, "evaluate.features", "expected one of 'classifier' or 'inception'"),
-    ({"evaluate.reference.source": "/ref.npz", "evaluate.reference.sha256": "record"}, "evaluate.reference.source",
-     "needs evaluate.features: inception"),
+    (
+        {"evaluate.reference.source": "/ref.npz", "evaluate.reference.sha256": "record"},
+        "evaluate.reference.source",
+        "needs evaluate.features: inception",
+    ),
     ({"evaluate.reference.sha256": "ab" * 32}, "evaluate.reference.sha256", "must be null when"),
     ({"evaluate.reference.splits": ["train", "train"]}, "evaluate.reference.splits", "distinct"),
     ({"evaluate.reference.splits": ["test"]}, "evaluate.reference.splits[0]", "expected one of"),
@@ -322,7 +384,13 @@ def test_fid_params_defaults_and_record():
     assert ev.inception.source == FID_WEIGHTS_URL and ev.inception.sha256 == FID_WEIGHTS_SHA256
     assert FID_WEIGHTS_URL.endswith("pt_inception-2015-12-05-6726825d.pth") and FID_WEIGHTS_SHA256[:8] == "6726825d"
     assert ev.reference.source == "data" and ev.reference.sha256 is None
-    q = _params({"evaluate.features": "inception", "evaluate.inception.sha256": "record",
-                 "evaluate.reference.source": "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz",
-                 "evaluate.reference.sha256": "record", "evaluate.num_samples": 50000})
+    q = _params(
+        {
+            "evaluate.features": "inception",
+            "evaluate.inception.sha256": "record",
+            "evaluate.reference.source": "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz",
+            "evaluate.reference.sha256": "record",
+            "evaluate.num_samples": 50000,
+        }
+    )
     assert q.evaluate.reference.sha256 == "record"

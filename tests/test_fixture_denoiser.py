@@ -14,10 +14,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.conftest import FIXTURES_EDM, require_shared
 
 from ctm_core.io.edm_pickle import read_edm_snapshot
 from ctm_core.nets.precond import build_precond
+from tests.conftest import FIXTURES_EDM, require_shared
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 RTOL = 1e-5
@@ -33,7 +33,7 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str):
     """(net in eval mode, reference arrays, labels or None) for one fixture; cached across the tests below."""
     pkl = require_shared(FIXTURES_EDM / f"{name}.pkl")

@@ -48,9 +48,7 @@ def test_flow_matches_scipy_sqrtm_and_composes():
     t, u, s = 80.0, 1.3, 0.002
     I = torch.eye(data.d, dtype=DTYPE).numpy()
     S = data.Sigma.numpy()
-    M = torch.from_numpy(
-        (scipy.linalg.sqrtm(S + s**2 * I) @ scipy.linalg.inv(scipy.linalg.sqrtm(S + t**2 * I))).real
-    )
+    M = torch.from_numpy((scipy.linalg.sqrtm(S + s**2 * I) @ scipy.linalg.inv(scipy.linalg.sqrtm(S + t**2 * I))).real)
     ref = data.mu + (x - data.mu) @ M.T
     torch.testing.assert_close(data.flow(x, t, s), ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(data.flow_matrix(t, s), M, rtol=1e-10, atol=1e-12)

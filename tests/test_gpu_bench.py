@@ -13,8 +13,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_bench.py"
-REQUIRED = ("card", "batch", "floor_img_per_s", "step_img_per_s", "naive_fp32_img_per_s",
-            "compiled_forward_img_per_s", "sample_1step_img_per_s", "peak_mem_gib")
+REQUIRED = (
+    "card",
+    "batch",
+    "floor_img_per_s",
+    "step_img_per_s",
+    "naive_fp32_img_per_s",
+    "compiled_forward_img_per_s",
+    "sample_1step_img_per_s",
+    "peak_mem_gib",
+)
 
 
 def _load():
@@ -66,8 +74,25 @@ def test_floor_accounting():
 
 
 def test_tiny_cpu_run(tmp_path):
-    res, stdout = _run(tmp_path, "--repeats", "1", "--warmup", "0", "--step-repeats", "1", "--sample-images", "32",
-                       "--sample-batch", "16", "--heun-images", "4", "--sample-repeats", "1", "--batch", "4")
+    res, stdout = _run(
+        tmp_path,
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--step-repeats",
+        "1",
+        "--sample-images",
+        "32",
+        "--sample-batch",
+        "16",
+        "--heun-images",
+        "4",
+        "--sample-repeats",
+        "1",
+        "--batch",
+        "4",
+    )
     for key in REQUIRED:
         assert key in res, key
     assert res["batch"] == 4 and res["card"].startswith("cpu")

@@ -21,41 +21,87 @@ SEED = 0
 
 
 def _block_a(cin, pool):
-    return {"branch1x1": (cin, 64, 1, 1), "branch5x5_1": (cin, 48, 1, 1), "branch5x5_2": (48, 64, 5, 5),
-            "branch3x3dbl_1": (cin, 64, 1, 1), "branch3x3dbl_2": (64, 96, 3, 3), "branch3x3dbl_3": (96, 96, 3, 3),
-            "branch_pool": (cin, pool, 1, 1)}
+    return {
+        "branch1x1": (cin, 64, 1, 1),
+        "branch5x5_1": (cin, 48, 1, 1),
+        "branch5x5_2": (48, 64, 5, 5),
+        "branch3x3dbl_1": (cin, 64, 1, 1),
+        "branch3x3dbl_2": (64, 96, 3, 3),
+        "branch3x3dbl_3": (96, 96, 3, 3),
+        "branch_pool": (cin, pool, 1, 1),
+    }
 
 
 def _block_b(cin):
-    return {"branch3x3": (cin, 384, 3, 3), "branch3x3dbl_1": (cin, 64, 1, 1), "branch3x3dbl_2": (64, 96, 3, 3),
-            "branch3x3dbl_3": (96, 96, 3, 3)}
+    return {
+        "branch3x3": (cin, 384, 3, 3),
+        "branch3x3dbl_1": (cin, 64, 1, 1),
+        "branch3x3dbl_2": (64, 96, 3, 3),
+        "branch3x3dbl_3": (96, 96, 3, 3),
+    }
 
 
 def _block_c(cin, c7):
-    return {"branch1x1": (cin, 192, 1, 1), "branch7x7_1": (cin, c7, 1, 1), "branch7x7_2": (c7, c7, 1, 7),
-            "branch7x7_3": (c7, 192, 7, 1), "branch7x7dbl_1": (cin, c7, 1, 1), "branch7x7dbl_2": (c7, c7, 7, 1),
-            "branch7x7dbl_3": (c7, c7, 1, 7), "branch7x7dbl_4": (c7, c7, 7, 1), "branch7x7dbl_5": (c7, 192, 1, 7),
-            "branch_pool": (cin, 192, 1, 1)}
+    return {
+        "branch1x1": (cin, 192, 1, 1),
+        "branch7x7_1": (cin, c7, 1, 1),
+        "branch7x7_2": (c7, c7, 1, 7),
+        "branch7x7_3": (c7, 192, 7, 1),
+        "branch7x7dbl_1": (cin, c7, 1, 1),
+        "branch7x7dbl_2": (c7, c7, 7, 1),
+        "branch7x7dbl_3": (c7, c7, 1, 7),
+        "branch7x7dbl_4": (c7, c7, 7, 1),
+        "branch7x7dbl_5": (c7, 192, 1, 7),
+        "branch_pool": (cin, 192, 1, 1),
+    }
 
 
 def _block_d(cin):
-    return {"branch3x3_1": (cin, 192, 1, 1), "branch3x3_2": (192, 320, 3, 3), "branch7x7x3_1": (cin, 192, 1, 1),
-            "branch7x7x3_2": (192, 192, 1, 7), "branch7x7x3_3": (192, 192, 7, 1), "branch7x7x3_4": (192, 192, 3, 3)}
+    return {
+        "branch3x3_1": (cin, 192, 1, 1),
+        "branch3x3_2": (192, 320, 3, 3),
+        "branch7x7x3_1": (cin, 192, 1, 1),
+        "branch7x7x3_2": (192, 192, 1, 7),
+        "branch7x7x3_3": (192, 192, 7, 1),
+        "branch7x7x3_4": (192, 192, 3, 3),
+    }
 
 
 def _block_e(cin):
-    return {"branch1x1": (cin, 320, 1, 1), "branch3x3_1": (cin, 384, 1, 1), "branch3x3_2a": (384, 384, 1, 3),
-            "branch3x3_2b": (384, 384, 3, 1), "branch3x3dbl_1": (cin, 448, 1, 1), "branch3x3dbl_2": (448, 384, 3, 3),
-            "branch3x3dbl_3a": (384, 384, 1, 3), "branch3x3dbl_3b": (384, 384, 3, 1), "branch_pool": (cin, 192, 1, 1)}
+    return {
+        "branch1x1": (cin, 320, 1, 1),
+        "branch3x3_1": (cin, 384, 1, 1),
+        "branch3x3_2a": (384, 384, 1, 3),
+        "branch3x3_2b": (384, 384, 3, 1),
+        "branch3x3dbl_1": (cin, 448, 1, 1),
+        "branch3x3dbl_2": (448, 384, 3, 3),
+        "branch3x3dbl_3a": (384, 384, 1, 3),
+        "branch3x3dbl_3b": (384, 384, 3, 1),
+        "branch_pool": (cin, 192, 1, 1),
+    }
 
 
 def expected_state_shapes() -> dict[str, tuple[int, ...]]:
-    convs = {"Conv2d_1a_3x3": (3, 32, 3, 3), "Conv2d_2a_3x3": (32, 32, 3, 3), "Conv2d_2b_3x3": (32, 64, 3, 3),
-             "Conv2d_3b_1x1": (64, 80, 1, 1), "Conv2d_4a_3x3": (80, 192, 3, 3)}
-    blocks = {"Mixed_5b": _block_a(192, 32), "Mixed_5c": _block_a(256, 64), "Mixed_5d": _block_a(288, 64),
-              "Mixed_6a": _block_b(288), "Mixed_6b": _block_c(768, 128), "Mixed_6c": _block_c(768, 160),
-              "Mixed_6d": _block_c(768, 160), "Mixed_6e": _block_c(768, 192), "Mixed_7a": _block_d(768),
-              "Mixed_7b": _block_e(1280), "Mixed_7c": _block_e(2048)}
+    convs = {
+        "Conv2d_1a_3x3": (3, 32, 3, 3),
+        "Conv2d_2a_3x3": (32, 32, 3, 3),
+        "Conv2d_2b_3x3": (32, 64, 3, 3),
+        "Conv2d_3b_1x1": (64, 80, 1, 1),
+        "Conv2d_4a_3x3": (80, 192, 3, 3),
+    }
+    blocks = {
+        "Mixed_5b": _block_a(192, 32),
+        "Mixed_5c": _block_a(256, 64),
+        "Mixed_5d": _block_a(288, 64),
+        "Mixed_6a": _block_b(288),
+        "Mixed_6b": _block_c(768, 128),
+        "Mixed_6c": _block_c(768, 160),
+        "Mixed_6d": _block_c(768, 160),
+        "Mixed_6e": _block_c(768, 192),
+        "Mixed_7a": _block_d(768),
+        "Mixed_7b": _block_e(1280),
+        "Mixed_7c": _block_e(2048),
+    }
     for block, branches in blocks.items():
         for branch, spec in branches.items():
             convs[f"{block}.{branch}"] = spec
@@ -87,8 +133,11 @@ def test_parameter_count():
     model = FIDInception()
     n = count_parameters(model)
     # Independent count from the expected layout (BN running stats are buffers, not parameters).
-    from_table = sum(int(np.prod(s)) for k, s in expected_state_shapes().items()
-                     if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    from_table = sum(
+        int(np.prod(s))
+        for k, s in expected_state_shapes().items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     assert n == from_table
     # torchvision inception_v3 (aux logits, 1000 classes) has 27,161,264 parameters (torchvision weights table);
     # minus AuxLogits (98,560 + 2,459,136 + 769,000) plus 8 extra fc classes (8 * 2049).
@@ -235,8 +284,13 @@ def test_extract_features_batches_in_order():
 
 
 def _fid_path(model, tmp_path, dims):
-    from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_uint8, load_reference_stats
-    from ctm_core.eval.metrics import save_reference_stats
+    from ctm_core.eval.metrics import (
+        feature_statistics,
+        frechet_distance,
+        images_to_uint8,
+        load_reference_stats,
+        save_reference_stats,
+    )
 
     g = torch.Generator().manual_seed(3)
     x_data = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1  # "training images" in [-1, 1]
@@ -259,4 +313,3 @@ def test_fid_path_random_weights(random_model, tmp_path):
     # 64 of the 2048 features: the same path at D = 2048 took ~95 s on the shared 2-core box (scipy's sqrtm of a
     # singular 2048² product); it gave a finite FID and |self-FID| ≈ 1e-6 × scale.
     _fid_path(random_model, tmp_path, dims=64)
-

@@ -38,7 +38,9 @@ def tfid():
             sys.modules.pop("torch_fidelity", None)
         else:
             sys.modules["torch_fidelity"] = saved
-    return types.SimpleNamespace(Extractor=FeatureExtractorInceptionV3, resize=interpolate_bilinear_2d_like_tensorflow1x)
+    return types.SimpleNamespace(
+        Extractor=FeatureExtractorInceptionV3, resize=interpolate_bilinear_2d_like_tensorflow1x
+    )
 
 
 def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -65,8 +67,12 @@ def test_resize_matches_tensorflow1x_bilinear(tfid):
     from ctm_core.eval.inception import resize_bilinear_tf1
 
     g = torch.Generator().manual_seed(0)
-    for shape, size in (((2, 3, 32, 32), (299, 299)), ((1, 3, 8, 8), (299, 299)), ((1, 1, 64, 40), (299, 299)),
-                        ((1, 3, 500, 400), (299, 299))):
+    for shape, size in (
+        ((2, 3, 32, 32), (299, 299)),
+        ((1, 3, 8, 8), (299, 299)),
+        ((1, 1, 64, 40), (299, 299)),
+        ((1, 3, 500, 400), (299, 299)),
+    ):
         x = torch.randint(0, 256, shape, generator=g).to(torch.float64)
         ref = tfid.resize(x, size=size, align_corners=False)
         got = resize_bilinear_tf1(x, size)

@@ -79,8 +79,19 @@ def _pyproject_deps() -> dict[str, str]:
 # every YAML parses
 # --------------------------------------------------------------------------------------------------------------
 def test_infra_files_exist_and_every_yaml_parses():
-    for p in (CLUSTER_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE, DOCKERIGNORE, PINS_PY, MLFLOW_DOCKERFILE,
-              COMPOSE_YAML, ENV_EXAMPLE, README, INFRA / ".gitignore"):
+    for p in (
+        CLUSTER_YAML,
+        RAYCLUSTER_YAML,
+        RAYJOB_YAML,
+        DOCKERFILE,
+        DOCKERIGNORE,
+        PINS_PY,
+        MLFLOW_DOCKERFILE,
+        COMPOSE_YAML,
+        ENV_EXAMPLE,
+        README,
+        INFRA / ".gitignore",
+    ):
         assert p.is_file(), f"missing {p.relative_to(ROOT)}"
     yamls = sorted(list(INFRA.rglob("*.yaml")) + list(INFRA.rglob("*.yml")))
     assert len(yamls) >= 4, yamls
@@ -152,8 +163,14 @@ def _unknown_docker_key(c):
 
 @pytest.mark.parametrize(
     "breaker",
-    [_drop_provider, _typo_top_level, _run_options_not_a_list, _node_type_without_node_config,
-     _negative_idle_timeout, _unknown_docker_key],
+    [
+        _drop_provider,
+        _typo_top_level,
+        _run_options_not_a_list,
+        _node_type_without_node_config,
+        _negative_idle_timeout,
+        _unknown_docker_key,
+    ],
 )
 def test_broken_cluster_yaml_fails_schema(ray_schema, breaker):
     cfg = _load(CLUSTER_YAML)
@@ -220,30 +237,46 @@ def test_cluster_yaml_semantics():
 _CRD_CONTAINER = {
     "required": ["name", "image"],  # image: ours (KubeRay pods need one)
     "properties": {
-        "env": {"items": {"required": ["name"], "properties": {"valueFrom": {"properties": {
-            "secretKeyRef": {"required": ["key", "name"]},  # name: ours (defaults to "" in the CRD)
-            "configMapKeyRef": {"required": ["key", "name"]},
-        }}}}},
+        "env": {
+            "items": {
+                "required": ["name"],
+                "properties": {
+                    "valueFrom": {
+                        "properties": {
+                            "secretKeyRef": {"required": ["key", "name"]},  # name: ours (defaults to "" in the CRD)
+                            "configMapKeyRef": {"required": ["key", "name"]},
+                        }
+                    }
+                },
+            }
+        },
         "volumeMounts": {"items": {"required": ["mountPath", "name"]}},
         "ports": {"items": {"required": ["containerPort"]}},
     },
 }
 _CRD_POD_TEMPLATE = {
     "required": ["spec"],  # ours: a template without a pod spec starts nothing
-    "properties": {"spec": {
-        "required": ["containers"],
-        "properties": {"containers": {"min_items": 1, "items": _CRD_CONTAINER},
-                       "volumes": {"items": {"required": ["name"]}}},
-    }},
+    "properties": {
+        "spec": {
+            "required": ["containers"],
+            "properties": {
+                "containers": {"min_items": 1, "items": _CRD_CONTAINER},
+                "volumes": {"items": {"required": ["name"]}},
+            },
+        }
+    },
 }
 _CRD_RAY_CLUSTER_SPEC = {
     "required": ["headGroupSpec", "rayVersion"],  # rayVersion: ours (KubeRay derives job commands from it)
     "properties": {
         "headGroupSpec": {"required": ["rayStartParams", "template"], "properties": {"template": _CRD_POD_TEMPLATE}},
-        "workerGroupSpecs": {"min_items": 1, "items": {
-            "required": ["groupName", "maxReplicas", "minReplicas", "rayStartParams", "template"],
-            "properties": {"template": _CRD_POD_TEMPLATE},
-        }},
+        "workerGroupSpecs": {
+            "min_items": 1,
+            "items": {
+                "required": ["groupName", "maxReplicas", "minReplicas", "rayStartParams", "template"],
+                "properties": {"template": _CRD_POD_TEMPLATE},
+            },
+        },
     },
 }
 _CRD_OBJECT = {
@@ -251,10 +284,19 @@ _CRD_OBJECT = {
     "properties": {"metadata": {"required": ["name"]}},
 }
 CRD_RAYCLUSTER = {**_CRD_OBJECT, "properties": {**_CRD_OBJECT["properties"], "spec": _CRD_RAY_CLUSTER_SPEC}}
-CRD_RAYJOB = {**_CRD_OBJECT, "properties": {**_CRD_OBJECT["properties"], "spec": {
-    "required": ["entrypoint", "rayClusterSpec"],  # rayClusterSpec: ours (we never reuse a cluster via clusterSelector)
-    "properties": {"rayClusterSpec": _CRD_RAY_CLUSTER_SPEC},
-}}}
+CRD_RAYJOB = {
+    **_CRD_OBJECT,
+    "properties": {
+        **_CRD_OBJECT["properties"],
+        "spec": {
+            "required": [
+                "entrypoint",
+                "rayClusterSpec",
+            ],  # rayClusterSpec: ours (we never reuse a cluster via clusterSelector)
+            "properties": {"rayClusterSpec": _CRD_RAY_CLUSTER_SPEC},
+        },
+    },
+}
 
 
 def missing_required(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]:
@@ -292,16 +334,25 @@ def test_kuberay_manifest_has_crd_required_fields(path, kind, schema):
 @pytest.mark.parametrize(
     "delete,expected",
     [
-        (lambda s: s["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
-         ".spec.rayClusterSpec.workerGroupSpecs[0].groupName"),
-        (lambda s: s["spec"]["rayClusterSpec"]["headGroupSpec"].pop("template"),
-         ".spec.rayClusterSpec.headGroupSpec.template"),
-        (lambda s: s["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name"),
-         ".spec.rayClusterSpec.headGroupSpec.template.spec.containers[0].name"),
+        (
+            lambda s: s["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
+            ".spec.rayClusterSpec.workerGroupSpecs[0].groupName",
+        ),
+        (
+            lambda s: s["spec"]["rayClusterSpec"]["headGroupSpec"].pop("template"),
+            ".spec.rayClusterSpec.headGroupSpec.template",
+        ),
+        (
+            lambda s: s["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name"),
+            ".spec.rayClusterSpec.headGroupSpec.template.spec.containers[0].name",
+        ),
         (lambda s: s["spec"].pop("entrypoint"), ".spec.entrypoint"),
-        (lambda s: s["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"][0]
-         ["valueFrom"]["secretKeyRef"].pop("key"),
-         ".spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].env[0].valueFrom.secretKeyRef.key"),
+        (
+            lambda s: s["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"][0][
+                "valueFrom"
+            ]["secretKeyRef"].pop("key"),
+            ".spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].env[0].valueFrom.secretKeyRef.key",
+        ),
     ],
 )
 def test_required_field_check_catches_deletions(delete, expected):
@@ -374,11 +425,27 @@ def test_same_image_everywhere_and_readme_commands():
             images |= {c["image"] for c in g["template"]["spec"]["containers"]}
     assert images == {PROJECT_IMAGE}
     readme = README.read_text()
-    for needle in (PROJECT_IMAGE, "ray up infra/ray/cluster-aws-gpu.yaml", "ray job submit", "--working-dir .",
-                   "kubectl apply -f infra/kuberay/rayjob.yaml", ".git", ".venv", "docker compose"):
+    for needle in (
+        PROJECT_IMAGE,
+        "ray up infra/ray/cluster-aws-gpu.yaml",
+        "ray job submit",
+        "--working-dir .",
+        "kubectl apply -f infra/kuberay/rayjob.yaml",
+        ".git",
+        ".venv",
+        "docker compose",
+    ):
         assert needle in readme, f"infra/README.md should mention {needle!r}"
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI",
-                "MLFLOW_S3_ENDPOINT_URL", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "RAY_ADDRESS",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_MODE",
+    ):
         assert f"`{var}`" in readme, f"the environment contract in infra/README.md lacks {var}"
 
 
@@ -468,7 +535,10 @@ def test_pins_helper_reads_pyproject_and_rejects_unpinned(tmp_path):
     deps = '["Smart_Open[s3]==7.1.0", "numpy>=2", "ray[default]==2.60.0"]'
     fake.write_text(f'[project]\nname = "x"\ndependencies = {deps}\n')
     assert pins.requirement_lines(fake, ["ray"], ["smart-open", "nvidia-ml-py"]) == [
-        "ray[default]==2.60.0", "Smart_Open[s3]==7.1.0", "nvidia-ml-py"]
+        "ray[default]==2.60.0",
+        "Smart_Open[s3]==7.1.0",
+        "nvidia-ml-py",
+    ]
     with pytest.raises(SystemExit, match="must be pinned"):
         pins.requirement_lines(fake, ["numpy"], [])
     with pytest.raises(SystemExit, match="not a dependency"):
@@ -554,14 +624,15 @@ _AWS_SECRET = re.compile(r"(?i)aws.{0,20}secret.{0,20}[:=]\s*[\"']?([A-Za-z0-9/+
 _VALUE = r"[\"']?[ \t]*[:=][ \t]*[\"']?([^\s\"',}]*)"
 _ASSIGNMENTS = (
     re.compile(r"\b([A-Z0-9_]*(?:PASSWORD|PASSWD|SECRET|TOKEN|ACCESS_KEY)[A-Z0-9_]*)" + _VALUE),
-    re.compile(r"^\s*(?:-\s*)?[\"']?(password|passwd|secret|token|auth_token|secret_access_key|access_key_id)"
-               + _VALUE),
+    re.compile(
+        r"^\s*(?:-\s*)?[\"']?(password|passwd|secret|token|auth_token|secret_access_key|access_key_id)" + _VALUE
+    ),
 )
 _URL_PASSWORD = re.compile(r"://[^/\s:@]+:([^@\s/]+)@")
 
 
 def _allowed_value(v: str) -> bool:
-    return (v == "" or v.startswith(("$", "change-me", "<", "/", "~")) or v.lower() in ("true", "false", "required"))
+    return v == "" or v.startswith(("$", "change-me", "<", "/", "~")) or v.lower() in ("true", "false", "required")
 
 
 def secret_findings(text: str) -> list[str]:

@@ -27,9 +27,9 @@ from tests.conftest_remote import (  # noqa: F401 - fixtures are used by name
     base_env,
     distill_cmd,
     inputs,
+    match_reference,
     moto_server,
     ray_head,
-    match_reference,
     register_checkpoints,
     student_weights,
     write_params,
@@ -48,12 +48,21 @@ def _mlflow_metric_steps(db: Path, key: str) -> list[int]:
 
 # --- pure helpers ------------------------------------------------------------------------------------------------
 def test_runtime_env_has_no_secrets_unless_asked(tmp_path):
-    env = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_ENDPOINT_URL": "http://m:9000",
-           "MLFLOW_TRACKING_URI": "http://mlflow:5000", "RAY_AUTH_TOKEN": "tok", "HOME": "/root"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_ENDPOINT_URL": "http://m:9000",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "RAY_AUTH_TOKEN": "tok",
+        "HOME": "/root",
+    }
     rt = submit.build_runtime_env(ROOT, env)
     assert rt["working_dir"] == str(ROOT)
-    assert rt["env_vars"] == {"AWS_ENDPOINT_URL": "http://m:9000", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-                              "CTM_INSIDE_RAY_JOB": "1"}
+    assert rt["env_vars"] == {
+        "AWS_ENDPOINT_URL": "http://m:9000",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "CTM_INSIDE_RAY_JOB": "1",
+    }
     assert "s3cr3t" not in json.dumps(rt) and "tok" not in json.dumps(rt["env_vars"])
     assert {"data/", "artifacts/", "ray_results/", "mlruns/"} <= set(rt["excludes"])
     rt = submit.build_runtime_env(ROOT, {**env, submit.FORWARD_SECRETS_FLAG: "1"})
@@ -69,10 +78,18 @@ def test_submission_id_and_paths(tmp_path, monkeypatch):
     assert a.startswith("distill-") and a.endswith("-a1")
     assert a != submit.submission_id("distill", "pipelines.distill", ["--out", "y"], p, 1)
     assert a[:-1] + "2" == submit.submission_id("distill", "pipelines.distill", ["--out", "x"], p, 2)
-    argv, notes = submit.absolutize_argv(["--params", "params.yaml", "--data", "data/prepared", "--out=/abs/o",
-                                          "--teacher", "s3://b/t"], ROOT, cwd=ROOT)
-    assert argv == ["--params", "params.yaml", "--data", str(ROOT / "data" / "prepared"), "--out=/abs/o",
-                    "--teacher", "s3://b/t"]  # tracked params travel; git-ignored data is sent as an abs path
+    argv, notes = submit.absolutize_argv(
+        ["--params", "params.yaml", "--data", "data/prepared", "--out=/abs/o", "--teacher", "s3://b/t"], ROOT, cwd=ROOT
+    )
+    assert argv == [
+        "--params",
+        "params.yaml",
+        "--data",
+        str(ROOT / "data" / "prepared"),
+        "--out=/abs/o",
+        "--teacher",
+        "s3://b/t",
+    ]  # tracked params travel; git-ignored data is sent as an abs path
     assert len(notes) == 1 and "--data" in notes[0]
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "absent"))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -102,13 +119,36 @@ def test_ray_job_submit_cli(ray_head, inputs, tmp_path):
     params = write_params(tmp_path)  # ray.address null: inside the job Ray's RAY_ADDRESS joins the cluster
     out, db = tmp_path / "student", tmp_path / "mlflow.db"
     job_id = f"ctm-cli-{uuid.uuid4().hex[:8]}"
-    rt = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "CTM_INSIDE_RAY_JOB": "1", "DVC_ROOT": str(tmp_path)},
-          "excludes": submit.EXCLUDES}
-    env = base_env(RAY_ADDRESS=ray_head.dashboard_url, RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN_PATH=str(ray_head.token_path))
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--submission-id", job_id, "--working-dir", str(ROOT),
-           "--runtime-env-json", json.dumps(rt), "--", "python", "-m", "pipelines.distill", "--params", str(params),
-           "--data", str(inputs["data"]), "--teacher", str(inputs["teacher"]), "--out", str(out)]
+    rt = {
+        "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "CTM_INSIDE_RAY_JOB": "1", "DVC_ROOT": str(tmp_path)},
+        "excludes": submit.EXCLUDES,
+    }
+    env = base_env(
+        RAY_ADDRESS=ray_head.dashboard_url, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(ray_head.token_path)
+    )
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        json.dumps(rt),
+        "--",
+        "python",
+        "-m",
+        "pipelines.distill",
+        "--params",
+        str(params),
+        "--data",
+        str(inputs["data"]),
+        "--teacher",
+        str(inputs["teacher"]),
+        "--out",
+        str(out),
+    ]
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - t0
@@ -133,8 +173,11 @@ def test_stage_submits_blocks_and_reattaches(ray_head, inputs, tmp_path):
     out, db = tmp_path / "student", tmp_path / "mlflow.db"
     # explicit token handling: no RAY_AUTH_MODE on the client, only the token file (Ray's own client would send
     # no header then); RAY_ADDRESS is the dashboard URL
-    env = base_env(RAY_ADDRESS=ray_head.dashboard_url, RAY_AUTH_TOKEN_PATH=str(ray_head.token_path),
-                   MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    env = base_env(
+        RAY_ADDRESS=ray_head.dashboard_url,
+        RAY_AUTH_TOKEN_PATH=str(ray_head.token_path),
+        MLFLOW_TRACKING_URI=f"sqlite:///{db}",
+    )
     cmd = distill_cmd(params, out, inputs)
     first = Proc(cmd, env, log=tmp_path / "client1.log")
     try:
@@ -150,12 +193,15 @@ def test_stage_submits_blocks_and_reattaches(ray_head, inputs, tmp_path):
     rc = second.finish(timeout=300)
     text = second.text()
     assert rc == 0, text[-4000:]
-    assert f"submit: job {job_id} is already RUNNING" in text or f"submit: job {job_id} is already PENDING" in text, \
+    assert f"submit: job {job_id} is already RUNNING" in text or f"submit: job {job_id} is already PENDING" in text, (
         text[-3000:]
+    )
     assert f"submit: job {job_id} SUCCEEDED" in text
     assert "submitted" not in text  # attached, no duplicate job
     assert match_reference(student_weights(out), time.monotonic() - first.t0, "stage submit")
     record = json.loads((out / "run.json").read_text())
     assert (record["ray_run_name"], "FINISHED") in _mlflow_runs(db)
-    print(f"\n[stage submit] client killed mid-job, re-run attached to {job_id}; finished "
-          f"{time.monotonic() - t_kill:.1f} s after the kill")
+    print(
+        f"\n[stage submit] client killed mid-job, re-run attached to {job_id}; finished "
+        f"{time.monotonic() - t_kill:.1f} s after the kill"
+    )

@@ -53,14 +53,19 @@ def test_hutchinson_within_its_standard_error():
     x = data.sample(4, torch.Generator().manual_seed(4))
     ref = data.pf_ode_log_likelihood_closed_form(x)
     got, se = log_likelihood(
-        data.denoiser, x, divergence="hutchinson", num_probes=16, generator=torch.Generator().manual_seed(5),
+        data.denoiser,
+        x,
+        divergence="hutchinson",
+        num_probes=16,
+        generator=torch.Generator().manual_seed(5),
         return_stderr=True,
     )
     assert (se > 0).all() and (se < 1.0).all()
     assert ((got - ref).abs() <= 4 * se + 1e-3 * ref.abs()).all(), (got, ref, se)
     # Same generator seed -> same probes -> same result.
-    again = log_likelihood(data.denoiser, x, divergence="hutchinson", num_probes=16,
-                           generator=torch.Generator().manual_seed(5))
+    again = log_likelihood(
+        data.denoiser, x, divergence="hutchinson", num_probes=16, generator=torch.Generator().manual_seed(5)
+    )
     torch.testing.assert_close(got, again)
     _, se_exact = log_likelihood(data.denoiser, x, return_stderr=True)
     assert (se_exact == 0).all()
@@ -98,11 +103,19 @@ def test_bits_per_dim_matches_exact_discrete_probability(bits, dequantize, tol):
 def test_bits_per_dim_formula_and_stderr():
     data = make_data(d=4, seed=7)
     q = torch.tensor([[[[0, 255], [128, 37]]], [[[200, 90], [3, 250]]]])  # (2, 1, 2, 2) uint8 values
-    bpd, se = bits_per_dim(data.denoiser, q, dequantize="none", divergence="hutchinson", num_probes=4,
-                           generator=torch.Generator().manual_seed(8), return_stderr=True)
+    bpd, se = bits_per_dim(
+        data.denoiser,
+        q,
+        dequantize="none",
+        divergence="hutchinson",
+        num_probes=4,
+        generator=torch.Generator().manual_seed(8),
+        return_stderr=True,
+    )
     x = (q.to(DTYPE) + 0.5) / 256 * 2 - 1
-    lp = log_likelihood(data.denoiser, x, divergence="hutchinson", num_probes=4,
-                        generator=torch.Generator().manual_seed(8))
+    lp = log_likelihood(
+        data.denoiser, x, divergence="hutchinson", num_probes=4, generator=torch.Generator().manual_seed(8)
+    )
     torch.testing.assert_close(bpd, -lp / (4 * math.log(2)) + 7)
     assert (se > 0).all()
 

@@ -21,8 +21,16 @@ from tests.conftest import write_tiny_nets
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_LIK = {
-    "likelihood": {"enabled": True, "num_samples": 2, "divergence": "hutchinson", "num_probes": 2,
-                   "rtol": 1.0e-2, "atol": 1.0e-2, "dequantize": "uniform", "seed": 0},
+    "likelihood": {
+        "enabled": True,
+        "num_samples": 2,
+        "divergence": "hutchinson",
+        "num_probes": 2,
+        "rtol": 1.0e-2,
+        "atol": 1.0e-2,
+        "dequantize": "uniform",
+        "seed": 0,
+    },
 }
 
 
@@ -48,8 +56,20 @@ def setup(tmp_path_factory):
 
 
 def _args(s, out, params=None):
-    a = ["--data", str(s["data"]), "--teacher", str(s["teacher"]), "--student", str(s["student"]), "--out", str(out),
-         "--no-mlflow", "--no-progress", "--device", "cpu"]
+    a = [
+        "--data",
+        str(s["data"]),
+        "--teacher",
+        str(s["teacher"]),
+        "--student",
+        str(s["student"]),
+        "--out",
+        str(out),
+        "--no-mlflow",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     return (["--params", str(params)] if params else []) + a
 
 
@@ -57,13 +77,27 @@ def test_outputs_keys_and_details(setup):
     from pipelines.likelihood import likelihood
 
     out = setup["root"] / "lik"
-    metrics = likelihood(_params(), setup["data"], setup["teacher"], setup["student"], out, progress=False,
-                         device="cpu", log_mlflow=False)
+    metrics = likelihood(
+        _params(),
+        setup["data"],
+        setup["teacher"],
+        setup["student"],
+        out,
+        progress=False,
+        device="cpu",
+        log_mlflow=False,
+    )
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["complete"] is True and on_disk["num_images"] == 2
-    for key in ("bpd_student", "bpd_teacher", "bpd_student_stderr", "bpd_teacher_stderr",
-                "bpd_teacher_hutchinson_stderr", "bpd_student_hutchinson_stderr"):
+    for key in (
+        "bpd_student",
+        "bpd_teacher",
+        "bpd_student_stderr",
+        "bpd_teacher_stderr",
+        "bpd_teacher_hutchinson_stderr",
+        "bpd_student_hutchinson_stderr",
+    ):
         assert key in on_disk, key
     for k, v in on_disk.items():
         if k != "complete":
@@ -72,7 +106,11 @@ def test_outputs_keys_and_details(setup):
     assert not any(k.startswith("fd_") for k in on_disk)
     details = json.loads((out / "details.json").read_text())
     assert details["errors"] == [] and details["missing"] == [] and details["enabled"] is True
-    assert "Δ = 2/(L − 1)" in details["protocol"] and "17 levels" in details["protocol"] and details["params"] == _params().section("likelihood")
+    assert (
+        "Δ = 2/(L − 1)" in details["protocol"]
+        and "17 levels" in details["protocol"]
+        and details["params"] == _params().section("likelihood")
+    )
     assert set(details["networks"]) == {"teacher", "student"}
     assert all(n["seconds"] > 0 for n in details["networks"].values())
     assert details["networks"]["teacher"]["sigma_min"] == pytest.approx(0.002)
@@ -93,8 +131,9 @@ def test_bits_per_dim_levels_matches_gaussian_closed_form():
         return x * (s2 / (s2 + sigma**2))
 
     levels = torch.tensor([[[[0, 8], [16, 3]]]])  # (1, 1, 2, 2), 17 levels
-    bpd, _ = bits_per_dim_levels(D_gauss, levels, 17, dequantize="none", generator=torch.Generator(),
-                                 divergence="exact", rtol=1e-7, atol=1e-7)
+    bpd, _ = bits_per_dim_levels(
+        D_gauss, levels, 17, dequantize="none", generator=torch.Generator(), divergence="exact", rtol=1e-7, atol=1e-7
+    )
     x = levels.to(torch.float64) / 16 * 2 - 1
     v = s2 + 0.002**2  # the model density at sigma_min is N(0, (s2 + sigma_min²) I)
     log_p = -0.5 * (x**2).sum() / v - 2 * math.log(2 * math.pi * v)
@@ -121,9 +160,11 @@ def test_runs_on_unlabelled_data(tmp_path, monkeypatch, capsys):
     for i in range(12):
         ramp = np.add.outer(np.arange(8), np.arange(8)) * (8 + i)
         Image.fromarray(((ramp + rng.integers(0, 40, (8, 8))) % 256).astype(np.uint8), mode="L").save(
-            folder / f"img{i:02d}.png")
-    card = prepare_dataset("imagefolder", folder, tmp_path / "prepared", heldout_fraction=0.25, seed=0,
-                           shard_size=64, progress=False)
+            folder / f"img{i:02d}.png"
+        )
+    card = prepare_dataset(
+        "imagefolder", folder, tmp_path / "prepared", heldout_fraction=0.25, seed=0, shard_size=64, progress=False
+    )
     assert card["labels"]["label_dim"] == 0 and card["image"]["num_levels"] == 256
     write_tiny_nets(tmp_path)
     s = {"data": tmp_path / "prepared", "teacher": tmp_path / "teacher", "student": tmp_path / "student"}
@@ -169,8 +210,16 @@ def test_disabled_writes_complete_metrics_and_logs_to_mlflow(setup, tmp_path):
     from pipelines.likelihood import likelihood
 
     out = tmp_path / "lik"
-    m = likelihood(_params({"likelihood": {"enabled": False}}), setup["data"], setup["teacher"], setup["student"],
-                   out, progress=False, device="cpu", log_mlflow=True)
+    m = likelihood(
+        _params({"likelihood": {"enabled": False}}),
+        setup["data"],
+        setup["teacher"],
+        setup["student"],
+        out,
+        progress=False,
+        device="cpu",
+        log_mlflow=True,
+    )
     assert json.loads((out / "metrics.json").read_text()) == m == {"enabled": False, "complete": True}
     assert json.loads((out / "details.json").read_text())["enabled"] is False
     runs = mlflow.search_runs(experiment_names=["ctm-digits"], output_format="list")

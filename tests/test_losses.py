@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from ctm_core.nets.toy import ToyCTMStudent
 from ctm_core.training import losses
 from ctm_core.training.losses import (
     adaptive_weight,
@@ -20,7 +21,6 @@ from ctm_core.training.losses import (
     sample_num_heun_steps,
     teacher_heun_solve,
 )
-from ctm_core.nets.toy import ToyCTMStudent
 
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 
@@ -67,9 +67,19 @@ class Recorder:
 
     def _rec(self, fn, x, t, s, class_labels=None):
         out = getattr(self.net, fn)(x, t, s, class_labels=class_labels)
-        self.log.append(dict(net=self.name, fn=fn, x=x.detach().clone(), t=t.detach().clone(), s=s.detach().clone(),
-                             x_requires_grad=x.requires_grad, grad_enabled=torch.is_grad_enabled(),
-                             out=out.detach().clone(), out_requires_grad=out.requires_grad))
+        self.log.append(
+            dict(
+                net=self.name,
+                fn=fn,
+                x=x.detach().clone(),
+                t=t.detach().clone(),
+                s=s.detach().clone(),
+                x_requires_grad=x.requires_grad,
+                grad_enabled=torch.is_grad_enabled(),
+                out=out.detach().clone(),
+                out_requires_grad=out.requires_grad,
+            )
+        )
         return out
 
     def G(self, x, t, s, class_labels=None):
@@ -103,8 +113,26 @@ def make_nets(dim=3, seed=0, perturb_target=True):
 
 def test_grid_is_official_n18():
     grid = karras_grid(18, SIGMA_MIN, SIGMA_MAX, RHO)
-    expected = [80, 57.586, 40.786, 28.375, 19.353, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, 0.585, 0.296, 0.140,
-                0.060, 0.023, 0.0075, 0.002]
+    expected = [
+        80,
+        57.586,
+        40.786,
+        28.375,
+        19.353,
+        12.910,
+        8.401,
+        5.315,
+        3.257,
+        1.923,
+        1.088,
+        0.585,
+        0.296,
+        0.140,
+        0.060,
+        0.023,
+        0.0075,
+        0.002,
+    ]
     assert grid.dtype == torch.float64 and grid[-1].item() == SIGMA_MIN and grid[0].item() == SIGMA_MAX
     # the FACTS values are rounded to 3-4 digits
     torch.testing.assert_close(grid, torch.tensor(expected, dtype=torch.float64), rtol=4e-3, atol=5e-4)
@@ -165,14 +193,14 @@ def test_teacher_heun_exactly_2k_calls_and_per_sample_vectorisation():
         assert D.calls == 2 * k
         # same as solving every sample alone with scalar grid values (an independent float64 loop)
         for i in range(4):
-            x = x_t[i:i + 1].double()
+            x = x_t[i : i + 1].double()
             for j in range(k):
                 a, b = grid[n[i] + j].item(), grid[n[i] + j + 1].item()
                 d = (x - D.D(x, torch.tensor([a]))) / a
                 xp = x + (b - a) * d
                 d2 = (xp - D.D(xp, torch.tensor([b]))) / b
                 x = x + (b - a) * (d + d2) / 2
-            torch.testing.assert_close(x_u[i:i + 1], x.float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x_u[i : i + 1], x.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_heun_matches_exact_gaussian_flow():
@@ -283,7 +311,7 @@ def test_inner_target_jump_uses_online_weights():
         expected_online = target.G(student.G(x_u, out.u, s), s, torch.full_like(s, SIGMA_MIN))
         wrong_ema = target.G(target.G(x_u, out.u, s), s, torch.full_like(s, SIGMA_MIN))
     torch.testing.assert_close(out.x_target, expected_online)
-    moved = (out.s < out.u)  # where s = u both give x_u exactly
+    moved = out.s < out.u  # where s = u both give x_u exactly
     assert moved.any()
     assert not torch.allclose(out.x_target[moved], wrong_ema[moved], atol=1e-5)
     # the teacher output x_u is the k-step Heun solution from x_t
@@ -313,8 +341,9 @@ def test_distances():
     x, y = torch.randn(4, 3, 8, 8, generator=gen(1)), torch.randn(4, 3, 8, 8, generator=gen(2))
     torch.testing.assert_close(ctm_distance(x, y, "l2"), ((x - y) ** 2).mean(dim=(1, 2, 3)))
     c = 0.00054 * math.sqrt(3 * 8 * 8)
-    torch.testing.assert_close(ctm_distance(x, y, "pseudo_huber"),
-                               (((x - y) ** 2).sum(dim=(1, 2, 3)) + c**2).sqrt() - c)
+    torch.testing.assert_close(
+        ctm_distance(x, y, "pseudo_huber"), (((x - y) ** 2).sum(dim=(1, 2, 3)) + c**2).sqrt() - c
+    )
     assert ctm_distance(x, x, "pseudo_huber").abs().max() < 1e-6
     seen = []
 
@@ -375,8 +404,7 @@ def test_adaptive_weight_uses_last_layer_weight():
     # recompute by hand with the same random stream
     g2 = gen(12)
     l_ctm = ctm_loss(student, target, teacher, x0, 3, g2, grid=grid, sigma_min=SIGMA_MIN).loss.mean()
-    l_dsm = dsm_loss(student, x0, g2, sigma_data=SIGMA_DATA, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
-                     rho=RHO).mean()
+    l_dsm = dsm_loss(student, x0, g2, sigma_data=SIGMA_DATA, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO).mean()
     W = student.model.out.weight
     gc = torch.autograd.grad(l_ctm, W, retain_graph=True)[0].norm()
     gd = torch.autograd.grad(l_dsm, W, retain_graph=True)[0].norm()

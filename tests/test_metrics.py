@@ -99,7 +99,8 @@ def test_prepared_reference_low_rank_path_fewer_samples_than_dims():
         assert got == pytest.approx(exact, rel=1e-9), n
     f = rng.standard_normal((8, D))
     assert abs(PreparedReference.from_stats(*feature_statistics(f)).fid(f, method="eigh")) < 1e-8 * np.trace(
-        feature_statistics(f)[1])  # a set against its own (rank-7) statistics
+        feature_statistics(f)[1]
+    )  # a set against its own (rank-7) statistics
     with pytest.raises(ValueError, match="D=3"):
         prep.fid(np.zeros((4, 3)))
     with pytest.raises(ValueError, match="method"):
@@ -116,8 +117,9 @@ def test_fid_error_bars_auto_method_with_few_samples_in_high_dimension():
     mu_r, s_r = feature_statistics(ref_f)
     prep = PreparedReference.from_stats(mu_r, s_r)
     sets = [np.abs(rng.standard_normal((6, D))) + 0.05 for _ in range(2)]
-    r = fid_error_bars(sets, mu_r, s_r, num_bootstrap=4, generator=torch.Generator().manual_seed(0), method="auto",
-                       prepared=prep)
+    r = fid_error_bars(
+        sets, mu_r, s_r, num_bootstrap=4, generator=torch.Generator().manual_seed(0), method="auto", prepared=prep
+    )
     assert all(np.isfinite(r.fids)) and np.isfinite(r.bootstrap_low) and np.isfinite(r.std)
     assert "sigma_half" not in vars(prep)  # N < D everywhere: no 2048² eigendecomposition was needed
     # the definition Tr sqrtm(Σ_g Σ_r) = Σ sqrt(eig(Σ_g Σ_r)) over its (≤ 5) non-zero eigenvalues, here from numpy's
@@ -130,8 +132,6 @@ def test_fid_error_bars_auto_method_with_few_samples_in_high_dimension():
     assert r.fids[0] == pytest.approx(want, rel=1e-9)
     with pytest.raises(ValueError, match="prepared"):
         fid_error_bars(sets, mu_r * 2, s_r, num_bootstrap=0, method="auto", prepared=prep)
-
-
 
 
 @pytest.mark.parametrize("D,N", [(8, 100), (32, 300)])

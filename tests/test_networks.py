@@ -13,12 +13,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.conftest import EDM_KEYS, require_shared
 
 from ctm_core.nets.layers import GroupNorm, Linear, PositionalEmbedding, UNetBlock
 from ctm_core.nets.networks import DhariwalUNet, SongUNet
 from ctm_core.nets.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
 from ctm_core.nets.presets import PRESETS, build_preset
+from tests.conftest import EDM_KEYS, require_shared
 
 SEED = 0
 
@@ -31,6 +31,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 # EDM_FACTS A1.5 (EDM's own classes, exact preset kwargs).
 PARAM_COUNTS = {
@@ -46,14 +47,31 @@ PARAM_COUNTS = {
 }
 
 # Tiny inner-net configs (img 16x16, C=16 -> GroupNorm with 4/8 groups).
-TINY_SONG = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=16, channel_mult=[1, 2],
-                 num_blocks=1, attn_resolutions=[8], dropout=0.0)
-TINY_ADM = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2],
-                num_blocks=1, attn_resolutions=[8], dropout=0.0)  # 64 channels at 8x8 -> 1 attention head
+TINY_SONG = dict(
+    img_resolution=16,
+    in_channels=3,
+    out_channels=3,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[8],
+    dropout=0.0,
+)
+TINY_ADM = dict(
+    img_resolution=16,
+    in_channels=3,
+    out_channels=3,
+    model_channels=32,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[8],
+    dropout=0.0,
+)  # 64 channels at 8x8 -> 1 attention head
 SONG_VARIANTS = {
     "ddpmpp": dict(embedding_type="positional", encoder_type="standard", resample_filter=[1, 1]),
-    "ncsnpp": dict(embedding_type="fourier", encoder_type="residual", resample_filter=[1, 3, 3, 1],
-                   channel_mult_noise=2),
+    "ncsnpp": dict(
+        embedding_type="fourier", encoder_type="residual", resample_filter=[1, 3, 3, 1], channel_mult_noise=2
+    ),
     "skip": dict(embedding_type="positional", encoder_type="skip", decoder_type="skip", resample_filter=[1, 3, 3, 1]),
 }
 
@@ -68,7 +86,7 @@ def _read_tsv(name: str) -> list[tuple[str, list[int], str]]:
     return rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _meta_preset(name: str, ctm_s_branch: bool = False) -> torch.nn.Module:
     """A weight-less skeleton of a released preset (shared by the tests below; never modified)."""
     with torch.device("meta"):
@@ -124,8 +142,9 @@ def test_preset_kwargs_and_attributes(name):
         assert kwargs["dropout"] == expected_dropout
 
 
-@pytest.mark.parametrize("name", ["edm-cifar10-32x32-cond-vp", "edm-cifar10-32x32-uncond-ve",
-                                  "edm-imagenet-64x64-cond-adm"])
+@pytest.mark.parametrize(
+    "name", ["edm-cifar10-32x32-cond-vp", "edm-cifar10-32x32-uncond-ve", "edm-imagenet-64x64-cond-adm"]
+)
 def test_preset_s_branch_adds_only_s_keys(name):
     teacher, student = _meta_preset(name), _meta_preset(name, ctm_s_branch=True)
     t_sd, s_sd = teacher.state_dict(), student.state_dict()
@@ -209,8 +228,10 @@ def test_song_s_embedding_closed_form(label_dim):
     net = _song(label_dim, ctm_s_branch=True)
     _randomize(net)
     seen = {}
-    hooks = [getattr(net, n).register_forward_hook(lambda m, inp, out, n=n: seen.__setitem__(n, inp[0]))
-             for n in ("map_layer0", "map_layer0_s")]
+    hooks = [
+        getattr(net, n).register_forward_hook(lambda m, inp, out, n=n: seen.__setitem__(n, inp[0]))
+        for n in ("map_layer0", "map_layer0_s")
+    ]
     c_t, c_s = torch.tensor([0.7, -0.3]), torch.tensor([-2.0, 1.1])
     y = torch.eye(10)[[1, 4]] if label_dim else None
     with torch.no_grad():
@@ -288,8 +309,16 @@ def test_adm_forward_shape_and_heads():
         out = net(torch.randn(2, 3, 16, 16), torch.zeros(2), torch.eye(10)[[0, 1]])
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
     heads = {name: b.num_heads for name, b in [*net.enc.items(), *net.dec.items()] if isinstance(b, UNetBlock)}
-    assert heads == {"8x8_down": 0, "16x16_block0": 0, "8x8_block0": 1, "8x8_in0": 1, "8x8_in1": 0,
-                     "8x8_block1": 1, "16x16_up": 0, "16x16_block1": 0}
+    assert heads == {
+        "8x8_down": 0,
+        "16x16_block0": 0,
+        "8x8_block0": 1,
+        "8x8_in0": 1,
+        "8x8_in1": 0,
+        "8x8_block1": 1,
+        "16x16_up": 0,
+        "16x16_block1": 0,
+    }
     assert not hasattr(net.dec["16x16_up"].skip, "weight") or net.dec["16x16_up"].skip.weight is None
     big = UNetBlock(128, 128, emb_channels=8, attention=True)  # ADM default: channels_per_head=64
     assert big.num_heads == 2
@@ -334,7 +363,7 @@ def test_attention_qkv_interleaved_per_channel():
             idx = [(hd * Ch + c) * 3 for c in range(Ch)]
             q, k, v = qkv[idx], qkv[[i + 1 for i in idx]], qkv[[i + 2 for i in idx]]  # (Ch, HW)
             w = torch.softmax(q.T @ k / math.sqrt(Ch), dim=1)  # (HW_q, HW_k)
-            out[hd * Ch:(hd + 1) * Ch] = v @ w.T
+            out[hd * Ch : (hd + 1) * Ch] = v @ w.T
         ref = blk.proj(out.reshape(1, C, 2, 2)) + r
         got = blk(x, torch.ones(1, 4, dtype=torch.float64))
     torch.testing.assert_close(got, ref)
@@ -365,8 +394,15 @@ class _RecordingNet(torch.nn.Module):
         return torch.full_like(x, 0.25)
 
 
-TINY_PRECOND = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-                    num_blocks=1, attn_resolutions=[8])
+TINY_PRECOND = dict(
+    img_resolution=16,
+    img_channels=3,
+    model_type="SongUNet",
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[8],
+)
 
 
 @pytest.mark.parametrize("cls", [EDMPrecond, VPPrecond, VEPrecond])
@@ -421,8 +457,9 @@ def test_precond_uncond_ignores_labels_and_real_forward():
 
 def test_init_kwargs_round_trip_and_json():
     net = EDMPrecond(16, 3, model_type="SongUNet", model_channels=16, channel_mult=(1, 2), num_blocks=1)
-    assert net.init_kwargs == dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16,
-                                   channel_mult=[1, 2], num_blocks=1)
+    assert net.init_kwargs == dict(
+        img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1
+    )
     again = build_precond("EDMPrecond", net.init_kwargs)
     assert again.init_kwargs == net.init_kwargs
     assert [(k, v.shape) for k, v in again.state_dict().items()] == [(k, v.shape) for k, v in net.state_dict().items()]
@@ -434,8 +471,11 @@ def test_init_kwargs_round_trip_and_json():
     [
         ("iDDPMPrecond", TINY_PRECOND, "class_name must be one of .*got 'iDDPMPrecond'"),
         ("EDMPrecond", {**TINY_PRECOND, "num_heads": 2}, r"unknown init kwargs .*got \['num_heads'\], expected"),
-        ("EDMPrecond", {**TINY_PRECOND, "embedding_type": "fourier", "model_type": "DhariwalUNet"},
-         r"got \['embedding_type'\]"),
+        (
+            "EDMPrecond",
+            {**TINY_PRECOND, "embedding_type": "fourier", "model_type": "DhariwalUNet"},
+            r"got \['embedding_type'\]",
+        ),
         ("EDMPrecond", {**TINY_PRECOND, "model_type": "UNet"}, "model_type must be one of .*got 'UNet'"),
         ("EDMPrecond", {"img_channels": 3}, r"missing required init kwargs .*\['img_resolution'\]"),
         ("EDMPrecond", {**TINY_PRECOND, "embedding_type": "sinusoidal"}, "embedding_type must be one of.*'sinusoidal'"),

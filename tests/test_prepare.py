@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tests.conftest import SHARED, require_shared
 from PIL import Image
 
-from pipelines.support.io_utils import sha256_file
 from pipelines.prepare import (
     DatasetError,
     PrepareConfig,
@@ -29,6 +27,8 @@ from pipelines.prepare import (
     prepare_dataset,
     split_indices,
 )
+from pipelines.support.io_utils import sha256_file
+from tests.conftest import SHARED, require_shared
 
 RNG = np.random.default_rng(1234)
 
@@ -65,8 +65,15 @@ def test_digits_end_to_end_and_deterministic(tmp_path):
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    idx = np.sort(np.concatenate([pq.read_table(tmp_path / "a" / s["path"])["index"].to_numpy()
-                                  for sp in ("train", "heldout") for s in card["splits"][sp]["shards"]]))
+    idx = np.sort(
+        np.concatenate(
+            [
+                pq.read_table(tmp_path / "a" / s["path"])["index"].to_numpy()
+                for sp in ("train", "heldout")
+                for s in card["splits"][sp]["shards"]
+            ]
+        )
+    )
     assert np.array_equal(idx, np.arange(1797))  # a partition of the source
     ho_idx = pq.read_table(tmp_path / "a" / ho["shards"][0]["path"])["index"].to_numpy()
     assert np.array_equal(x_ho[:, 0], d.images[ho_idx].astype(np.uint8)) and np.array_equal(y_ho, d.target[ho_idx])
@@ -115,8 +122,11 @@ def test_split_indices_and_config_errors():
 # --- imagefolder -------------------------------------------------------------------------------------------------
 def _class_images(n_per_class: int = 3, size: int = 8):
     """{'train/<class>/<i>.png': (3, size, size) uint8} for classes dog, cat, zebra (sorted: cat, dog, zebra)."""
-    return {f"train/{c}/{i:04d}.png": RNG.integers(0, 256, (3, size, size), dtype=np.uint8)
-            for c in ("dog", "cat", "zebra") for i in range(n_per_class)}
+    return {
+        f"train/{c}/{i:04d}.png": RNG.integers(0, 256, (3, size, size), dtype=np.uint8)
+        for c in ("dog", "cat", "zebra")
+        for i in range(n_per_class)
+    }
 
 
 def _write_source(kind: str, files: dict[str, bytes], root: Path) -> Path:
@@ -206,7 +216,11 @@ def _py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
         b"\x80\x02}q\x00(U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\nndarray\nq\x03K\x00\x85U"
         b"\x01b\x87Rq\x04(K\x01M" + struct.pack("<H", n) + b"M" + struct.pack("<H", d) + b"\x86cnumpy\ndtype\nq\x05U"
         b"\x02u1K\x00K\x01\x87Rq\x06(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T"
-        + struct.pack("<I", len(raw)) + raw + b"tbU\x06labelsq\x07](" + lab + b"eu."
+        + struct.pack("<I", len(raw))
+        + raw
+        + b"tbU\x06labelsq\x07]("
+        + lab
+        + b"eu."
     )
 
 
@@ -218,11 +232,19 @@ class _Evil:
 def _cifar_tarball(path: Path, n: int = 4, evil_batch: int | None = None):
     data = RNG.integers(0, 256, (5 * n, 3072), dtype=np.uint8)
     labels = RNG.integers(0, 10, 5 * n).tolist()
-    members = {"cifar-10-batches-py/batches.meta": pickle.dumps(
-        {b"label_names": [c.encode() for c in ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse",
-                                                "ship", "truck")], b"num_vis": 3072}, protocol=4)}
+    members = {
+        "cifar-10-batches-py/batches.meta": pickle.dumps(
+            {
+                b"label_names": [
+                    c.encode() for c in ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+                ],
+                b"num_vis": 3072,
+            },
+            protocol=4,
+        )
+    }
     for b in range(5):
-        x, y = data[b * n:(b + 1) * n], labels[b * n:(b + 1) * n]
+        x, y = data[b * n : (b + 1) * n], labels[b * n : (b + 1) * n]
         if b + 1 == evil_batch:
             blob = pickle.dumps({b"data": _Evil(), b"labels": y}, protocol=4)
         elif b == 0:
@@ -241,8 +263,14 @@ def _cifar_tarball(path: Path, n: int = 4, evil_batch: int | None = None):
 
 def test_cifar10_python(tmp_path):
     data, labels = _cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
-    card = prepare_dataset("cifar10-python", tmp_path / "cifar-10-python.tar.gz", tmp_path / "out",
-                           heldout_fraction=0.0, shard_size=7, progress=False)
+    card = prepare_dataset(
+        "cifar10-python",
+        tmp_path / "cifar-10-python.tar.gz",
+        tmp_path / "out",
+        heldout_fraction=0.0,
+        shard_size=7,
+        progress=False,
+    )
     assert card["count"] == 20 and len(card["splits"]["train"]["shards"]) == 3
     assert card["labels"]["class_names"][:2] == ["plane", "car"] and card["labels"]["label_dim"] == 10
     assert card["source"]["sha256"] == sha256_file(tmp_path / "cifar-10-python.tar.gz")

@@ -17,8 +17,9 @@ from tests.conftest import FIXTURES_EDM, require_shared
 def test_public_names_and_keywords():
     sig = inspect.signature(ctm_core.edm_sampler)
     assert list(sig.parameters)[:3] == ["denoiser", "latents", "class_labels"]
-    for name, default in dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0,
-                              S_max=float("inf"), S_noise=1.0).items():
+    for name, default in dict(
+        num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0
+    ).items():
         assert sig.parameters[name].default == default, name
     assert sig.parameters["randn_like"].default is torch.randn_like
     sig = inspect.signature(ctm_core.gamma_sampler)

@@ -24,12 +24,12 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from ctm_core.diffusion.samplers import StackedRandomGenerator, gamma_sampler  # noqa: E402
-from ctm_core.nets.student import CTMStudent  # noqa: E402
 from ctm_core.io.student_format import load_student, save_student  # noqa: E402
+from ctm_core.nets.student import CTMStudent  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
-from pipelines.support.pyfunc_model import CTMSampler, to_uint8  # noqa: E402
-from pipelines.support.gate import Evidence, decide, metric_noise, read_protocol  # noqa: E402
 from pipelines.register import main, read_eval, run  # noqa: E402
+from pipelines.support.gate import Evidence, decide, metric_noise, read_protocol  # noqa: E402
+from pipelines.support.pyfunc_model import CTMSampler, to_uint8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -39,12 +39,24 @@ NAME = "ctm-test"
 def _make_student(folder: Path, seed: int, run_id: str | None = None) -> Path:
     """A tiny 8x8x1 CTM student (online + ema_0.999 weights that differ) written with save_student."""
     torch.manual_seed(seed)
-    s = CTMStudent(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-                   num_blocks=1, attn_resolutions=[], dropout=0.0)
+    s = CTMStudent(
+        img_resolution=8,
+        img_channels=1,
+        model_type="SongUNet",
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    )
     online = {k: v.clone() for k, v in s.state_dict().items()}
     ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in online.items()}
-    save_student(folder, s.init_kwargs, {"online": online, "ema_0.999": ema},
-                 meta={"rho": 7.0, "teacher_weights_sha256": f"teacher{seed}", "data_hash": "data-md5"})
+    save_student(
+        folder,
+        s.init_kwargs,
+        {"online": online, "ema_0.999": ema},
+        meta={"rho": 7.0, "teacher_weights_sha256": f"teacher{seed}", "data_hash": "data-md5"},
+    )
     if run_id is not None:
         (folder / "run.json").write_text(json.dumps({"mlflow_run_id": run_id}))
     return folder
@@ -207,8 +219,15 @@ def test_sampler_matches_gamma_sampler_with_per_image_seeds(students):
     # Reference: the same student, latents and noise from per-image generators seeded 10, 11, 12.
     st = load_student(students["a"], "ema_0.999")
     rnd = StackedRandomGenerator("cpu", [10, 11, 12])
-    x = gamma_sampler(st, rnd.randn([3, 1, 8, 8]), nfe=2, gamma=0.5, sigma_min=st.sigma_min,
-                      sigma_max=st.sigma_max, randn_like=rnd.randn_like)
+    x = gamma_sampler(
+        st,
+        rnd.randn([3, 1, 8, 8]),
+        nfe=2,
+        gamma=0.5,
+        sigma_min=st.sigma_min,
+        sigma_max=st.sigma_max,
+        randn_like=rnd.randn_like,
+    )
     np.testing.assert_array_equal(imgs, to_uint8(x))
     # Image i depends only on seed + i: a request for seed 12 alone gives the third image.
     alone = model.predict(None, {"num_samples": 1, "nfe": 2, "gamma": 0.5, "seed": 12})
@@ -243,8 +262,9 @@ def test_sampler_rejects_bad_requests(students, request_, message):
 # --- registry: promotion rules --------------------------------------------------------------------------------------
 def test_champion_moves_only_beyond_measured_noise(repo, params, students, tmp_path):
     client = MlflowClient()
-    r1 = _register(params, students["a"], _eval(tmp_path / "e1", fd_nfe1=10.0, fd_nfe1_std=0.1, fd_nfe2=8.0,
-                                                complete=True), repo)
+    r1 = _register(
+        params, students["a"], _eval(tmp_path / "e1", fd_nfe1=10.0, fd_nfe1_std=0.1, fd_nfe2=8.0, complete=True), repo
+    )
     assert r1["decision"] == "champion" and r1["aliases"] == ["champion"] and r1["version"] == "1"
     mv1 = client.get_model_version(NAME, "1")
     assert mv1.tags["metric.fd_nfe1"] == "10.0" and mv1.tags["metric.fd_nfe2"] == "8.0"
@@ -299,8 +319,7 @@ def test_failed_evaluation_never_promotes(repo, params, students, tmp_path, caps
         if content is not None:
             ev.joinpath("metrics.json").write_text(json.dumps(content))
         out = tmp_path / f"registry_{name}.json"
-        rc = main(["--params", str(params_file), "--student", str(students["b"]), "--eval", str(ev),
-                   "--out", str(out)])
+        rc = main(["--params", str(params_file), "--student", str(students["b"]), "--eval", str(ev), "--out", str(out)])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1, name
         assert "rejected" in err[-1], err
@@ -317,8 +336,7 @@ def test_other_protocol_never_replaces_champion(repo, params, students, tmp_path
     client = MlflowClient()
     _register(params, students["a"], _eval(tmp_path / "e1", fd_nfe1=10.0, fd_nfe1_std=0.1), repo)
     # Far better, but measured with another protocol (e.g. 10k instead of 50k samples): not comparable.
-    rec = _register(params, students["b"], _eval(tmp_path / "e2", protocol="other", fd_nfe1=2.0, fd_nfe1_std=0.1),
-                    repo)
+    rec = _register(params, students["b"], _eval(tmp_path / "e2", protocol="other", fd_nfe1=2.0, fd_nfe1_std=0.1), repo)
     assert rec["decision"] == "challenger" and "not comparable" in rec["reason"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
 
@@ -356,14 +374,21 @@ def test_champion_loads_in_a_separate_process(repo, params, students, tmp_path):
     rec = _register(params, students["a"], _eval(tmp_path / "e", fd_nfe1=10.0), repo)
     assert rec["decision"] == "champion"
     env = dict(os.environ, PYTHONPATH="")  # the model must bring its own code (code_paths), not the repo's
-    res = subprocess.run([sys.executable, "-c", _LOADER, f"models:/{NAME}@champion", str(tmp_path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", _LOADER, f"models:/{NAME}@champion", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     shapes = json.loads(res.stdout.strip().splitlines()[-1])
     assert shapes == {"1": [[3, 8, 8, 1], "uint8"], "2": [[3, 8, 8, 1], "uint8"]}
     st = load_student(students["a"], "ema_0.999")
     for nfe in (1, 2):
         rnd = StackedRandomGenerator("cpu", [7, 8, 9])
-        x = gamma_sampler(st, rnd.randn([3, 1, 8, 8]), nfe=nfe, gamma=0.0, sigma_min=st.sigma_min,
-                          sigma_max=st.sigma_max)
+        x = gamma_sampler(
+            st, rnd.randn([3, 1, 8, 8]), nfe=nfe, gamma=0.0, sigma_min=st.sigma_min, sigma_max=st.sigma_max
+        )
         np.testing.assert_array_equal(np.load(tmp_path / f"nfe{nfe}.npy"), to_uint8(x))

@@ -54,17 +54,26 @@ def test_dvc_push_pull_roundtrip(s3, inputs, tmp_path):
     env = base_env()
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
         env.pop(k, None)
-    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
-               AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1", DVC_NO_ANALYTICS="1",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.org")
+    env.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_DEFAULT_REGION="us-east-1",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.org",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.org",
+    )
     dvc = str(VENV_BIN / "dvc")
     _run(["git", "init", "-q"], repo, env)
     _run([dvc, "init", "-q"], repo, env)
     shutil.copytree(inputs["data"], repo / "data" / "prepared")
     shutil.copytree(inputs["teacher"], repo / "artifacts" / "teacher")
-    want = {"data/prepared": tree_bytes(repo / "data" / "prepared"),
-            "artifacts/teacher": tree_bytes(repo / "artifacts" / "teacher")}
+    want = {
+        "data/prepared": tree_bytes(repo / "data" / "prepared"),
+        "artifacts/teacher": tree_bytes(repo / "artifacts" / "teacher"),
+    }
     url = f"s3://{s3['bucket']}/dvcstore"
     _run([dvc, "remote", "add", "-d", "storage", url], repo, env)
     _run([dvc, "remote", "modify", "storage", "endpointurl", s3["endpoint"]], repo, env)
@@ -88,8 +97,9 @@ def test_dvc_push_pull_roundtrip(s3, inputs, tmp_path):
     for rel, files in want.items():
         assert tree_bytes(repo / rel) == files, rel
     # nothing secret in any file git would commit
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, env=env, capture_output=True,
-                             text=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, env=env, capture_output=True, text=True
+    ).stdout.split()
     for rel in tracked:
         p = repo / rel
         if p.is_file() and p.stat().st_size < 1_000_000:
@@ -120,8 +130,9 @@ def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatc
     def run(out: str):
         t0 = time.monotonic()
         try:
-            rec = run_distill(params, data_dir=str(inputs["data"]), teacher_dir=str(inputs["teacher"]),
-                              out_dir=str(tmp_path / out))
+            rec = run_distill(
+                params, data_dir=str(inputs["data"]), teacher_dir=str(inputs["teacher"]), out_dir=str(tmp_path / out)
+            )
         finally:
             ray.shutdown()
         return rec, time.monotonic() - t0
@@ -145,8 +156,9 @@ def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatc
 
     assert rec2["ray_run_name"] == name and rec2["checkpoint_path"] == rec1["checkpoint_path"]
     assert rec2["mlflow_run_id"] == rec1["mlflow_run_id"]
-    assert list_keys(s3["client"], s3["bucket"], f"ray/{name}/checkpoint_") == \
-        [k for k in keys1 if k.startswith(f"ray/{name}/checkpoint_")]  # no new checkpoint was written
+    assert list_keys(s3["client"], s3["bucket"], f"ray/{name}/checkpoint_") == [
+        k for k in keys1 if k.startswith(f"ray/{name}/checkpoint_")
+    ]  # no new checkpoint was written
     w1, w2 = student_weights(tmp_path / "student1"), student_weights(tmp_path / "student2")
     assert w1 == w2 and match_reference(w1, wall1, "test_s3 storage")  # S3 storage changes nothing in the numbers
     print(f"\n[s3 storage] run {wall1:.1f} s, resume-only re-run {wall2:.1f} s, {len(keys1)} objects under {prefix}")
@@ -158,12 +170,27 @@ def test_mlflow_server_artifacts_on_s3(s3, tmp_path, monkeypatch):
     import requests
 
     port = free_port()
-    server_env = base_env(MLFLOW_S3_ENDPOINT_URL=s3["endpoint"], AWS_ACCESS_KEY_ID="testing",
-                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server_env = base_env(
+        MLFLOW_S3_ENDPOINT_URL=s3["endpoint"],
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     server_env.pop("AWS_ENDPOINT_URL", None)
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "--artifacts-destination", f"s3://{s3['bucket']}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{s3['bucket']}/mlflow",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -195,8 +222,9 @@ def test_mlflow_server_artifacts_on_s3(s3, tmp_path, monkeypatch):
         assert want in keys, keys
         body = s3["client"].get_object(Bucket=s3["bucket"], Key=want)["Body"].read()
         assert body == artifact.read_bytes()
-        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="distill/student_card.json",
-                                                    dst_path=str(tmp_path / "dl"))
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="distill/student_card.json", dst_path=str(tmp_path / "dl")
+        )
         assert Path(local).read_bytes() == artifact.read_bytes()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker, by PID (own session)
@@ -224,8 +252,8 @@ def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
 
     from pipelines.config import load_params, params_hash
     from pipelines.distill import _distill_section, run_identity
-    from pipelines.support.io_utils import read_json, sha256_file
     from pipelines.prepare import load_card
+    from pipelines.support.io_utils import read_json, sha256_file
 
     ref = reference_run()
     data_uri, teacher_uri = _upload_inputs(s3, inputs)
@@ -298,14 +326,36 @@ def test_s3_inputs_rejected_before_ray(s3, inputs, tmp_path):
     raytmp = Path(f"/tmp/rt_s3in{os.getpid()}")
     raw["ray"]["temp_dir"] = str(raytmp)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = base_env(CTM_INPUT_CACHE=str(cache), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-                   AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true",
-                   AWS_ENDPOINT_URL=s3["endpoint"], AWS_DEFAULT_REGION="us-east-1")
+    env = base_env(
+        CTM_INPUT_CACHE=str(cache),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_ENDPOINT_URL=s3["endpoint"],
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         env.pop(k, None)
-    out = subprocess.run([sys.executable, "-m", "pipelines.distill", "--params", str(tmp_path / "params.yaml"),
-                          "--data", data_uri, "--teacher", teacher_uri, "--out", str(tmp_path / "student")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.distill",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            data_uri,
+            "--teacher",
+            teacher_uri,
+            "--out",
+            str(tmp_path / "student"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert f"{data_uri}/card.json" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0], lines[0]

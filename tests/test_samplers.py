@@ -65,13 +65,32 @@ class CountingNoise:
 
 def test_karras_sigmas_values():
     s18 = karras_sigmas(18)
-    edm18 = [80, 57.5860, 40.7856, 28.3746, 19.3525, 12.9101, 8.40094, 5.31519, 3.25682, 1.92334, 1.08817,
-             0.585348, 0.296442, 0.139516, 0.0599473, 0.0229345, 0.00752802, 0.002]  # EDM_FACTS A4
+    edm18 = [
+        80,
+        57.5860,
+        40.7856,
+        28.3746,
+        19.3525,
+        12.9101,
+        8.40094,
+        5.31519,
+        3.25682,
+        1.92334,
+        1.08817,
+        0.585348,
+        0.296442,
+        0.139516,
+        0.0599473,
+        0.0229345,
+        0.00752802,
+        0.002,
+    ]  # EDM_FACTS A4
     torch.testing.assert_close(s18, torch.tensor(edm18, dtype=DTYPE), rtol=1e-5, atol=0)
     assert s18[0] == 80.0 and s18[-1] == 0.002 and s18.dtype == DTYPE
     torch.testing.assert_close(karras_sigmas(3)[1], torch.tensor(2.5152, dtype=DTYPE), rtol=1e-4, atol=0)  # CTM NFE 2
-    torch.testing.assert_close(karras_sigmas(5)[1:4], torch.tensor([17.528, 2.5152, 0.16975], dtype=DTYPE),
-                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        karras_sigmas(5)[1:4], torch.tensor([17.528, 2.5152, 0.16975], dtype=DTYPE), rtol=1e-4, atol=0
+    )
     assert karras_sigmas(4, dtype=torch.float32).dtype == torch.float32
     with pytest.raises(ValueError, match="num"):
         karras_sigmas(1)
@@ -263,8 +282,12 @@ def test_stacked_random_generator_independent_of_batch():
     assert nz.dtype == DTYPE and nz.shape == (3, 2)
     torch.testing.assert_close(nz[2], b.randn_like(x[:1])[0], rtol=0, atol=0)
     # seed % 2**32, as in EDM.
-    torch.testing.assert_close(StackedRandomGenerator("cpu", [2**32 + 5]).randn([1, 3]),
-                               StackedRandomGenerator("cpu", [5]).randn([1, 3]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        StackedRandomGenerator("cpu", [2**32 + 5]).randn([1, 3]),
+        StackedRandomGenerator("cpu", [5]).randn([1, 3]),
+        rtol=0,
+        atol=0,
+    )
     with pytest.raises(ValueError, match="size"):
         a.randn([2, 3])
 

@@ -10,15 +10,31 @@ from ctm_core.nets.student import CTMStudent, is_s_branch_key, s_branch_paramete
 
 TINY = {
     "SongUNet-ddpmpp": dict(
-        model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
-        augment_dim=9, dropout=0.1,
+        model_type="SongUNet",
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        augment_dim=9,
+        dropout=0.1,
     ),
     "SongUNet-ncsnpp": dict(
-        model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
-        embedding_type="fourier", encoder_type="residual", channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
+        model_type="SongUNet",
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        embedding_type="fourier",
+        encoder_type="residual",
+        channel_mult_noise=2,
+        resample_filter=[1, 3, 3, 1],
     ),
     "DhariwalUNet": dict(
-        model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+        model_type="DhariwalUNet",
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
     ),
 }
 

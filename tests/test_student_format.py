@@ -7,11 +7,20 @@ import json
 import pytest
 import torch
 
-from ctm_core.nets.student import CTMStudent
 from ctm_core.io.student_format import ema_variant, load_student, read_student_config, save_student
+from ctm_core.nets.student import CTMStudent
 
-KW = dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet", model_channels=16,
-          channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+KW = dict(
+    img_resolution=8,
+    img_channels=1,
+    label_dim=0,
+    model_type="SongUNet",
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[],
+    dropout=0.0,
+)
 
 
 def _student(seed: int) -> CTMStudent:
@@ -21,8 +30,9 @@ def _student(seed: int) -> CTMStudent:
 
 def test_round_trip_variants(tmp_path):
     a, b = _student(0), _student(1)
-    cfg = save_student(tmp_path / "s", a.init_kwargs, {"online": a.state_dict(), ema_variant(0.999): b.state_dict()},
-                       meta={"steps": 3})
+    cfg = save_student(
+        tmp_path / "s", a.init_kwargs, {"online": a.state_dict(), ema_variant(0.999): b.state_dict()}, meta={"steps": 3}
+    )
     assert set(cfg["variants"]) == {"online", "ema_0.999"}
     assert read_student_config(tmp_path / "s")["meta"] == {"steps": 3}
     for variant, ref in (("online", a), ("ema_0.999", b)):

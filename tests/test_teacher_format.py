@@ -13,7 +13,6 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from tests.conftest import FIXTURES_EDM, require_shared
 
 from ctm_core.io import teacher_format
 from ctm_core.io.edm_pickle import read_edm_snapshot
@@ -27,6 +26,7 @@ from ctm_core.io.teacher_format import (
     save_teacher,
     weights_sha256,
 )
+from tests.conftest import FIXTURES_EDM, require_shared
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 
@@ -203,8 +203,15 @@ def test_load_edm_checkpoint_all_formats(tmp_path, name):
     snap = read_edm_snapshot(pkl)
     out = tmp_path / "teacher"
     convert_edm_pickle(pkl, out)
-    sources = [pkl, str(pkl), pkl.read_bytes(), open(pkl, "rb"), out, out / WEIGHTS_FILE,
-               io.BytesIO((out / WEIGHTS_FILE).read_bytes())]
+    sources = [
+        pkl,
+        str(pkl),
+        pkl.read_bytes(),
+        open(pkl, "rb"),
+        out,
+        out / WEIGHTS_FILE,
+        io.BytesIO((out / WEIGHTS_FILE).read_bytes()),
+    ]
     for source in sources:
         net = load_edm_checkpoint(source)
         if hasattr(source, "close"):
@@ -238,8 +245,11 @@ def test_load_rejects_mismatched_keys(tmp_path):
     del sd[dropped]
     sd["model.extra.weight"] = torch.zeros(1)
     save_teacher(snap.class_name, snap.init_kwargs, sd, tmp_path / "bad")
-    with pytest.raises(ValueError, match=r"missing keys \['model\.map_layer0\.bias'\].*unexpected keys "
-                                         r"\['model\.extra\.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys \['model\.map_layer0\.bias'\].*unexpected keys "
+        r"\['model\.extra\.weight'\]",
+    ):
         load_edm_checkpoint(tmp_path / "bad")
 
 

@@ -13,17 +13,21 @@ import yaml
 from ctm_core.io.edm_pickle import read_edm_snapshot
 from ctm_core.io.teacher_format import load_edm_checkpoint
 from pipelines.config import ParamsError, load_params
-from pipelines.support.io_utils import sha256_file
 from pipelines.prepare import prepare_dataset
+from pipelines.support.io_utils import sha256_file
 from pipelines.teacher import TeacherError, main, run
-
 from tests.conftest import FIXTURES_EDM, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
 # A few steps of a small UNet: the point is the wiring, not the quality.
-TINY_TRAIN = {"steps": 3, "batch": 8, "log_every": 1, "lr_warmup_steps": 0,
-              "model": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1}}
+TINY_TRAIN = {
+    "steps": 3,
+    "batch": 8,
+    "log_every": 1,
+    "lr_warmup_steps": 0,
+    "model": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1},
+}
 
 
 @pytest.fixture(scope="session")
@@ -101,8 +105,9 @@ def test_file_uri_with_wrong_sha256_fails_with_one_line(tmp_path, prepared, caps
     src.write_bytes(b"\x80\x04not really a snapshot")
     params_file = _params_file(tmp_path, {"source": src.as_uri(), "sha256": "0" * 64})
     out = tmp_path / "artifacts" / "teacher"
-    rc = main(["--params", str(params_file), "--data", str(prepared), "--out", str(out), "--no-progress",
-               "--no-mlflow"])
+    rc = main(
+        ["--params", str(params_file), "--data", str(prepared), "--out", str(out), "--no-progress", "--no-mlflow"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
     assert len(err) == 1 and "sha256 mismatch" in err[0] and "0" * 64 in err[0], err

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ctm_core.diffusion.gaussian import GaussianData
-from ctm_core.training.losses import karras_grid
 from ctm_core.nets.toy import ToyCTMStudent
+from ctm_core.training.losses import karras_grid
 from ctm_core.training.train_config import CTMTrainConfig
 from ctm_core.training.trainer import CTMTrainer, TensorDataSource
 
@@ -39,8 +39,9 @@ def flow_map_relative_error(student, data: GaussianData, grid: torch.Tensor, per
         for n in range(len(grid) - 1):
             for m in range(n + 1, len(grid)):
                 t, s = grid[n].expand(per_pair), grid[m].expand(per_pair)
-                x_t = data.sample(per_pair, g) + t[:, None] * torch.randn(per_pair, data.d, dtype=torch.float64,
-                                                                          generator=g)
+                x_t = data.sample(per_pair, g) + t[:, None] * torch.randn(
+                    per_pair, data.d, dtype=torch.float64, generator=g
+                )
                 exact = data.flow(x_t, t, s)
                 G = student.G(x_t.float(), t.float(), s.float()).double()
                 errs.append(((G - exact).square().sum(1).mean() / (exact - data.mu).square().sum(1).mean()).sqrt())
@@ -61,12 +62,14 @@ def test_ctm_learns_the_exact_gaussian_flow_map():
     train = data.sample(8192, torch.Generator().manual_seed(1)).float()
     torch.manual_seed(0)  # student init only; training randomness comes from the trainer's seeded generators
     student = ToyCTMStudent((2,), hidden=64, depth=3, emb_channels=32)
-    cfg = CTMTrainConfig.from_dict({
-        "ctm": {"distance": "l2", "N": 18, "K": 17},
-        "optim": {"lr": 1e-3},
-        "ema": {"target_rate": 0.99, "eval_rates": [0.99]},  # short run: a faster target than the official 0.999
-        "run": {"batch_size": BATCH, "microbatch": BATCH, "progress": False, "seed": 0},
-    })
+    cfg = CTMTrainConfig.from_dict(
+        {
+            "ctm": {"distance": "l2", "N": 18, "K": 17},
+            "optim": {"lr": 1e-3},
+            "ema": {"target_rate": 0.99, "eval_rates": [0.99]},  # short run: a faster target than the official 0.999
+            "run": {"batch_size": BATCH, "microbatch": BATCH, "progress": False, "seed": 0},
+        }
+    )
     teacher = data.denoiser
     trainer = CTMTrainer(cfg, student, teacher, TensorDataSource(train, batch_size=BATCH, seed=0))
     grid = karras_grid(18, 0.002, 80.0, 7.0)
@@ -78,9 +81,11 @@ def test_ctm_learns_the_exact_gaussian_flow_map():
     elapsed = time.time() - t0
     after = flow_map_relative_error(trainer.model, data, grid)
     mean_after, cov_after = one_step_moments_error(trainer.model, data)
-    print(f"\nGaussian d=2, {STEPS} steps x batch {BATCH} in {elapsed:.1f}s: flow-map relative error "
-          f"{before:.4f} -> {after:.4f} ({before / after:.1f}x); "
-          f"1-step mean err {mean_before:.3f} -> {mean_after:.3f}, "
-          f"cov rel err {cov_before:.3f} -> {cov_after:.3f}")
+    print(
+        f"\nGaussian d=2, {STEPS} steps x batch {BATCH} in {elapsed:.1f}s: flow-map relative error "
+        f"{before:.4f} -> {after:.4f} ({before / after:.1f}x); "
+        f"1-step mean err {mean_before:.3f} -> {mean_after:.3f}, "
+        f"cov rel err {cov_before:.3f} -> {cov_after:.3f}"
+    )
     assert before / after >= 5.0
     assert mean_after < 0.1 and cov_after < 0.3

@@ -108,8 +108,7 @@ def test_start_run_creates_then_resumes_same_run(repo):
     assert exp.artifact_location == (repo / "mlruns").resolve().as_uri()
     assert not any((repo.parent / "cwd").iterdir())
     # another params hash -> another run
-    with start_run(run_name("distill", "ef" * 32), tracking_uri=uri, experiment_name="ctm-test",
-                   repo_root=repo) as run:
+    with start_run(run_name("distill", "ef" * 32), tracking_uri=uri, experiment_name="ctm-test", repo_root=repo) as run:
         assert run.info.run_id != first_id
     assert len(client.search_runs([exp.experiment_id])) == 2
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import ctm_core.training.trainer as trainer_mod
-from ctm_core.training.edm_training import EDMTrainer, edm_loss, edm_sigmas
-from ctm_core.training.ema import EMABank, frozen_copy, update_ema_
 from ctm_core.diffusion.gaussian import GaussianData
 from ctm_core.nets.toy import ToyCTMStudent, ToyEDMDenoiser
+from ctm_core.training.edm_training import EDMTrainer, edm_loss, edm_sigmas
+from ctm_core.training.ema import EMABank, frozen_copy, update_ema_
 from ctm_core.training.train_config import CTMTrainConfig, EDMTrainConfig
 from ctm_core.training.trainer import CTMTrainer, TensorDataSource, atomic_torch_save, load_checkpoint_file
 
@@ -25,12 +25,14 @@ def _one_thread():
 
 
 def small_cfg(**run) -> CTMTrainConfig:
-    return CTMTrainConfig.from_dict({
-        "ctm": {"N": 10, "K": 6},
-        "optim": {"lr": 1e-3, "lr_warmup_steps": 3},
-        "ema": {"target_rate": 0.9, "eval_rates": [0.9, 0.99]},
-        "run": {"batch_size": 16, "microbatch": 8, "progress": False, "seed": 5, **run},
-    })
+    return CTMTrainConfig.from_dict(
+        {
+            "ctm": {"N": 10, "K": 6},
+            "optim": {"lr": 1e-3, "lr_warmup_steps": 3},
+            "ema": {"target_rate": 0.9, "eval_rates": [0.9, 0.99]},
+            "run": {"batch_size": 16, "microbatch": 8, "progress": False, "seed": 5, **run},
+        }
+    )
 
 
 def make_ctm_trainer(cfg=None, **kwargs) -> CTMTrainer:
@@ -39,8 +41,9 @@ def make_ctm_trainer(cfg=None, **kwargs) -> CTMTrainer:
     student = ToyCTMStudent.from_teacher(teacher, dropout=0.2)  # dropout: exercises the carried global RNG
     data = torch.randn(40, DIM, generator=torch.Generator().manual_seed(1)) * 0.5
     cfg = cfg or small_cfg()
-    return CTMTrainer(cfg, student, teacher, TensorDataSource(data, batch_size=cfg.run.batch_size, seed=cfg.run.seed),
-                      **kwargs)
+    return CTMTrainer(
+        cfg, student, teacher, TensorDataSource(data, batch_size=cfg.run.batch_size, seed=cfg.run.seed), **kwargs
+    )
 
 
 def assert_state_equal(a, b, path="state"):
@@ -233,8 +236,9 @@ def test_edm_loss_closed_form_and_trainer_resume(tmp_path):
 
     def make():
         torch.manual_seed(0)
-        cfg = EDMTrainConfig.from_dict({"run": {"batch_size": 16, "microbatch": 16, "progress": False},
-                                        "ema": {"eval_rates": [0.9]}})
+        cfg = EDMTrainConfig.from_dict(
+            {"run": {"batch_size": 16, "microbatch": 16, "progress": False}, "ema": {"eval_rates": [0.9]}}
+        )
         net = ToyEDMDenoiser((2,), hidden=16, depth=1, emb_channels=8)
         return EDMTrainer(cfg, net, TensorDataSource(x0[:64].float(), batch_size=16, seed=0))
 
@@ -268,53 +272,65 @@ def test_metrics_callback_and_radam():
 def test_official_defaults():
     c = CTMTrainConfig()
     assert (c.optim.lr, c.optim.name, c.ema.target_rate, c.ema.eval_rates) == (4e-4, "radam", 0.999, (0.999, 0.9999))
-    assert (c.ctm.N, c.ctm.K, c.ctm.sigma_min, c.ctm.sigma_max, c.ctm.rho, c.ctm.sigma_data) == (18, 17, 0.002, 80.0,
-                                                                                                   7.0, 0.5)
+    assert (c.ctm.N, c.ctm.K, c.ctm.sigma_min, c.ctm.sigma_max, c.ctm.rho, c.ctm.sigma_data) == (
+        18,
+        17,
+        0.002,
+        80.0,
+        7.0,
+        0.5,
+    )
     assert (c.run.batch_size, c.ctm.dsm_weight, c.ctm.mode) == (256, 1.0, "ctm")
     assert CTMTrainConfig.from_dict(c.to_dict()) == c
     assert EDMTrainConfig().optim.name == "adam"
 
 
-@pytest.mark.parametrize("section,key,value", [
-    ("ctm", "sigma_min", 80.0),
-    ("ctm", "sigma_min", -1.0),
-    ("ctm", "sigma_max", 0.001),
-    ("ctm", "K", 18),
-    ("ctm", "K", 0),
-    ("ctm", "N", 1),
-    ("ctm", "rho", 0),
-    ("ctm", "distance", "l1"),
-    ("ctm", "mode", "ct"),
-    ("ctm", "dsm_weight", -0.5),
-    ("ctm", "diffusion_mult", 1.5),
-    ("ctm", "P_std", 0.0),
-    ("optim", "lr", -1e-4),
-    ("optim", "lr", 0.0),
-    ("optim", "name", "sgd"),
-    ("optim", "lr_warmup_steps", -1),
-    ("ema", "target_rate", 1.0),
-    ("ema", "target_rate", -0.1),
-    ("eval", "gamma", 1.5),
-    ("eval", "gamma", -0.1),
-    ("run", "microbatch", 10),
-    ("run", "batch_size", 0),
-    ("run", "precision", "fp16"),
-    ("run", "seed", -1),
-    ("run", "compile", "yes"),
-    ("run", "total_steps", 1.5),
-])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("ctm", "sigma_min", 80.0),
+        ("ctm", "sigma_min", -1.0),
+        ("ctm", "sigma_max", 0.001),
+        ("ctm", "K", 18),
+        ("ctm", "K", 0),
+        ("ctm", "N", 1),
+        ("ctm", "rho", 0),
+        ("ctm", "distance", "l1"),
+        ("ctm", "mode", "ct"),
+        ("ctm", "dsm_weight", -0.5),
+        ("ctm", "diffusion_mult", 1.5),
+        ("ctm", "P_std", 0.0),
+        ("optim", "lr", -1e-4),
+        ("optim", "lr", 0.0),
+        ("optim", "name", "sgd"),
+        ("optim", "lr_warmup_steps", -1),
+        ("ema", "target_rate", 1.0),
+        ("ema", "target_rate", -0.1),
+        ("eval", "gamma", 1.5),
+        ("eval", "gamma", -0.1),
+        ("run", "microbatch", 10),
+        ("run", "batch_size", 0),
+        ("run", "precision", "fp16"),
+        ("run", "seed", -1),
+        ("run", "compile", "yes"),
+        ("run", "total_steps", 1.5),
+    ],
+)
 def test_invalid_values_name_the_key(section, key, value):
     with pytest.raises(ValueError, match=rf"{section}\.{key}"):
         CTMTrainConfig.from_dict({section: {key: value}})
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"ema": {"eval_rates": [0.999, 1.0]}}, r"ema\.eval_rates\[1\]"),
-    ({"optim": {"betas": [0.9, 1.0]}}, r"optim\.betas\[1\]"),
-    ({"ctm": {"lr": 1e-3}}, r"ctm\.lr"),
-    ({"training": {}}, r"training"),
-    ({"run": {"batch": 3}}, r"run\.batch"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"ema": {"eval_rates": [0.999, 1.0]}}, r"ema\.eval_rates\[1\]"),
+        ({"optim": {"betas": [0.9, 1.0]}}, r"optim\.betas\[1\]"),
+        ({"ctm": {"lr": 1e-3}}, r"ctm\.lr"),
+        ({"training": {}}, r"training"),
+        ({"run": {"batch": 3}}, r"run\.batch"),
+    ],
+)
 def test_unknown_keys_and_nested_values(bad, match):
     with pytest.raises(ValueError, match=match):
         CTMTrainConfig.from_dict(bad)
@@ -324,8 +340,14 @@ def test_edm_config_and_trainer_type_checks():
     with pytest.raises(ValueError, match=r"edm\.P_std"):
         EDMTrainConfig.from_dict({"edm": {"P_std": -1}})
     with pytest.raises(ValueError, match="lpips"):
-        make_ctm_trainer(CTMTrainConfig.from_dict({"ctm": {"N": 10, "K": 6, "distance": "lpips"},
-                                                   "run": {"batch_size": 16, "microbatch": 8, "progress": False}}))
+        make_ctm_trainer(
+            CTMTrainConfig.from_dict(
+                {
+                    "ctm": {"N": 10, "K": 6, "distance": "lpips"},
+                    "run": {"batch_size": 16, "microbatch": 8, "progress": False},
+                }
+            )
+        )
     with pytest.raises(TypeError, match="CTMTrainConfig"):
         CTMTrainer(EDMTrainConfig(), ToyCTMStudent((2,)), None, None)
 
@@ -335,17 +357,19 @@ def test_edm_config_and_trainer_type_checks():
 
 def test_edm_then_ctm_with_real_precond_and_student(tmp_path):
     """EDMPrecond teacher trained a step, exported via teacher_format, reloaded, distilled into a CTMStudent."""
-    from ctm_core.training.edm_training import export_teacher
+    from ctm_core.io.teacher_format import load_edm_checkpoint
     from ctm_core.nets.precond import EDMPrecond
     from ctm_core.nets.student import CTMStudent
-    from ctm_core.io.teacher_format import load_edm_checkpoint
+    from ctm_core.training.edm_training import export_teacher
 
     torch.manual_seed(0)
-    arch = dict(model_type="SongUNet", model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[],
-                dropout=0.0)
+    arch = dict(
+        model_type="SongUNet", model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0
+    )
     images = torch.rand(8, 1, 8, 8) * 2 - 1
-    edm_cfg = EDMTrainConfig.from_dict({"run": {"batch_size": 4, "microbatch": 2, "progress": False},
-                                        "ema": {"eval_rates": [0.9]}})
+    edm_cfg = EDMTrainConfig.from_dict(
+        {"run": {"batch_size": 4, "microbatch": 2, "progress": False}, "ema": {"eval_rates": [0.9]}}
+    )
     edm = EDMTrainer(edm_cfg, EDMPrecond(8, 1, **arch), TensorDataSource(images, batch_size=4, seed=0))
     edm.train(2)
     export_teacher(edm.ema_model(), tmp_path / "teacher")
@@ -354,8 +378,9 @@ def test_edm_then_ctm_with_real_precond_and_student(tmp_path):
     torch.testing.assert_close(teacher(x, sigma), edm.ema_model().eval()(x, sigma))
 
     student = CTMStudent.from_teacher(teacher)
-    cfg = CTMTrainConfig.from_dict({"ctm": {"N": 6, "K": 3}, "run": {"batch_size": 4, "microbatch": 2,
-                                                                     "progress": False}})
+    cfg = CTMTrainConfig.from_dict(
+        {"ctm": {"N": 6, "K": 3}, "run": {"batch_size": 4, "microbatch": 2, "progress": False}}
+    )
     ctm = CTMTrainer(cfg, student, teacher, TensorDataSource(images, batch_size=4, seed=0))
     before = ctm.model.last_layer_weight().detach().clone()
     metrics = ctm.train_step()
@@ -373,13 +398,30 @@ def make_gan_trainer():
     torch.manual_seed(0)
     teacher = ToyEDMDenoiser((3, 8, 8), hidden=16, depth=1, emb_channels=8)
     student = ToyCTMStudent.from_teacher(teacher)
-    d = build_discriminator("scratch", img_resolution=8, img_channels=3, channels=8, max_channels=16,
-                            generator=torch.Generator().manual_seed(2))
+    d = build_discriminator(
+        "scratch",
+        img_resolution=8,
+        img_channels=3,
+        channels=8,
+        max_channels=16,
+        generator=torch.Generator().manual_seed(2),
+    )
     images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    cfg = CTMTrainConfig.from_dict({"ctm": {"N": 8, "K": 3}, "gan": {"enabled": True},
-                                    "run": {"batch_size": 4, "microbatch": 2, "progress": False}})
-    return CTMTrainer(cfg, student, teacher, TensorDataSource(images, batch_size=4, seed=0), discriminator=d,
-                      d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr, betas=cfg.gan.d_betas))
+    cfg = CTMTrainConfig.from_dict(
+        {
+            "ctm": {"N": 8, "K": 3},
+            "gan": {"enabled": True},
+            "run": {"batch_size": 4, "microbatch": 2, "progress": False},
+        }
+    )
+    return CTMTrainer(
+        cfg,
+        student,
+        teacher,
+        TensorDataSource(images, batch_size=4, seed=0),
+        discriminator=d,
+        d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr, betas=cfg.gan.d_betas),
+    )
 
 
 def test_gan_phase_alternates_g_and_d_steps(tmp_path):
@@ -427,8 +469,15 @@ def test_two_ranks_make_the_same_update_as_one_process():
         student = ToyCTMStudent.from_teacher(teacher)  # no dropout: the threads share the global RNG
         data = torch.randn(40, DIM, generator=torch.Generator().manual_seed(1)) * 0.5
         cfg = small_cfg(batch_size=16 // world)
-        return CTMTrainer(cfg, student, teacher, TensorDataSource(data, batch_size=16 // world, seed=5), rank=rank,
-                          world_size=world, **kw)
+        return CTMTrainer(
+            cfg,
+            student,
+            teacher,
+            TensorDataSource(data, batch_size=16 // world, seed=5),
+            rank=rank,
+            world_size=world,
+            **kw,
+        )
 
     single = make()
     for _ in range(3):
@@ -445,6 +494,7 @@ def test_two_ranks_make_the_same_update_as_one_process():
             for p, g_other in zip(params, grads[1 - rank]):
                 p.grad += g_other
             barrier.wait()
+
         return sync
 
     def metric_sync_for(rank):
@@ -454,6 +504,7 @@ def test_two_ranks_make_the_same_update_as_one_process():
             out = {k: v + metrics[1 - rank][k] for k, v in m.items()}
             barrier.wait()
             return out
+
         return sync
 
     ranks = [make(r, 2, grad_sync=grad_sync_for(r), metric_sync=metric_sync_for(r)) for r in range(2)]
@@ -481,19 +532,34 @@ def test_gan_phase_with_projected_discriminator_random_features():
     from ctm_core.gan.objective import make_d_optimizer
 
     deit, effnet = OFFICIAL_BACKBONES
-    tiny = {deit: dict(embed_dim=16, depth=4, num_heads=2, mlp_ratio=2.0, hooks=(0, 1, 2, 3),
-                       readout_features=(8, 8, 16, 16)),
-            effnet: dict(width_multiplier=0.25)}
+    tiny = {
+        deit: dict(
+            embed_dim=16, depth=4, num_heads=2, mlp_ratio=2.0, hooks=(0, 1, 2, 3), readout_features=(8, 8, 16, 16)
+        ),
+        effnet: dict(width_multiplier=0.25),
+    }
     torch.manual_seed(0)
     teacher = ToyEDMDenoiser((3, 8, 8), hidden=16, depth=1, emb_channels=8)
     student = ToyCTMStudent.from_teacher(teacher)
-    d = ProjectedDiscriminator(random_init=True, generator=torch.Generator().manual_seed(4), backbone_kwargs=tiny,
-                               cout=4, ndf=8, resize_to=64)
+    d = ProjectedDiscriminator(
+        random_init=True, generator=torch.Generator().manual_seed(4), backbone_kwargs=tiny, cout=4, ndf=8, resize_to=64
+    )
     images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    cfg = CTMTrainConfig.from_dict({"ctm": {"N": 8, "K": 3}, "gan": {"enabled": True},
-                                    "run": {"batch_size": 4, "microbatch": 4, "progress": False}})
-    tr = CTMTrainer(cfg, student, teacher, TensorDataSource(images, batch_size=4, seed=0), discriminator=d,
-                    d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr, betas=cfg.gan.d_betas))
+    cfg = CTMTrainConfig.from_dict(
+        {
+            "ctm": {"N": 8, "K": 3},
+            "gan": {"enabled": True},
+            "run": {"batch_size": 4, "microbatch": 4, "progress": False},
+        }
+    )
+    tr = CTMTrainer(
+        cfg,
+        student,
+        teacher,
+        TensorDataSource(images, batch_size=4, seed=0),
+        discriminator=d,
+        d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr, betas=cfg.gan.d_betas),
+    )
     trainable = {n for n, p in d.named_parameters() if p.requires_grad}
     frozen = {n for n, p in d.named_parameters() if not p.requires_grad}
     assert trainable and frozen

@@ -46,14 +46,35 @@ def _write_params(path: Path, **changes) -> Path:
 
 
 TINY = {
-    "distill": {"N": 6, "K": 2, "batch": 16, "microbatch": 16, "steps": 3, "checkpoint_every": 1, "log_every": 1,
-                "eval_emas": [0.9]},
-    "tune": {"enabled": True, "num_samples": 2, "max_concurrent_trials": 1, "steps": 3, "report_every": 1,
-             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 3},
-             "search_alg": "optuna", "metric": "fd_nfe1", "mode": "min",
-             "space": {"lr": {"type": "choice", "values": [LR_GOOD, LR_BAD]}}, "seed": 0},
-    "evaluate": {"num_samples": 128, "batch": 128, "ema": None,
-                 "classifier": {"steps": 13, "batch": 128, "lr": 2.0e-3, "seed": 0}},
+    "distill": {
+        "N": 6,
+        "K": 2,
+        "batch": 16,
+        "microbatch": 16,
+        "steps": 3,
+        "checkpoint_every": 1,
+        "log_every": 1,
+        "eval_emas": [0.9],
+    },
+    "tune": {
+        "enabled": True,
+        "num_samples": 2,
+        "max_concurrent_trials": 1,
+        "steps": 3,
+        "report_every": 1,
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 3},
+        "search_alg": "optuna",
+        "metric": "fd_nfe1",
+        "mode": "min",
+        "space": {"lr": {"type": "choice", "values": [LR_GOOD, LR_BAD]}},
+        "seed": 0,
+    },
+    "evaluate": {
+        "num_samples": 128,
+        "batch": 128,
+        "ema": None,
+        "classifier": {"steps": 13, "batch": 128, "lr": 2.0e-3, "seed": 0},
+    },
 }
 
 
@@ -79,8 +100,21 @@ def test_disabled_writes_distill_section_without_ray(tmp_path):
     from pipelines.tune import main
 
     out = tmp_path / "artifacts" / "best_params.yaml"
-    assert main(["--params", str(ROOT / "params.yaml"), "--data", str(tmp_path / "missing"),
-                 "--teacher", str(tmp_path / "missing"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--params",
+                str(ROOT / "params.yaml"),
+                "--data",
+                str(tmp_path / "missing"),
+                "--teacher",
+                str(tmp_path / "missing"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert not ray.is_initialized()
     raw = yaml.safe_load(out.read_text())
     params = load_params(ROOT / "params.yaml", check_env=False)
@@ -107,8 +141,21 @@ def test_enabled_missing_inputs_exit_2(tmp_path, capsys):
 
     params = _write_params(tmp_path / "params.yaml", **TINY, ray={"num_workers": 1})
     out = tmp_path / "best_params.yaml"
-    assert main(["--params", str(params), "--data", str(tmp_path / "nope"), "--teacher", str(tmp_path / "nope"),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "--params",
+                str(params),
+                "--data",
+                str(tmp_path / "nope"),
+                "--teacher",
+                str(tmp_path / "nope"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nope" in err
     assert not out.exists()
@@ -131,8 +178,9 @@ def tiny_setup(tmp_path_factory):
     from pipelines.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("tune")
-    prepare_dataset("sklearn-digits", None, root / "prepared", heldout_fraction=0.1, seed=0, shard_size=4096,
-                    progress=False)
+    prepare_dataset(
+        "sklearn-digits", None, root / "prepared", heldout_fraction=0.1, seed=0, shard_size=4096, progress=False
+    )
     write_tiny_nets(root, student=False)
     return root
 
@@ -143,17 +191,26 @@ def test_enabled_asha_optuna_mlflow_and_cleanup(tiny_setup, monkeypatch):
     import ray
     from ray.util.state import list_placement_groups
 
-    from pipelines.support import ray_env
     from pipelines.config import apply_trial, load_params
     from pipelines.distill import _distill_section
+    from pipelines.support import ray_env
     from pipelines.tune import TRIAL_ID_TAG, run_tune
 
     root = tiny_setup
     temp_dir = f"/tmp/ray_tt{os.getpid()}"
     params_file = _write_params(
-        root / "params.yaml", **TINY,
-        ray={"num_workers": 1, "cpus_per_worker": 1.0, "num_cpus": 4, "max_failures": 0,
-             "storage_path": str(root / "ray_results"), "temp_dir": temp_dir, "dashboard_port": _free_port()})
+        root / "params.yaml",
+        **TINY,
+        ray={
+            "num_workers": 1,
+            "cpus_per_worker": 1.0,
+            "num_cpus": 4,
+            "max_failures": 0,
+            "storage_path": str(root / "ray_results"),
+            "temp_dir": temp_dir,
+            "dashboard_port": _free_port(),
+        },
+    )
     uri = f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DVC_ROOT", str(root))  # MLflow artifacts next to the test DB, not in the repo
@@ -164,8 +221,13 @@ def test_enabled_asha_optuna_mlflow_and_cleanup(tiny_setup, monkeypatch):
     try:
         gcs = ray.get_runtime_context().gcs_address
         t0 = time.time()
-        payload = run_tune(params, data_dir=root / "prepared", teacher_dir=root / "teacher", out=out,
-                           points_to_evaluate=[{"lr": LR_GOOD}, {"lr": LR_BAD}])
+        payload = run_tune(
+            params,
+            data_dir=root / "prepared",
+            teacher_dir=root / "teacher",
+            out=out,
+            points_to_evaluate=[{"lr": LR_GOOD}, {"lr": LR_BAD}],
+        )
         first_s = time.time() - t0
         print(f"tune with 2 trials: {first_s:.1f} s", file=sys.stderr)
 
@@ -192,8 +254,9 @@ def test_enabled_asha_optuna_mlflow_and_cleanup(tiny_setup, monkeypatch):
         assert parent.info.status == "FINISHED" and parent.data.tags["ctm.run_key"] == raw["experiment"]
         assert parent.data.metrics["best_fd_nfe1"] == pytest.approx(raw["value"])
         assert parent.data.metrics["num_stopped_early"] == 1
-        children = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        children = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
         assert len(children) == 2
         by_trial = {c.data.tags[TRIAL_ID_TAG]: c for c in children}
         assert set(by_trial) == {t["trial_id"] for t in payload["trials"]}
@@ -211,8 +274,14 @@ def test_enabled_asha_optuna_mlflow_and_cleanup(tiny_setup, monkeypatch):
         print(f"tune re-run (restore): {time.time() - t0:.1f} s", file=sys.stderr)
         assert again["experiment"] == payload["experiment"] and again["trial_id"] == payload["trial_id"]
         assert again["mlflow_parent_run_id"] == payload["mlflow_parent_run_id"]
-        assert len(client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == 2
+        assert (
+            len(
+                client.search_runs(
+                    [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+                )
+            )
+            == 2
+        )
 
         # No placement group left behind (the PG cleaner needs the dashboard's State API).
         deadline = time.time() + 60
@@ -243,8 +312,8 @@ def test_quality_probe_matches_evaluate_protocol(tiny_setup, tmp_path):
 
     from ctm_core.eval.classifier import classifier_features
     from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
-    from ctm_core.nets.student import CTMStudent
     from ctm_core.io.teacher_format import load_edm_checkpoint
+    from ctm_core.nets.student import CTMStudent
     from pipelines.config import load_params
     from pipelines.distill import _QualityProbe
     from pipelines.evaluate import Method, _train_feature_classifier, sample_method
@@ -252,9 +321,11 @@ def test_quality_probe_matches_evaluate_protocol(tiny_setup, tmp_path):
     from pipelines.tune import _prepare_quality
 
     root = tiny_setup
-    params = load_params(ROOT / "params.yaml", overrides={"evaluate": {**TINY["evaluate"], "num_samples": 96,
-                                                                       "batch": 40, "seed_start": 7}},
-                         check_env=False)
+    params = load_params(
+        ROOT / "params.yaml",
+        overrides={"evaluate": {**TINY["evaluate"], "num_samples": 96, "batch": 40, "seed_start": 7}},
+        check_env=False,
+    )
     card = load_card(root / "prepared")
     quality = _prepare_quality(params, card, root / "prepared", tmp_path / "q")
     assert quality["num_samples"] == 96 and quality["seed"] == 7 and quality["ema"] is None
@@ -265,14 +336,22 @@ def test_quality_probe_matches_evaluate_protocol(tiny_setup, tmp_path):
     clf, info, (x_train, x_held) = _train_feature_classifier(params, card, root / "prepared", tmp_path / "c", False)
     for k, v in clf.state_dict().items():  # same weights (the file hash differs: its metadata has timings)
         assert torch.equal(probe.classifier.state_dict()[k], v), k
-    mu_ref, sigma_ref = feature_statistics(np.concatenate([classifier_features(clf, x_train),
-                                                           classifier_features(clf, x_held)]))
+    mu_ref, sigma_ref = feature_statistics(
+        np.concatenate([classifier_features(clf, x_train), classifier_features(clf, x_held)])
+    )
     np.testing.assert_allclose(probe.reference.mu, mu_ref, rtol=0, atol=1e-12)
     student = CTMStudent.from_teacher(load_edm_checkpoint(root / "teacher")).train()
-    x = sample_method(Method("fd_nfe1_gamma0", "gamma", 1, 0.0), student.eval(), None, seeds=range(7, 103),
-                      batch=96, img_shape=(1, 8, 8))
-    expected = frechet_distance(*feature_statistics(classifier_features(clf, images_to_levels(x.clamp(-1, 1), 17))),
-                                mu_ref, sigma_ref)
+    x = sample_method(
+        Method("fd_nfe1_gamma0", "gamma", 1, 0.0),
+        student.eval(),
+        None,
+        seeds=range(7, 103),
+        batch=96,
+        img_shape=(1, 8, 8),
+    )
+    expected = frechet_distance(
+        *feature_statistics(classifier_features(clf, images_to_levels(x.clamp(-1, 1), 17))), mu_ref, sigma_ref
+    )
     student.train()
     got = probe(types.SimpleNamespace(model=student, emas={}))
     assert got["fd_nfe1"] == pytest.approx(expected, rel=1e-9) and got["fd_nfe1_nonfinite"] == 0.0
@@ -304,22 +383,43 @@ def test_killed_tune_stage_resumes_its_experiment(tiny_setup, tmp_path):
     storage = tmp_path / "ray_results"
     tune_cfg = {**TINY["tune"], "steps": 6, "scheduler": {**TINY["tune"]["scheduler"], "max_t": 6}}
     params_file = _write_params(
-        tmp_path / "params.yaml", **{**TINY, "tune": tune_cfg},
-        ray={"num_workers": 1, "cpus_per_worker": 1.0, "num_cpus": 4, "max_failures": 0, "storage_path": str(storage),
-             "temp_dir": temp_dir, "dashboard_port": _free_port()})
+        tmp_path / "params.yaml",
+        **{**TINY, "tune": tune_cfg},
+        ray={
+            "num_workers": 1,
+            "cpus_per_worker": 1.0,
+            "num_cpus": 4,
+            "max_failures": 0,
+            "storage_path": str(storage),
+            "temp_dir": temp_dir,
+            "dashboard_port": _free_port(),
+        },
+    )
     out = tmp_path / "best_params.yaml"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_"))}
     env.update(MLFLOW_TRACKING_URI=uri, DVC_ROOT=str(tmp_path), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pipelines.tune", "--params", str(params_file), "--data", str(root / "prepared"),
-           "--teacher", str(root / "teacher"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.tune",
+        "--params",
+        str(params_file),
+        "--data",
+        str(root / "prepared"),
+        "--teacher",
+        str(root / "teacher"),
+        "--out",
+        str(out),
+    ]
 
     def complete_checkpoints() -> list[Path]:
         return sorted(storage.rglob("checkpoint_*/complete.json")) if storage.exists() else []
 
     try:
-        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.time() + 300
         while not complete_checkpoints() and first.poll() is None and time.time() < deadline:
             time.sleep(0.5)
@@ -344,13 +444,17 @@ def test_killed_tune_stage_resumes_its_experiment(tiny_setup, tmp_path):
         assert raw["tuned"] is True and math.isfinite(raw["value"])
         client = mlflow.MlflowClient(tracking_uri=uri)
         parent = client.get_run(raw["mlflow_parent_run_id"])
-        children = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        children = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
         assert len(children) == 2, [c.data.tags for c in children]
         parents = client.search_runs([parent.info.experiment_id], filter_string="tags.`ctm.stage` = 'tune'")
         assert len({r.data.tags.get("mlflow.parentRunId", r.info.run_id) for r in parents}) == 1
-        print(f"FAULT kill -9 tune stage after {killed_with} complete trial checkpoint(s); re-run resumed the "
-              f"experiment and finished in {recovery_s:.1f} s", file=sys.stderr)
+        print(
+            f"FAULT kill -9 tune stage after {killed_with} complete trial checkpoint(s); re-run resumed the "
+            f"experiment and finished in {recovery_s:.1f} s",
+            file=sys.stderr,
+        )
     finally:
         for pid in _ray_processes(temp_dir):
             try:

@@ -144,7 +144,7 @@ class ExactStudent:
         xf = self.data._flat(x_t)
         B = xf.shape[0]
         t_, s_ = GaussianData._per_sample(t, B), GaussianData._per_sample(s, B)  # (B, 1)
-        same = (t_ == s_)  # (B, 1)
+        same = t_ == s_  # (B, 1)
         ratio = s_ / t_
         G = self.data.flow(xf, t_.squeeze(1), s_.squeeze(1))
         g_jump = (G - ratio * xf) / torch.where(same, torch.ones_like(ratio), 1.0 - ratio)

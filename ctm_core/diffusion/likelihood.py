@@ -118,9 +118,7 @@ def log_likelihood(
             else:
                 trace = torch.zeros(K, B, dtype=torch.float64, device=device)
                 for k in range(K):
-                    (grad,) = torch.autograd.grad(
-                        (D_x * eps[k]).sum(), x_in, retain_graph=k < K - 1, allow_unused=True
-                    )
+                    (grad,) = torch.autograd.grad((D_x * eps[k]).sum(), x_in, retain_graph=k < K - 1, allow_unused=True)
                     if grad is not None:
                         trace[k] = (grad * eps[k]).sum(1)  # eps^T (dD/dx) eps
         div_v = D - trace  # (K, B) div of v = x - D(x)
@@ -197,8 +195,10 @@ def bits_per_dim(
         raise ValueError(f"images_uint8 must be (B, ...) with a batch dimension, got shape {tuple(q.shape)}")
     levels = 2**bits
     if q.numel() and (int(q.min()) < 0 or int(q.max()) >= levels):
-        raise ValueError(f"images_uint8 values must lie in [0, {levels - 1}] for bits={bits}, "
-                         f"got range [{int(q.min())}, {int(q.max())}]")
+        raise ValueError(
+            f"images_uint8 values must lie in [0, {levels - 1}] for bits={bits}, "
+            f"got range [{int(q.min())}, {int(q.max())}]"
+        )
     if dequantize == "uniform":
         if generator is None:
             raise ValueError("dequantize='uniform' needs generator= (a seeded torch.Generator); got None")

@@ -74,16 +74,27 @@ class SmallClassifier(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("img_channels", img_channels), ("img_resolution", img_resolution),
-                        ("num_classes", num_classes), ("width", width), ("feature_dim", feature_dim)):
+        for name, v in (
+            ("img_channels", img_channels),
+            ("img_resolution", img_resolution),
+            ("num_classes", num_classes),
+            ("width", width),
+            ("feature_dim", feature_dim),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"SmallClassifier: {name} must be a positive int, got {v!r}")
         if num_classes < 2 or not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(f"SmallClassifier: need num_classes >= 2 and num_levels >= 2, got {num_classes}, "
-                             f"{num_levels}")
-        self.init_kwargs: dict[str, Any] = dict(img_channels=img_channels, img_resolution=img_resolution,
-                                                num_classes=num_classes, width=width, feature_dim=feature_dim,
-                                                num_levels=num_levels)
+            raise ValueError(
+                f"SmallClassifier: need num_classes >= 2 and num_levels >= 2, got {num_classes}, {num_levels}"
+            )
+        self.init_kwargs: dict[str, Any] = dict(
+            img_channels=img_channels,
+            img_resolution=img_resolution,
+            num_classes=num_classes,
+            width=width,
+            feature_dim=feature_dim,
+            num_levels=num_levels,
+        )
         self.num_levels = num_levels
         with torch.device("meta"):
             layers: list[nn.Module] = [nn.Conv2d(img_channels, width, 3, padding=1)]
@@ -171,8 +182,9 @@ def train_classifier(
     _, C, H, W = x.shape
     if H != W:
         raise ValueError(f"train_classifier: square images expected, got {H}x{W}")
-    model = SmallClassifier(C, H, num_classes, width=width, feature_dim=feature_dim, num_levels=num_levels,
-                            generator=generator)
+    model = SmallClassifier(
+        C, H, num_classes, width=width, feature_dim=feature_dim, num_levels=num_levels, generator=generator
+    )
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(x)

@@ -51,8 +51,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FID_WEIGHTS_FILENAME", "FIDInception", "NUM_FEATURES", "count_parameters", "extract_features",
-           "resize_bilinear_tf1"]
+__all__ = [
+    "FID_WEIGHTS_FILENAME",
+    "FIDInception",
+    "NUM_FEATURES",
+    "count_parameters",
+    "extract_features",
+    "resize_bilinear_tf1",
+]
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid inception.py:13 (FID_WEIGHTS_URL)
 NUM_FEATURES = 2048  # pool3

@@ -230,9 +230,7 @@ def _to_numpy(a: ArrayLike) -> np.ndarray:
     return np.asarray(a)
 
 
-def fid_from_features(
-    features: ArrayLike, mu_ref: ArrayLike, sigma_ref: ArrayLike, *, method: str = "sqrtm"
-) -> float:
+def fid_from_features(features: ArrayLike, mu_ref: ArrayLike, sigma_ref: ArrayLike, *, method: str = "sqrtm") -> float:
     """FID of generated ``features: (N, D)`` against reference statistics (mu_ref: (D,), sigma_ref: (D, D)).
 
     ``method``: ``"sqrtm"`` (the protocol, default), ``"eigh"`` or ``"auto"`` (see ``PreparedReference.fid``).
@@ -559,8 +557,11 @@ def save_reference_stats(
     mu = np.asarray(_to_numpy(mu), dtype=np.float64)
     sigma = np.asarray(_to_numpy(sigma), dtype=np.float64)
     _check_stats("save_reference_stats", mu, sigma)
-    entries: dict[str, np.ndarray] = {"mu": mu, "sigma": sigma, "meta_json": np.array(json.dumps(meta or {},
-                                                                                              sort_keys=True))}
+    entries: dict[str, np.ndarray] = {
+        "mu": mu,
+        "sigma": sigma,
+        "meta_json": np.array(json.dumps(meta or {}, sort_keys=True)),
+    }
     if num_images is not None:
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 2:
             raise ValueError(f"save_reference_stats: num_images must be an int >= 2, got {num_images!r}")

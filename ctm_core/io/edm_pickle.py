@@ -185,8 +185,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
             f"torch._utils._rebuild_tensor_v2: expected a tensor storage, got {type(storage).__name__}"
         )
     _check_no_hooks("torch._utils._rebuild_tensor_v2", backward_hooks)
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict(),
-                                           metadata)
+    return torch._utils._rebuild_tensor_v2(
+        storage, storage_offset, size, stride, False, collections.OrderedDict(), metadata
+    )
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
@@ -454,8 +455,9 @@ def read_edm_snapshot(source: str | os.PathLike | BinaryIO | bytes) -> EDMSnapsh
         raise ValueError("malformed EDM snapshot: object tree nested too deeply") from e
 
 
-def _snapshot_from_tree(obj: dict, ema: _PersistentStub, file_sha256: str, top_level_keys: list[str],
-                        globals_seen: list[str]) -> EDMSnapshot:
+def _snapshot_from_tree(
+    obj: dict, ema: _PersistentStub, file_sha256: str, top_level_keys: list[str], globals_seen: list[str]
+) -> EDMSnapshot:
     state_dict: dict[str, torch.Tensor] = {}
     _collect_state_dict(ema, "", state_dict)
     if not state_dict:

@@ -68,8 +68,10 @@ def save_student(
         for name, sd in variants.items():
             blob = st_save({k: v.detach().cpu().contiguous() for k, v in sd.items()})
             (tmp / "weights" / f"{name}.safetensors").write_bytes(blob)
-            config["variants"][name] = {"file": f"weights/{name}.safetensors",
-                                        "sha256": hashlib.sha256(blob).hexdigest()}
+            config["variants"][name] = {
+                "file": f"weights/{name}.safetensors",
+                "sha256": hashlib.sha256(blob).hexdigest(),
+            }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for fname, obj in (extra_json or {}).items():
             if "/" in fname or fname in ("config.json", "weights"):
@@ -108,8 +110,10 @@ def load_student(student_dir: str | os.PathLike, variant: str = "online", *, dev
     blob = (pathlib.Path(student_dir) / entry["file"]).read_bytes()
     got = hashlib.sha256(blob).hexdigest()
     if got != entry["sha256"]:
-        raise ValueError(f"{entry['file']}: sha256 mismatch, expected {entry['sha256']}, got {got} (file changed "
-                         "or truncated; re-run the distill stage)")
+        raise ValueError(
+            f"{entry['file']}: sha256 mismatch, expected {entry['sha256']}, got {got} (file changed "
+            "or truncated; re-run the distill stage)"
+        )
     student = CTMStudent(**config["init_kwargs"])
     student.load_state_dict(st_load(blob), strict=True)
     return student.to(device).eval().requires_grad_(False)

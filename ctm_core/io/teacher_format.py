@@ -204,26 +204,36 @@ def read_teacher(source: Source) -> tuple[str, dict, dict[str, torch.Tensor], di
     if isinstance(source, str | os.PathLike) and pathlib.Path(source).is_dir():
         folder = pathlib.Path(source)
         if not (folder / WEIGHTS_FILE).is_file():
-            raise ValueError(f"{folder}: expected a teacher folder with {WEIGHTS_FILE}; convert the checkpoint with "
-                             "ctm_core.io.teacher_format.convert_edm_pickle(src, out_dir)")
+            raise ValueError(
+                f"{folder}: expected a teacher folder with {WEIGHTS_FILE}; convert the checkpoint with "
+                "ctm_core.io.teacher_format.convert_edm_pickle(src, out_dir)"
+            )
         if (folder / CONFIG_FILE).is_file():
             folder_config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         source = folder / WEIGHTS_FILE
     data, name = _read_source_bytes(source)
     if data[:1] == b"\x80":
-        raise ValueError(f"{name}: this is a pickle (EDM snapshot?), not a teacher in the project format; load it "
-                         "with load_edm_checkpoint(src) or convert it with convert_edm_pickle(src, out_dir)")
+        raise ValueError(
+            f"{name}: this is a pickle (EDM snapshot?), not a teacher in the project format; load it "
+            "with load_edm_checkpoint(src) or convert it with convert_edm_pickle(src, out_dir)"
+        )
     metadata = _safetensors_metadata(data, name)
     if METADATA_KEY not in metadata:
-        raise ValueError(f"{name}: safetensors file without '{METADATA_KEY}' metadata: not written by "
-                         "ctm_core.io.teacher_format.save_teacher, so the architecture is unknown")
+        raise ValueError(
+            f"{name}: safetensors file without '{METADATA_KEY}' metadata: not written by "
+            "ctm_core.io.teacher_format.save_teacher, so the architecture is unknown"
+        )
     config = json.loads(metadata[METADATA_KEY])
     if config.get("format") != FORMAT_NAME or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{name}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, got "
-                         f"{config.get('format')!r} version {config.get('format_version')!r}")
+        raise ValueError(
+            f"{name}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, got "
+            f"{config.get('format')!r} version {config.get('format_version')!r}"
+        )
     if folder_config is not None and folder_config != config:
-        raise ValueError(f"{name}: {CONFIG_FILE} next to it disagrees with the config stored in the weights file "
-                         "(partial or edited copy); re-run convert_edm_pickle into a fresh folder")
+        raise ValueError(
+            f"{name}: {CONFIG_FILE} next to it disagrees with the config stored in the weights file "
+            "(partial or edited copy); re-run convert_edm_pickle into a fresh folder"
+        )
     try:
         state_dict = safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own SafetensorError
@@ -232,16 +242,24 @@ def read_teacher(source: Source) -> tuple[str, dict, dict[str, torch.Tensor], di
     if recorded is not None:
         actual = weights_sha256(state_dict)
         if actual != recorded:
-            raise ValueError(f"{name}: weights sha256 mismatch: recorded {recorded}, got {actual}; the file was "
-                             "modified or corrupted, convert the original checkpoint again")
+            raise ValueError(
+                f"{name}: weights sha256 mismatch: recorded {recorded}, got {actual}; the file was "
+                "modified or corrupted, convert the original checkpoint again"
+            )
     return config["class_name"], config["init_kwargs"], state_dict, config
 
 
 def convert_edm_pickle(src: Source, out_dir: str | os.PathLike) -> dict:
     """Convert an EDM snapshot pickle (read safely, nothing executed) into a teacher folder; returns the config."""
     snap = read_edm_snapshot(src)
-    return save_teacher(snap.class_name, snap.init_kwargs, snap.state_dict, out_dir,
-                        source_file_sha256=snap.file_sha256, source_sha256=snap.source_sha256)
+    return save_teacher(
+        snap.class_name,
+        snap.init_kwargs,
+        snap.state_dict,
+        out_dir,
+        source_file_sha256=snap.file_sha256,
+        source_sha256=snap.source_sha256,
+    )
 
 
 def _sniff(data: bytes) -> str:
@@ -270,8 +288,10 @@ def load_edm_checkpoint(source: Source) -> torch.nn.Module:
         elif kind == "safetensors":
             class_name, init_kwargs, state_dict, _ = read_teacher(data)
         else:
-            raise ValueError(f"{name}: unknown checkpoint format (first bytes {data[:8]!r}); expected an EDM "
-                             f"snapshot pickle (.pkl), a {WEIGHTS_FILE} file, or a folder holding one")
+            raise ValueError(
+                f"{name}: unknown checkpoint format (first bytes {data[:8]!r}); expected an EDM "
+                f"snapshot pickle (.pkl), a {WEIGHTS_FILE} file, or a folder holding one"
+            )
 
     from ctm_core.nets.precond import build_precond  # networks are only needed here
 
@@ -286,10 +306,14 @@ def load_edm_checkpoint(source: Source) -> torch.nn.Module:
             f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all); check init_kwargs "
             f"{init_kwargs} against the network that wrote the file"
         )
-    wrong_shape = [f"{k}: expected {list(v.shape)}, got {list(state_dict[k].shape)}"
-                   for k, v in expected.items() if v.shape != state_dict[k].shape]
+    wrong_shape = [
+        f"{k}: expected {list(v.shape)}, got {list(state_dict[k].shape)}"
+        for k, v in expected.items()
+        if v.shape != state_dict[k].shape
+    ]
     if wrong_shape:
-        raise ValueError(f"{name}: {len(wrong_shape)} tensor shapes do not match {class_name}(**init_kwargs): "
-                         f"{wrong_shape[:5]}")
+        raise ValueError(
+            f"{name}: {len(wrong_shape)} tensor shapes do not match {class_name}(**init_kwargs): {wrong_shape[:5]}"
+        )
     net.load_state_dict(state_dict, strict=True)
     return net.eval().requires_grad_(False)

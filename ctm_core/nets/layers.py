@@ -133,7 +133,10 @@ class Conv2d(nn.Module):
         if self.fused_resample and self.up and w is not None:
             # Fused up (networks.py:75-77, HEAD semantics); used by no released config.
             x = F.conv_transpose2d(
-                x, (f * 4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
+                x,
+                (f * 4).tile([self.in_channels, 1, 1, 1]),
+                groups=self.in_channels,
+                stride=2,
                 padding=max(f_pad - w_pad, 0),
             )
             x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))

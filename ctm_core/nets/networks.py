@@ -44,7 +44,6 @@ def _label_dropout_mask(class_labels: torch.Tensor, label_dropout: float, traini
     return class_labels
 
 
-
 def _check_s_branch_input(ctm_s_branch: bool, noise_labels_s: torch.Tensor | None) -> None:
     """noise_labels_s (c_noise(s)) is required exactly when the network has the CTM s-branch."""
     if (noise_labels_s is None) == ctm_s_branch:
@@ -52,6 +51,7 @@ def _check_s_branch_input(ctm_s_branch: bool, noise_labels_s: torch.Tensor | Non
             f"noise_labels_s must be given iff ctm_s_branch (ctm_s_branch={ctm_s_branch}), "
             f"got {'None' if noise_labels_s is None else tuple(noise_labels_s.shape)}"
         )
+
 
 class SongUNet(nn.Module):
     """DDPM++ (``embedding_type='positional'``, ``encoder_type='standard'``, filter [1,1]) and NCSN++
@@ -302,9 +302,7 @@ class DhariwalUNet(nn.Module):
 
         # Mapping network (networks.py:396-400).
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
-        self.map_augment = (
-            Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
-        )
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = (

@@ -105,9 +105,7 @@ class _Precond(nn.Module):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
         class_labels = prepare_class_labels(class_labels, self.label_dim, x.device)  # (B, L), (1, L) or None
-        dtype = (
-            torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
-        )
+        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
@@ -142,8 +140,12 @@ class EDMPrecond(_Precond):
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
         self.model = _build_model(
-            model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-            label_dim=label_dim, **model_kwargs,
+            model_type,
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
         )
 
     def coefficients(self, sigma: torch.Tensor):
@@ -179,8 +181,12 @@ class VPPrecond(_Precond):
         self.sigma_min = float(self.sigma(epsilon_t))
         self.sigma_max = float(self.sigma(1))
         self.model = _build_model(
-            model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-            label_dim=label_dim, **model_kwargs,
+            model_type,
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
         )
 
     def sigma(self, t: torch.Tensor | float) -> torch.Tensor:
@@ -219,8 +225,12 @@ class VEPrecond(_Precond):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.model = _build_model(
-            model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-            label_dim=label_dim, **model_kwargs,
+            model_type,
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
         )
 
     def coefficients(self, sigma: torch.Tensor):
@@ -258,8 +268,11 @@ def build_precond(class_name: str, init_kwargs: dict) -> nn.Module:
         raise ValueError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
     precond_names = _named_params(cls.__init__)
     # The precond sets these inner-net kwargs itself.
-    model_names = [n for n in _named_params(MODEL_TYPES[model_type].__init__)
-                   if n not in ("img_resolution", "in_channels", "out_channels", "label_dim")]
+    model_names = [
+        n
+        for n in _named_params(MODEL_TYPES[model_type].__init__)
+        if n not in ("img_resolution", "in_channels", "out_channels", "label_dim")
+    ]
     allowed = precond_names + model_names
     unknown = [k for k in kwargs if k not in allowed]
     if unknown:

@@ -17,19 +17,35 @@ __all__ = ["PRESETS", "build_preset"]
 
 # train.py:116-124 (--arch ddpmpp / ncsnpp)
 _DDPMPP = dict(
-    model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
-    channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+    model_type="SongUNet",
+    embedding_type="positional",
+    encoder_type="standard",
+    decoder_type="standard",
+    channel_mult_noise=1,
+    resample_filter=[1, 1],
+    model_channels=128,
 )
 _NCSNPP = dict(
-    model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-    channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+    model_type="SongUNet",
+    embedding_type="fourier",
+    encoder_type="residual",
+    decoder_type="standard",
+    channel_mult_noise=2,
+    resample_filter=[1, 3, 3, 1],
+    model_channels=128,
 )
 
 
 def _song(arch: dict, channel_mult: list[int], dropout: float, img_resolution: int, label_dim: int) -> dict:
     return dict(
-        **arch, channel_mult=channel_mult, augment_dim=9, dropout=dropout, use_fp16=False,
-        img_resolution=img_resolution, img_channels=3, label_dim=label_dim,
+        **arch,
+        channel_mult=channel_mult,
+        augment_dim=9,
+        dropout=dropout,
+        use_fp16=False,
+        img_resolution=img_resolution,
+        img_channels=3,
+        label_dim=label_dim,
     )
 
 
@@ -46,8 +62,14 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "edm-imagenet-64x64-cond-adm": (
         "EDMPrecond",
         dict(
-            model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1, use_fp16=True,
-            img_resolution=64, img_channels=3, label_dim=1000,
+            model_type="DhariwalUNet",
+            model_channels=192,
+            channel_mult=[1, 2, 3, 4],
+            dropout=0.1,
+            use_fp16=True,
+            img_resolution=64,
+            img_channels=3,
+            label_dim=1000,
         ),
     ),
 }

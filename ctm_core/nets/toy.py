@@ -122,8 +122,9 @@ def _times(value, name: str, batch: int, device, dtype) -> torch.Tensor:
 
 
 class _ToyBase(nn.Module):
-    def __init__(self, sample_shape, sigma_min, sigma_max, sigma_data, label_dim, hidden, depth, emb_channels,
-                 dropout, s_branch):
+    def __init__(
+        self, sample_shape, sigma_min, sigma_max, sigma_data, label_dim, hidden, depth, emb_channels, dropout, s_branch
+    ):
         super().__init__()
         check_positive("sigma_min", sigma_min)
         check_positive("sigma_data", sigma_data)
@@ -133,9 +134,15 @@ class _ToyBase(nn.Module):
         self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
         self.label_dim = int(label_dim)
         self.init_kwargs = dict(
-            sample_shape=list(self.sample_shape), sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-            sigma_data=self.sigma_data, label_dim=self.label_dim, hidden=hidden, depth=depth,
-            emb_channels=emb_channels, dropout=dropout,
+            sample_shape=list(self.sample_shape),
+            sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max,
+            sigma_data=self.sigma_data,
+            label_dim=self.label_dim,
+            hidden=hidden,
+            depth=depth,
+            emb_channels=emb_channels,
+            dropout=dropout,
         )
         self.model = ToyMLP(math.prod(self.sample_shape), hidden, depth, emb_channels, label_dim, dropout, s_branch)
 
@@ -164,10 +171,31 @@ class _ToyBase(nn.Module):
 class ToyEDMDenoiser(_ToyBase):
     """EDM-preconditioned MLP denoiser D(x; σ) (the toy teacher)."""
 
-    def __init__(self, sample_shape, *, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
-                 label_dim: int = 0, hidden: int = 256, depth: int = 4, emb_channels: int = 128, dropout: float = 0.0):
-        super().__init__(sample_shape, sigma_min, sigma_max, sigma_data, label_dim, hidden, depth, emb_channels,
-                         dropout, s_branch=False)
+    def __init__(
+        self,
+        sample_shape,
+        *,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        label_dim: int = 0,
+        hidden: int = 256,
+        depth: int = 4,
+        emb_channels: int = 128,
+        dropout: float = 0.0,
+    ):
+        super().__init__(
+            sample_shape,
+            sigma_min,
+            sigma_max,
+            sigma_data,
+            label_dim,
+            hidden,
+            depth,
+            emb_channels,
+            dropout,
+            s_branch=False,
+        )
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self._denoise(x, sigma, None, class_labels)
@@ -176,10 +204,31 @@ class ToyEDMDenoiser(_ToyBase):
 class ToyCTMStudent(_ToyBase):
     """CTM student G_θ(x_t, t, s) on the toy MLP (s-branch added to the t embedding)."""
 
-    def __init__(self, sample_shape, *, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
-                 label_dim: int = 0, hidden: int = 256, depth: int = 4, emb_channels: int = 128, dropout: float = 0.0):
-        super().__init__(sample_shape, sigma_min, sigma_max, sigma_data, label_dim, hidden, depth, emb_channels,
-                         dropout, s_branch=True)
+    def __init__(
+        self,
+        sample_shape,
+        *,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        label_dim: int = 0,
+        hidden: int = 256,
+        depth: int = 4,
+        emb_channels: int = 128,
+        dropout: float = 0.0,
+    ):
+        super().__init__(
+            sample_shape,
+            sigma_min,
+            sigma_max,
+            sigma_data,
+            label_dim,
+            hidden,
+            depth,
+            emb_channels,
+            dropout,
+            s_branch=True,
+        )
 
     def g(self, x_t: torch.Tensor, t, s, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """s-conditioned denoiser g_θ(x_t, t, s): (B, *sample_shape) float32."""

@@ -13,27 +13,42 @@ by the constant C·H·W). Works with any denoiser ``D(x, sigma, class_labels=Non
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from ctm_core.nets.utils import append_dims
 from ctm_core.training.train_config import EDMTrainConfig
 from ctm_core.training.trainer import Trainer
-from ctm_core.nets.utils import append_dims
 
 __all__ = ["edm_sigmas", "edm_loss", "EDMTrainer", "export_teacher"]
 
 
-def edm_sigmas(batch: int, generator: torch.Generator, *, P_mean: float = -1.2, P_std: float = 1.2,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def edm_sigmas(
+    batch: int,
+    generator: torch.Generator,
+    *,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """σ = exp(P_mean + P_std·z), z ~ N(0, 1): (B,)."""
     z = torch.randn(batch, generator=generator, dtype=torch.float64)
     return (P_mean + P_std * z).exp().to(dtype)
 
 
-def edm_loss(denoiser: Callable, x0: torch.Tensor, generator: torch.Generator, *, P_mean: float = -1.2,
-             P_std: float = 1.2, sigma_data: float = 0.5, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+def edm_loss(
+    denoiser: Callable,
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    sigma_data: float = 0.5,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-sample EDM loss λ(σ)·mean (D(x0 + σn; σ) − x0)²: x0 (B, ...) -> (B,). Noise from ``generator`` (CPU)."""
     B = x0.shape[0]
     sigma = edm_sigmas(B, generator, P_mean=P_mean, P_std=P_std, dtype=x0.dtype).to(x0.device)
@@ -58,8 +73,9 @@ class EDMTrainer(Trainer):
 
     def microbatch_loss(self, x0, labels, ctx: dict[str, Any], generator: torch.Generator):
         c = self.config.edm
-        loss = edm_loss(self.model, x0, generator, P_mean=c.P_mean, P_std=c.P_std,
-                        sigma_data=c.sigma_data, class_labels=labels).mean()
+        loss = edm_loss(
+            self.model, x0, generator, P_mean=c.P_mean, P_std=c.P_std, sigma_data=c.sigma_data, class_labels=labels
+        ).mean()
         return loss, {"loss_edm": loss.detach()}
 
     def ema_model(self, rate: float | None = None) -> nn.Module:

@@ -23,8 +23,8 @@ All randomness comes from an injected ``torch.Generator``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -300,8 +300,15 @@ def dsm_loss(
     """
     B = x0.shape[0]
     sigma = dsm_sigmas(
-        B, generator, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, P_mean=P_mean, P_std=P_std,
-        diffusion_mult=diffusion_mult, dtype=x0.dtype,
+        B,
+        generator,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        P_mean=P_mean,
+        P_std=P_std,
+        diffusion_mult=diffusion_mult,
+        dtype=x0.dtype,
     ).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
     x_sigma = x0 + append_dims(sigma, x0.ndim) * eps
@@ -358,16 +365,35 @@ def ctm_dsm_loss(
     """
     check_in("mode", mode, MODES)
     ctm = ctm_loss(
-        student, target, teacher, x0, k, generator, grid=grid, sigma_min=sigma_min, class_labels=class_labels,
-        distance=distance, lpips=lpips, mode=mode,
+        student,
+        target,
+        teacher,
+        x0,
+        k,
+        generator,
+        grid=grid,
+        sigma_min=sigma_min,
+        class_labels=class_labels,
+        distance=distance,
+        lpips=lpips,
+        mode=mode,
     )
     l_ctm = ctm.loss.mean()
     total = ctm_weight * l_ctm
     metrics = {"loss_ctm": l_ctm.detach()}
     if mode == "ctm" and dsm_weight > 0:
         l_dsm = dsm_loss(
-            student, x0, generator, sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-            class_labels=class_labels, P_mean=P_mean, P_std=P_std, diffusion_mult=diffusion_mult,
+            student,
+            x0,
+            generator,
+            sigma_data=sigma_data,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho=rho,
+            class_labels=class_labels,
+            P_mean=P_mean,
+            P_std=P_std,
+            diffusion_mult=diffusion_mult,
         ).mean()
         lam = adaptive_weight(l_ctm, l_dsm, student.last_layer_weight())
         total = total + dsm_weight * lam * l_dsm

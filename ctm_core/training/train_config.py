@@ -75,8 +75,10 @@ class CTMLossConfig:
         _num(p + "sigma_min", self.sigma_min, lo=0, lo_open=True)
         _num(p + "sigma_max", self.sigma_max, lo=0, lo_open=True)
         if not self.sigma_min < self.sigma_max:
-            raise ValueError(f"{p}sigma_min / {p}sigma_max: expected sigma_min < sigma_max, got sigma_min="
-                             f"{self.sigma_min!r}, sigma_max={self.sigma_max!r}")
+            raise ValueError(
+                f"{p}sigma_min / {p}sigma_max: expected sigma_min < sigma_max, got sigma_min="
+                f"{self.sigma_min!r}, sigma_max={self.sigma_max!r}"
+            )
         _num(p + "rho", self.rho, lo=0, lo_open=True)
         _num(p + "sigma_data", self.sigma_data, lo=0, lo_open=True)
         _num(p + "N", self.N, lo=2, integer=True)
@@ -271,8 +273,9 @@ class _TopConfig:
                 return [plain(x) for x in v]
             return v
 
-        return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
-                for name in self._sections}
+        return {
+            name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()} for name in self._sections
+        }
 
 
 @dataclass
@@ -286,8 +289,14 @@ class CTMTrainConfig(_TopConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     gan: GANConfig = field(default_factory=GANConfig)
 
-    _sections = {"ctm": CTMLossConfig, "optim": OptimConfig, "ema": EMAConfig, "run": RunConfig, "eval": EvalConfig,
-                 "gan": GANConfig}
+    _sections = {
+        "ctm": CTMLossConfig,
+        "optim": OptimConfig,
+        "ema": EMAConfig,
+        "run": RunConfig,
+        "eval": EvalConfig,
+        "gan": GANConfig,
+    }
 
 
 def _edm_optim() -> OptimConfig:

@@ -29,7 +29,8 @@ import hashlib
 import os
 import tempfile
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,8 +68,9 @@ class TensorDataSource:
     ``next_batch()`` returns (x (B, ...), labels (B, L) or None) on CPU; batches run across epoch ends.
     """
 
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int, seed: int,
-                 rank: int = 0):
+    def __init__(
+        self, data: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int, seed: int, rank: int = 0
+    ):
         if data.ndim < 2 or data.shape[0] < 1:
             raise ValueError(f"data must have shape (num_samples, ...), got {tuple(data.shape)}")
         if labels is not None and labels.shape[0] != data.shape[0]:
@@ -90,7 +92,7 @@ class TensorDataSource:
         parts, need = [], self.batch_size
         while need > 0:
             perm = self._permutation(self.epoch)
-            take = perm[self.index:self.index + need]
+            take = perm[self.index : self.index + need]
             parts.append(take)
             need -= take.numel()
             self.index += take.numel()
@@ -172,15 +174,25 @@ class Trainer:
 
     kind = "base"
 
-    def __init__(self, config, model: nn.Module, data, *, device: str | torch.device = "cpu", rank: int = 0,
-                 world_size: int = 1,
-                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
-                 metric_sync: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-                 metrics_callback: Callable[[int, dict[str, float]], None] | None = None,
-                 discriminator: nn.Module | None = None, d_optimizer: torch.optim.Optimizer | None = None):
+    def __init__(
+        self,
+        config,
+        model: nn.Module,
+        data,
+        *,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
+        metric_sync: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        metrics_callback: Callable[[int, dict[str, float]], None] | None = None,
+        discriminator: nn.Module | None = None,
+        d_optimizer: torch.optim.Optimizer | None = None,
+    ):
         if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
-            raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank!r}, "
-                             f"world_size={world_size!r}")
+            raise ValueError(
+                f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}"
+            )
         self.config = config
         self.run_cfg: RunConfig = config.run
         self.device = torch.device(device)
@@ -218,8 +230,9 @@ class Trainer:
         """Per-iteration random quantities shared by all microbatches and ranks (e.g. CTM's k)."""
         return {}
 
-    def microbatch_loss(self, x0: torch.Tensor, labels: torch.Tensor | None, ctx: dict[str, Any],
-                        generator: torch.Generator):
+    def microbatch_loss(
+        self, x0: torch.Tensor, labels: torch.Tensor | None, ctx: dict[str, Any], generator: torch.Generator
+    ):
         """Return (scalar loss = mean over the microbatch, {name: 0-dim detached tensor})."""
         raise NotImplementedError
 
@@ -242,8 +255,9 @@ class Trainer:
         parts = [self.data.next_batch() for _ in range(self.world_size)]
         for x, _ in parts:
             if x.shape[0] != self.run_cfg.batch_size:
-                raise ValueError(f"data source returned {x.shape[0]} samples, expected run.batch_size="
-                                 f"{self.run_cfg.batch_size}")
+                raise ValueError(
+                    f"data source returned {x.shape[0]} samples, expected run.batch_size={self.run_cfg.batch_size}"
+                )
         x = torch.cat([p[0] for p in parts])
         labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return x, labels
@@ -302,8 +316,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             sums: dict[str, torch.Tensor] = {}
             for i in self.my_microbatches():
-                xb = self._prepare(x[i * b:(i + 1) * b])
-                lb = None if labels is None else labels[i * b:(i + 1) * b].to(self.device)
+                xb = self._prepare(x[i * b : (i + 1) * b])
+                lb = None if labels is None else labels[i * b : (i + 1) * b].to(self.device)
                 self._seed_dropout(i)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
                     loss, metrics = self.microbatch_loss(xb, lb, ctx, self.keyed_generator("loss", i))
@@ -336,8 +350,12 @@ class Trainer:
 
         end = self.run_cfg.total_steps if num_steps is None else self.step + int(num_steps)
         every = self.run_cfg.checkpoint_every_steps
-        bar = tqdm(total=max(0, end - self.step), disable=not self.run_cfg.progress or self.rank != 0,
-                   desc=f"{self.kind} training", dynamic_ncols=True)
+        bar = tqdm(
+            total=max(0, end - self.step),
+            disable=not self.run_cfg.progress or self.rank != 0,
+            desc=f"{self.kind} training",
+            dynamic_ncols=True,
+        )
         while self.step < end:
             metrics = self.train_step()
             bar.update(1)
@@ -378,8 +396,10 @@ class Trainer:
         saved, mine = state["config"], self.config.to_dict()
         for section in ("ctm", "edm"):
             if section in mine and saved.get(section) != mine[section]:
-                raise ValueError(f"checkpoint config section {section!r} differs from the trainer's: "
-                                 f"saved {saved.get(section)!r}, current {mine[section]!r}")
+                raise ValueError(
+                    f"checkpoint config section {section!r} differs from the trainer's: "
+                    f"saved {saved.get(section)!r}, current {mine[section]!r}"
+                )
         self.model.load_state_dict(state["model"])
         self.emas.load_state_dict(state["emas"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -390,8 +410,10 @@ class Trainer:
             if self.d_optimizer is not None and state["d_optimizer"] is not None:
                 self.d_optimizer.load_state_dict(state["d_optimizer"])
         if state["rng"].get("seed") != self.run_cfg.seed:
-            raise ValueError(f"checkpoint run.seed={state['rng'].get('seed')!r} differs from run.seed="
-                             f"{self.run_cfg.seed!r}: the resumed run would not continue the same random streams")
+            raise ValueError(
+                f"checkpoint run.seed={state['rng'].get('seed')!r} differs from run.seed="
+                f"{self.run_cfg.seed!r}: the resumed run would not continue the same random streams"
+            )
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.load_extra_state(state)
@@ -432,8 +454,16 @@ class CTMTrainer(Trainer):
 
     kind = "ctm"
 
-    def __init__(self, config: CTMTrainConfig, student: nn.Module, teacher: Callable, data, *,
-                 lpips: Callable | None = None, **kwargs):
+    def __init__(
+        self,
+        config: CTMTrainConfig,
+        student: nn.Module,
+        teacher: Callable,
+        data,
+        *,
+        lpips: Callable | None = None,
+        **kwargs,
+    ):
         if not isinstance(config, CTMTrainConfig):
             raise TypeError(f"config must be a CTMTrainConfig, got {type(config).__name__}")
         if config.ctm.distance == "lpips" and lpips is None:
@@ -468,10 +498,26 @@ class CTMTrainer(Trainer):
     def microbatch_loss(self, x0, labels, ctx, generator):
         c = self.config.ctm
         loss, metrics, out = ctm_dsm_loss(
-            self.model, self.target, self.teacher, x0, ctx["k"], generator, grid=self.grid,
-            sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho, sigma_data=c.sigma_data, class_labels=labels,
-            distance=c.distance, lpips=self.lpips, mode=c.mode, ctm_weight=c.ctm_weight, dsm_weight=c.dsm_weight,
-            P_mean=c.P_mean, P_std=c.P_std, diffusion_mult=c.diffusion_mult,
+            self.model,
+            self.target,
+            self.teacher,
+            x0,
+            ctx["k"],
+            generator,
+            grid=self.grid,
+            sigma_min=c.sigma_min,
+            sigma_max=c.sigma_max,
+            rho=c.rho,
+            sigma_data=c.sigma_data,
+            class_labels=labels,
+            distance=c.distance,
+            lpips=self.lpips,
+            mode=c.mode,
+            ctm_weight=c.ctm_weight,
+            dsm_weight=c.dsm_weight,
+            P_mean=c.P_mean,
+            P_std=c.P_std,
+            diffusion_mult=c.diffusion_mult,
         )
         if self.config.gan.enabled:
             # G step of the GAN phase: + w_D·λ_GAN·mean(−D(x_est)) (C karras_diffusion.py:412-437, 529-543).
@@ -493,14 +539,23 @@ class CTMTrainer(Trainer):
         self.d_optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for i in self.my_microbatches():
-            xb = self._prepare(x[i * b:(i + 1) * b])
-            lb = None if labels is None else labels[i * b:(i + 1) * b].to(self.device)
+            xb = self._prepare(x[i * b : (i + 1) * b])
+            lb = None if labels is None else labels[i * b : (i + 1) * b].to(self.device)
             generator = self.keyed_generator("loss", i)
             self._seed_dropout(i)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
                 with torch.no_grad():
-                    fake = ctm_estimate(self.model, self.target, xb, ctx["k"], generator, grid=self.grid,
-                                        sigma_min=c.sigma_min, class_labels=lb, mode=c.mode)
+                    fake = ctm_estimate(
+                        self.model,
+                        self.target,
+                        xb,
+                        ctx["k"],
+                        generator,
+                        grid=self.grid,
+                        sigma_min=c.sigma_min,
+                        class_labels=lb,
+                        mode=c.mode,
+                    )
                 loss = d_hinge_loss(self.discriminator, xb, fake, generator)
             (loss * (b / B)).backward()
             total = total + loss.detach().float() * (b / B)

@@ -44,10 +44,11 @@ class CheckpointStorageError(RuntimeError):
     """A checkpoint could not be written to, or read back from, ``ray.storage_path`` (one line: path, cause, fix)."""
 
 
-
-_STORAGE_FIX = ("fix: make ray.storage_path reachable and writable from every Ray node (S3: the endpoint "
-                "AWS_ENDPOINT_URL, the credentials, the bucket; local: free disk space), then re-run the stage: it "
-                "resumes from the last complete checkpoint")
+_STORAGE_FIX = (
+    "fix: make ray.storage_path reachable and writable from every Ray node (S3: the endpoint "
+    "AWS_ENDPOINT_URL, the credentials, the bucket; local: free disk space), then re-run the stage: it "
+    "resumes from the last complete checkpoint"
+)
 
 
 def storage_uri(fs, path: str) -> str:
@@ -62,8 +63,9 @@ def storage_uri(fs, path: str) -> str:
 
 
 def _storage_error(action: str, fs, path: str, e: BaseException) -> CheckpointStorageError:
-    return CheckpointStorageError(f"checkpoint storage error: {action} {storage_uri(fs, path)} failed "
-                                  f"({one_line(e)}); {_STORAGE_FIX}")
+    return CheckpointStorageError(
+        f"checkpoint storage error: {action} {storage_uri(fs, path)} failed ({one_line(e)}); {_STORAGE_FIX}"
+    )
 
 
 def persist_checkpoint_verified(storage, checkpoint, checkpoint_dir_name: str, *, step: int):
@@ -83,8 +85,11 @@ def persist_checkpoint_verified(storage, checkpoint, checkpoint_dir_name: str, *
     fs = storage.storage_filesystem
     dest = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
     local = Path(checkpoint.path)
-    files = {p.relative_to(local).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(local.rglob("*")) if p.is_file()}
+    files = {
+        p.relative_to(local).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(local.rglob("*"))
+        if p.is_file()
+    }
     if not files or MARKER_FILE in files:
         raise ValueError(f"checkpoint {local}: expected files other than {MARKER_FILE}, got {sorted(files)}")
     marker_path = f"{dest}/{MARKER_FILE}"
@@ -110,9 +115,11 @@ def persist_checkpoint_verified(storage, checkpoint, checkpoint_dir_name: str, *
     if bad:
         raise CheckpointStorageError(
             f"checkpoint storage error: the upload to {storage_uri(fs, dest)} is incomplete although Ray reported "
-            f"it done ({', '.join(bad)}); {_STORAGE_FIX}")
-    data = (json.dumps({"format": MARKER_FORMAT, "step": int(step), "files": files}, indent=2, sort_keys=True)
-            + "\n").encode()
+            f"it done ({', '.join(bad)}); {_STORAGE_FIX}"
+        )
+    data = (
+        json.dumps({"format": MARKER_FORMAT, "step": int(step), "files": files}, indent=2, sort_keys=True) + "\n"
+    ).encode()
     try:
         with fs.open_output_stream(marker_path) as f:
             f.write(data)
@@ -120,8 +127,10 @@ def persist_checkpoint_verified(storage, checkpoint, checkpoint_dir_name: str, *
     except OSError as e:
         raise _storage_error("writing the completion marker of", fs, dest, e) from e
     if info.type != pafs.FileType.File or info.size != len(data):
-        raise CheckpointStorageError(f"checkpoint storage error: the completion marker {storage_uri(fs, marker_path)} "
-                                     f"did not land ({info}); {_STORAGE_FIX}")
+        raise CheckpointStorageError(
+            f"checkpoint storage error: the completion marker {storage_uri(fs, marker_path)} "
+            f"did not land ({info}); {_STORAGE_FIX}"
+        )
     return persisted
 
 
@@ -136,11 +145,16 @@ def read_marker(fs, checkpoint_path: str) -> dict[str, Any] | None:
         raise _storage_error("reading", fs, f"{checkpoint_path}/{MARKER_FILE}", e) from e
     try:
         marker = json.loads(raw)
-        ok = (marker.get("format") == MARKER_FORMAT and isinstance(marker.get("step"), int)
-              and isinstance(marker.get("files"), dict) and marker["files"]
-              and all(isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
-                      for m in marker["files"].values())
-              and all(not k.startswith("/") and ".." not in k.split("/") for k in marker["files"]))
+        ok = (
+            marker.get("format") == MARKER_FORMAT
+            and isinstance(marker.get("step"), int)
+            and isinstance(marker.get("files"), dict)
+            and marker["files"]
+            and all(
+                isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str) for m in marker["files"].values()
+            )
+            and all(not k.startswith("/") and ".." not in k.split("/") for k in marker["files"])
+        )
     except (ValueError, AttributeError):
         return None
     return marker if ok else None
@@ -184,7 +198,7 @@ def download_checkpoint(fs, checkpoint_path: str, marker: dict[str, Any] | None,
             infos = fs.get_file_info(pafs.FileSelector(checkpoint_path, recursive=True))
         except OSError as e:
             raise _storage_error("listing", fs, checkpoint_path, e) from e
-        names = [i.path[len(checkpoint_path) + 1:] for i in infos if i.type == pafs.FileType.File]
+        names = [i.path[len(checkpoint_path) + 1 :] for i in infos if i.type == pafs.FileType.File]
     for rel in names:
         out = dest / rel
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,8 +216,10 @@ def download_checkpoint(fs, checkpoint_path: str, marker: dict[str, Any] | None,
         if marker:
             want = marker["files"][rel]
             if size != want["size"] or h.hexdigest() != want["sha256"]:
-                return f"{rel} has {size} bytes, sha256 {h.hexdigest()[:12]}..., expected {want['size']} bytes, " \
-                       f"sha256 {want['sha256'][:12]}..."
+                return (
+                    f"{rel} has {size} bytes, sha256 {h.hexdigest()[:12]}..., expected {want['size']} bytes, "
+                    f"sha256 {want['sha256'][:12]}..."
+                )
     return None
 
 
@@ -218,8 +234,10 @@ def newest_complete_checkpoint(fs, run_path: str, dest: Path, *, legacy=None, lo
     ``builtins.print`` by then ("Can't pickle <built-in function print>: it's not the same object").
     """
     if log is None:
+
         def log(m: str) -> None:
             print(m, flush=True)
+
     complete, incomplete = complete_checkpoints(fs, run_path)
     newest = complete[0][1]["step"] if complete else -1
     use_legacy = legacy is not None and newest < 0 and read_marker(legacy.filesystem, legacy.path) is None
@@ -233,8 +251,10 @@ def newest_complete_checkpoint(fs, run_path: str, dest: Path, *, legacy=None, lo
         log(f"[distill] {storage_uri(fs, path)} does not match its {MARKER_FILE} ({reason}): not loading it")
         _empty_dir(dest)
     if use_legacy:
-        log(f"[distill] WARNING: resuming from {storage_uri(legacy.filesystem, legacy.path)}, which has no "
-            f"{MARKER_FILE} (written before checkpoints were verified): its completeness is not checked")
+        log(
+            f"[distill] WARNING: resuming from {storage_uri(legacy.filesystem, legacy.path)}, which has no "
+            f"{MARKER_FILE} (written before checkpoints were verified): its completeness is not checked"
+        )
         reason = download_checkpoint(legacy.filesystem, legacy.path, None, dest)
         if reason is None:
             return legacy.path, -1

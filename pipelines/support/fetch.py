@@ -24,7 +24,6 @@ import hashlib
 import http.client
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -152,7 +151,7 @@ def _open_http(url: str, timeout_s: float) -> tuple[Iterator[bytes], int | None]
             401: "the server wants credentials; this fetcher only supports public http(s) URLs",
         }.get(e.code, "check the URL")
         raise FetchError(f"HTTP {e.code} {e.reason} for {url}: {hint}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as e:
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
         raise _RetryableError(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
     length = resp.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
@@ -163,7 +162,7 @@ def _open_http(url: str, timeout_s: float) -> tuple[Iterator[bytes], int | None]
             while True:
                 try:
                     chunk = resp.read(CHUNK_BYTES)
-                except (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as e:
+                except (ConnectionError, TimeoutError, http.client.HTTPException) as e:
                     raise _RetryableError(f"connection lost after {got} bytes: {type(e).__name__}: {e}") from e
                 if not chunk:
                     break
@@ -234,7 +233,7 @@ def _open_s3(uri: str, timeout_s: float, retries: int) -> tuple[Iterator[bytes],
             while True:
                 try:
                     chunk = body.read(CHUNK_BYTES)
-                except (BotoCoreError, ConnectionError, TimeoutError, socket.timeout) as e:
+                except (BotoCoreError, ConnectionError, TimeoutError) as e:
                     raise _RetryableError(f"S3 stream lost after {got} bytes: {e}") from e
                 if not chunk:
                     break
@@ -270,9 +269,12 @@ def _download_to_temp(opener: _Opener, tmp_dir: Path, desc: str, progress: bool)
     h = hashlib.sha256()
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
-        with os.fdopen(fd, "wb") as f, tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress, leave=False
-        ) as bar:
+        with (
+            os.fdopen(fd, "wb") as f,
+            tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress, leave=False
+            ) as bar,
+        ):
             for chunk in chunks:
                 h.update(chunk)
                 f.write(chunk)

@@ -121,8 +121,10 @@ def load_inception(params: Params, *, progress: bool = False) -> tuple[torch.nn.
 
     inc = params.evaluate.inception
     if inc.sha256 is None:
-        raise FIDSetupError("evaluate.inception.sha256: required for features 'inception', got null (fix: pin the "
-                            "64-hex digest or set sha256: record)")
+        raise FIDSetupError(
+            "evaluate.inception.sha256: required for features 'inception', got null (fix: pin the "
+            "64-hex digest or set sha256: record)"
+        )
     cache = Path(resolve_path(params.evaluate.cache_dir, params.repo_root))
     source = resolve_path(inc.source, params.repo_root) if "://" not in inc.source else inc.source
     try:
@@ -133,8 +135,10 @@ def load_inception(params: Params, *, progress: bool = False) -> tuple[torch.nn.
     try:
         model = FIDInception.from_file(path, expected_sha256=digest)
     except (ValueError, RuntimeError, OSError) as e:  # not a state_dict / wrong keys / wrong shapes
-        raise FIDSetupError(f"evaluate.inception.source: {path.name} is not a FID Inception-v3 state_dict "
-                            f"(pytorch-fid layout): {one_line(e, limit=600)}") from None
+        raise FIDSetupError(
+            f"evaluate.inception.source: {path.name} is not a FID Inception-v3 state_dict "
+            f"(pytorch-fid layout): {one_line(e, limit=600)}"
+        ) from None
     return model, digest, path
 
 
@@ -151,21 +155,28 @@ def data_hash(card: dict[str, Any], splits: list[str] | tuple[str, ...]) -> str:
 
 
 def _cache_key(dhash: str, weights_sha256: str) -> str:
-    blob = {"format": CACHE_FORMAT, "data": dhash, "inception_sha256": weights_sha256,
-            "preprocessing": PREPROCESS_VERSION}
+    blob = {
+        "format": CACHE_FORMAT,
+        "data": dhash,
+        "inception_sha256": weights_sha256,
+        "preprocessing": PREPROCESS_VERSION,
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _check_reference(where: str, mu: np.ndarray, sigma: np.ndarray, dim: int) -> None:
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise FIDSetupError(f"{where}: expected mu ({dim},) and sigma ({dim}, {dim}) for the {dim}-d Inception pool3 "
-                            f"features, got {tuple(mu.shape)} and {tuple(sigma.shape)} (wrong statistics file?)")
+        raise FIDSetupError(
+            f"{where}: expected mu ({dim},) and sigma ({dim}, {dim}) for the {dim}-d Inception pool3 "
+            f"features, got {tuple(mu.shape)} and {tuple(sigma.shape)} (wrong statistics file?)"
+        )
     if (np.diagonal(sigma) < 0).any():
         raise FIDSetupError(f"{where}: sigma has negative variances on its diagonal: not a covariance")
 
 
-def reference_from_file(source: str, sha256: str, cache_dir: str | Path, *, dim: int = 2048,
-                        progress: bool = False) -> ReferenceInfo:
+def reference_from_file(
+    source: str, sha256: str, cache_dir: str | Path, *, dim: int = 2048, progress: bool = False
+) -> ReferenceInfo:
     """Fetch an npz (mu, sigma) with its pinned sha256 and validate it; raises FIDSetupError (one line)."""
     from ctm_core.eval.metrics import load_reference_stats
     from pipelines.support.fetch import FetchError, fetch, recorded_sha256
@@ -177,8 +188,16 @@ def reference_from_file(source: str, sha256: str, cache_dir: str | Path, *, dim:
     except (FetchError, ValueError, OSError) as e:
         raise FIDSetupError(f"evaluate.reference.source: {one_line(e, limit=600)}") from None
     _check_reference(f"evaluate.reference.source: {Path(path).name}", ref.mu, ref.sigma, dim)
-    return ReferenceInfo(mu=ref.mu, sigma=ref.sigma, sha256=digest, source=source, path=Path(path),
-                         num_images=ref.num_images, cached=True, kid_features=None)
+    return ReferenceInfo(
+        mu=ref.mu,
+        sigma=ref.sigma,
+        sha256=digest,
+        source=source,
+        path=Path(path),
+        num_images=ref.num_images,
+        cached=True,
+        kid_features=None,
+    )
 
 
 def reference_from_data(
@@ -211,12 +230,24 @@ def reference_from_data(
             _check_reference(str(path), ref.mu, ref.sigma, ref.mu.shape[0])
             with np.load(path, allow_pickle=False) as npz:
                 kid_feats = npz["kid_features"].astype(np.float64) if "kid_features" in npz.files else None
-            return ReferenceInfo(mu=ref.mu, sigma=ref.sigma, sha256=ref.sha256, source="data", path=path,
-                                 num_images=ref.num_images, cached=True, kid_features=kid_feats, splits=splits,
-                                 data_hash=dhash, key=key)
+            return ReferenceInfo(
+                mu=ref.mu,
+                sigma=ref.sigma,
+                sha256=ref.sha256,
+                source="data",
+                path=path,
+                num_images=ref.num_images,
+                cached=True,
+                kid_features=kid_feats,
+                splits=splits,
+                data_hash=dhash,
+                key=key,
+            )
         except (ValueError, OSError, KeyError) as e:
-            print(f"fid_reference: cached statistics {path} are unusable ({one_line(e, limit=600)}); recomputing",
-                  file=sys.stderr)
+            print(
+                f"fid_reference: cached statistics {path} are unusable ({one_line(e, limit=600)}); recomputing",
+                file=sys.stderr,
+            )
     num_levels = int(card["image"]["num_levels"])
     images = np.concatenate([load_prepared(data, s)[0] for s in splits])  # (N, C, H, W) levels
     if len(images) < 2:
@@ -224,26 +255,53 @@ def reference_from_data(
     t0 = time.perf_counter()
     feats = []
     step = 4096  # convert to uint8 chunk by chunk (float64 copies of 50k images would take 1.2 GB)
-    for i in tqdm(range(0, len(images), step), desc="reference features", unit="chunk", disable=not progress,
-                  leave=False):
-        feats.append(extract_features(model, levels_to_uint8(images[i : i + step], num_levels), batch_size=batch,
-                                      device=device))
+    for i in tqdm(
+        range(0, len(images), step), desc="reference features", unit="chunk", disable=not progress, leave=False
+    ):
+        feats.append(
+            extract_features(model, levels_to_uint8(images[i : i + step], num_levels), batch_size=batch, device=device)
+        )
     f = np.concatenate(feats)  # (N, D) float64
     mu, sigma = feature_statistics(f)
     m = min(len(f), KID_REFERENCE_FEATURES)
     idx = np.sort(torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:m].numpy())
-    meta = {"key": key, "data_hash": dhash, "splits": list(splits), "inception_sha256": weights_sha256,
-            "preprocessing": PREPROCESS_VERSION, "num_images": int(len(f)), "format": CACHE_FORMAT,
-            "data_source_sha256": card.get("source", {}).get("sha256")}  # no timings: bytes = f(statistics)
-    digest = save_reference_stats(path, mu, sigma, meta=meta, num_images=int(len(f)),
-                                  extra={"kid_features": f[idx].astype(np.float32)})
+    meta = {
+        "key": key,
+        "data_hash": dhash,
+        "splits": list(splits),
+        "inception_sha256": weights_sha256,
+        "preprocessing": PREPROCESS_VERSION,
+        "num_images": int(len(f)),
+        "format": CACHE_FORMAT,
+        "data_source_sha256": card.get("source", {}).get("sha256"),
+    }  # no timings: bytes = f(statistics)
+    digest = save_reference_stats(
+        path, mu, sigma, meta=meta, num_images=int(len(f)), extra={"kid_features": f[idx].astype(np.float32)}
+    )
     print(f"fid_reference: {len(f)} images -> {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-    return ReferenceInfo(mu=mu, sigma=sigma, sha256=digest, source="data", path=path, num_images=int(len(f)),
-                         cached=False, kid_features=f[idx], splits=splits, data_hash=dhash, key=key)
+    return ReferenceInfo(
+        mu=mu,
+        sigma=sigma,
+        sha256=digest,
+        source="data",
+        path=path,
+        num_images=int(len(f)),
+        cached=False,
+        kid_features=f[idx],
+        splits=splits,
+        data_hash=dhash,
+        key=key,
+    )
 
 
-def setup_inception_fid(params: Params, card: dict[str, Any], data: str | Path, *,
-                        device: str | torch.device = "cpu", progress: bool = False) -> FIDSetup:
+def setup_inception_fid(
+    params: Params,
+    card: dict[str, Any],
+    data: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> FIDSetup:
     """Weights, then a fetched reference (cheap checks first), then a data reference; raises FIDSetupError."""
     ev = params.evaluate
     cache = Path(resolve_path(ev.cache_dir, params.repo_root))
@@ -256,19 +314,37 @@ def setup_inception_fid(params: Params, card: dict[str, Any], data: str | Path, 
         src = resolve_path(ref.source, params.repo_root) if "://" not in ref.source else ref.source
         info = reference_from_file(src, ref.sha256, cache, dim=dim, progress=progress)
     else:
-        info = reference_from_data(model, digest, data, card, ref.splits, cache, batch=ev.inception.batch,
-                                   device=device, progress=progress)
-    return FIDSetup(model=model, weights_sha256=digest, weights_path=wpath, weights_source=ev.inception.source,
-                    reference=info)
+        info = reference_from_data(
+            model, digest, data, card, ref.splits, cache, batch=ev.inception.batch, device=device, progress=progress
+        )
+    return FIDSetup(
+        model=model, weights_sha256=digest, weights_path=wpath, weights_source=ev.inception.source, reference=info
+    )
 
 
 # --- protocol identity ------------------------------------------------------------------------------------------------
-def protocol_dict(*, features: str, feature_net_sha256: str, reference_source: str, reference_sha256: str,
-                  num_samples: int, seed_start: int, preprocessing: str, feature_dim: int) -> dict[str, Any]:
+def protocol_dict(
+    *,
+    features: str,
+    feature_net_sha256: str,
+    reference_source: str,
+    reference_sha256: str,
+    num_samples: int,
+    seed_start: int,
+    preprocessing: str,
+    feature_dim: int,
+) -> dict[str, Any]:
     """What must be equal for two FIDs to be comparable (a promotion gate compares `protocol_sha256`)."""
-    return {"features": features, "feature_net_sha256": feature_net_sha256, "feature_dim": int(feature_dim),
-            "reference_source": reference_source, "reference_sha256": reference_sha256,
-            "num_samples": int(num_samples), "seed_start": int(seed_start), "preprocessing": preprocessing}
+    return {
+        "features": features,
+        "feature_net_sha256": feature_net_sha256,
+        "feature_dim": int(feature_dim),
+        "reference_source": reference_source,
+        "reference_sha256": reference_sha256,
+        "num_samples": int(num_samples),
+        "seed_start": int(seed_start),
+        "preprocessing": preprocessing,
+    }
 
 
 def protocol_sha256(protocol: dict[str, Any]) -> str:
@@ -294,8 +370,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(e, limit=600)}", file=sys.stderr)
         return 2
     r = s.reference
-    print(json.dumps({"path": str(r.path), "sha256": r.sha256, "num_images": r.num_images, "cached": r.cached,
-                      "inception_sha256": s.weights_sha256}, indent=2))
+    print(
+        json.dumps(
+            {
+                "path": str(r.path),
+                "sha256": r.sha256,
+                "num_images": r.num_images,
+                "cached": r.cached,
+                "inception_sha256": s.weights_sha256,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -58,8 +58,10 @@ class Decision:
     threshold: float | None = None  # what the improvement had to exceed
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+            for k, v in dataclasses.asdict(self).items()
+        }
 
 
 def _finite(v: Any) -> float | None:
@@ -102,8 +104,15 @@ def read_protocol(eval_dir: str | os.PathLike[str]) -> tuple[dict[str, Any] | No
     return raw, sha
 
 
-def decide(challenger: Evidence, status: str, champion: Evidence | None, *, mode: str = "min",
-           noise_z: float = 2.0, min_improvement: float = 0.0) -> Decision:
+def decide(
+    challenger: Evidence,
+    status: str,
+    champion: Evidence | None,
+    *,
+    mode: str = "min",
+    noise_z: float = 2.0,
+    min_improvement: float = 0.0,
+) -> Decision:
     """The gate (module doc). `status` is 'ok' or 'failed: <why>' from reading the challenger's evaluation;
     `champion` is None when the model has no champion yet."""
     if mode not in ("min", "max"):
@@ -119,24 +128,43 @@ def decide(challenger: Evidence, status: str, champion: Evidence | None, *, mode
     if champ_value is None:
         return Decision("champion", "the current champion has no valid metric tag")
     if challenger.protocol is None or champion.protocol is None or challenger.protocol != champion.protocol:
-        return Decision("challenger", f"not comparable: evaluation protocol {challenger.protocol} differs from the "
-                        f"champion's {champion.protocol} (features, reference statistics, sample count or seeds); "
-                        "re-evaluate the champion with this protocol or move @champion by hand")
+        return Decision(
+            "challenger",
+            f"not comparable: evaluation protocol {challenger.protocol} differs from the "
+            f"champion's {champion.protocol} (features, reference statistics, sample count or seeds); "
+            "re-evaluate the champion with this protocol or move @champion by hand",
+        )
     diff = champ_value - value if mode == "min" else value - champ_value
     scale = abs(champ_value)
     rel = diff / scale if scale > 0 else None
     sig_a, sig_b = _finite(challenger.noise), _finite(champion.noise)
     if sig_a is None and sig_b is None:
-        return Decision("challenger", "no measured noise for either evaluation (need seed-set std or bootstrap "
-                        "interval): champion kept", diff, rel)
+        return Decision(
+            "challenger",
+            "no measured noise for either evaluation (need seed-set std or bootstrap interval): champion kept",
+            diff,
+            rel,
+        )
     sig_a = sig_b if sig_a is None else sig_a
     sig_b = sig_a if sig_b is None else sig_b
     noise = math.sqrt(sig_a**2 + sig_b**2)
     threshold = max(noise_z * noise, min_improvement * scale)
     if diff > threshold:
-        return Decision("champion", f"better than the champion by {diff:.4g} > {threshold:.4g} "
-                        f"(= max({noise_z:g}·noise {noise:.4g}, {min_improvement:g}·|champion|))",
-                        diff, rel, noise, threshold)
-    return Decision("challenger", f"improvement {diff:.4g} <= {threshold:.4g} (= max({noise_z:g}·noise "
-                    f"{noise:.4g}, {min_improvement:g}·|champion|)): within the noise, champion kept",
-                    diff, rel, noise, threshold)
+        return Decision(
+            "champion",
+            f"better than the champion by {diff:.4g} > {threshold:.4g} "
+            f"(= max({noise_z:g}·noise {noise:.4g}, {min_improvement:g}·|champion|))",
+            diff,
+            rel,
+            noise,
+            threshold,
+        )
+    return Decision(
+        "challenger",
+        f"improvement {diff:.4g} <= {threshold:.4g} (= max({noise_z:g}·noise "
+        f"{noise:.4g}, {min_improvement:g}·|champion|)): within the noise, champion kept",
+        diff,
+        rel,
+        noise,
+        threshold,
+    )

@@ -58,15 +58,18 @@ def make_signature(img_resolution: int, img_channels: int):
     from mlflow.types import ColSpec, DataType, Schema, TensorSpec
     from mlflow.types.schema import Array
 
-    inputs = Schema([
-        ColSpec(DataType.long, "num_samples"),
-        ColSpec(DataType.long, "nfe"),
-        ColSpec(DataType.double, "gamma"),
-        ColSpec(DataType.long, "seed"),
-        ColSpec(Array(DataType.long), "class_labels", required=False),
-    ])
-    outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, int(img_resolution), int(img_resolution),
-                                                      int(img_channels)))])
+    inputs = Schema(
+        [
+            ColSpec(DataType.long, "num_samples"),
+            ColSpec(DataType.long, "nfe"),
+            ColSpec(DataType.double, "gamma"),
+            ColSpec(DataType.long, "seed"),
+            ColSpec(Array(DataType.long), "class_labels", required=False),
+        ]
+    )
+    outputs = Schema(
+        [TensorSpec(np.dtype(np.uint8), (-1, int(img_resolution), int(img_resolution), int(img_channels)))]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -106,8 +109,10 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
         return [values]
     if isinstance(model_input, list) and all(isinstance(r, Mapping) for r in model_input):
         return [dict(r) for r in model_input]
-    raise ValueError(f"model_input: expected a pandas DataFrame or a dict with keys {list(INPUT_COLUMNS)}, got "
-                     f"{type(model_input).__name__}")
+    raise ValueError(
+        f"model_input: expected a pandas DataFrame or a dict with keys {list(INPUT_COLUMNS)}, got "
+        f"{type(model_input).__name__}"
+    )
 
 
 class CTMSampler(mlflow.pyfunc.PythonModel):
@@ -163,8 +168,12 @@ class CTMSampler(mlflow.pyfunc.PythonModel):
         nfe = _as_int("nfe", row.get("nfe", 1), 1, MAX_NFE)
         seed = _as_int("seed", row.get("seed", 0), 0, 2**63 - 1)
         gamma = row.get("gamma", 0.0)
-        if isinstance(gamma, bool) or _is_missing(gamma) or not isinstance(gamma, (int, float, np.number)) or \
-                not 0.0 <= float(gamma) <= 1.0:
+        if (
+            isinstance(gamma, bool)
+            or _is_missing(gamma)
+            or not isinstance(gamma, (int, float, np.number))
+            or not 0.0 <= float(gamma) <= 1.0
+        ):
             raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
         gamma = float(gamma)
         st = self.student
@@ -178,13 +187,22 @@ class CTMSampler(mlflow.pyfunc.PythonModel):
                 rnd = StackedRandomGenerator("cpu", seeds)
                 latents = rnd.randn([len(seeds), C, R, R])  # (b, C, R, R) float32, as EDM generate.py draws them
                 if labels_all is not None:
-                    labels = labels_all[start:start + len(seeds)]  # (b, L)
+                    labels = labels_all[start : start + len(seeds)]  # (b, L)
                 elif L > 0:  # a random class per image, drawn after its latents (EDM generate.py order)
                     labels = torch.eye(L, dtype=torch.float32)[rnd.randint(L, size=[len(seeds)])]  # (b, L)
                 else:
                     labels = None
-                x = gamma_sampler(st, latents, labels, nfe=nfe, gamma=gamma, sigma_min=st.sigma_min,
-                                  sigma_max=st.sigma_max, rho=self.rho, randn_like=rnd.randn_like)
+                x = gamma_sampler(
+                    st,
+                    latents,
+                    labels,
+                    nfe=nfe,
+                    gamma=gamma,
+                    sigma_min=st.sigma_min,
+                    sigma_max=st.sigma_max,
+                    rho=self.rho,
+                    randn_like=rnd.randn_like,
+                )
                 out.append(to_uint8(x))
         return np.concatenate(out)
 

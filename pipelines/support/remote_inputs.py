@@ -54,8 +54,12 @@ def resolve_inputs(data: str, teacher: str, cache_dir: str | os.PathLike[str] | 
     cache = Path(cache_dir) if cache_dir is not None else input_cache_dir()
     data_dir = _fetch_prepared(str(data).rstrip("/"), cache) if is_s3[0] else Path(data).resolve()
     teacher_dir = _fetch_teacher(str(teacher).rstrip("/"), cache) if is_s3[1] else Path(teacher).resolve()
-    return Inputs(data_dir, teacher_dir, str(data).rstrip("/") if is_s3[0] else None,
-                  str(teacher).rstrip("/") if is_s3[1] else None)
+    return Inputs(
+        data_dir,
+        teacher_dir,
+        str(data).rstrip("/") if is_s3[0] else None,
+        str(teacher).rstrip("/") if is_s3[1] else None,
+    )
 
 
 def _s3_download(uri: str, tmp_dir: Path, what: str) -> tuple[Path, str]:
@@ -64,8 +68,9 @@ def _s3_download(uri: str, tmp_dir: Path, what: str) -> tuple[Path, str]:
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _with_retries(lambda: _download_to_temp(lambda: _open_s3(uri, 30.0, 3), tmp_dir, uri, False),
-                             uri, 3, 0.5)
+        return _with_retries(
+            lambda: _download_to_temp(lambda: _open_s3(uri, 30.0, 3), tmp_dir, uri, False), uri, 3, 0.5
+        )
     except FetchError as e:
         msg = one_line(e)
         if msg.startswith("S3 object not found"):
@@ -80,18 +85,23 @@ def _install(tmp: Path, dest: Path) -> None:
 
 def _fetch_prepared(uri: str, cache: Path) -> Path:
     """``card.json`` + the train shards of a prepared folder on S3, each shard checked against the card."""
-    from pipelines.support.io_utils import read_json, sha256_file
     from pipelines.prepare import CARD_FORMAT
+    from pipelines.support.io_utils import read_json, sha256_file
 
     tmp_dir = cache / "tmp"
-    card_tmp, card_sha = _s3_download(f"{uri}/card.json", tmp_dir,
-                                      "fix: --data must be the folder the prepare stage writes (card.json + "
-                                      "train/*.parquet), e.g. after aws s3 sync data/prepared <that URI>")
+    card_tmp, card_sha = _s3_download(
+        f"{uri}/card.json",
+        tmp_dir,
+        "fix: --data must be the folder the prepare stage writes (card.json + "
+        "train/*.parquet), e.g. after aws s3 sync data/prepared <that URI>",
+    )
     try:
         card = read_json(card_tmp)
         if card.get("format") != CARD_FORMAT:
-            raise InputError(f"{uri}/card.json: expected format {CARD_FORMAT!r}, got {card.get('format')!r} "
-                             "(fix: point --data at a folder written by the prepare stage)")
+            raise InputError(
+                f"{uri}/card.json: expected format {CARD_FORMAT!r}, got {card.get('format')!r} "
+                "(fix: point --data at a folder written by the prepare stage)"
+            )
         folder = cache / "prepared" / card_sha[:16]
         for shard in card["splits"]["train"]["shards"]:
             dest = folder / shard["path"]
@@ -100,9 +110,11 @@ def _fetch_prepared(uri: str, cache: Path) -> Path:
             tmp, got = _s3_download(f"{uri}/{shard['path']}", tmp_dir, "listed in card.json")
             if got != shard["sha256"]:
                 tmp.unlink(missing_ok=True)
-                raise InputError(f"sha256 mismatch for {uri}/{shard['path']}: expected {shard['sha256']} (card.json), "
-                                 f"got {got}; the object is truncated or was modified (nothing cached): re-upload "
-                                 "the prepared folder (aws s3 sync / dvc push) or re-run the prepare stage")
+                raise InputError(
+                    f"sha256 mismatch for {uri}/{shard['path']}: expected {shard['sha256']} (card.json), "
+                    f"got {got}; the object is truncated or was modified (nothing cached): re-upload "
+                    "the prepared folder (aws s3 sync / dvc push) or re-run the prepare stage"
+                )
             _install(tmp, dest)
         _install(card_tmp, folder / "card.json")  # last: a folder with card.json has its train shards
     finally:
@@ -117,8 +129,10 @@ def _fetch_teacher(uri: str, cache: Path) -> Path:
     from ctm_core.io.teacher_format import CONFIG_FILE, WEIGHTS_FILE, load_edm_checkpoint
     from pipelines.support.io_utils import read_json, sha256_file
 
-    fix = ("fix: --teacher must be the folder the teacher stage writes (teacher.safetensors + config.json), e.g. "
-           "after aws s3 sync artifacts/teacher <that URI>")
+    fix = (
+        "fix: --teacher must be the folder the teacher stage writes (teacher.safetensors + config.json), e.g. "
+        "after aws s3 sync artifacts/teacher <that URI>"
+    )
     tmp_dir = cache / "tmp"
     cfg_tmp, cfg_sha = _s3_download(f"{uri}/{CONFIG_FILE}", tmp_dir, fix)
     try:
@@ -130,8 +144,9 @@ def _fetch_teacher(uri: str, cache: Path) -> Path:
         stamp = folder / "verified.json"  # sha256 of both files once load_edm_checkpoint accepted them
         if stamp.is_file() and (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
             seen = read_json(stamp)
-            if (seen.get(CONFIG_FILE) == cfg_sha == sha256_file(folder / CONFIG_FILE)
-                    and seen.get(WEIGHTS_FILE) == sha256_file(folder / WEIGHTS_FILE)):
+            if seen.get(CONFIG_FILE) == cfg_sha == sha256_file(folder / CONFIG_FILE) and seen.get(
+                WEIGHTS_FILE
+            ) == sha256_file(folder / WEIGHTS_FILE):
                 return folder
         staging = Path(tempfile.mkdtemp(prefix="teacher-", dir=tmp_dir))
         try:
@@ -141,8 +156,10 @@ def _fetch_teacher(uri: str, cache: Path) -> Path:
             try:
                 load_edm_checkpoint(staging)  # weights_sha256 + config/metadata agreement + architecture
             except (ValueError, KeyError, RuntimeError) as e:
-                raise InputError(f"teacher {uri} failed verification ({one_line(e)}); nothing cached: re-upload "
-                                 "the teacher folder or re-run the teacher stage") from None
+                raise InputError(
+                    f"teacher {uri} failed verification ({one_line(e)}); nothing cached: re-upload "
+                    "the teacher folder or re-run the teacher stage"
+                ) from None
             (staging / "verified.json").write_text(json.dumps({CONFIG_FILE: cfg_sha, WEIGHTS_FILE: w_sha}))
             if folder.exists():
                 shutil.rmtree(folder)

@@ -22,8 +22,9 @@ class InputError(ValueError):
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------------
-def check_inputs(params: Params, data: Path, teacher: Path, student: Path, *,
-                 need_labels: bool | None = None) -> dict[str, Any]:
+def check_inputs(
+    params: Params, data: Path, teacher: Path, student: Path, *, need_labels: bool | None = None
+) -> dict[str, Any]:
     """Check every input before any work; returns {'card', 'student_config', 'variant'}. Raises InputError.
 
     need_labels: whether the data must have class labels (default: `evaluate.features == 'classifier'`, the feature
@@ -40,14 +41,17 @@ def check_inputs(params: Params, data: Path, teacher: Path, student: Path, *,
     if need_labels is None:
         need_labels = params.evaluate.features == "classifier"
     if need_labels and int(card["labels"]["label_dim"]) < 2:
-        raise InputError(f"--data: {data} has no class labels (label_dim {card['labels']['label_dim']}); the feature "
-                         "classifier of the Fréchet distance needs a labelled training split (fix: set "
-                         "evaluate.features: inception)")
+        raise InputError(
+            f"--data: {data} has no class labels (label_dim {card['labels']['label_dim']}); the feature "
+            "classifier of the Fréchet distance needs a labelled training split (fix: set "
+            "evaluate.features: inception)"
+        )
     if not teacher.exists():
         raise InputError(f"--teacher: {teacher} does not exist (run the teacher stage first: dvc repro teacher)")
     if teacher.is_dir() and not (teacher / "teacher.safetensors").is_file():
-        raise InputError(f"--teacher: {teacher} has no teacher.safetensors (expected a folder written by the teacher "
-                         "stage)")
+        raise InputError(
+            f"--teacher: {teacher} has no teacher.safetensors (expected a folder written by the teacher stage)"
+        )
     if not student.is_dir():
         raise InputError(f"--student: {student} does not exist (run the distill stage first: dvc repro distill)")
     try:
@@ -56,15 +60,25 @@ def check_inputs(params: Params, data: Path, teacher: Path, student: Path, *,
         raise InputError(f"--student: {e}") from None
     variant = ema_variant(params.evaluate.ema)
     if variant not in config["variants"]:
-        raise InputError(f"evaluate.ema: the student in {student} has no weights {variant!r}, it has "
-                         f"{sorted(config['variants'])} (fix: set evaluate.ema to one of distill.eval_emas it saved)")
+        raise InputError(
+            f"evaluate.ema: the student in {student} has no weights {variant!r}, it has "
+            f"{sorted(config['variants'])} (fix: set evaluate.ema to one of distill.eval_emas it saved)"
+        )
     return {"card": card, "student_config": config, "variant": variant}
 
 
 # --- MLflow -----------------------------------------------------------------------------------------------------------
-def log_stage_to_mlflow(params: Params, student: Path, folder: Path, metrics: dict[str, Any], *, stage: str,
-                        artifact_prefix: str, extra_tags: dict[str, str] | None = None,
-                        complete: bool | None = None) -> str:
+def log_stage_to_mlflow(
+    params: Params,
+    student: Path,
+    folder: Path,
+    metrics: dict[str, Any],
+    *,
+    stage: str,
+    artifact_prefix: str,
+    extra_tags: dict[str, str] | None = None,
+    complete: bool | None = None,
+) -> str:
     """Log a stage's numeric metrics, tags and the .json/.csv/.png files of `folder` (under `artifact_prefix/`) to
     the distill run named by `student/run.json` when it exists in the tracking store, else to a `<stage>-<hash>`
     stage run (resumed by name, not duplicated). Tags: `ctm.<stage>.params_hash`, `ctm.<stage>.complete` plus
@@ -78,8 +92,7 @@ def log_stage_to_mlflow(params: Params, student: Path, folder: Path, metrics: di
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (bool, int, float))}
     h = params_hash(params.section(stage))
     complete = bool(metrics.get("complete")) if complete is None else bool(complete)
-    tags = {f"ctm.{stage}.params_hash": h, f"ctm.{stage}.complete": str(complete).lower(),
-            **(extra_tags or {})}
+    tags = {f"ctm.{stage}.params_hash": h, f"ctm.{stage}.complete": str(complete).lower(), **(extra_tags or {})}
 
     def log_all() -> str:
         run = mlflow.active_run()
@@ -105,8 +118,10 @@ def log_stage_to_mlflow(params: Params, student: Path, folder: Path, metrics: di
         try:
             MlflowClient(tracking_uri=uri).get_run(run_id)
         except Exception:  # noqa: BLE001 - not in this store: fall back to a stage run
-            print(f"{stage}: MLflow run {run_id} (from {run_json}) not found in {uri}; logging to a new "
-                  f"{stage} run", file=sys.stderr)
+            print(
+                f"{stage}: MLflow run {run_id} (from {run_json}) not found in {uri}; logging to a new {stage} run",
+                file=sys.stderr,
+            )
             run_id = None
     if run_id:
         with mlflow.start_run(run_id=run_id):

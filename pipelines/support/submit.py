@@ -54,8 +54,14 @@ ACTIVE = ("PENDING", "RUNNING")
 
 # Non-secret variables of the environment contract (infra/README §1) passed to the job when set here.
 PASS_THROUGH_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS", "MLFLOW_EXPERIMENT_NAME",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_S3_IGNORE_TLS",
+    "MLFLOW_EXPERIMENT_NAME",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
     "RAY_DATA_DISABLE_PROGRESS_BARS",
 )
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -64,8 +70,21 @@ FORWARD_SECRETS_FLAG = "CTM_SUBMIT_FORWARD_AWS_CREDENTIALS"
 # Never uploaded: large or machine-local folders (most are git-ignored already; belt and braces for repos whose
 # .gitignore differs). Patterns are gitignore-style, relative to the working dir.
 EXCLUDES = [
-    "data/", "artifacts/", "ray_results/", "mlruns/", "mlartifacts/", "mlflow.db", ".cache/", "dvc_cache/",
-    ".dvc/cache/", ".dvc/tmp/", ".pytest_cache/", ".ruff_cache/", ".whl/", "*.egg-info/", "benchmarks/results/",
+    "data/",
+    "artifacts/",
+    "ray_results/",
+    "mlruns/",
+    "mlartifacts/",
+    "mlflow.db",
+    ".cache/",
+    "dvc_cache/",
+    ".dvc/cache/",
+    ".dvc/tmp/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    ".whl/",
+    "*.egg-info/",
+    "benchmarks/results/",
 ]
 PATH_FLAGS = ("--params", "--best-params", "--data", "--teacher", "--out")
 
@@ -105,8 +124,10 @@ def find_auth_token(params: Any | None = None) -> tuple[str | None, str]:
             if tok:
                 return tok, f"{source} ({path})"
         elif source == "RAY_AUTH_TOKEN_PATH":
-            raise FileNotFoundError(f"RAY_AUTH_TOKEN_PATH: file {str(path)!r} not found (fix: point it at the "
-                                    "cluster's token file, or unset it)")
+            raise FileNotFoundError(
+                f"RAY_AUTH_TOKEN_PATH: file {str(path)!r} not found (fix: point it at the "
+                "cluster's token file, or unset it)"
+            )
     return None, "none"
 
 
@@ -142,8 +163,10 @@ def absolutize_argv(argv: list[str], root: Path, cwd: Path | None = None) -> tup
             if inside and _is_uploaded(p, root):
                 value = p.relative_to(root).as_posix()  # travels with the working dir (the job's cwd)
             else:
-                notes.append(f"{flag} {value} -> {p} (not in the uploaded working dir: the cluster must see this "
-                             "path, e.g. a shared file system; else use s3://)")
+                notes.append(
+                    f"{flag} {value} -> {p} (not in the uploaded working dir: the cluster must see this "
+                    "path, e.g. a shared file system; else use s3://)"
+                )
                 value = str(p)
         if value is not None:
             out.extend([f"{flag}={value}"] if joined else [flag, value])
@@ -176,9 +199,12 @@ def _make_client(address: str, params: Any):
         if "401" in msg or "403" in msg or "nauthorized" in msg or "orbidden" in msg:
             raise RuntimeError(
                 f"ray job submit: {address} refused authentication (token from {source}) (fix: set RAY_AUTH_TOKEN "
-                "or RAY_AUTH_TOKEN_PATH to the cluster's token)") from None
-        raise RuntimeError(f"ray job submit: cannot reach the Ray dashboard at {address}: {msg[:300]} (fix: check "
-                           "ray.address / RAY_ADDRESS, e.g. http://127.0.0.1:8265 through `ray dashboard`)") from None
+                "or RAY_AUTH_TOKEN_PATH to the cluster's token)"
+            ) from None
+        raise RuntimeError(
+            f"ray job submit: cannot reach the Ray dashboard at {address}: {msg[:300]} (fix: check "
+            "ray.address / RAY_ADDRESS, e.g. http://127.0.0.1:8265 through `ray dashboard`)"
+        ) from None
     return client, source
 
 
@@ -216,13 +242,24 @@ def _stream_until_done(client, job_id: str, poll_s: float, timeout_s: float | No
 # Entry point used by the stages
 
 
-def submit_job(params: Any, module: str, argv: list[str], *, stage: str | None = None, poll_s: float = 2.0,
-               timeout_s: float | None = None, max_attempts: int = 100) -> int:
+def submit_job(
+    params: Any,
+    module: str,
+    argv: list[str],
+    *,
+    stage: str | None = None,
+    poll_s: float = 2.0,
+    timeout_s: float | None = None,
+    max_attempts: int = 100,
+) -> int:
     """Submit ``python -m <module> <argv>`` to ``ray.address``/``RAY_ADDRESS`` and block; 0 iff SUCCEEDED."""
     address = params.ray.address or os.environ.get("RAY_ADDRESS")
     if not address or not address.startswith(("http://", "https://")):
-        print(f"submit: ray.submit needs the dashboard URL (http://head:8265) in ray.address or RAY_ADDRESS, got "
-              f"{address!r}", file=sys.stderr)
+        print(
+            f"submit: ray.submit needs the dashboard URL (http://head:8265) in ray.address or RAY_ADDRESS, got "
+            f"{address!r}",
+            file=sys.stderr,
+        )
         return 1
     root = _repo_root()
     stage = stage or module.rsplit(".", 1)[-1]
@@ -244,31 +281,49 @@ def submit_job(params: Any, module: str, argv: list[str], *, stage: str | None =
             candidate = submission_id(stage, module, argv, params, attempt)
             status = _job_status(client, candidate)
             if status is None:
-                job_id = client.submit_job(entrypoint=entrypoint, submission_id=candidate, runtime_env=runtime_env,
-                                           metadata={"ctm.stage": stage, "ctm.module": module})
-                print(f"submit: job {job_id} submitted to {address} (auth token from {token_source})",
-                      file=sys.stderr, flush=True)
+                job_id = client.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=candidate,
+                    runtime_env=runtime_env,
+                    metadata={"ctm.stage": stage, "ctm.module": module},
+                )
+                print(
+                    f"submit: job {job_id} submitted to {address} (auth token from {token_source})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 break
             if status in ACTIVE:
                 job_id = candidate
-                print(f"submit: job {job_id} is already {status} on {address}: attaching to it", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"submit: job {job_id} is already {status} on {address}: attaching to it",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 break
             attempt += 1
         if job_id is None:
-            print(f"submit: {max_attempts} attempts of this submission exist already on {address} (fix: ray job "
-                  "delete old ones)", file=sys.stderr)
+            print(
+                f"submit: {max_attempts} attempts of this submission exist already on {address} (fix: ray job "
+                "delete old ones)",
+                file=sys.stderr,
+            )
             return 1
         final = _stream_until_done(client, job_id, poll_s, timeout_s)
     except KeyboardInterrupt:
         if job_id is not None:
-            print(f"submit: interrupted; job {job_id} keeps running on {address} (re-run the stage to attach to it, "
-                  f"or RAY_ADDRESS={address} ray job stop {job_id})", file=sys.stderr)
+            print(
+                f"submit: interrupted; job {job_id} keeps running on {address} (re-run the stage to attach to it, "
+                f"or RAY_ADDRESS={address} ray job stop {job_id})",
+                file=sys.stderr,
+            )
         raise
     except Exception as e:  # noqa: BLE001 - the cluster went away or refused us: one clear line, exit 1
         where = f"job {job_id}" if job_id else "submission"
-        print(f"submit: {where} on {address} failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}",
-              file=sys.stderr)
+        print(
+            f"submit: {where} on {address} failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}",
+            file=sys.stderr,
+        )
         return 1
     if final == "SUCCEEDED":
         print(f"submit: job {job_id} SUCCEEDED", file=sys.stderr)
