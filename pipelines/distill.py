@@ -98,7 +98,7 @@ def _load_train_split(data_dir: str, card: dict[str, Any]):
     import numpy as np
     import torch
 
-    from pipelines.prepare import levels_to_unit, load_prepared
+    from ctm_core.data.prepared import levels_to_unit, load_prepared
 
     im = card["image"]
     shape = (im["channels"], im["height"], im["width"])
@@ -306,7 +306,7 @@ class _QualityProbe:
     (``ctm_core.eval.metrics.save_reference_stats``), both written by ``pipelines.tune``; "classifier_sha256",
     "reference_sha256": their expected digests; "num_samples", "batch", "seed": image i uses seed ``seed + i``;
     "ema": None (online weights) or an ``eval_emas`` rate}. The samples are made exactly as the evaluate stage
-    makes its ``fd_nfe1`` (1-step γ=0 jump, ``pipelines.evaluate.sample_method``), clamped and quantised to the
+    makes its ``fd_nfe1`` (1-step γ=0 jump, ``ctm_core.eval.methods.sample_method``), clamped and quantised to the
     data's levels. Non-finite samples (a diverged trial) are mapped to mid-grey before clamping, so such a trial gets
     a large but finite FD that schedulers and searchers can rank; their fraction is reported as
     ``fd_nfe1_nonfinite``.
@@ -332,8 +332,8 @@ class _QualityProbe:
         import torch
 
         from ctm_core.eval.classifier import classifier_features
+        from ctm_core.eval.methods import Method, sample_method
         from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
-        from pipelines.evaluate import Method, sample_method
 
         net = trainer.model if self.ema is None else trainer.emas[float(self.ema)]
         was_training = net.training
@@ -414,8 +414,8 @@ def _distill_section(params, best_params: str | None):
 
 
 def _check_inputs(data_dir: Path, teacher_dir: Path) -> dict[str, Any]:
+    from ctm_core.data.prepared import load_card
     from ctm_core.io.teacher_format import load_edm_checkpoint
-    from pipelines.prepare import load_card
 
     card = load_card(data_dir)  # names the missing stage output
     if not (teacher_dir / "teacher.safetensors").is_file():

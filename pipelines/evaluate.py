@@ -69,12 +69,10 @@ missing inputs (one line on stderr, nothing written), 1 failure during the work 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,195 +80,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ctm_core.eval.methods import (
+    plan_methods,
+    sample_method,
+    seed_sets,
+    student_nfes,
+    train_feature_classifier,
+)
 from pipelines.config import Params, ParamsError, load_params, params_hash
 from pipelines.support.io_utils import atomic_write_json, atomic_write_text, read_json, staged_dir
 from pipelines.support.stage_common import InputError, check_inputs, log_stage_to_mlflow, stage_arg_parser
 
 __all__ = [
     "InputError",
-    "Method",
     "check_inputs",
-    "euler_sampler",
     "evaluate",
     "main",
-    "plan_methods",
-    "sample_method",
-    "seed_sets",
 ]
 
 NUM_BOOTSTRAP = 200  # bootstrap replicates per method (64-d features: milliseconds each)
-NUM_SEED_SETS = 3  # disjoint seed sets for the mean ± std / min error bars
-STUDENT_HEUN_NFES = (3, 7)  # the student's own score sampler (Heun with g(x, σ, σ)): 2 and 4 Heun steps
 KID_SUBSETS = 20
-
-
-# --- samplers ---------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def euler_sampler(
-    denoiser: Callable[..., torch.Tensor],
-    latents: torch.Tensor,
-    class_labels: torch.Tensor | None = None,
-    *,
-    num_steps: int = 1,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
-) -> torch.Tensor:
-    """Deterministic Euler on the PF-ODE dx/dσ = (x − D(x; σ))/σ (Karras et al. 2022, eq. 4 / Algorithm 1 without
-    the Heun correction) over the Karras grid of `num_steps` points plus t_N = 0; NFE = num_steps.
-
-    num_steps = 1 is the single step from sigma_max to 0: x_0 = D(x_T; sigma_max) (the "1-step teacher" baseline).
-    latents: (B, C, H, W) standard normal; returns (B, C, H, W) float64 (not clamped).
-    """
-    from ctm_core.diffusion.schedules import karras_sigmas
-
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
-    sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
-    sigma_max = min(sigma_max, float(getattr(denoiser, "sigma_max", math.inf)))
-    if num_steps == 1:
-        t_steps = torch.tensor([sigma_max], dtype=torch.float64, device=latents.device)
-    else:
-        t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).to(latents.device)
-    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # (N+1,)
-    x = latents.to(torch.float64) * t_steps[0]
-    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
-        D_x = denoiser(x, t_cur, class_labels).to(torch.float64)
-        x = x + (t_next - t_cur) * (x - D_x) / t_cur
-    return x
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One way of producing samples. kind: 'gamma' | 'student_heun' | 'teacher_heun' | 'teacher_euler'."""
-
-    key: str  # metrics key, e.g. fd_nfe2_gamma0.5
-    kind: str
-    nfe: int
-    gamma: float | None = None
-    label: str = ""
-
-    @property
-    def grid_name(self) -> str:
-        return self.key.removeprefix("fd_")
-
-
-def _nfes(params: Params) -> list[int]:
-    """Student NFEs: evaluate.nfe plus 1 (fd_nfe1 is the number tune and register read)."""
-    return sorted(set(params.evaluate.nfe) | {1})
-
-
-def plan_methods(params: Params) -> list[Method]:
-    """Every method the stage samples (module doc), in order; NFE-1 gamma variants are one method (identical)."""
-    ev = params.evaluate
-    gammas = sorted(set(ev.gammas) | {0.0, 1.0})
-    methods = []
-    for n in _nfes(params):
-        for g in gammas if n > 1 else [0.0]:
-            methods.append(Method(f"fd_nfe{n}_gamma{g:g}", "gamma", n, g, f"CTM γ={g:g}, {n} NFE"))
-    for n in STUDENT_HEUN_NFES:
-        methods.append(Method(f"fd_student_heun{n}", "student_heun", n, None, f"student g Heun, {n} NFE"))
-    methods.append(
-        Method(
-            f"fd_teacher_heun{ev.teacher_nfe}",
-            "teacher_heun",
-            ev.teacher_nfe,
-            None,
-            f"teacher Heun, {ev.teacher_nfe} NFE",
-        )
-    )
-    methods.append(
-        Method(
-            f"fd_teacher_euler{ev.teacher_euler_nfe}",
-            "teacher_euler",
-            ev.teacher_euler_nfe,
-            None,
-            f"teacher Euler, {ev.teacher_euler_nfe} NFE",
-        )
-    )
-    return methods
-
-
-@torch.no_grad()
-def _sample_batch(
-    method: Method,
-    student,
-    teacher,
-    seeds: Sequence[int],
-    img_shape: tuple[int, int, int],
-    label_dim: int,
-    device: torch.device,
-) -> torch.Tensor:
-    from ctm_core.diffusion.samplers import StackedRandomGenerator, edm_sampler, gamma_sampler, student_heun_sampler
-
-    rnd = StackedRandomGenerator(device, seeds)
-    latents = rnd.randn([len(seeds), *img_shape])  # (B, C, H, W)
-    labels = None
-    if label_dim:  # EDM generate.py: one-hot labels from the same per-seed streams
-        labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, [len(seeds)])]
-    if method.kind == "gamma":
-        return gamma_sampler(
-            student,
-            latents,
-            labels,
-            nfe=method.nfe,
-            gamma=method.gamma,
-            sigma_min=student.sigma_min,
-            sigma_max=student.sigma_max,
-            randn_like=rnd.randn_like,
-        )
-    if method.kind == "student_heun" and method.nfe > 1:
-        return student_heun_sampler(
-            student,
-            latents,
-            labels,
-            num_steps=(method.nfe + 1) // 2,
-            sigma_min=student.sigma_min,
-            sigma_max=student.sigma_max,
-            randn_like=rnd.randn_like,
-        )
-    if method.kind == "teacher_heun" and method.nfe > 1:
-        return edm_sampler(teacher, latents, labels, randn_like=rnd.randn_like, num_steps=(method.nfe + 1) // 2)
-    if method.kind in ("student_heun", "teacher_heun", "teacher_euler"):  # Heun with 1 step is 1 Euler step
-        if method.kind == "student_heun":
-            from ctm_core.diffusion.samplers import student_as_denoiser
-
-            return euler_sampler(student_as_denoiser(student), latents, labels, num_steps=method.nfe)
-        return euler_sampler(teacher, latents, labels, num_steps=method.nfe)
-    raise ValueError(f"method.kind: expected gamma/student_heun/teacher_heun/teacher_euler, got {method.kind!r}")
-
-
-def sample_method(
-    method: Method,
-    student,
-    teacher,
-    *,
-    seeds: Sequence[int],
-    batch: int,
-    img_shape: tuple[int, int, int],
-    label_dim: int = 0,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> torch.Tensor:
-    """Samples (N, C, H, W) float64, not clamped, for `seeds` (one image per seed), in chunks of `batch`."""
-    device = torch.device(device)
-    out = []
-    chunks = range(0, len(seeds), batch)
-    for i in tqdm(chunks, desc=method.label or method.key, unit="batch", disable=not progress, leave=False):
-        out.append(
-            _sample_batch(method, student, teacher, list(seeds[i : i + batch]), img_shape, label_dim, device).cpu()
-        )
-    return torch.cat(out)
-
-
-def seed_sets(num_samples: int, feature_dim: int, max_sets: int = NUM_SEED_SETS) -> list[slice]:
-    """Split range(num_samples) into K contiguous disjoint seed sets, K = the largest of max_sets..1 leaving at
-    least 2·feature_dim images per set (so each set's covariance is well conditioned); K = 1 otherwise."""
-    for k in range(max_sets, 1, -1):
-        if num_samples // k >= 2 * feature_dim:
-            bounds = np.linspace(0, num_samples, k + 1).round().astype(int)
-            return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-    return [slice(0, num_samples)]
 
 
 # --- the stage --------------------------------------------------------------------------------------------------------
@@ -344,43 +173,6 @@ def _kid(feats: np.ndarray, ref_feats: np.ndarray | None, seed: int) -> dict[str
     return {"mean": r.mean, "std": r.std, "num_subsets": r.num_subsets, "subset_size": r.subset_size}
 
 
-def _train_feature_classifier(params: Params, card: dict[str, Any], data: Path, out: Path, progress: bool):
-    from ctm_core.eval.classifier import save_classifier, train_classifier
-    from pipelines.prepare import load_prepared
-
-    cp = params.evaluate.classifier
-    x_train, y_train = load_prepared(data, "train")
-    x_held, y_held = load_prepared(data, "heldout")
-    num_levels = int(card["image"]["num_levels"])
-    steps_per_epoch = math.ceil(len(x_train) / cp.batch)
-    epochs = max(1, math.ceil(cp.steps / steps_per_epoch))
-    t0 = time.perf_counter()
-    with tqdm(total=1, desc=f"feature classifier ({epochs} epochs)", disable=not progress, leave=False) as bar:
-        has_held = len(y_held) > 0 and bool((y_held >= 0).all())
-        model, acc = train_classifier(
-            x_train,
-            y_train,
-            num_levels,
-            epochs=epochs,
-            batch_size=cp.batch,
-            lr=cp.lr,
-            generator=torch.Generator().manual_seed(cp.seed),
-            num_classes=int(card["labels"]["label_dim"]) or None,
-            heldout_images=x_held if has_held else None,
-            heldout_labels=y_held if has_held else None,
-        )
-        bar.update()
-    info = {
-        "epochs": epochs,
-        "steps": epochs * steps_per_epoch,
-        "heldout_accuracy": acc,
-        "train_seconds": time.perf_counter() - t0,
-        "data_sha256": card["source"]["sha256"],
-    }
-    info["sha256"] = save_classifier(model, out / "classifier", meta={**info, "params": cp.model_dump()})
-    return model, info, (x_train, x_held)
-
-
 def evaluate(
     params: Params,
     data: str | os.PathLike,
@@ -393,6 +185,7 @@ def evaluate(
     log_mlflow: bool = True,
 ) -> dict[str, Any]:
     """Run the whole stage (module doc); returns the flat metrics. Raises InputError before any work."""
+    from ctm_core.data.prepared import load_prepared
     from ctm_core.eval.classifier import classifier_features
     from ctm_core.eval.inception import extract_features
     from ctm_core.eval.metrics import (
@@ -404,7 +197,6 @@ def evaluate(
     )
     from ctm_core.io.student_format import load_student
     from ctm_core.io.teacher_format import load_edm_checkpoint
-    from pipelines.prepare import load_prepared
     from pipelines.support.fid_reference import FIDSetupError, protocol_dict, protocol_sha256, setup_inception_fid
     from pipelines.support.plots import plot_fd_vs_nfe, save_grid
 
@@ -441,7 +233,7 @@ def evaluate(
             def features_of(x: torch.Tensor) -> np.ndarray:  # sampler output (N, C, H, W) -> (N, 2048)
                 return extract_features(fid.model, images_to_uint8(x), batch_size=ev.inception.batch, device=dev)
         else:  # classifier: train + held-out real images
-            clf, clf_info, (x_train, x_held) = _train_feature_classifier(params, card, data, tmp, progress)
+            clf, clf_info, (x_train, x_held) = train_feature_classifier(params, card, data, tmp, progress)
             f_train = classifier_features(clf, x_train)
             f_held = classifier_features(clf, x_held) if len(x_held) else np.zeros((0, f_train.shape[1]))
             f_ref = f_kid_ref = np.concatenate([f_train, f_held])
@@ -509,7 +301,7 @@ def evaluate(
             save_grid(tmp / "grids" / f"{m.grid_name}.png", q.numpy(), num_levels, ev.grid_size)
         # NFE 1: every gamma is the same jump; gamma 0 is the headline name fd_nfe{n}.
         gammas = sorted(set(ev.gammas) | {0.0, 1.0})
-        for n in _nfes(params):
+        for n in student_nfes(params):
             for suffix in ("", "_mean", "_std", "_min", "_ci_low", "_ci_high"):
                 src = f"fd_nfe{n}_gamma0{suffix}"
                 if src in metrics:
@@ -531,7 +323,7 @@ def evaluate(
         # 4. outputs.
         for g in gammas:
             rows = ["nfe,fd,fd_std,fd_min,fd_ci_low,fd_ci_high"]
-            for n in _nfes(params):
+            for n in student_nfes(params):
                 k = f"fd_nfe{n}_gamma{g:g}"
                 if k in metrics:
                     vals = [metrics.get(f"{k}{s}", "") for s in ("", "_std", "_min", "_ci_low", "_ci_high")]
@@ -540,7 +332,7 @@ def evaluate(
         curves = {
             g: [
                 (n, metrics[f"fd_nfe{n}_gamma{g:g}"], metrics.get(f"fd_nfe{n}_gamma{g:g}_std"))
-                for n in _nfes(params)
+                for n in student_nfes(params)
                 if f"fd_nfe{n}_gamma{g:g}" in metrics
             ]
             for g in gammas

@@ -220,10 +220,10 @@ def likelihood(
         if not lk.enabled:
             metrics = {"enabled": False, "complete": True}
         else:
+            from ctm_core.data.prepared import load_prepared
             from ctm_core.diffusion.likelihood import student_as_denoiser
             from ctm_core.io.student_format import load_student
             from ctm_core.io.teacher_format import load_edm_checkpoint
-            from pipelines.prepare import load_prepared
 
             num_levels = int(card["image"]["num_levels"])
             held = load_prepared(data, "heldout")[0][: lk.num_samples]

@@ -53,12 +53,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from ctm_core.data.prepared import CARD_FORMAT
 from pipelines.support.fetch import FetchError
 from pipelines.support.io_utils import (
     atomic_write_json,
     json_dumps,
     normalize_sha256,
-    read_json,
     sha256_file,
     staged_dir,
 )
@@ -69,16 +69,11 @@ __all__ = [
     "DatasetError",
     "PrepareConfig",
     "UnsafePickleError",
-    "levels_to_unit",
-    "load_card",
-    "load_prepared",
     "prepare_dataset",
     "split_indices",
 ]
 
-CARD_FORMAT = "ctm-prepared/v1"
 SOURCES = ("sklearn-digits", "imagefolder", "cifar10-python", "edm-zip")
-SPLITS = ("train", "heldout")
 MAX_LISTED_PROBLEMS = 50
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -601,61 +596,6 @@ def prepare_dataset(
         }
         atomic_write_json(tmp / "card.json", card)
     return card
-
-
-# --- readers ----------------------------------------------------------------------------------------------------
-def load_card(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check `out_dir/card.json`."""
-    path = Path(out_dir) / "card.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the prepare stage (python -m pipelines.prepare) first")
-    card = read_json(path)
-    if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{path}: expected format {CARD_FORMAT!r}, got {card.get('format')!r}")
-    return card
-
-
-def load_prepared(out_dir: str | os.PathLike[str], split: str, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Load a split written by `prepare_dataset`.
-
-    Returns:
-        images: (N, C, H, W) uint8 raw levels (0..num_levels-1, see card['image']), labels: (N,) int64 (-1 = none).
-    Raises:
-        ValueError when a shard's sha256 or row count differs from the card (verify=True).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
-    root = Path(out_dir)
-    card = load_card(root)
-    im = card["image"]
-    shape = (im["channels"], im["height"], im["width"])
-    nbytes = int(np.prod(shape))
-    images, labels = [], []
-    for shard in card["splits"][split]["shards"]:
-        p = root / shard["path"]
-        if verify:
-            got = sha256_file(p)
-            if got != shard["sha256"]:
-                raise ValueError(
-                    f"{p}: sha256 expected {shard['sha256']} (card.json), got {got}: the shard was modified or "
-                    "corrupted; re-run the prepare stage (dvc repro) or dvc checkout"
-                )
-        table = pq.read_table(p, columns=["image", "label"])
-        if table.num_rows != shard["rows"]:
-            raise ValueError(f"{p}: expected {shard['rows']} rows (card.json), got {table.num_rows}")
-        blob = b"".join(table.column("image").to_pylist())
-        if len(blob) != table.num_rows * nbytes:
-            raise ValueError(f"{p}: expected {table.num_rows} images of {nbytes} bytes, got {len(blob)} bytes")
-        images.append(np.frombuffer(blob, dtype=np.uint8).reshape(-1, *shape))
-        labels.append(table.column("label").to_numpy().astype(np.int64))
-    if not images:
-        return np.zeros((0, *shape), dtype=np.uint8), np.zeros(0, dtype=np.int64)
-    return np.concatenate(images), np.concatenate(labels)
-
-
-def levels_to_unit(images: np.ndarray, num_levels: int) -> np.ndarray:
-    """Map raw levels (N, C, H, W) in 0..num_levels-1 to float32 in [-1, 1] (8-bit: EDM training_loop.py:128)."""
-    return (images.astype(np.float32) / np.float32(num_levels - 1)) * 2.0 - 1.0
 
 
 # --- entrypoint -------------------------------------------------------------------------------------------------

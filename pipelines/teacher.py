@@ -62,7 +62,7 @@ def _source_kind(source: str) -> str:
 def _data_card(data_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
     if data_dir is None:
         return None
-    from pipelines.prepare import load_card
+    from ctm_core.data.prepared import load_card
 
     try:
         return load_card(data_dir)
@@ -160,10 +160,10 @@ def train_teacher(
     """
     import torch
 
+    from ctm_core.data.prepared import levels_to_unit, load_prepared
     from ctm_core.nets.precond import build_precond
     from ctm_core.training.edm_training import EDMTrainer, export_teacher
     from ctm_core.training.trainer import TensorDataSource
-    from pipelines.prepare import levels_to_unit, load_prepared
 
     tr = params.teacher.train
     card = _data_card(data_dir)

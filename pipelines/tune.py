@@ -57,6 +57,7 @@ from typing import Any
 
 import yaml
 
+from ctm_core.errors import InputError
 from pipelines.config import Params, ParamsError, apply_trial, distill_train_config, load_params, params_hash
 
 __all__ = [
@@ -73,10 +74,6 @@ __all__ = [
 
 TRIAL_ID_TAG = "ctm.tune.trial_id"
 QUALITY_METRICS = ("fd_nfe1",)
-
-
-class InputError(ValueError):
-    """A stage input is missing or unusable; the message is one line."""
 
 
 class SearchInterrupted(RuntimeError):
@@ -160,8 +157,8 @@ def _prepare_quality(params: Params, card: dict[str, Any], data: Path, folder: P
     import numpy as np
 
     from ctm_core.eval.classifier import classifier_features
+    from ctm_core.eval.methods import train_feature_classifier as _train_feature_classifier
     from ctm_core.eval.metrics import feature_statistics, save_reference_stats
-    from pipelines.evaluate import _train_feature_classifier
 
     clf, info, (x_train, x_held) = _train_feature_classifier(params, card, data, folder, progress=False)
     f_ref = classifier_features(clf, x_train)

@@ -229,7 +229,7 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
 def test_sample_does_not_depend_on_batch_size(setup, kind, nfe, gamma):
     from ctm_core.io.student_format import load_student
     from ctm_core.io.teacher_format import load_edm_checkpoint
-    from pipelines.evaluate import Method, sample_method
+    from ctm_core.eval.methods import Method, sample_method
 
     student = load_student(setup["student"], "online")
     teacher = load_edm_checkpoint(setup["teacher"])
@@ -346,8 +346,9 @@ def test_fd_path_data_against_itself_is_zero(setup):
     and the quantisation inverts prepare's level mapping exactly."""
     from ctm_core.eval.classifier import classifier_features, train_classifier
     from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
-    from pipelines.evaluate import _fd_summary, seed_sets
-    from pipelines.prepare import levels_to_unit, load_prepared
+    from ctm_core.eval.methods import seed_sets
+    from pipelines.evaluate import _fd_summary
+    from ctm_core.data.prepared import levels_to_unit, load_prepared
 
     x, y = load_prepared(setup["data"], "train")
     x_unit = torch.from_numpy(levels_to_unit(x, 17)).to(torch.float64)

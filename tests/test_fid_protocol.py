@@ -289,7 +289,7 @@ def test_unlabelled_data_refused_by_the_classifier_features(fid_setup, tmp_path)
 
 
 def test_damaged_cache_entry_is_recomputed(fid_setup, tmp_path, capsys):
-    from pipelines.prepare import load_card
+    from ctm_core.data.prepared import load_card
     from pipelines.support.fid_reference import _cache_key, load_inception, reference_from_data
 
     s = fid_setup

@@ -16,13 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ctm_core.data.prepared import levels_to_unit, load_card, load_prepared
 from pipelines.prepare import (
     DatasetError,
     PrepareConfig,
     UnsafePickleError,
-    levels_to_unit,
-    load_card,
-    load_prepared,
     main,
     prepare_dataset,
     split_indices,

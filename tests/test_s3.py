@@ -252,7 +252,7 @@ def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
 
     from pipelines.config import load_params, params_hash
     from pipelines.distill import _distill_section, run_identity
-    from pipelines.prepare import load_card
+    from ctm_core.data.prepared import load_card
     from pipelines.support.io_utils import read_json, sha256_file
 
     ref = reference_run()

@@ -316,8 +316,8 @@ def test_quality_probe_matches_evaluate_protocol(tiny_setup, tmp_path):
     from ctm_core.nets.student import CTMStudent
     from pipelines.config import load_params
     from pipelines.distill import _QualityProbe
-    from pipelines.evaluate import Method, _train_feature_classifier, sample_method
-    from pipelines.prepare import load_card
+    from ctm_core.eval.methods import Method, sample_method, train_feature_classifier as _train_feature_classifier
+    from ctm_core.data.prepared import load_card
     from pipelines.tune import _prepare_quality
 
     root = tiny_setup

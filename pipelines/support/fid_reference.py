@@ -214,9 +214,9 @@ def reference_from_data(
 ) -> ReferenceInfo:
     """Statistics of the prepared images of `splits` in the Inception feature space, cached by (data, weights,
     preprocessing). A cache hit reads the npz (no feature extraction); a damaged cache entry is recomputed."""
+    from ctm_core.data.prepared import load_prepared
     from ctm_core.eval.inception import extract_features
     from ctm_core.eval.metrics import feature_statistics, load_reference_stats, save_reference_stats
-    from pipelines.prepare import load_prepared
 
     splits = tuple(splits)
     dhash = data_hash(card, splits)
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from pipelines.prepare import load_card
+    from ctm_core.data.prepared import load_card
 
     try:
         params = load_params(args.params, {"evaluate.features": "inception"}, check_env=False)

@@ -8,7 +8,6 @@ folder next to the destination and renamed into place at the end (`staged_dir`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -16,32 +15,26 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-CHUNK_BYTES = 1 << 20  # 1 MiB read/write chunks for hashing and streaming copies
+from ctm_core.io.hashing import CHUNK_BYTES, sha256_bytes, sha256_file, sha256_fileobj
+
+__all__ = [
+    "CHUNK_BYTES",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "json_dumps",
+    "normalize_sha256",
+    "one_line",
+    "read_json",
+    "sha256_bytes",
+    "sha256_file",
+    "sha256_fileobj",
+    "staged_dir",
+]
+
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of a bytes object."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = CHUNK_BYTES) -> str:
-    """Hex sha256 of a file, read in chunks (constant memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_fileobj(fileobj: IO[bytes], chunk_bytes: int = CHUNK_BYTES) -> str:
-    """Hex sha256 of the remaining bytes of a binary file object."""
-    h = hashlib.sha256()
-    for chunk in iter(lambda: fileobj.read(chunk_bytes), b""):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def normalize_sha256(value: str, *, name: str = "sha256") -> str:

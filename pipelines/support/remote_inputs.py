@@ -16,13 +16,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from ctm_core.errors import InputError
 from pipelines.support.io_utils import one_line
 
 __all__ = ["InputError", "Inputs", "input_cache_dir", "resolve_inputs"]
-
-
-class InputError(ValueError):
-    """An ``s3://`` input could not be fetched or failed verification (one line: path, cause, fix)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +82,7 @@ def _install(tmp: Path, dest: Path) -> None:
 
 def _fetch_prepared(uri: str, cache: Path) -> Path:
     """``card.json`` + the train shards of a prepared folder on S3, each shard checked against the card."""
-    from pipelines.prepare import CARD_FORMAT
+    from ctm_core.data.prepared import CARD_FORMAT
     from pipelines.support.io_utils import read_json, sha256_file
 
     tmp_dir = cache / "tmp"

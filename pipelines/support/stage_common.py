@@ -11,14 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ctm_core.errors import InputError
 from pipelines.config import Params, params_hash
 from pipelines.support.io_utils import read_json
 
 __all__ = ["InputError", "check_inputs", "log_stage_to_mlflow", "stage_arg_parser"]
-
-
-class InputError(ValueError):
-    """A stage input (data, teacher, student folder) is missing or unusable; the message is one line."""
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------------
@@ -29,8 +26,8 @@ def check_inputs(
 
     need_labels: whether the data must have class labels (default: `evaluate.features == 'classifier'`, the feature
     classifier; the likelihood stage passes False)."""
+    from ctm_core.data.prepared import load_card
     from ctm_core.io.student_format import ema_variant, read_student_config
-    from pipelines.prepare import load_card
 
     try:
         card = load_card(data)

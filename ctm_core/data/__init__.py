@@ -1,0 +1,1 @@
+"""Prepared data sets: the dataset card and the Parquet shard reader."""

@@ -1,0 +1,77 @@
+"""Reading the prepare stage's output: `card.json` and the Parquet shards of each split.
+
+Layout (written by `pipelines/prepare.py`): `<dir>/card.json` (format `ctm-prepared/v1`: image shape and number of
+levels, labels, and per split the shards with their row count and sha256) and `<dir>/<split>/*.parquet` with columns
+`image` (C·H·W raw bytes, one image per row) and `label` (int64, -1 = unlabelled). See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ctm_core.io.hashing import sha256_file
+
+__all__ = ["CARD_FORMAT", "SPLITS", "levels_to_unit", "load_card", "load_prepared"]
+
+CARD_FORMAT = "ctm-prepared/v1"
+SPLITS = ("train", "heldout")
+
+
+def load_card(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check `out_dir/card.json`."""
+    path = Path(out_dir) / "card.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the prepare stage (python -m pipelines.prepare) first")
+    card = json.loads(path.read_text(encoding="utf-8"))
+    if card.get("format") != CARD_FORMAT:
+        raise ValueError(f"{path}: expected format {CARD_FORMAT!r}, got {card.get('format')!r}")
+    return card
+
+
+def load_prepared(out_dir: str | os.PathLike[str], split: str, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Load a split written by `prepare_dataset`.
+
+    Returns:
+        images: (N, C, H, W) uint8 raw levels (0..num_levels-1, see card['image']), labels: (N,) int64 (-1 = none).
+    Raises:
+        ValueError when a shard's sha256 or row count differs from the card (verify=True).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+    root = Path(out_dir)
+    card = load_card(root)
+    im = card["image"]
+    shape = (im["channels"], im["height"], im["width"])
+    nbytes = int(np.prod(shape))
+    images, labels = [], []
+    for shard in card["splits"][split]["shards"]:
+        p = root / shard["path"]
+        if verify:
+            got = sha256_file(p)
+            if got != shard["sha256"]:
+                raise ValueError(
+                    f"{p}: sha256 expected {shard['sha256']} (card.json), got {got}: the shard was modified or "
+                    "corrupted; re-run the prepare stage (dvc repro) or dvc checkout"
+                )
+        table = pq.read_table(p, columns=["image", "label"])
+        if table.num_rows != shard["rows"]:
+            raise ValueError(f"{p}: expected {shard['rows']} rows (card.json), got {table.num_rows}")
+        blob = b"".join(table.column("image").to_pylist())
+        if len(blob) != table.num_rows * nbytes:
+            raise ValueError(f"{p}: expected {table.num_rows} images of {nbytes} bytes, got {len(blob)} bytes")
+        images.append(np.frombuffer(blob, dtype=np.uint8).reshape(-1, *shape))
+        labels.append(table.column("label").to_numpy().astype(np.int64))
+    if not images:
+        return np.zeros((0, *shape), dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def levels_to_unit(images: np.ndarray, num_levels: int) -> np.ndarray:
+    """Map raw levels (N, C, H, W) in 0..num_levels-1 to float32 in [-1, 1] (8-bit: EDM training_loop.py:128)."""
+    return (images.astype(np.float32) / np.float32(num_levels - 1)) * 2.0 - 1.0
