@@ -1,0 +1,29 @@
+"""Logging for the stage entry points: one call configures the root logger; modules use `logging.getLogger(__name__)`.
+
+Lines go to stderr as `LEVEL name: message` (DVC shows them as the stage runs). tqdm bars stay on for interactive
+terminals and are switched off when stderr is not a TTY (CI, `dvc repro` logs), so no escape codes reach log files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+__all__ = ["progress_enabled", "setup_logging"]
+
+_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int | str | None = None) -> None:
+    """Configure the root logger once per process (env `CTM_LOG_LEVEL` overrides `level`, default INFO)."""
+    level = os.environ.get("CTM_LOG_LEVEL") or level or logging.INFO
+    logging.basicConfig(level=level, format=_FORMAT, stream=sys.stderr, force=True)
+
+
+def progress_enabled() -> bool:
+    """True when progress bars should be drawn: stderr is a terminal and `CTM_PROGRESS` is not `0`."""
+    env = os.environ.get("CTM_PROGRESS")
+    if env is not None:
+        return env not in ("0", "false", "no")
+    return sys.stderr.isatty()
