@@ -1,0 +1,125 @@
+"""The Python files each DVC stage runs: the import closure of its `python -m pipelines.<stage>` module.
+
+A stage's code dependencies in dvc.yaml must be exactly these files, listed one by one, so that editing the
+evaluation code re-runs `evaluate` but never `teacher` (docs/pipeline.md). The closure follows every `import` /
+`from ... import` of a project module (`ctm_core`, `pipelines`) anywhere in a file, function bodies included, plus
+the `__init__.py` of every enclosing package (Python runs them on import).
+
+    python tools/dvc_deps.py            # print each stage's expected code deps
+    python tools/dvc_deps.py --check    # exit 1 and list the differences with dvc.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("ctm_core", "pipelines")
+_CMD_RE = re.compile(r"python -m (pipelines\.\w+)")
+
+
+def module_file(module: str, root: Path = ROOT) -> Path | None:
+    """`a.b.c` -> a/b/c.py or a/b/c/__init__.py under `root`; None when it is not a project module."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(path: Path, module: str) -> set[str]:
+    """Every project module `path` imports (absolute or relative), anywhere in the file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+    return {m for m in found if module_file(m) is not None}
+
+
+def closure(module: str, root: Path = ROOT) -> set[str]:
+    """Repo-relative paths of every project file that running `module` imports (transitively)."""
+    seen: set[str] = set()
+    todo = [module]
+    files: set[str] = set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        path = module_file(mod, root)
+        if path is None:
+            continue
+        files.add(path.relative_to(root).as_posix())
+        parts = mod.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # enclosing packages' __init__.py
+        todo.extend(_imported_modules(path, mod))
+    return files
+
+
+def stage_modules(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, str]:
+    """stage name -> the `pipelines.<stage>` module its cmd runs."""
+    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
+    out = {}
+    for name, stage in stages.items():
+        match = _CMD_RE.search(" ".join(stage["cmd"]) if isinstance(stage["cmd"], list) else stage["cmd"])
+        if match:
+            out[name] = match.group(1)
+    return out
+
+
+def declared_code_deps(stage: dict) -> set[str]:
+    """The deps of a stage that are project code (files or folders under ctm_core/ or pipelines/)."""
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+    return {d.rstrip("/") for d in deps if d.split("/")[0] in PACKAGES}
+
+
+def differences(root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
+    """stage -> (missing from dvc.yaml, listed but not imported); only stages that differ."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    out = {}
+    for name, module in stage_modules(root / "dvc.yaml").items():
+        want, have = closure(module, root), declared_code_deps(stages[name])
+        if want != have:
+            out[name] = (sorted(want - have), sorted(have - want))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="compare with dvc.yaml; exit 1 on any difference")
+    args = ap.parse_args(argv)
+    if not args.check:
+        for name, module in stage_modules().items():
+            print(f"{name}:")
+            print("\n".join(f"  - {f}" for f in sorted(closure(module))))
+        return 0
+    diff = differences()
+    for name, (missing, extra) in diff.items():
+        for f in missing:
+            print(f"{name}: missing dep {f}")
+        for f in extra:
+            print(f"{name}: extra dep {f} (not imported by the stage)")
+    return 1 if diff else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
