@@ -1,4 +1,4 @@
-"""Tests for ctm_core/edm_pickle.py: EDM snapshots read without executing anything (EDM_FACTS A2.3, A2.4).
+"""Tests for ctm_core/io/edm_pickle.py: EDM snapshots read without executing anything (EDM_FACTS A2.3, A2.4).
 
 Hostile pickles are written here with the real ``pickle`` module. Where a file must reference EDM's
 ``torch_utils.persistence._reconstruct_persistent_obj``, a fake module is put in ``sys.modules`` only while

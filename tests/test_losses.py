@@ -138,6 +138,42 @@ def test_grid_is_official_n18():
     torch.testing.assert_close(grid, torch.tensor(expected, dtype=torch.float64), rtol=4e-3, atol=5e-4)
 
 
+def test_karras_grid_is_the_one_schedule():
+    from ctm_core.diffusion.schedules import karras_sigmas
+
+    assert karras_grid is karras_sigmas
+    for N in range(2, 41):
+        assert torch.equal(karras_grid(N, SIGMA_MIN, SIGMA_MAX, RHO), karras_sigmas(N, SIGMA_MIN, SIGMA_MAX, RHO))
+
+
+def test_teacher_heun_solve_is_a_loop_of_the_shared_heun_step():
+    """Per-sample k Heun steps in float64 through ctm_core.diffusion.samplers.heun_step, teacher called in x's dtype."""
+    from ctm_core.diffusion.samplers import heun_step
+
+    grid = karras_grid(18, SIGMA_MIN, SIGMA_MAX, RHO)
+    g = gen(4)
+    x0 = torch.randn(6, 3, generator=g)
+    n = torch.tensor([0, 3, 7, 10, 12, 14])
+    calls = []
+
+    def teacher(x, sigma, class_labels=None):
+        calls.append((x.dtype, sigma.dtype, tuple(sigma.shape)))
+        return x / (1 + sigma[:, None] ** 2)
+
+    x_t = x0 * grid[n].float()[:, None]
+    got = teacher_heun_solve(teacher, x_t, grid, n, 3)
+    assert got.dtype == torch.float32 and len(calls) == 6
+    assert set(calls) == {(torch.float32, torch.float32, (6,))}
+
+    def D(x, sigma):
+        return teacher(x.float(), sigma.float()).double()
+
+    x = x_t.double()
+    for j in range(3):
+        x = heun_step(D, x, grid[n + j], grid[n + j + 1])
+    assert torch.equal(got, x.float())
+
+
 def test_k_distribution_is_proportional_to_k():
     from scipy.stats import chisquare
 

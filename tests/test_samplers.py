@@ -11,11 +11,13 @@ from ctm_core.diffusion.gaussian import ExactStudent, GaussianData
 from ctm_core.diffusion.samplers import (
     StackedRandomGenerator,
     edm_sampler,
+    euler_step,
     gamma_sampler,
+    heun_step,
     student_as_denoiser,
     student_heun_sampler,
 )
-from ctm_core.diffusion.schedules import karras_sigmas
+from ctm_core.diffusion.schedules import karras_interp, karras_sigmas
 
 torch.manual_seed(0)
 DTYPE = torch.float64
@@ -96,6 +98,61 @@ def test_karras_sigmas_values():
         karras_sigmas(1)
     with pytest.raises(ValueError, match="sigma_max"):
         karras_sigmas(4, sigma_min=1.0, sigma_max=0.5)
+
+
+def test_karras_sigmas_is_the_interpolation_at_i_over_n_minus_1():
+    """One formula: the grid is karras_interp(i/(N-1)) bit for bit, pin_ends only overwrites the two end points."""
+    for N in range(2, 41):
+        for sigma_min, sigma_max, rho in ((0.002, 80.0, 7.0), (0.02, 100.0, 7.0), (0.01, 50.0, 3.0)):
+            i = torch.arange(N, dtype=DTYPE)
+            raw = karras_interp(i / (N - 1), sigma_min, sigma_max, rho)
+            assert torch.equal(karras_sigmas(N, sigma_min, sigma_max, rho, pin_ends=False), raw)
+            pinned = karras_sigmas(N, sigma_min, sigma_max, rho)
+            assert pinned[0] == sigma_max and pinned[-1] == sigma_min and torch.equal(pinned[1:-1], raw[1:-1])
+            assert torch.equal(karras_sigmas(N, sigma_min, sigma_max, rho, dtype=torch.float32), pinned.float())
+    u = torch.tensor([0.0, 0.25, 1.0], dtype=DTYPE)
+    r_max, r_min = 80.0 ** (1 / 7), 0.002 ** (1 / 7)
+    assert torch.equal(karras_interp(u, 0.002, 80.0, 7.0), (r_max + u * (r_min - r_max)) ** 7)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shared ODE step
+
+
+def test_heun_step_is_edm_algorithm_1_bit_for_bit():
+    data = make_data()
+    x = torch.randn(5, data.d, dtype=DTYPE, generator=torch.Generator().manual_seed(3)) * 10
+
+    def D(x, sigma):
+        return data.denoiser(x, sigma)
+
+    for t, t_next in ((torch.tensor(10.0, dtype=DTYPE), torch.tensor(4.0, dtype=DTYPE)), (2.0, 0.5)):
+        d = (x - D(x, t)) / t
+        x_euler = x + (t_next - t) * d
+        d_prime = (x_euler - D(x_euler, t_next)) / t_next
+        assert torch.equal(heun_step(D, x, t, t_next), x + (t_next - t) * (0.5 * d + 0.5 * d_prime))
+        assert torch.equal(heun_step(D, x, t, t_next, second_order=False), x_euler)
+        assert torch.equal(euler_step(D, x, t, t_next), x_euler)
+    # per-sample (B,) levels broadcast over the trailing dims and equal the per-row scalar steps
+    t = torch.linspace(1.0, 20.0, 5, dtype=DTYPE)
+    t_next = t / 3
+    rows = [heun_step(D, x[b : b + 1], t[b], t_next[b]) for b in range(5)]
+    torch.testing.assert_close(heun_step(D, x, t, t_next), torch.cat(rows), rtol=1e-13, atol=0)  # batched matmul
+
+
+def test_edm_sampler_is_a_loop_of_heun_steps():
+    data = make_data()
+    latents = torch.randn(3, data.d, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
+
+    def D(x, sigma, class_labels=None):
+        return data.denoiser(x, sigma)
+
+    N = 6
+    t = torch.cat([karras_sigmas(N, pin_ends=False), torch.zeros(1, dtype=DTYPE)])
+    x = latents * t[0]
+    for i in range(N):
+        x = heun_step(lambda y, s: D(y, s), x, t[i], t[i + 1], second_order=i < N - 1)
+    assert torch.equal(edm_sampler(D, latents, num_steps=N), x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

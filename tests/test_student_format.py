@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from ctm_core.errors import InputError
 from ctm_core.io.student_format import ema_variant, load_student, read_student_config, save_student
 from ctm_core.nets.student import CTMStudent
 
@@ -55,7 +56,7 @@ def test_tampered_and_bad_inputs(tmp_path):
         load_student(tmp_path / "s")
     with pytest.raises(ValueError, match="variants"):
         save_student(tmp_path / "t", a.init_kwargs, {})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="expected a student folder"):
         load_student(tmp_path / "missing")
 
 

@@ -1,4 +1,4 @@
-"""Tests for ctm_core/teacher_format.py: safetensors teacher folders, format sniffing, strict loading."""
+"""Tests for ctm_core/io/teacher_format.py: safetensors teacher folders, format sniffing, strict loading."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 from ctm_core.io import teacher_format
 from ctm_core.io.edm_pickle import read_edm_snapshot
+from ctm_core.io.hashing import sha256_file
 from ctm_core.io.teacher_format import (
     CONFIG_FILE,
     METADATA_KEY,
@@ -56,7 +57,11 @@ def test_convert_round_trip(tmp_path, name):
     assert class_name == snap.class_name == "EDMPrecond"
     assert init_kwargs == snap.init_kwargs
     _assert_same_tensors(state_dict, snap.state_dict)
-    assert read_config == config == json.loads((out / CONFIG_FILE).read_text())
+    on_disk = json.loads((out / CONFIG_FILE).read_text())
+    files = on_disk.pop("files")  # the artifact's digests: in config.json only, a file cannot hold its own sha256
+    assert read_config == config == on_disk and config["kind"] == "teacher"
+    assert files[WEIGHTS_FILE]["sha256"] == sha256_file(out / WEIGHTS_FILE)
+    assert files[WEIGHTS_FILE]["weights_sha256"] == config["weights_sha256"]
     assert config["source_file_sha256"] == snap.file_sha256
     assert config["source_sha256"] == snap.source_sha256
     assert config["weights_sha256"] == weights_sha256(snap.state_dict)

@@ -18,18 +18,61 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ctm_core.diffusion.schedules import _karras_grid, karras_sigmas
-from ctm_core.nets.utils import check_positive
+from ctm_core.diffusion.schedules import karras_sigmas
+from ctm_core.nets.utils import append_dims, check_positive
 
 __all__ = [
     "StackedRandomGenerator",
     "edm_sampler",
+    "euler_step",
     "gamma_sampler",
+    "heun_step",
     "student_as_denoiser",
     "student_heun_sampler",
 ]
 
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x float64 (B, ...), sigma) -> D(x; sigma) float64
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 4).
+
+
+def _per_sample(t, x: torch.Tensor):
+    """A (B,) noise level as (B, 1, ...) so it broadcasts against x (B, ...); scalars and 0-dim tensors unchanged."""
+    return append_dims(t, x.ndim) if getattr(t, "ndim", 0) else t
+
+
+def heun_step(
+    denoise: Denoise, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, *, second_order: bool = True
+) -> torch.Tensor:
+    """One step of EDM's Heun solver from noise level t to t_next (Karras et al. 2022, Algorithm 1, lines 4-8).
+
+    d = (x - D(x; t)) / t, Euler x' = x + (t_next - t) d; with ``second_order`` the trapezoidal correction
+    x_next = x + (t_next - t) (d/2 + d'/2), d' = (x' - D(x'; t_next)) / t_next (needs t_next > 0). ``edm_sampler``
+    (and with it ``student_heun_sampler``) and the CTM teacher solver (``training.losses.teacher_heun_solve``) step
+    through here, so they share one operation order to the last bit.
+
+    Args:
+        denoise: ``denoise(x, sigma) -> D(x; sigma)`` in x's dtype; called with ``t``/``t_next`` as given.
+        x: (B, ...) float64 state at noise level t.
+        t, t_next: 0-dim tensors (or floats), or (B,) per-sample levels.
+    Returns:
+        (B, ...) state at t_next: 2 denoiser calls, or 1 without ``second_order``.
+    """
+    t_, t_next_ = _per_sample(t, x), _per_sample(t_next, x)
+    d = (x - denoise(x, t)) / t_
+    x_next = x + (t_next_ - t_) * d
+    if not second_order:
+        return x_next
+    d_prime = (x_next - denoise(x_next, t_next)) / t_next_
+    return x + (t_next_ - t_) * (0.5 * d + 0.5 * d_prime)
+
+
+def euler_step(denoise: Denoise, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step x + (t_next - t) * ((x - D(x; t)) / t) of the PF-ODE: ``heun_step`` without the correction."""
+    return heun_step(denoise, x, t, t_next, second_order=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -147,8 +190,12 @@ def edm_sampler(
         raise ValueError(f"sigma_max must be > sigma_min after clamping, got {sigma_max!r} <= {sigma_min!r}")
 
     # Time steps t_0 = sigma_max > ... > t_{N-1} = sigma_min, t_N = 0 (generate.py:35-37).
-    t_steps = _round_sigma(denoiser, _karras_grid(num_steps, sigma_min, sigma_max, rho, device=latents.device))
+    grid = karras_sigmas(num_steps, sigma_min, sigma_max, rho, pin_ends=False, device=latents.device)  # (N,) float64
+    t_steps = _round_sigma(denoiser, grid)
     t_steps = torch.cat([t_steps.to(torch.float64), torch.zeros_like(t_steps[:1], dtype=torch.float64)])  # (N+1,)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return denoiser(x, sigma, class_labels).to(torch.float64)
 
     gamma_max = min(S_churn / num_steps, math.sqrt(2.0) - 1.0)
     x_next = latents.to(torch.float64) * t_steps[0]
@@ -158,17 +205,8 @@ def edm_sampler(
         gamma = gamma_max if S_min <= float(t_cur) <= S_max else 0.0
         t_hat = _round_sigma(denoiser, t_cur + gamma * t_cur).to(torch.float64)
         x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x_cur)
-
-        # Euler step (line 8).
-        D_x = denoiser(x_hat, t_hat, class_labels).to(torch.float64)
-        d_cur = (x_hat - D_x) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-
-        # 2nd-order correction (lines 9-11), skipped at the last step where t_next = 0.
-        if i < num_steps - 1:
-            D_x = denoiser(x_next, t_next, class_labels).to(torch.float64)
-            d_prime = (x_next - D_x) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        # Euler step (line 8) and 2nd-order correction (lines 9-11), skipped at the last step where t_next = 0.
+        x_next = heun_step(denoise, x_hat, t_hat, t_next, second_order=i < num_steps - 1)
     return x_next
 
 

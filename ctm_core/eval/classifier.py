@@ -14,7 +14,6 @@ Shape legend: images ``(B, C, H, W)``; features ``(B, feature_dim)``; logits ``(
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctm_core.errors import InputError
+
 __all__ = [
     "SmallClassifier",
     "classifier_features",
@@ -35,6 +36,7 @@ __all__ = [
     "train_classifier",
 ]
 
+KIND = "classifier"
 WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -216,8 +218,8 @@ def classifier_features(
 ) -> np.ndarray:
     """Penultimate features of integer-level images (B, C, H, W) (mapped with the model's ``num_levels``).
 
-    Returns (N, feature_dim) float64, ready for ``ctm_core.eval.metrics.feature_statistics``. Generated samples in [-1, 1]
-    should first be quantised like the data (``ctm_core.eval.metrics.images_to_levels(x, model.num_levels)``).
+    Returns (N, feature_dim) float64, ready for ``ctm_core.eval.metrics.feature_statistics``. Generated samples in
+    [-1, 1] should first be quantised like the data (``ctm_core.eval.metrics.images_to_levels(x, model.num_levels)``).
     """
     x = levels_to_unit(images_levels, model.num_levels)
     if x.ndim != 4:
@@ -228,59 +230,58 @@ def classifier_features(
 
 
 def save_classifier(model: SmallClassifier, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> str:
-    """Write ``classifier.safetensors`` (weights; the JSON config also in its metadata) and ``config.json``.
+    """Write the classifier as an artifact of kind ``"classifier"``: ``classifier.safetensors`` (weights; the JSON
+    config also in its metadata) and ``config.json`` (``ctm_core.io.artifact``), atomically.
 
     ``meta`` (JSON-able: dataset hash, held-out accuracy, seed, ...) is stored alongside the constructor kwargs.
-    Returns the sha256 of the safetensors file.
+    Returns the sha256 of the safetensors file (what runs pin).
     """
-    import safetensors.torch
+    from ctm_core.io.artifact import save_artifact
 
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"class_name": "SmallClassifier", "init_kwargs": model.init_kwargs, "meta": meta or {}}
-    config_json = json.dumps(config, sort_keys=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    weights = out_dir / WEIGHTS_NAME
-    tmp = weights.with_name(weights.name + ".tmp")
-    safetensors.torch.save_file(tensors, str(tmp), metadata={"config": config_json})
-    os.replace(tmp, weights)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return hashlib.sha256(weights.read_bytes()).hexdigest()
+    config = {"class_name": "SmallClassifier", "init_kwargs": model.init_kwargs}
+    return save_artifact(
+        out_dir, model.state_dict(), config, kind=KIND, weights_file=WEIGHTS_NAME, meta=meta or {}, embed_key="config"
+    )
+
+
+def _legacy_files(config: dict[str, Any]) -> dict[str, dict[str, str | None]]:
+    """A classifier ``config.json`` written before the artifact format records no digest (runs pin the file's)."""
+    return {WEIGHTS_NAME: {"sha256": None, "weights_sha256": None}}
 
 
 def load_classifier(path: str | os.PathLike, expected_sha256: str | None = None) -> SmallClassifier:
     """Load a classifier from a folder written by ``save_classifier`` or its ``.safetensors`` file (no pickle).
 
-    The config comes from the safetensors metadata (``config.json`` is a human-readable copy). The sha256 of the
-    safetensors file is checked against ``expected_sha256`` when given. Returns an eval-mode model.
+    A folder is read as an artifact (digests in ``config.json`` verified); a lone file takes its config from the
+    safetensors metadata. The file's sha256 is also checked against ``expected_sha256`` when given. Returns an
+    eval-mode model with ``meta`` and ``file_sha256`` attributes.
     """
-    import safetensors.torch
+    from ctm_core.io.artifact import load_safetensors, read_artifact, safetensors_metadata
+    from ctm_core.io.hashing import sha256_bytes
 
     path = pathlib.Path(path)
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
-    data = weights.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    if path.is_dir():
+        art = read_artifact(path, KIND, files=[WEIGHTS_NAME], legacy=_legacy_files)
+        config, tensors, digest = art.config, art.tensors[WEIGHTS_NAME], art.sha256[WEIGHTS_NAME]
+    else:
+        data = path.read_bytes()
+        digest = sha256_bytes(data)
+        metadata = safetensors_metadata(data, str(path))
+        if "config" not in metadata:
+            raise InputError(
+                f"{path}: expected a 'config' metadata entry, got none (fix: write it with save_classifier)"
+            )
+        config, tensors = json.loads(metadata["config"]), None
     if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise ValueError(f"load_classifier: sha256 of {weights} is {digest}, expected {expected_sha256}")
-    metadata = _safetensors_metadata(data, weights)
-    if "config" not in metadata:
-        raise ValueError(f"load_classifier: {weights} has no 'config' metadata entry")
-    config = json.loads(metadata["config"])
+        raise InputError(
+            f"load_classifier: sha256 of {path} is {digest}, expected {expected_sha256} (fix: train it again)"
+        )
     if config.get("class_name") != "SmallClassifier":
-        raise ValueError(f"load_classifier: expected class_name 'SmallClassifier', got {config.get('class_name')!r}")
+        raise InputError(f"load_classifier: expected class_name 'SmallClassifier', got {config.get('class_name')!r}")
+    if tensors is None:
+        tensors = load_safetensors(data, str(path))
     model = SmallClassifier(**config["init_kwargs"])
-    model.load_state_dict(safetensors.torch.load(data), strict=True, assign=True)
+    model.load_state_dict(tensors, strict=True, assign=True)
     model.meta = config.get("meta", {})
     model.file_sha256 = digest
     return model.eval().requires_grad_(False)
-
-
-def _safetensors_metadata(data: bytes, where: pathlib.Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file held in memory (8-byte little-endian header size, JSON header)."""
-    if len(data) < 8:
-        raise ValueError(f"load_classifier: {where} is too short to be a safetensors file")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError(f"load_classifier: {where} has a corrupt safetensors header")
-    header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    return header.get("__metadata__") or {}

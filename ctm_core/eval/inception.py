@@ -3,11 +3,10 @@
 Architecture facts (layer names, shapes, pooling) are taken from pytorch/vision torchvision/models/inception.py
 (``Inception3``, ``InceptionA``-``InceptionE``, ``BasicConv2d``) and the FID patches of mseitzer/pytorch-fid
 src/pytorch_fid/inception.py (``fid_inception_v3``, ``FIDInceptionA``, ``FIDInceptionC``, ``FIDInceptionE_1``,
-``FIDInceptionE_2``); the code is written here. The issue asks for a well-kept library, but both need torchvision
+``FIDInceptionE_2``); the code is written here rather than imported, because both libraries need torchvision
 (pytorch-fid builds its network from torchvision's ``Inception3`` blocks; torch-fidelity's package ``__init__``
 imports torchvision), and torchvision does not import beside this project's CPU torch 2.13 wheel (it is not in the
-project venv), so neither can be imported as a library here; ``tests/test_inception.py`` pins the layout against
-the torchvision / pytorch-fid facts instead.
+project venv); ``tests/test_inception.py`` pins the layout against the torchvision / pytorch-fid facts instead.
 
 What makes the FID variant differ from torchvision's ImageNet Inception-v3 (pytorch-fid ``fid_inception_v3``):
     * 1008 output classes and no auxiliary classifier (``num_classes=1008, aux_logits=False``);

@@ -11,20 +11,19 @@ Protocol (EDM_FACTS A3.2-A3.3; CTM_FACTS §5):
     * 50,000 generated images against the 50,000-image training-set statistics (EDM fid.py:116).
 
 Reference statistics use EDM's npz layout (``np.savez(mu=(D,) float64, sigma=(D, D) float64)``, EDM fid.py:150-155)
-and are read with ``allow_pickle=False``: a statistics file can never execute code.
+rather than the project's safetensors folders, so that EDM's own reference files (e.g. cifar10-32x32.npz) read the
+same way; they are read with ``allow_pickle=False``: a statistics file can never execute code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import math
 import os
 import pathlib
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -33,6 +32,9 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import torch
+
+from ctm_core.io.artifact import atomic_write_bytes
+from ctm_core.io.hashing import sha256_bytes
 
 __all__ = [
     "FIDErrorBars",
@@ -532,10 +534,6 @@ class ReferenceStats:
     num_images: int | None = None
 
 
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def save_reference_stats(
     path: str | os.PathLike,
     mu: ArrayLike,
@@ -584,18 +582,8 @@ def save_reference_stats(
     data = buf.getvalue()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return _sha256_bytes(data)
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
 
 
 def load_reference_stats(path: str | os.PathLike, expected_sha256: str | None = None) -> ReferenceStats:
@@ -607,7 +595,7 @@ def load_reference_stats(path: str | os.PathLike, expected_sha256: str | None = 
     """
     path = pathlib.Path(path)
     data = path.read_bytes()
-    digest = _sha256_bytes(data)
+    digest = sha256_bytes(data)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise ValueError(f"load_reference_stats: sha256 of {path} is {digest}, expected {expected_sha256}")
     if not data.startswith(b"PK\x03\x04"):  # npz = zip; a .npy, pickle or HTML error page is refused here

@@ -1,6 +1,6 @@
 """GAN phase of CTM: hinge losses, the adaptive GAN weight, the discriminator optimizer (CTM_FACTS §2.6).
 
-The discriminator networks live in ``ctm_core/discriminator.py`` and DiffAugment in ``ctm_core/diffaug.py``;
+The discriminator networks live in ``ctm_core/gan/discriminator.py`` and DiffAugment in ``ctm_core/gan/diffaug.py``;
 this file holds what the trainer calls:
 
 - ``d_hinge_loss(d, real, fake, generator)``: mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))

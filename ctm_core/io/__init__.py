@@ -1,1 +1,2 @@
-"""Artifacts on disk: the safe EDM snapshot reader and the project's teacher/student folder formats."""
+"""Artifacts on disk: the one safetensors + JSON + sha256 folder format, the safe EDM snapshot reader, teacher and
+student folders, sha256 helpers."""

@@ -297,7 +297,7 @@ class _SafeEDMUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
-                f"global {qualname} is not allowed in an EDM snapshot (allow-list in ctm_core/edm_pickle.py); "
+                f"global {qualname} is not allowed in an EDM snapshot (allow-list in ctm_core/io/edm_pickle.py); "
                 "refusing to load. Do not open this file with pickle.load; if it is a genuine EDM release that "
                 "uses a new global, review it before adding it to the allow-list."
             ) from None

@@ -1,34 +1,33 @@
-"""The project's CTM student format: safetensors weights per variant + one JSON config, no pickle.
+"""The project's CTM student format: an artifact of kind ``"student"`` with safetensors weights per variant.
 
-Layout of a student folder::
+Layout of a student folder (``ctm_core.io.artifact``)::
 
-    config.json                 {"format": ..., "init_kwargs": {...CTMStudent kwargs...}, "variants": [...],
-                                 "meta": {...free-form provenance: steps, teacher sha256, data hash, run ids...}}
+    config.json                 {"format": ..., "class_name": "CTMStudent", "init_kwargs": {...CTMStudent kwargs...},
+                                 "variants": {"online": {"file": ..., "sha256": ...}, ...},
+                                 "meta": {...free-form provenance: steps, teacher sha256, data hash, run ids...},
+                                 "kind": "student", "artifact_version": 1, "files": {...digests per file...}}
     weights/<variant>.safetensors   one file per variant: "online", "ema_0.999", "ema_0.9999", ...
 
-Every weights file also carries its sha256 in ``config.json``; ``load_student`` verifies it before use.
-Writes go to a temporary folder renamed into place, so a crash never leaves a half-written student.
+``load_student`` verifies the sha256 of the variant's file (and of its tensors) before use. The whole folder is
+swapped in by one rename, so a crash never leaves a half-written student.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from ctm_core.errors import InputError
+from ctm_core.io.artifact import encode_weights, read_artifact, read_artifact_config, write_artifact
 from ctm_core.nets.student import CTMStudent
 
 FORMAT = "ctm_core.nets.student/1"
+KIND = "student"
 
-__all__ = ["FORMAT", "ema_variant", "load_student", "read_student_config", "save_student"]
+__all__ = ["FORMAT", "KIND", "ema_variant", "load_student", "read_student_config", "save_student"]
 
 
 def ema_variant(rate: float | None) -> str:
@@ -46,58 +45,44 @@ def save_student(
     """Write ``variants`` (name -> state_dict of a ``CTMStudent``) atomically to ``out_dir``; returns the config.
 
     ``extra_json`` maps file names (e.g. ``"run.json"``) to JSON-able objects written into the same folder, inside
-    the same atomic rename.
+    the same atomic rename. An existing ``out_dir`` is replaced as a whole.
     """
     if not variants:
-        raise ValueError("variants: expected at least one state_dict (e.g. {'online': ...}), got none")
+        raise InputError("variants: expected at least one state_dict (e.g. {'online': ...}), got none")
     for name in variants:
         if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"variants: invalid variant name {name!r}")
-    out = pathlib.Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+            raise InputError(f"variants: invalid variant name {name!r}")
+    for fname in extra_json or {}:
+        if "/" in fname or fname in ("config.json", "weights"):
+            raise InputError(f"extra_json: invalid file name {fname!r}")
+    weights = {f"weights/{name}.safetensors": encode_weights(sd) for name, sd in variants.items()}
     config = {
         "format": FORMAT,
         "class_name": "CTMStudent",
-        "init_kwargs": json.loads(json.dumps(init_kwargs)),  # JSON-able check (raises TypeError otherwise)
-        "variants": {},
-        "meta": json.loads(json.dumps(meta or {})),
+        "init_kwargs": init_kwargs,
+        "variants": {
+            name: {"file": f"weights/{name}.safetensors", "sha256": weights[f"weights/{name}.safetensors"].sha256}
+            for name in variants
+        },
     }
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="." + out.name + ".", dir=out.parent))
-    try:
-        (tmp / "weights").mkdir()
-        for name, sd in variants.items():
-            blob = st_save({k: v.detach().cpu().contiguous() for k, v in sd.items()})
-            (tmp / "weights" / f"{name}.safetensors").write_bytes(blob)
-            config["variants"][name] = {
-                "file": f"weights/{name}.safetensors",
-                "sha256": hashlib.sha256(blob).hexdigest(),
-            }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for fname, obj in (extra_json or {}).items():
-            if "/" in fname or fname in ("config.json", "weights"):
-                raise ValueError(f"extra_json: invalid file name {fname!r}")
-            (tmp / fname).write_text(json.dumps(obj, indent=2, sort_keys=True))
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return config
+    written = write_artifact(out_dir, weights, config, kind=KIND, meta=meta or {}, extra_json=extra_json, replace=True)
+    written.pop("files")
+    return written
+
+
+def _legacy_files(config: dict[str, Any]) -> dict[str, dict[str, str | None]]:
+    """Digests a student ``config.json`` written before the artifact format records: the file sha256 per variant."""
+    if config.get("format") != FORMAT:
+        raise InputError(f"config.json: format expected {FORMAT!r}, got {config.get('format')!r}")
+    return {v["file"]: {"sha256": v["sha256"], "weights_sha256": None} for v in config.get("variants", {}).values()}
 
 
 def read_student_config(student_dir: str | os.PathLike) -> dict[str, Any]:
-    path = pathlib.Path(student_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no student config; expected a folder written by save_student")
-    config = json.loads(path.read_text())
+    """``config.json`` of a student folder written by ``save_student`` (format-checked, without the digests)."""
+    config, _ = read_artifact_config(student_dir, KIND, legacy=_legacy_files)
     if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: format expected {FORMAT!r}, got {config.get('format')!r}")
+        path = pathlib.Path(student_dir) / "config.json"
+        raise InputError(f"{path}: format expected {FORMAT!r}, got {config.get('format')!r}")
     return config
 
 
@@ -105,15 +90,9 @@ def load_student(student_dir: str | os.PathLike, variant: str = "online", *, dev
     """Build the ``CTMStudent`` of ``student_dir`` with the weights of ``variant``, verified by sha256; eval mode."""
     config = read_student_config(student_dir)
     if variant not in config["variants"]:
-        raise ValueError(f"variant: expected one of {sorted(config['variants'])}, got {variant!r}")
-    entry = config["variants"][variant]
-    blob = (pathlib.Path(student_dir) / entry["file"]).read_bytes()
-    got = hashlib.sha256(blob).hexdigest()
-    if got != entry["sha256"]:
-        raise ValueError(
-            f"{entry['file']}: sha256 mismatch, expected {entry['sha256']}, got {got} (file changed "
-            "or truncated; re-run the distill stage)"
-        )
+        raise InputError(f"variant: expected one of {sorted(config['variants'])}, got {variant!r}")
+    file = config["variants"][variant]["file"]
+    art = read_artifact(student_dir, KIND, files=[file], legacy=_legacy_files)
     student = CTMStudent(**config["init_kwargs"])
-    student.load_state_dict(st_load(blob), strict=True)
+    student.load_state_dict(art.tensors[file], strict=True)
     return student.to(device).eval().requires_grad_(False)

@@ -25,6 +25,7 @@ from ctm_core.nets.networks import DhariwalUNet, SongUNet
 
 __all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "build_precond", "MODEL_TYPES", "PRECOND_CLASSES"]
 
+# The one model-name -> class maps: inner UNets (teachers and CTMStudent) and preconditioning wrappers.
 MODEL_TYPES: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
 

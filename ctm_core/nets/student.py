@@ -22,11 +22,9 @@ import copy
 import torch
 from torch import nn
 
-from ctm_core.nets.networks import DhariwalUNet, SongUNet
-from ctm_core.nets.precond import edm_coefficients, prepare_class_labels
+from ctm_core.nets.precond import MODEL_TYPES, edm_coefficients, prepare_class_labels
 from ctm_core.nets.utils import append_dims, check_positive
 
-_NETWORKS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 # Parameter-name fragments that exist only in the student (the s-branch, CTM_FACTS §1.2/§1.4).
 S_BRANCH_MARKERS = ("map_layer0_s.", "map_layer1_s.", "affine_s.")
 
@@ -61,8 +59,8 @@ class CTMStudent(nn.Module):
         **model_kwargs,
     ):
         super().__init__()
-        if model_type not in _NETWORKS:
-            raise ValueError(f"model_type must be one of {sorted(_NETWORKS)}, got {model_type!r}")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
         check_positive("sigma_min", sigma_min)
         check_positive("sigma_data", sigma_data)
         if not sigma_max > sigma_min:
@@ -86,7 +84,7 @@ class CTMStudent(nn.Module):
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self.sigma_data = float(sigma_data)
-        self.model = _NETWORKS[model_type](
+        self.model = MODEL_TYPES[model_type](
             img_resolution=img_resolution,
             in_channels=img_channels,
             out_channels=img_channels,

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ctm_core.diffusion.samplers import heun_step
+from ctm_core.diffusion.schedules import karras_interp, karras_sigmas
 from ctm_core.nets.utils import append_dims, check_in
 
 __all__ = [
@@ -53,11 +55,8 @@ MODES = ("ctm", "cm")
 LPIPS_RESOLUTION = 224  # both images are upsampled bilinearly to 224² before LPIPS (C karras_diffusion.py:357-362)
 
 
-def karras_grid(N: int, sigma_min: float, sigma_max: float, rho: float, *, device=None) -> torch.Tensor:
-    """The N-point Karras grid t_0 = σ_max > … > t_{N-1} = σ_min in float64 (CTM_FACTS §0)."""
-    from ctm_core.diffusion.schedules import karras_sigmas
-
-    return karras_sigmas(N, sigma_min, sigma_max, rho, dtype=torch.float64, device=device)
+# The N-point Karras grid t_0 = σ_max > … > t_{N-1} = σ_min in float64 (CTM_FACTS §0): karras_grid(N, σ_min, σ_max, ρ).
+karras_grid = karras_sigmas
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,16 +116,14 @@ def teacher_heun_solve(
         x_u: (B, ...) in ``x_t.dtype``.
     """
     dtype = x_t.dtype
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return teacher(x.to(dtype), sigma.to(dtype), class_labels=class_labels).to(torch.float64)
+
     x = x_t.to(torch.float64)
     grid = grid.to(device=x_t.device, dtype=torch.float64)
     for j in range(k):
-        a = grid[n + j]  # (B,)
-        b = grid[n + j + 1]  # (B,)
-        a_, b_ = append_dims(a, x.ndim), append_dims(b, x.ndim)
-        d = (x - teacher(x.to(dtype), a.to(dtype), class_labels=class_labels).to(torch.float64)) / a_
-        x_prime = x + (b_ - a_) * d
-        d_prime = (x_prime - teacher(x_prime.to(dtype), b.to(dtype), class_labels=class_labels).to(torch.float64)) / b_
-        x = x + (b_ - a_) * (0.5 * d + 0.5 * d_prime)
+        x = heun_step(denoise, x, grid[n + j], grid[n + j + 1])  # per-sample t_{n+j} -> t_{n+j+1}, (B,) each
     return x.to(dtype)
 
 
@@ -275,8 +272,7 @@ def dsm_sigmas(
     z = torch.randn(half, generator=generator, dtype=torch.float64)
     sigma_ln = (P_mean + P_std * z).exp()
     v = torch.rand(batch - half, generator=generator, dtype=torch.float64) * diffusion_mult
-    r_max, r_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sigma_karras = (r_max + v * (r_min - r_max)) ** rho
+    sigma_karras = karras_interp(v, sigma_min, sigma_max, rho)
     return torch.cat([sigma_ln, sigma_karras]).to(dtype)
 
 
