@@ -35,7 +35,18 @@ def module_file(module: str, root: Path = ROOT) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path, module: str) -> set[str]:
+def lazy_exports(package: str, root: Path = ROOT) -> dict[str, str]:
+    """A package's literal `_EXPORTS = {name: module}` (lazy public names, see ctm_core/__init__.py), else {}."""
+    init = module_file(package, root)
+    if init is None or init.name != "__init__.py":
+        return {}
+    for node in ast.parse(init.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
+def _imported_modules(path: Path, module: str, root: Path = ROOT) -> set[str]:
     """Every project module `path` imports (absolute or relative), anywhere in the file."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -51,8 +62,12 @@ def _imported_modules(path: Path, module: str) -> set[str]:
             else:
                 target = node.module or ""
             found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
-    return {m for m in found if module_file(m) is not None}
+            exports = lazy_exports(target, root)
+            for alias in node.names:
+                found.add(f"{target}.{alias.name}")  # `from pkg import submodule`
+                if alias.name in exports:  # `from ctm_core import CTMStudent` loads ctm_core.nets.student
+                    found.add(exports[alias.name])
+    return {m for m in found if module_file(m, root) is not None}
 
 
 def closure(module: str, root: Path = ROOT) -> set[str]:
@@ -71,7 +86,7 @@ def closure(module: str, root: Path = ROOT) -> set[str]:
         files.add(path.relative_to(root).as_posix())
         parts = mod.split(".")
         todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # enclosing packages' __init__.py
-        todo.extend(_imported_modules(path, mod))
+        todo.extend(_imported_modules(path, mod, root))
     return files
 
 
