@@ -1,4 +1,4 @@
-"""Tests of the evaluate stage (pipelines/evaluate.py, pipelines/plots.py) on a tiny digits setup.
+"""Tests of the evaluate stage (pipelines/evaluate.py, pipelines/support/{evaluation,plots}.py) on a tiny digits setup.
 
 One module-scoped fixture prepares the digits (8x8, 17 levels), saves a tiny random EDM teacher and a student
 copied from it, and runs the stage once with tiny `evaluate` overrides; the tests check its outputs, that a
@@ -187,12 +187,12 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
     the evaluate run (resumed, not duplicated)."""
     import mlflow
 
-    from pipelines.evaluate import _log_to_mlflow
+    from pipelines.support.evaluation import log_to_mlflow
 
     out, metrics = first_run
     params = _params()
     run_json = setup["student"] / "run.json"
-    _log_to_mlflow(params, setup["student"], out, metrics)
+    log_to_mlflow(params, setup["student"], out, metrics)
     client = mlflow.MlflowClient()
     runs = mlflow.search_runs(experiment_names=["ctm-digits"], output_format="list")
     assert len(runs) == 1 and runs[0].info.run_name.startswith("evaluate-")
@@ -209,7 +209,7 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
         pass
     try:
         run_json.write_text(json.dumps({"mlflow_run_id": distill.info.run_id}))
-        assert _log_to_mlflow(params, setup["student"], out, metrics) == distill.info.run_id
+        assert log_to_mlflow(params, setup["student"], out, metrics) == distill.info.run_id
         logged = client.get_run(distill.info.run_id).data
         assert logged.metrics["fd_teacher_heun3"] == pytest.approx(metrics["fd_teacher_heun3"])
         assert logged.tags["ctm.evaluate.complete"] == "true"
@@ -219,7 +219,7 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
             == json.loads((out / "protocol.json").read_text())["protocol_sha256"]
         )
         run_json.write_text(json.dumps({"mlflow_run_id": "0" * 32}))
-        assert _log_to_mlflow(params, setup["student"], out, metrics) == runs[0].info.run_id
+        assert log_to_mlflow(params, setup["student"], out, metrics) == runs[0].info.run_id
     finally:
         run_json.unlink()
     assert len(mlflow.search_runs(experiment_names=["ctm-digits"], output_format="list")) == 2
@@ -227,9 +227,9 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
 
 @pytest.mark.parametrize("kind,nfe,gamma", [("gamma", 2, 1.0), ("teacher_heun", 3, None)])
 def test_sample_does_not_depend_on_batch_size(setup, kind, nfe, gamma):
+    from ctm_core.eval.methods import Method, sample_method
     from ctm_core.io.student_format import load_student
     from ctm_core.io.teacher_format import load_edm_checkpoint
-    from ctm_core.eval.methods import Method, sample_method
 
     student = load_student(setup["student"], "online")
     teacher = load_edm_checkpoint(setup["teacher"])
@@ -344,11 +344,11 @@ def test_bad_params_one_line_exit_2(tmp_path, capsys):
 def test_fd_path_data_against_itself_is_zero(setup):
     """Real images through the samples' path (unit range -> clamp -> levels -> features) give FD ≈ 0 vs themselves,
     and the quantisation inverts prepare's level mapping exactly."""
-    from ctm_core.eval.classifier import classifier_features, train_classifier
-    from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
-    from ctm_core.eval.methods import seed_sets
-    from pipelines.evaluate import _fd_summary
     from ctm_core.data.prepared import levels_to_unit, load_prepared
+    from ctm_core.eval.classifier import classifier_features, train_classifier
+    from ctm_core.eval.methods import seed_sets
+    from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
+    from ctm_core.eval.scoring import fd_summary
 
     x, y = load_prepared(setup["data"], "train")
     x_unit = torch.from_numpy(levels_to_unit(x, 17)).to(torch.float64)
@@ -359,7 +359,7 @@ def test_fd_path_data_against_itself_is_zero(setup):
     )
     f = classifier_features(clf, q)
     mu, sigma = feature_statistics(classifier_features(clf, x))
-    flat, det = _fd_summary("fd_x", f, mu, sigma, seed_sets(len(f), f.shape[1]), seed=0)
+    flat, det = fd_summary("fd_x", f, mu, sigma, seed_sets(len(f), f.shape[1]), seed=0)
     assert abs(flat["fd_x"]) < 1e-6 * np.trace(sigma)
     assert len(det["seed_sets"]["fds"]) == 3 and flat["fd_x_std"] >= 0
     shifted = f + 0.1

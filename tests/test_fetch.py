@@ -143,7 +143,7 @@ def test_missing_sha256_and_bad_scheme(http_base, tmp_path):
     assert "/good.bin" not in _Handler.hits  # argument errors never touch the network
 
 
-def test_poisoned_cache_entry_is_replaced(http_base, tmp_path, capsys):
+def test_poisoned_cache_entry_is_replaced(http_base, tmp_path, caplog):
     cache = tmp_path / "cache"
     poisoned = cache_path(cache, PAYLOAD_SHA, "good.bin")
     poisoned.parent.mkdir(parents=True)
@@ -151,16 +151,16 @@ def test_poisoned_cache_entry_is_replaced(http_base, tmp_path, capsys):
     p = fetch(f"{http_base}/good.bin", cache, sha256=PAYLOAD_SHA, **FAST)
     assert p == poisoned and p.read_bytes() == PAYLOAD
     assert _Handler.hits["/good.bin"] == 1
-    assert "corrupt" in capsys.readouterr().err
+    assert "corrupt" in caplog.text
 
 
-def test_record_mode_writes_json_and_prints(http_base, tmp_path, capsys):
+def test_record_mode_writes_json_and_logs(http_base, tmp_path, caplog):
     cache = tmp_path / "cache"
     p = fetch(f"{http_base}/good.bin", cache, sha256="record", **FAST)
     assert recorded_sha256(p) == PAYLOAD_SHA
     rec = json.loads(p.with_name("good.bin.sha256.json").read_text())
     assert rec["sha256"] == PAYLOAD_SHA and rec["size_bytes"] == len(PAYLOAD)
-    assert PAYLOAD_SHA in capsys.readouterr().err
+    assert PAYLOAD_SHA in caplog.text
     # the recorded hash then works as a pin and hits the cache
     assert fetch(f"{http_base}/good.bin", cache, sha256=PAYLOAD_SHA, **FAST) == p
     assert _Handler.hits["/good.bin"] == 1

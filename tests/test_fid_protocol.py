@@ -69,7 +69,7 @@ def fid_setup(tmp_path_factory):
         )
     data = root / "prepared"
     card = prepare_dataset("imagefolder", folder, data, heldout_fraction=0.25, seed=0, shard_size=64, progress=False)
-    assert card["labels"]["label_dim"] == 0 and card["image"]["num_levels"] == 256
+    assert card.labels.label_dim == 0 and card.image.num_levels == 256
 
     write_tiny_nets(root)
 
@@ -170,9 +170,9 @@ def test_inception_fid_end_to_end_unlabelled_data_and_reference_cache(fid_setup,
 @pytest.fixture
 def fewer_methods(monkeypatch):
     """Only CTM 1-step + the two teacher baselines (3 methods): keeps the Inception forwards to a handful."""
-    import pipelines.evaluate as ev
+    import ctm_core.eval.methods as methods
 
-    monkeypatch.setattr(ev, "STUDENT_HEUN_NFES", ())
+    monkeypatch.setattr(methods, "STUDENT_HEUN_NFES", ())
 
 
 def test_inception_fid_against_fetched_npz_reference(fid_setup, tmp_path, fewer_methods):
@@ -206,7 +206,7 @@ def test_inception_fid_against_fetched_npz_reference(fid_setup, tmp_path, fewer_
 
 
 def _no_sampling(monkeypatch):
-    import pipelines.evaluate as ev
+    import pipelines.support.evaluation as ev
 
     def boom(*a, **k):
         raise AssertionError("sampling started before the FID setup was checked")
@@ -288,7 +288,7 @@ def test_unlabelled_data_refused_by_the_classifier_features(fid_setup, tmp_path)
     check_inputs(_params({"evaluate": {"features": "inception"}}), s["data"], s["teacher"], s["student"])
 
 
-def test_damaged_cache_entry_is_recomputed(fid_setup, tmp_path, capsys):
+def test_damaged_cache_entry_is_recomputed(fid_setup, tmp_path, caplog):
     from ctm_core.data.prepared import load_card
     from pipelines.support.fid_reference import _cache_key, load_inception, reference_from_data
 
@@ -297,11 +297,11 @@ def test_damaged_cache_entry_is_recomputed(fid_setup, tmp_path, capsys):
     model, sha, _ = load_inception(params)
     card = load_card(s["data"])
     a = reference_from_data(model, sha, s["data"], card, ["train"], tmp_path / "cache", batch=16)
-    assert not a.cached and a.num_images == card["splits"]["train"]["count"]
+    assert not a.cached and a.num_images == card.splits["train"].count
     a.path.write_bytes(a.path.read_bytes()[:100])  # truncated
     b = reference_from_data(model, sha, s["data"], card, ["train"], tmp_path / "cache", batch=16)
     assert not b.cached and b.sha256 == a.sha256  # deterministic bytes: the same statistics, the same file
-    assert "unusable" in capsys.readouterr().err
+    assert "unusable" in caplog.text
     c = reference_from_data(model, sha, s["data"], card, ["train"], tmp_path / "cache", batch=16)
     assert c.cached and np.array_equal(c.sigma, a.sigma)
     # another weights sha256 (or data, or preprocessing) is another key: never the old file

@@ -122,7 +122,7 @@ def test_bits_per_dim_levels_matches_gaussian_closed_form():
     """17 levels (not a power of 2): bpd = (−log p(x) − D log Δ)/(D ln 2), Δ = 2/16, for a Gaussian model whose
     density at sigma_min is known in closed form (bin centres, exact divergence)."""
     from ctm_core.diffusion.likelihood import log_likelihood
-    from pipelines.likelihood import bits_per_dim_levels
+    from ctm_core.eval.bits_per_dim import bits_per_dim_levels
 
     s2 = 0.3**2
 
@@ -165,7 +165,7 @@ def test_runs_on_unlabelled_data(tmp_path, monkeypatch, capsys):
     card = prepare_dataset(
         "imagefolder", folder, tmp_path / "prepared", heldout_fraction=0.25, seed=0, shard_size=64, progress=False
     )
-    assert card["labels"]["label_dim"] == 0 and card["image"]["num_levels"] == 256
+    assert card.labels.label_dim == 0 and card.image.num_levels == 256
     write_tiny_nets(tmp_path)
     s = {"data": tmp_path / "prepared", "teacher": tmp_path / "teacher", "student": tmp_path / "student"}
     with pytest.raises(InputError, match="no class labels"):  # the evaluate stage's classifier features

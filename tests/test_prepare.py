@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ctm_core.data.card import DatasetCard
 from ctm_core.data.prepared import levels_to_unit, load_card, load_prepared
+from ctm_core.errors import InputError
 from pipelines.prepare import (
     DatasetError,
     PrepareConfig,
@@ -45,20 +47,20 @@ def _leftovers(parent: Path) -> list[str]:
 # --- sklearn digits ---------------------------------------------------------------------------------------------
 def test_digits_end_to_end_and_deterministic(tmp_path):
     card = prepare_dataset("sklearn-digits", None, tmp_path / "a", heldout_fraction=0.1, seed=7, progress=False)
-    assert card["count"] == 1797
-    tr, ho = card["splits"]["train"], card["splits"]["heldout"]
-    assert tr["count"] + ho["count"] == 1797 and 170 <= ho["count"] <= 190
-    assert all(17 <= v <= 19 for v in ho["class_counts"].values()) and len(ho["class_counts"]) == 10  # stratified
-    im = card["image"]
-    assert (im["channels"], im["height"], im["width"], im["resolution"]) == (1, 8, 8, 8)
-    assert (im["num_levels"], im["max_level"], im["bit_depth"]) == (17, 16, None)
-    assert card["labels"]["label_dim"] == 10 and card["labels"]["class_names"] == [str(i) for i in range(10)]
-    assert card["params"]["seed"] == 7 and card["source"]["kind"] == "sklearn-digits"
+    assert card.count == 1797
+    tr, ho = card.splits["train"], card.splits["heldout"]
+    assert tr.count + ho.count == 1797 and 170 <= ho.count <= 190
+    assert all(17 <= v <= 19 for v in ho.class_counts.values()) and len(ho.class_counts) == 10  # stratified
+    im = card.image
+    assert (im.channels, im.height, im.width, im.resolution) == (1, 8, 8, 8)
+    assert (im.num_levels, im.max_level, im.bit_depth) == (17, 16, None)
+    assert card.labels.label_dim == 10 and card.labels.class_names == tuple(str(i) for i in range(10))
+    assert card.params["seed"] == 7 and card.source.kind == "sklearn-digits"
     assert load_card(tmp_path / "a") == card
 
     x_tr, y_tr = load_prepared(tmp_path / "a", "train")
     x_ho, y_ho = load_prepared(tmp_path / "a", "heldout")
-    assert x_tr.shape == (tr["count"], 1, 8, 8) and x_tr.dtype == np.uint8 and y_tr.dtype == np.int64
+    assert x_tr.shape == (tr.count, 1, 8, 8) and x_tr.dtype == np.uint8 and y_tr.dtype == np.int64
     assert x_tr.max() == 16 and x_ho.max() <= 16 and y_tr.min() == 0 and y_tr.max() == 9
     from sklearn.datasets import load_digits
 
@@ -66,36 +68,36 @@ def test_digits_end_to_end_and_deterministic(tmp_path):
     idx = np.sort(
         np.concatenate(
             [
-                pq.read_table(tmp_path / "a" / s["path"])["index"].to_numpy()
+                pq.read_table(tmp_path / "a" / s.path)["index"].to_numpy()
                 for sp in ("train", "heldout")
-                for s in card["splits"][sp]["shards"]
+                for s in card.splits[sp].shards
             ]
         )
     )
     assert np.array_equal(idx, np.arange(1797))  # a partition of the source
-    ho_idx = pq.read_table(tmp_path / "a" / ho["shards"][0]["path"])["index"].to_numpy()
+    ho_idx = pq.read_table(tmp_path / "a" / ho.shards[0].path)["index"].to_numpy()
     assert np.array_equal(x_ho[:, 0], d.images[ho_idx].astype(np.uint8)) and np.array_equal(y_ho, d.target[ho_idx])
-    u = levels_to_unit(x_tr, im["num_levels"])
+    u = levels_to_unit(x_tr, im.num_levels)
     assert u.dtype == np.float32 and u.min() == -1.0 and u.max() == 1.0
 
     # Same seed -> byte-identical output; another seed -> another split.
     card_b = prepare_dataset("sklearn-digits", None, tmp_path / "b", heldout_fraction=0.1, seed=7, progress=False)
     assert card_b == card
     card_c = prepare_dataset("sklearn-digits", None, tmp_path / "c", heldout_fraction=0.1, seed=8, progress=False)
-    assert card_c["splits"]["heldout"]["shards"][0]["sha256"] != ho["shards"][0]["sha256"]
+    assert card_c.splits["heldout"].shards[0].sha256 != ho.shards[0].sha256
     assert _leftovers(tmp_path) == []
 
 
 def test_shard_hash_checked_and_sharding(tmp_path):
     card = prepare_dataset("sklearn-digits", None, tmp_path / "p", heldout_fraction=0.0, shard_size=500, progress=False)
-    shards = card["splits"]["train"]["shards"]
-    assert [s["rows"] for s in shards] == [500, 500, 500, 297] and card["splits"]["heldout"]["count"] == 0
-    assert all(sha256_file(tmp_path / "p" / s["path"]) == s["sha256"] for s in shards)
+    shards = card.splits["train"].shards
+    assert [s.rows for s in shards] == [500, 500, 500, 297] and card.splits["heldout"].count == 0
+    assert all(sha256_file(tmp_path / "p" / s.path) == s.sha256 for s in shards)
     x, y = load_prepared(tmp_path / "p", "heldout")
     assert x.shape == (0, 1, 8, 8) and y.shape == (0,)
-    victim = tmp_path / "p" / shards[2]["path"]
+    victim = tmp_path / "p" / shards[2].path
     victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(ValueError, match=f"shard-00002.parquet: sha256 expected {shards[2]['sha256']}"):
+    with pytest.raises(ValueError, match=f"shard-00002.parquet: sha256 expected {shards[2].sha256}"):
         load_prepared(tmp_path / "p", "train")
 
 
@@ -115,6 +117,37 @@ def test_split_indices_and_config_errors():
         PrepareConfig(source="imagefolder")
     with pytest.raises(ValueError, match="prepare.shard_size"):
         PrepareConfig(shard_size=0)
+
+
+# --- the dataset card --------------------------------------------------------------------------------------------
+def test_card_round_trip_bytes_and_one_line_errors(tmp_path):
+    card = prepare_dataset("sklearn-digits", None, tmp_path / "a", heldout_fraction=0.1, seed=0, progress=False)
+    on_disk = (tmp_path / "a" / "card.json").read_bytes()
+    assert card.to_json().encode() == on_disk and DatasetCard.read(tmp_path / "a") == card
+    card.write(tmp_path)  # write reproduces the bytes
+    assert (tmp_path / "card.json").read_bytes() == on_disk
+    # the transitional dict view returns the JSON values
+    assert card["image"]["num_levels"] == 17 and card["splits"]["train"]["count"] == card.splits["train"].count
+    raw = json.loads(on_disk)
+    for edit, fragment in (
+        (lambda d: d["image"].update(num_levels=1), "image.num_levels: expected an int >= 2 and <= 256, got 1"),
+        (lambda d: d["labels"].update(class_names=["a"]), "labels.class_names: expected null or 10 strings"),
+        (lambda d: d["splits"]["train"]["shards"][0].update(rows="x"), "splits.train.shards[0].rows: expected an int"),
+        (lambda d: d["splits"]["heldout"].update(count=3), "splits.heldout.count: expected the sum of its shard rows"),
+        (lambda d: d.pop("source"), "source: expected an object, got None"),
+        (lambda d: d.update(format="v0"), "expected format 'ctm-prepared/v1', got 'v0'"),
+    ):
+        bad = json.loads(on_disk)
+        edit(bad)
+        (tmp_path / "card.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError) as info:
+            load_card(tmp_path)
+        msg = str(info.value)
+        assert fragment in msg and "\n" not in msg and str(tmp_path / "card.json") in msg, msg
+    assert DatasetCard.from_dict(raw) == card
+    (tmp_path / "card.json").unlink()
+    with pytest.raises(FileNotFoundError, match="run the prepare stage"):
+        load_card(tmp_path)
 
 
 # --- imagefolder -------------------------------------------------------------------------------------------------
@@ -155,10 +188,10 @@ def test_imagefolder_sources(tmp_path, kind):
     files["train/README.txt"] = b"not an image, ignored"
     src = _write_source(kind, files, tmp_path)
     card = prepare_dataset("imagefolder", src, tmp_path / "out", heldout_fraction=0.0, progress=False)
-    assert card["labels"]["class_names"] == ["cat", "dog", "zebra"] and card["labels"]["label_dim"] == 3
-    assert card["count"] == 9 and card["image"]["num_levels"] == 256 and card["image"]["bit_depth"] == 8
+    assert card.labels.class_names == ("cat", "dog", "zebra") and card.labels.label_dim == 3
+    assert card.count == 9 and card.image.num_levels == 256 and card.image.bit_depth == 8
     if kind != "dir":
-        assert card["source"]["sha256"] == sha256_file(src)
+        assert card.source.sha256 == sha256_file(src)
     x, y = load_prepared(tmp_path / "out", "train")
     names = sorted(images)  # sorted relative paths: cat/*, dog/*, zebra/*
     assert np.array_equal(x, np.stack([images[n] for n in names]))
@@ -198,8 +231,8 @@ def test_grey_unlabelled_folder(tmp_path):
     imgs = {f"{i}.png": RNG.integers(0, 256, (1, 4, 4), dtype=np.uint8) for i in range(5)}
     src = _write_source("dir", {k: _png(v) for k, v in imgs.items()}, tmp_path)
     card = prepare_dataset("imagefolder", src, tmp_path / "out", heldout_fraction=0.4, progress=False)
-    assert card["labels"]["label_dim"] == 0 and card["labels"]["class_names"] is None
-    assert card["image"]["channels"] == 1 and card["splits"]["heldout"]["count"] == 2
+    assert card.labels.label_dim == 0 and card.labels.class_names is None
+    assert card.image.channels == 1 and card.splits["heldout"].count == 2
     x, y = load_prepared(tmp_path / "out", "train")
     assert x.shape == (3, 1, 4, 4) and (y == -1).all()
 
@@ -269,9 +302,9 @@ def test_cifar10_python(tmp_path):
         shard_size=7,
         progress=False,
     )
-    assert card["count"] == 20 and len(card["splits"]["train"]["shards"]) == 3
-    assert card["labels"]["class_names"][:2] == ["plane", "car"] and card["labels"]["label_dim"] == 10
-    assert card["source"]["sha256"] == sha256_file(tmp_path / "cifar-10-python.tar.gz")
+    assert card.count == 20 and len(card.splits["train"].shards) == 3
+    assert card.labels.class_names[:2] == ("plane", "car") and card.labels.label_dim == 10
+    assert card.source.sha256 == sha256_file(tmp_path / "cifar-10-python.tar.gz")
     x, y = load_prepared(tmp_path / "out", "train")
     assert np.array_equal(x, data.reshape(20, 3, 32, 32)) and np.array_equal(y, labels)  # batch order kept
     # Channel planes: the first 1024 values of a row are the red plane.
@@ -303,17 +336,17 @@ def test_edm_zip(tmp_path, labelled):
     x, y = load_prepared(tmp_path / "out", "train")
     assert np.array_equal(x, np.stack(imgs))
     assert y.tolist() == (labels if labelled else [-1] * 6)
-    assert card["labels"]["label_dim"] == (3 if labelled else 0)
+    assert card.labels.label_dim == (3 if labelled else 0)
 
 
 # --- the real CIFAR-10 JPEG test set in ../shared ------------------------------------------------------------------
 def test_real_cifar10_jpg_test_set(tmp_path):
     src = require_shared(SHARED / "data" / "cifar10-jpg" / "test.tar.gz")
     card = prepare_dataset("imagefolder", src, tmp_path / "out", heldout_fraction=0.1, seed=0, progress=False)
-    assert card["source"]["sha256"] == "c6f385b9653df35ff64f210ad8674f3d0b99564ea0cd389e1b3aa41dbc5bf703"
-    assert card["count"] == 10_000 and card["splits"]["heldout"]["count"] == 1_000
-    assert card["labels"]["class_names"][0] == "airplane" and card["labels"]["label_dim"] == 10
-    assert set(card["splits"]["heldout"]["class_counts"].values()) == {100}
+    assert card.source.sha256 == "c6f385b9653df35ff64f210ad8674f3d0b99564ea0cd389e1b3aa41dbc5bf703"
+    assert card.count == 10_000 and card.splits["heldout"].count == 1_000
+    assert card.labels.class_names[0] == "airplane" and card.labels.label_dim == 10
+    assert set(card.splits["heldout"].class_counts.values()) == {100}
     x, y = load_prepared(tmp_path / "out", "train")
     assert x.shape == (9_000, 3, 32, 32) and np.bincount(y).tolist() == [900] * 10
     assert 100 < x.mean() < 140  # real photos, not noise or zeros
@@ -328,7 +361,7 @@ def test_cli_dry_run_and_params(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["config"]["heldout_fraction"] == 0.2 and not out.exists()
     assert main(["--params", str(params), "--out", str(out), "--seed", "4", "--no-progress"]) == 0
-    assert load_card(out)["params"]["seed"] == 4 and load_card(out)["splits"]["heldout"]["count"] == 359
+    assert load_card(out).params["seed"] == 4 and load_card(out).splits["heldout"].count == 359
     params.write_text("data:\n  sorce: sklearn-digits\n")
     assert main(["--params", str(params), "--out", str(out), "--dry-run"]) == 2
     assert "unknown keys ['sorce']" in capsys.readouterr().err

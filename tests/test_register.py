@@ -1,4 +1,5 @@
-"""pipelines.register + pipelines.support.pyfunc_model against a real MLflow SQLite store (pre-migrated once per session).
+"""pipelines.register + pipelines.support.{registry,pyfunc_model} against a real MLflow SQLite store (pre-migrated
+once per session).
 
 The champion/challenger logic is checked end to end through the registry (aliases, version tags, registry.json),
 the sampler against `gamma_sampler` with per-image seeds, and the registered model in a separate process through
@@ -27,8 +28,8 @@ from ctm_core.diffusion.samplers import StackedRandomGenerator, gamma_sampler  #
 from ctm_core.io.student_format import load_student, save_student  # noqa: E402
 from ctm_core.nets.student import CTMStudent  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
-from pipelines.register import main, read_eval, run  # noqa: E402
-from pipelines.support.gate import Evidence, decide, metric_noise, read_protocol  # noqa: E402
+from pipelines.register import main, run  # noqa: E402
+from pipelines.support.gate import Evidence, decide, metric_noise, read_eval, read_protocol  # noqa: E402
 from pipelines.support.pyfunc_model import CTMSampler, to_uint8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def _register(params, student, eval_dir, root):
     return rec
 
 
-# --- pure decision rule (pipelines.support.gate) ---------------------------------------------------------------------------
+# --- pure decision rule (pipelines.support.gate) ----------------------------------------------------------------------
 P = "proto-a"  # one protocol fingerprint
 
 

@@ -1,44 +1,35 @@
 """Reading the prepare stage's output: `card.json` and the Parquet shards of each split.
 
-Layout (written by `pipelines/prepare.py`): `<dir>/card.json` (format `ctm-prepared/v1`: image shape and number of
-levels, labels, and per split the shards with their row count and sha256) and `<dir>/<split>/*.parquet` with columns
-`image` (C·H·W raw bytes, one image per row) and `label` (int64, -1 = unlabelled). See docs/data.md.
+Layout (written by `pipelines/prepare.py`): `<dir>/card.json` (format `ctm-prepared/v1`, `ctm_core.data.card`: image
+shape and number of levels, labels, and per split the shards with their row count and sha256) and
+`<dir>/<split>/*.parquet` with columns `image` (C·H·W raw bytes, one image per row) and `label` (int64,
+-1 = unlabelled). See docs/data.md.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from ctm_core.data.card import CARD_FORMAT, SPLITS, DatasetCard
 from ctm_core.io.hashing import sha256_file
 
-__all__ = ["CARD_FORMAT", "SPLITS", "levels_to_unit", "load_card", "load_prepared"]
-
-CARD_FORMAT = "ctm-prepared/v1"
-SPLITS = ("train", "heldout")
+__all__ = ["CARD_FORMAT", "SPLITS", "DatasetCard", "levels_to_unit", "load_card", "load_prepared"]
 
 
-def load_card(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check `out_dir/card.json`."""
-    path = Path(out_dir) / "card.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the prepare stage (python -m pipelines.prepare) first")
-    card = json.loads(path.read_text(encoding="utf-8"))
-    if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{path}: expected format {CARD_FORMAT!r}, got {card.get('format')!r}")
-    return card
+def load_card(out_dir: str | os.PathLike[str]) -> DatasetCard:
+    """Read and validate `out_dir/card.json` (`DatasetCard.read`)."""
+    return DatasetCard.read(out_dir)
 
 
 def load_prepared(out_dir: str | os.PathLike[str], split: str, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Load a split written by `prepare_dataset`.
+    """Load a split written by the prepare stage.
 
     Returns:
-        images: (N, C, H, W) uint8 raw levels (0..num_levels-1, see card['image']), labels: (N,) int64 (-1 = none).
+        images: (N, C, H, W) uint8 raw levels (0..num_levels-1, see `card.image`), labels: (N,) int64 (-1 = none).
     Raises:
         ValueError when a shard's sha256 or row count differs from the card (verify=True).
     """
@@ -46,22 +37,21 @@ def load_prepared(out_dir: str | os.PathLike[str], split: str, *, verify: bool =
         raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
     root = Path(out_dir)
     card = load_card(root)
-    im = card["image"]
-    shape = (im["channels"], im["height"], im["width"])
+    shape = card.image.shape
     nbytes = int(np.prod(shape))
     images, labels = [], []
-    for shard in card["splits"][split]["shards"]:
-        p = root / shard["path"]
+    for shard in card.splits[split].shards:
+        p = root / shard.path
         if verify:
             got = sha256_file(p)
-            if got != shard["sha256"]:
+            if got != shard.sha256:
                 raise ValueError(
-                    f"{p}: sha256 expected {shard['sha256']} (card.json), got {got}: the shard was modified or "
+                    f"{p}: sha256 expected {shard.sha256} (card.json), got {got}: the shard was modified or "
                     "corrupted; re-run the prepare stage (dvc repro) or dvc checkout"
                 )
         table = pq.read_table(p, columns=["image", "label"])
-        if table.num_rows != shard["rows"]:
-            raise ValueError(f"{p}: expected {shard['rows']} rows (card.json), got {table.num_rows}")
+        if table.num_rows != shard.rows:
+            raise ValueError(f"{p}: expected {shard.rows} rows (card.json), got {table.num_rows}")
         blob = b"".join(table.column("image").to_pylist())
         if len(blob) != table.num_rows * nbytes:
             raise ValueError(f"{p}: expected {table.num_rows} images of {nbytes} bytes, got {len(blob)} bytes")

@@ -12,11 +12,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from ctm_core.data.card import DatasetCard
 
 __all__ = [
     "NUM_SEED_SETS",
@@ -203,15 +204,17 @@ def seed_sets(num_samples: int, feature_dim: int, max_sets: int = NUM_SEED_SETS)
     return [slice(0, num_samples)]
 
 
-def train_feature_classifier(params, card: dict[str, Any], data: Path, out: Path, progress: bool):
-    """Train the FD feature classifier on the prepared `data` (params.evaluate.classifier), save it under `out`."""
+def train_feature_classifier(params, card: DatasetCard, data: Path, out: Path, progress: bool):
+    """Train the FD feature classifier on the prepared `data` (params.evaluate.classifier), save it under `out`.
+
+    Returns (model, info for fd_details.json, (train images, held-out images) as (N, C, H, W) uint8 levels)."""
     from ctm_core.data.prepared import load_prepared
     from ctm_core.eval.classifier import save_classifier, train_classifier
 
     cp = params.evaluate.classifier
     x_train, y_train = load_prepared(data, "train")
     x_held, y_held = load_prepared(data, "heldout")
-    num_levels = int(card["image"]["num_levels"])
+    num_levels = card.image.num_levels
     steps_per_epoch = math.ceil(len(x_train) / cp.batch)
     epochs = max(1, math.ceil(cp.steps / steps_per_epoch))
     t0 = time.perf_counter()
@@ -225,7 +228,7 @@ def train_feature_classifier(params, card: dict[str, Any], data: Path, out: Path
             batch_size=cp.batch,
             lr=cp.lr,
             generator=torch.Generator().manual_seed(cp.seed),
-            num_classes=int(card["labels"]["label_dim"]) or None,
+            num_classes=card.labels.label_dim or None,
             heldout_images=x_held if has_held else None,
             heldout_labels=y_held if has_held else None,
         )
@@ -235,7 +238,7 @@ def train_feature_classifier(params, card: dict[str, Any], data: Path, out: Path
         "steps": epochs * steps_per_epoch,
         "heldout_accuracy": acc,
         "train_seconds": time.perf_counter() - t0,
-        "data_sha256": card["source"]["sha256"],
+        "data_sha256": card.source.sha256,
     }
     info["sha256"] = save_classifier(model, out / "classifier", meta={**info, "params": cp.model_dump()})
     return model, info, (x_train, x_held)

@@ -9,7 +9,7 @@ Cache layout: `<cache_dir>/sha256/<hex>/<filename>`. A download streams into a t
 `<cache_dir>/tmp/` while it is hashed; only a file whose hash matches is moved (`os.replace`) into place, so a
 truncated or tampered download never reaches the cache. A cached file is re-hashed before each reuse; a poisoned
 entry is removed and fetched again. `sha256="record"` fetches once, stores the file under its computed hash, writes
-`<filename>.sha256.json` next to it and prints the hash for the caller to pin.
+`<filename>.sha256.json` next to it and logs the hash for the caller to pin.
 
 Examples:
     python -m pipelines.support.fetch edm-cifar10-32x32-uncond-vp --cache-dir ~/.cache/ctm --sha256 record
@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import hashlib
 import http.client
+import logging
 import os
 import re
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipelines.support.io_utils import CHUNK_BYTES, atomic_write_json, current_umask, normalize_sha256, sha256_file
+from pipelines.support.logs import progress_enabled, setup_logging
 
 __all__ = [
     "EDM_BASE_URL",
@@ -46,6 +48,8 @@ __all__ = [
     "fetch",
     "resolve_release",
 ]
+
+logger = logging.getLogger(__name__)
 
 RECORD = "record"
 USER_AGENT = "ctm-pipeline-fetch/0.1 (+urllib)"
@@ -318,7 +322,7 @@ def fetch(
         uri: `https://…`, `http://…`, `s3://bucket/key`, `file:///abs/path`, a local path, or a release name from
             `KNOWN_RELEASES` (e.g. `edm-cifar10-32x32-uncond-vp`).
         cache_dir: cache root; files land at `<cache_dir>/sha256/<hex>/<filename>`.
-        sha256: the expected 64-digit hex digest (required), or `"record"` to fetch, hash, store and print the
+        sha256: the expected 64-digit hex digest (required), or `"record"` to fetch, hash, store and log the
             digest (also written to `<entry>.sha256.json`) so the caller can pin it.
         progress: show a tqdm byte progress bar.
         filename: name of the cached file (default: the last path component of the URI).
@@ -349,10 +353,8 @@ def fetch(
             got = sha256_file(dest)
             if got == expected:
                 return dest
-            print(
-                f"fetch: cached {dest} is corrupt (expected sha256 {expected}, got {got}); removing it and "
-                "fetching again",
-                file=sys.stderr,
+            logger.warning(
+                "cached %s is corrupt (expected sha256 %s, got %s); removing it and fetching again", dest, expected, got
             )
             dest.unlink()
 
@@ -385,7 +387,7 @@ def fetch(
             dest.with_name(dest.name + ".sha256.json"),
             {"uri": uri, "resolved": target, "sha256": got, "size_bytes": dest.stat().st_size, "filename": name},
         )
-        print(f"fetch: sha256 of {uri} = {got} (pin this value)", file=sys.stderr)
+        logger.warning("sha256 of %s = %s (pin this value)", uri, got)
     return dest
 
 
@@ -403,7 +405,8 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list-releases", action="store_true", help="print the known release names and URLs, exit")
     ap.add_argument("--dry-run", action="store_true", help="resolve the URI and cache path, download nothing")
     args = ap.parse_args(argv)
-    if args.list_releases:
+    setup_logging()
+    if args.list_releases:  # stdout: the CLI's machine-readable output
         for k, v in KNOWN_RELEASES.items():
             print(f"{k}\t{v}")
         return 0
@@ -414,11 +417,11 @@ def _main(argv: list[str] | None = None) -> int:
             kind, target = _classify(args.uri)
             print(f"{kind}\t{target}")
             return 0
-        path = fetch(args.uri, args.cache_dir, sha256=args.sha256, progress=not args.no_progress)
+        path = fetch(args.uri, args.cache_dir, sha256=args.sha256, progress=not args.no_progress and progress_enabled())
     except (FetchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        logger.error("error: %s", e)
         return 1
-    print(path)
+    print(path)  # stdout: the fetched file's path, for scripts
     return 0
 
 

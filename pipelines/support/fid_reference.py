@@ -4,12 +4,12 @@
 
 Used by `pipelines.evaluate` when `evaluate.features: inception` (params.yaml; EDM_FACTS A3.2-A3.3):
 
-* Detector: pytorch-fid's TF-ported Inception-v3 pool3 (`ctm_core.eval.inception.FIDInception`, 2048-d), weights from
-  `evaluate.inception.{source, sha256}` through the project's fetcher (`pipelines.support.fetch`: https / s3 / file URI or a
-  local path, sha256-verified, content-addressed cache under `evaluate.cache_dir`; `sha256: record` fetches once
-  and prints the digest to pin). Nothing is ever downloaded without a pin, and the file is read with
+* Detector: pytorch-fid's TF-ported Inception-v3 pool3 (`ctm_core.eval.inception.FIDInception`, 2048-d), weights
+  from `evaluate.inception.{source, sha256}` through the project's fetcher (`pipelines.support.fetch`: https / s3 /
+  file URI or a local path, sha256-verified, content-addressed cache under `evaluate.cache_dir`; `sha256: record`
+  fetches once and logs the digest to pin). Nothing is ever downloaded without a pin, and the file is read with
   `torch.load(weights_only=True)`. (torch-fidelity / pytorch-fid themselves are not imported: both need
-  torchvision, which does not import beside this project's CPU torch 2.13 wheel; ctm_core/inception.py.)
+  torchvision, which does not import beside this project's CPU torch 2.13 wheel; ctm_core/eval/inception.py.)
 * Images: what the generator would save, `uint8 = clip(x·127.5 + 128, 0, 255)` (EDM generate.py:297), grey repeated
   to RGB (EDM fid.py:66-67), then the detector's own resize to 299×299. Real images take the same path: prepared
   levels k → x = k/(L−1)·2 − 1 (float64) → the same uint8 mapping, which for 8-bit data returns k exactly.
@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ctm_core.data.card import DatasetCard
 from pipelines.config import Params, ParamsError, load_params, resolve_path
 from pipelines.support.io_utils import one_line
+from pipelines.support.logs import setup_logging
 
 __all__ = [
     "FIDSetup",
@@ -63,6 +66,8 @@ __all__ = [
     "reference_from_file",
     "setup_inception_fid",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Bump when anything between prepared levels / sampler output and the detector's input changes.
 PREPROCESS_VERSION = "fid-v2:edm-uint8(x*127.5+128,clip)|gray->rgb|tf1-bilinear-299|(x-128)/128"
@@ -143,13 +148,13 @@ def load_inception(params: Params, *, progress: bool = False) -> tuple[torch.nn.
 
 
 # --- reference statistics ---------------------------------------------------------------------------------------------
-def data_hash(card: dict[str, Any], splits: list[str] | tuple[str, ...]) -> str:
+def data_hash(card: DatasetCard, splits: list[str] | tuple[str, ...]) -> str:
     """sha256 of the prepared images of `splits` as the dataset card records them (shard sha256s, shape, levels)."""
-    im = card["image"]
+    im = card.image
     blob = {
-        "splits": {s: [sh["sha256"] for sh in card["splits"][s]["shards"]] for s in splits},
-        "counts": {s: int(card["splits"][s]["count"]) for s in splits},
-        "image": [int(im["channels"]), int(im["height"]), int(im["width"]), int(im["num_levels"])],
+        "splits": {s: [sh.sha256 for sh in card.splits[s].shards] for s in splits},
+        "counts": {s: card.splits[s].count for s in splits},
+        "image": [im.channels, im.height, im.width, im.num_levels],
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -204,7 +209,7 @@ def reference_from_data(
     model: torch.nn.Module,
     weights_sha256: str,
     data: str | Path,
-    card: dict[str, Any],
+    card: DatasetCard,
     splits: list[str] | tuple[str, ...],
     cache_dir: str | Path,
     *,
@@ -244,11 +249,8 @@ def reference_from_data(
                 key=key,
             )
         except (ValueError, OSError, KeyError) as e:
-            print(
-                f"fid_reference: cached statistics {path} are unusable ({one_line(e, limit=600)}); recomputing",
-                file=sys.stderr,
-            )
-    num_levels = int(card["image"]["num_levels"])
+            logger.warning("cached statistics %s are unusable (%s); recomputing", path, one_line(e, limit=600))
+    num_levels = card.image.num_levels
     images = np.concatenate([load_prepared(data, s)[0] for s in splits])  # (N, C, H, W) levels
     if len(images) < 2:
         raise FIDSetupError(f"evaluate.reference.splits: {list(splits)} hold {len(images)} images, need >= 2")
@@ -273,12 +275,12 @@ def reference_from_data(
         "preprocessing": PREPROCESS_VERSION,
         "num_images": int(len(f)),
         "format": CACHE_FORMAT,
-        "data_source_sha256": card.get("source", {}).get("sha256"),
+        "data_source_sha256": card.source.sha256,
     }  # no timings: bytes = f(statistics)
     digest = save_reference_stats(
         path, mu, sigma, meta=meta, num_images=int(len(f)), extra={"kid_features": f[idx].astype(np.float32)}
     )
-    print(f"fid_reference: {len(f)} images -> {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    logger.info("reference statistics of %d images -> %s (%.1f s)", len(f), path, time.perf_counter() - t0)
     return ReferenceInfo(
         mu=mu,
         sigma=sigma,
@@ -296,7 +298,7 @@ def reference_from_data(
 
 def setup_inception_fid(
     params: Params,
-    card: dict[str, Any],
+    card: DatasetCard,
     data: str | Path,
     *,
     device: str | torch.device = "cpu",
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    setup_logging()
     from ctm_core.data.prepared import load_card
 
     try:
@@ -367,10 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         s = setup_inception_fid(params, card, args.data, device=dev, progress=not args.no_progress)
     except (ParamsError, FIDSetupError, FileNotFoundError, ValueError) as e:
-        print(f"error: {one_line(e, limit=600)}", file=sys.stderr)
+        logger.error("error: %s", one_line(e, limit=600))
         return 2
     r = s.reference
-    print(
+    print(  # the CLI's machine-readable output (stdout)
         json.dumps(
             {
                 "path": str(r.path),

@@ -11,15 +11,15 @@ reports the minimum of 3 seed sets, SiD the mean of 10). So `@champion` moves on
 and both numbers come from the SAME protocol: feature network, reference statistics, sample count and seeds, as
 fingerprinted by the evaluate stage's `protocol.json` (`protocol_sha256`). Different protocols are never compared.
 
-σ of a metric `m` is read from the evaluate stage's own measurement (`pipelines/evaluate.py`):
+σ of a metric `m` is read from the evaluate stage's own measurement (`ctm_core.eval.scoring`):
     1. `m_std`: the sample std of `m` over K disjoint seed sets (each 1/K of the images). Measured at 1/K of the
        sample size it OVERSTATES the noise of the full-size number (roughly by sqrt(K)): a conservative gate;
     2. else the bootstrap 95 % interval `m_ci_low`/`m_ci_high`: σ ≈ (high − low) / (2 · 1.96).
 When only one side has a σ (e.g. a champion registered before the gate existed) the other is assumed equal (same
 protocol ⇒ same sample count). With no σ at all the gate refuses to promote: an unmeasured noise is not zero.
 
-Everything here is pure (no MLflow): `pipelines.register` reads the evaluation and the champion's version tags and
-calls `decide`.
+Everything here is pure (no MLflow): `read_evaluation` reads an evaluate stage's folder; `pipelines.register` adds
+the champion's version tags and calls `decide`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Decision", "Evidence", "decide", "metric_noise", "read_protocol"]
+__all__ = ["Decision", "Evidence", "decide", "metric_noise", "read_eval", "read_evaluation", "read_protocol"]
 
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile: converts a bootstrap interval to a std
 
@@ -102,6 +102,61 @@ def read_protocol(eval_dir: str | os.PathLike[str]) -> tuple[dict[str, Any] | No
         body = {k: v for k, v in raw.items() if k != "protocol_sha256"}
         sha = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return raw, sha
+
+
+def read_eval(eval_dir: str | os.PathLike[str], metric: str) -> tuple[dict[str, float], float | None, str]:
+    """(all finite numeric metrics flattened, value of `metric` or None, status 'ok' | 'failed: <why>') from
+    `<eval_dir>/metrics.json`. A missing or unreadable file, a missing or non-finite value and `"complete": false`
+    (a partial evaluation) are failures."""
+    path = Path(eval_dir) / "metrics.json"
+    if not path.is_file():
+        return {}, None, f"failed: {path} not found (the evaluate stage did not finish)"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return {}, None, f"failed: {path} is not valid JSON ({e})"
+    if not isinstance(raw, dict):
+        return {}, None, f"failed: {path} holds {type(raw).__name__}, expected an object"
+    numbers: dict[str, float] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                numbers[key] = float(v)
+
+    walk(raw, "")
+    if raw.get("complete") is False:
+        return numbers, None, f"failed: {path} says complete: false (partial evaluation)"
+    if metric not in raw and metric not in numbers:
+        return numbers, None, f"failed: {path} has no key {metric!r} (register.metric)"
+    value = raw.get(metric, numbers.get(metric))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        return numbers, None, f"failed: {path} {metric} = {value!r} is not a finite number"
+    return numbers, float(value), "ok"
+
+
+def read_evaluation(
+    eval_dir: str | os.PathLike[str], metric: str
+) -> tuple[dict[str, float], float | None, str, str | None]:
+    """`read_eval` plus the protocol fingerprint: (metrics, value, status, protocol sha256 or None).
+
+    An evaluation without a usable protocol.json is a failure too (the gate never compares without a protocol);
+    `value` is then still returned, for display only: promote only when status is 'ok'."""
+    metrics, value, status = read_eval(eval_dir, metric)
+    try:
+        _, sha = read_protocol(eval_dir)
+        why = (
+            f"{Path(eval_dir) / 'protocol.json'} not found (the evaluate stage did not finish, or wrote no "
+            "protocol fingerprint: re-run it)"
+        )
+    except ValueError as e:
+        sha, why = None, str(e)
+    if status == "ok" and sha is None:
+        status = f"failed: {why}"
+    return metrics, value, status, sha
 
 
 def decide(

@@ -1,7 +1,7 @@
 """PNG figures of the evaluate stage: sample grids (PIL) and the Fréchet-distance-vs-NFE curve (matplotlib, Agg).
 
 Both functions take plain numbers / integer-level images, so they are independent of torch and of how the samples
-were made. Image convention (pipelines/prepare.py): integer levels 0..num_levels-1 in (N, C, H, W) layout.
+were made. Image convention (ctm_core.data.card): integer levels 0..num_levels-1 in (N, C, H, W) layout.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ there must not re-run the ODE likelihood). `pipelines.evaluate` re-exports `Inpu
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +17,24 @@ from pipelines.support.io_utils import read_json
 
 __all__ = ["InputError", "check_inputs", "log_stage_to_mlflow", "stage_arg_parser"]
 
+logger = logging.getLogger(__name__)
+
 
 # --- inputs -----------------------------------------------------------------------------------------------------------
 def check_inputs(
-    params: Params, data: Path, teacher: Path, student: Path, *, need_labels: bool | None = None
+    params: Params,
+    data: Path,
+    teacher: Path,
+    student: Path,
+    *,
+    need_labels: bool | None = None,
+    need_heldout: bool = False,
 ) -> dict[str, Any]:
     """Check every input before any work; returns {'card', 'student_config', 'variant'}. Raises InputError.
 
     need_labels: whether the data must have class labels (default: `evaluate.features == 'classifier'`, the feature
-    classifier; the likelihood stage passes False)."""
+    classifier; the likelihood stage passes False). need_heldout: whether the held-out split must be non-empty (the
+    likelihood stage, which scores held-out images)."""
     from ctm_core.data.prepared import load_card
     from ctm_core.io.student_format import ema_variant, read_student_config
 
@@ -33,13 +42,18 @@ def check_inputs(
         card = load_card(data)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"--data: {e}") from None
-    if card["splits"]["train"]["count"] < 2:
-        raise InputError(f"--data: {data} has {card['splits']['train']['count']} training images, need >= 2")
+    if card.splits["train"].count < 2:
+        raise InputError(f"--data: {data} has {card.splits['train'].count} training images, need >= 2")
+    if need_heldout and card.splits["heldout"].count < 1:
+        raise InputError(
+            f"--data: {data} has an empty held-out split; bits/dim is measured on held-out images "
+            "(fix: set data.heldout_fraction > 0, or likelihood.enabled: false)"
+        )
     if need_labels is None:
         need_labels = params.evaluate.features == "classifier"
-    if need_labels and int(card["labels"]["label_dim"]) < 2:
+    if need_labels and card.labels.label_dim < 2:
         raise InputError(
-            f"--data: {data} has no class labels (label_dim {card['labels']['label_dim']}); the feature "
+            f"--data: {data} has no class labels (label_dim {card.labels.label_dim}); the feature "
             "classifier of the Fréchet distance needs a labelled training split (fix: set "
             "evaluate.features: inception)"
         )
@@ -79,7 +93,8 @@ def log_stage_to_mlflow(
     """Log a stage's numeric metrics, tags and the .json/.csv/.png files of `folder` (under `artifact_prefix/`) to
     the distill run named by `student/run.json` when it exists in the tracking store, else to a `<stage>-<hash>`
     stage run (resumed by name, not duplicated). Tags: `ctm.<stage>.params_hash`, `ctm.<stage>.complete` plus
-    `extra_tags` (complete: `metrics['complete']` unless given); the section `stage` of params goes to `<artifact_prefix>/<stage>_params.json`. Returns the run id.
+    `extra_tags` (complete: `metrics['complete']` unless given); the section `stage` of params goes to
+    `<artifact_prefix>/<stage>_params.json`. Returns the run id.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -115,9 +130,13 @@ def log_stage_to_mlflow(
         try:
             MlflowClient(tracking_uri=uri).get_run(run_id)
         except Exception:  # noqa: BLE001 - not in this store: fall back to a stage run
-            print(
-                f"{stage}: MLflow run {run_id} (from {run_json}) not found in {uri}; logging to a new {stage} run",
-                file=sys.stderr,
+            logger.warning(
+                "%s: MLflow run %s (from %s) not found in %s; logging to a new %s run",
+                stage,
+                run_id,
+                run_json,
+                uri,
+                stage,
             )
             run_id = None
     if run_id:
