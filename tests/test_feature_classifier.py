@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from ctm_core.data.prepared import levels_to_unit
 from ctm_core.eval.classifier import (
     SmallClassifier,
     classifier_features,
-    levels_to_unit,
     load_classifier,
     save_classifier,
     train_classifier,
@@ -75,7 +75,7 @@ def test_features_shape_and_frechet_sanity(trained, digits):
     fd_noise = frechet_distance(*feature_statistics(f_noise), *ref)
     assert 0 <= fd_held < 0.2 * fd_noise
     # generated samples in [-1, 1] go through the same quantisation as the data
-    x_unit = levels_to_unit(x_te, NUM_LEVELS)
+    x_unit = torch.from_numpy(levels_to_unit(x_te, NUM_LEVELS))
     requantised = images_to_levels(x_unit, NUM_LEVELS)
     assert torch.equal(requantised, torch.from_numpy(x_te))
     np.testing.assert_allclose(classifier_features(model, requantised), f_te, rtol=1e-5, atol=1e-5)

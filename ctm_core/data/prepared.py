@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from ctm_core.data.card import CARD_FORMAT, SPLITS, DatasetCard
 from ctm_core.io.hashing import sha256_file
@@ -62,6 +63,24 @@ def load_prepared(out_dir: str | os.PathLike[str], split: str, *, verify: bool =
     return np.concatenate(images), np.concatenate(labels)
 
 
-def levels_to_unit(images: np.ndarray, num_levels: int) -> np.ndarray:
-    """Map raw levels (N, C, H, W) in 0..num_levels-1 to float32 in [-1, 1] (8-bit: EDM training_loop.py:128)."""
-    return (images.astype(np.float32) / np.float32(num_levels - 1)) * 2.0 - 1.0
+def levels_to_unit(images: np.ndarray | torch.Tensor, num_levels: int) -> np.ndarray | torch.Tensor:
+    """Map integer levels (N, C, H, W) in 0..num_levels-1 to float32 `level / (L − 1) · 2 − 1` in [-1, 1].
+
+    For 8-bit data this is EDM's `x / 127.5 - 1` (docs/data.md#levels). numpy in, numpy out; torch in, torch out
+    (the same float32 arithmetic). Raises ValueError / TypeError for float input or levels outside the range.
+    """
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+        raise ValueError(f"levels_to_unit: num_levels must be an int >= 2, got {num_levels!r}")
+    is_torch = isinstance(images, torch.Tensor)
+    x = images if is_torch else np.asarray(images)
+    if x.dtype in (torch.bool, np.bool_) or (
+        x.is_floating_point() if is_torch else not np.issubdtype(x.dtype, np.integer)
+    ):
+        raise TypeError(f"levels_to_unit: expected integer levels, got dtype {x.dtype}")
+    if x.numel() if is_torch else x.size:
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= num_levels:
+            raise ValueError(f"levels_to_unit: levels must lie in [0, {num_levels - 1}], got [{lo}, {hi}]")
+    if is_torch:
+        return x.to(torch.float32) / (num_levels - 1) * 2 - 1
+    return (x.astype(np.float32) / np.float32(num_levels - 1)) * 2.0 - 1.0

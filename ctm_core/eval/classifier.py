@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctm_core.data.prepared import levels_to_unit
 from ctm_core.errors import InputError
 
 __all__ = [
     "SmallClassifier",
     "classifier_features",
-    "levels_to_unit",
     "load_classifier",
     "save_classifier",
     "train_classifier",
@@ -39,20 +39,6 @@ __all__ = [
 KIND = "classifier"
 WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def levels_to_unit(images: torch.Tensor | np.ndarray, num_levels: int) -> torch.Tensor:
-    """Integer levels ``(B, C, H, W)`` in 0..num_levels-1 → float32 in [-1, 1]: ``level / (L − 1) · 2 − 1``."""
-    if not isinstance(num_levels, int) or num_levels < 2:
-        raise ValueError(f"levels_to_unit: num_levels must be an int >= 2, got {num_levels!r}")
-    x = torch.as_tensor(images)
-    if x.is_floating_point() or x.dtype == torch.bool:
-        raise TypeError(f"levels_to_unit: expected integer levels, got dtype {x.dtype}")
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= num_levels):
-        raise ValueError(
-            f"levels_to_unit: levels must lie in [0, {num_levels - 1}], got [{int(x.min())}, {int(x.max())}]"
-        )
-    return x.to(torch.float32) / (num_levels - 1) * 2 - 1
 
 
 class SmallClassifier(nn.Module):
@@ -180,7 +166,7 @@ def train_classifier(
     num_classes = int(labels_t.max()) + 1 if num_classes is None else num_classes
     if int(labels_t.min()) < 0 or int(labels_t.max()) >= num_classes:
         raise ValueError(f"train_classifier: labels must lie in [0, {num_classes - 1}]")
-    x = levels_to_unit(images, num_levels)
+    x = torch.as_tensor(levels_to_unit(images, num_levels))
     _, C, H, W = x.shape
     if H != W:
         raise ValueError(f"train_classifier: square images expected, got {H}x{W}")
@@ -208,7 +194,7 @@ def train_classifier(
         if heldout_images is None or heldout_labels is None:
             raise ValueError("train_classifier: pass both heldout_images and heldout_labels, or neither")
         hx, hy = _check_images_labels(heldout_images, heldout_labels, "train_classifier(heldout)")
-        accuracy = _accuracy(model, levels_to_unit(hx, num_levels), hy)
+        accuracy = _accuracy(model, torch.as_tensor(levels_to_unit(hx, num_levels)), hy)
     return model, accuracy
 
 
@@ -221,7 +207,7 @@ def classifier_features(
     Returns (N, feature_dim) float64, ready for ``ctm_core.eval.metrics.feature_statistics``. Generated samples in
     [-1, 1] should first be quantised like the data (``ctm_core.eval.metrics.images_to_levels(x, model.num_levels)``).
     """
-    x = levels_to_unit(images_levels, model.num_levels)
+    x = torch.as_tensor(levels_to_unit(images_levels, model.num_levels))
     if x.ndim != 4:
         raise ValueError(f"classifier_features: images must be (N, C, H, W), got {tuple(x.shape)}")
     model.eval()

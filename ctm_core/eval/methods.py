@@ -18,6 +18,8 @@ import torch
 from tqdm import tqdm
 
 from ctm_core.data.card import DatasetCard
+from ctm_core.diffusion.samplers import euler_step
+from ctm_core.diffusion.schedules import karras_sigmas
 
 __all__ = [
     "NUM_SEED_SETS",
@@ -48,13 +50,12 @@ def euler_sampler(
     rho: float = 7.0,
 ) -> torch.Tensor:
     """Deterministic Euler on the PF-ODE dx/dσ = (x − D(x; σ))/σ (Karras et al. 2022, eq. 4 / Algorithm 1 without
-    the Heun correction) over the Karras grid of `num_steps` points plus t_N = 0; NFE = num_steps.
+    the Heun correction) over the Karras grid of `num_steps` points plus t_N = 0; NFE = num_steps. Each step is
+    `ctm_core.diffusion.samplers.euler_step`, the step the Heun samplers and the teacher solver share.
 
     num_steps = 1 is the single step from sigma_max to 0: x_0 = D(x_T; sigma_max) (the "1-step teacher" baseline).
     latents: (B, C, H, W) standard normal; returns (B, C, H, W) float64 (not clamped).
     """
-    from ctm_core.diffusion.schedules import karras_sigmas
-
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
     sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
@@ -65,9 +66,12 @@ def euler_sampler(
         t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).to(latents.device)
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # (N+1,)
     x = latents.to(torch.float64) * t_steps[0]
+
+    def denoise(x_: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoiser(x_, t, class_labels).to(torch.float64)
+
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
-        D_x = denoiser(x, t_cur, class_labels).to(torch.float64)
-        x = x + (t_next - t_cur) * (x - D_x) / t_cur
+        x = euler_step(denoise, x, t_cur, t_next)
     return x
 
 
