@@ -62,10 +62,10 @@ def main(argv=None) -> None:
     from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
 
+    from ctm_core.config import DistillParams, TeacherTrainParams
     from ctm_core.diffusion.samplers import edm_sampler, gamma_sampler
     from ctm_core.nets.toy import ToyCTMStudent, ToyEDMDenoiser
     from ctm_core.training.edm_training import EDMTrainer
-    from ctm_core.training.train_config import CTMTrainConfig, EDMTrainConfig
     from ctm_core.training.trainer import CTMTrainer, TensorDataSource
 
     torch.set_num_threads(args.threads)
@@ -94,20 +94,16 @@ def main(argv=None) -> None:
     # -- teacher --------------------------------------------------------------------------------------------------
     torch.manual_seed(args.seed)
     teacher = ToyEDMDenoiser((1, 8, 8), hidden=args.hidden, depth=args.depth)
-    edm_cfg = EDMTrainConfig.from_dict(
-        {
-            "optim": {"lr": args.teacher_lr},
-            "ema": {"eval_rates": [0.999]},
-            "run": {
-                "batch_size": args.teacher_batch,
-                "microbatch": args.teacher_batch,
-                "seed": args.seed,
-                "progress": args.progress,
-                "total_steps": args.teacher_steps,
-            },
-        }
+    edm_cfg = TeacherTrainParams(
+        lr=args.teacher_lr,
+        lr_warmup_steps=0,
+        ema_rate=0.999,
+        batch=args.teacher_batch,
+        seed=args.seed,
+        steps=args.teacher_steps,
     )
-    edm = EDMTrainer(edm_cfg, teacher, TensorDataSource(x, batch_size=args.teacher_batch, seed=args.seed))
+    data = TensorDataSource(x, batch_size=args.teacher_batch, seed=args.seed)
+    edm = EDMTrainer(edm_cfg, teacher, data, progress=args.progress)
     t0 = time.time()
     edm.train(args.teacher_steps)
     teacher_ema = edm.ema_model().eval()
@@ -117,21 +113,21 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed + 1)
     student = ToyCTMStudent.from_teacher(teacher_ema)
     student.requires_grad_(True)
-    ctm_cfg = CTMTrainConfig.from_dict(
-        {
-            "ctm": {"distance": args.distance},
-            "optim": {"lr": args.student_lr},
-            "ema": {"target_rate": args.target_rate, "eval_rates": [0.999]},
-            "run": {
-                "batch_size": args.student_batch,
-                "microbatch": args.student_batch,
-                "seed": args.seed,
-                "progress": args.progress,
-                "total_steps": args.student_steps,
-            },
-        }
+    ctm_cfg = DistillParams(
+        N=18,  # the official CIFAR-10 grid
+        K=17,
+        distance=args.distance,
+        lr=args.student_lr,
+        target_ema=args.target_rate,
+        eval_emas=[0.999],
+        batch=args.student_batch,
+        microbatch=args.student_batch,
+        seed=args.seed,
+        steps=args.student_steps,
+        checkpoint_every=args.student_steps,
     )
-    ctm = CTMTrainer(ctm_cfg, student, teacher_ema, TensorDataSource(x, batch_size=args.student_batch, seed=args.seed))
+    data = TensorDataSource(x, batch_size=args.student_batch, seed=args.seed)
+    ctm = CTMTrainer(ctm_cfg, student, teacher_ema, data, progress=args.progress)
     t0 = time.time()
     ctm.train(args.student_steps)
     print(f"student: {args.student_steps} steps in {time.time() - t0:.0f}s")

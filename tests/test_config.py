@@ -1,7 +1,8 @@
-"""pipelines.config: the default params validate; bad edits fail with one line naming the key; params_hash; CLI.
+"""ctm_core.config + pipelines.support.params: the default params validate; bad edits fail with one line naming the
+key; params.yaml and the schema have the same keys; params_hash; the `python -m pipelines.config` CLI.
 
-Plus one `ray`-marked test of pipelines.support.ray_env: a real local Ray (2 logical CPUs, dashboard, token auth) that runs
-one task and leaves no process behind.
+Plus one `ray`-marked test of pipelines.support.ray_env: a real local Ray (2 logical CPUs, dashboard, token auth)
+that runs one task and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ import time
 import urllib.error
 import urllib.request
 
+import pydantic
 import pytest
 import yaml
 
-from pipelines.config import (
+from ctm_core.config import (
+    PROTOCOL_NUM_SAMPLES,
     DistillParams,
     Params,
     ParamsError,
-    apply_trial,
-    load_params,
+    TeacherTrainParams,
+    check_batch_split,
     params_hash,
-    resolve_path,
+    with_changes,
 )
+from pipelines.support.params import load_params, resolve_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -201,14 +205,25 @@ def test_env_checks_pass_when_satisfied(monkeypatch):
     assert load_params(PARAMS, check_env=False).ray.address is None
 
 
-def test_apply_trial_validates_tune_values():
+def test_with_changes_validates_tune_values():
+    """A Tune trial is the distill section with the trial's values, validated like params.yaml."""
     d = DistillParams()
-    assert apply_trial(d, {"lr": 1e-3, "K": 8}, num_workers=2).K == 8
-    assert apply_trial(d, {"gan.weight": 0.5}).gan.weight == 0.5
+    assert with_changes(d, {"lr": 1e-3, "K": 6}) == d.model_copy(update={"lr": 1e-3, "K": 6})
+    assert with_changes(d, {"gan.weight": 0.5}).gan.weight == 0.5
+    assert d.K == 8  # frozen: the original is untouched
     with pytest.raises(ParamsError, match=r"^distill\.K: must be < distill\.N"):
-        apply_trial(d, {"K": 40})
+        with_changes(d, {"K": 40})
+    with pytest.raises(ParamsError, match=r"^distill\.K: expected an integer"):
+        with_changes(d, {"K": "6"})
+    with pytest.raises(ParamsError, match=r"^distill\.gan\.bogus: unknown key"):
+        with_changes(d, {"gan.bogus": 1})
     with pytest.raises(ParamsError, match=r"^distill\.batch: must be divisible"):
-        apply_trial(d, {"batch": 64, "microbatch": 64}, num_workers=2)
+        check_batch_split(with_changes(d, {"batch": 64, "microbatch": 64}), 2)
+    # A section built directly is checked the same way (the trainer never sees an invalid one).
+    with pytest.raises(ValueError, match=r"distill\.K: must be < distill\.N"):
+        DistillParams(N=10, K=12)
+    with pytest.raises(ValueError, match=r"teacher\.train\.microbatch: must divide"):
+        TeacherTrainParams(batch=64, microbatch=24)
 
 
 def test_params_hash_stable():
@@ -309,7 +324,7 @@ def test_dvc_yaml_schema_and_params_keys():
     raw = yaml.safe_load(PARAMS.read_text())
     for name, st in stages.items():
         assert st["cmd"].startswith(f"python -m pipelines.{name} --params params.yaml"), name
-        assert f"pipelines/{name}.py" in st["deps"] and "pipelines/config.py" in st["deps"], name
+        assert f"pipelines/{name}.py" in st["deps"], name
         assert st["params"], name
         for key in st["params"]:
             node = raw
@@ -331,24 +346,71 @@ def test_dvc_yaml_schema_and_params_keys():
     assert sorted(fd_plot["y"]) == sorted(f"artifacts/eval/fd_vs_nfe/gamma_{g:g}.csv" for g in gammas)
 
 
-def test_sections_map_onto_ctm_core_train_configs():
-    """The distill / teacher.train sections feed ctm_core's trainer configs without renaming surprises."""
-    tc = pytest.importorskip("ctm_core.training.train_config")
-    from pipelines.config import distill_train_config, teacher_train_config
+def _sections(model) -> list[tuple[str, type]]:
+    """(dotted path, section class) of `model` and every section below it."""
+    out = [("", model)]
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
+            out += [(f"{name}.{p}".rstrip("."), m) for p, m in _sections(ann)]
+    return out
 
-    p = load_params(PARAMS)
-    ctm = tc.CTMTrainConfig.from_dict(distill_train_config(p.distill, p.ray.num_workers))
-    assert (ctm.ctm.N, ctm.ctm.K, ctm.ctm.distance, ctm.optim.lr) == (12, 8, p.distill.distance, p.distill.lr)
-    assert ctm.run.batch_size * p.ray.num_workers == p.distill.batch and ctm.ema.eval_rates == (0.99, 0.999)
-    edm = tc.EDMTrainConfig.from_dict(teacher_train_config(p.teacher.train))
-    assert (edm.run.total_steps, edm.optim.name, edm.edm.P_mean) == (p.teacher.train.steps, "adam", -1.2)
+
+def test_params_yaml_keys_are_the_schema_fields():
+    """Every params.yaml key is a field and every field is in params.yaml, section by section (one to one)."""
+    raw = yaml.safe_load(PARAMS.read_text())
+    dumped = load_params(PARAMS, check_env=False).model_dump()
+
+    def walk(a, b, path):
+        assert isinstance(a, dict) and isinstance(b, dict), path
+        assert set(a) == set(b), f"{path or 'top level'}: only in params.yaml {set(a) - set(b)}, only in the schema "
+        f"{set(b) - set(a)}"
+        for k in a:
+            if isinstance(a[k], dict) and k != "space":  # tune.space: a mapping of search dimensions
+                walk(a[k], b[k], f"{path}.{k}".lstrip("."))
+
+    walk(raw, dumped, "")
+    assert set(raw["tune"]["space"]) == set(dumped["tune"]["space"])
+
+
+def test_every_field_has_a_docstring():
+    """The schema documents each key once, next to its only default (pydantic attribute docstrings)."""
+    missing = [
+        f"{path}.{name}".lstrip(".")
+        for path, model in _sections(Params)
+        for name, field in model.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert not missing, missing
+    for model in (DistillParams, TeacherTrainParams):  # the trainers' sections, named explicitly
+        assert all(f.description for f in model.model_fields.values())
+
+
+def test_trainer_knobs_default_to_what_the_pipeline_ran():
+    """Knobs the trainer had beyond params.yaml keep the values the stages used: distill RAdam, no warm-up, no
+    clipping, fp32; the teacher Adam with params' warm-up, the whole batch per microbatch."""
+    d, t = DistillParams(), TeacherTrainParams()
+    assert (d.optimizer, d.lr_warmup_steps, d.grad_clip_norm, d.precision, d.channels_last, d.compile) == (
+        "radam",
+        0,
+        0.0,
+        "fp32",
+        False,
+        False,
+    )
+    assert (d.ctm_weight, d.P_mean, d.P_std, d.diffusion_mult) == (1.0, -1.2, 1.2, 0.7)
+    assert (t.optimizer, t.lr_warmup_steps, t.microbatch, t.precision, t.checkpoint_every) == (
+        "adam",
+        100,
+        None,
+        "fp32",
+        0,
+    )
 
 
 def test_evaluate_num_samples_follows_the_protocol():
     """`evaluate.num_samples: null` (the default params.yaml) = 1,000 for the digits classifier's FD and 50,000 for
     the Inception FID (EDM fid.py); an explicit value always wins."""
-    from pipelines.config import PROTOCOL_NUM_SAMPLES
-
     assert yaml.safe_load(PARAMS.read_text())["evaluate"]["num_samples"] is None
     assert load_params(PARAMS, check_env=False).evaluate.num_samples == PROTOCOL_NUM_SAMPLES["classifier"] == 1000
     inception = load_params(PARAMS, {"evaluate": {"features": "inception"}}, check_env=False)

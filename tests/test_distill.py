@@ -15,8 +15,8 @@ import yaml
 from ctm_core.io.student_format import load_student, read_student_config
 from ctm_core.io.teacher_format import save_teacher
 from ctm_core.nets.precond import EDMPrecond
-from pipelines.config import load_params
 from pipelines.prepare import prepare_dataset
+from pipelines.support.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,19 +159,33 @@ def test_missing_teacher_stops_before_ray(inputs, tmp_path):
     assert not raytmp.exists()  # Ray never started
 
 
-def test_best_params_applied_and_validated(inputs, tmp_path):
-    from pipelines.config import ParamsError
-    from pipelines.distill import _distill_section
+def test_best_params_applied_and_validated(inputs, tmp_path, capsys):
+    """--best-params holds distill overrides (the tune stage's output), merged into params.yaml and validated with it
+    in one go: the plan shows them; a bad or missing file stops the stage with one line naming the key."""
+    from pipelines.distill import main
 
-    params = _params(inputs, "unused")
+    args = ["--params", str(ROOT / "params.yaml"), "--data", str(inputs / "data"), "--teacher", str(inputs / "teacher")]
     best = tmp_path / "best.yaml"
-    best.write_text(yaml.safe_dump({"distill": {**params.distill.model_dump(), "lr": 1.0e-4}, "tuned": True}))
-    assert _distill_section(params, str(best)).lr == 1.0e-4
-    best.write_text(yaml.safe_dump({"distill": {"K": 99}}))
-    with pytest.raises(ParamsError, match="distill.K"):
-        _distill_section(params, str(best))
-    with pytest.raises(ParamsError, match="--best-params"):
-        _distill_section(params, str(tmp_path / "missing.yaml"))
+
+    def plan(best_text: str) -> dict:
+        best.write_text(best_text)
+        assert main([*args, "--best-params", str(best), "--dry-run"]) == 0
+        return json.loads(capsys.readouterr().out)["distill"]
+
+    default = load_params(ROOT / "params.yaml", check_env=False).distill.model_dump()
+    assert plan("{}\n") == default  # tune disabled: no overrides
+    assert plan(yaml.safe_dump({"distill": {"lr": 1.0e-4, "K": 6}})) == {**default, "lr": 1.0e-4, "K": 6}
+    for text, key in [
+        (yaml.safe_dump({"distill": {"K": 99}}), "distill.K: must be < distill.N"),
+        (yaml.safe_dump({"distill": {"lr": "fast"}}), "distill.lr: expected a number"),
+        (yaml.safe_dump({"tuned": True}), "tuned: unknown key"),
+    ]:
+        best.write_text(text)
+        assert main([*args, "--best-params", str(best), "--dry-run"]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith(f"distill: {key}"), err
+    assert main([*args, "--best-params", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    assert "--best-params: file" in capsys.readouterr().err
 
 
 def test_dry_run_plans_without_training(inputs, tmp_path):
@@ -202,11 +216,11 @@ def test_dry_run_plans_without_training(inputs, tmp_path):
     [({"distill.gan.enabled": True}, "distill.gan.enabled"), ({"distill.distance": "lpips"}, "distill.distance")],
 )
 def test_unwired_features_refused_before_work(inputs, edit, key):
-    from pipelines.config import ParamsError
-    from pipelines.distill import _distill_section
+    from ctm_core.config import ParamsError
+    from pipelines.distill import check_stage_features
 
     with pytest.raises(ParamsError) as info:
-        _distill_section(_params(inputs, "unused", **edit), None)
+        check_stage_features(_params(inputs, "unused", **edit))
     assert info.value.key == key
 
 

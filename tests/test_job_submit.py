@@ -70,7 +70,7 @@ def test_runtime_env_has_no_secrets_unless_asked(tmp_path):
 
 
 def test_submission_id_and_paths(tmp_path, monkeypatch):
-    from pipelines.config import load_params
+    from pipelines.support.params import load_params
 
     p = load_params(ROOT / "params.yaml", check_env=False)
     a = submit.submission_id("distill", "pipelines.distill", ["--out", "x"], p, 1)
@@ -104,7 +104,7 @@ def test_submission_id_and_paths(tmp_path, monkeypatch):
 
 # --- against the real head ---------------------------------------------------------------------------------------
 def test_wrong_token_is_one_clear_line(ray_head, monkeypatch, capsys):
-    from pipelines.config import load_params
+    from pipelines.support.params import load_params
 
     p = load_params(ROOT / "params.yaml", check_env=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)

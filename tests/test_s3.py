@@ -112,8 +112,8 @@ def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatc
     """run_distill with ``ray.storage_path: s3://...`` on the shared Ray head; a re-run resumes without retraining."""
     import ray
 
-    from pipelines.config import load_params
     from pipelines.distill import run_distill
+    from pipelines.support.params import load_params
 
     prefix = f"s3://{s3['bucket']}/ray"
     params_path = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address, "storage_path": prefix}})
@@ -250,10 +250,11 @@ def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
     name and bitwise the same weights as the same inputs on local disk."""
     import json
 
-    from pipelines.config import load_params, params_hash
-    from pipelines.distill import _distill_section, run_identity
+    from ctm_core.config import params_hash
     from ctm_core.data.prepared import load_card
+    from pipelines.distill import run_identity
     from pipelines.support.io_utils import read_json, sha256_file
+    from pipelines.support.params import load_params
 
     ref = reference_run()
     data_uri, teacher_uri = _upload_inputs(s3, inputs)
@@ -269,7 +270,7 @@ def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
     record = json.loads((tmp_path / "student" / "run.json").read_text())
     assert record["inputs"] == {"data": data_uri, "teacher": teacher_uri}
     card = load_card(inputs["data"])
-    d = _distill_section(load_params(params), None)
+    d = load_params(params).distill
     teacher_sha = read_json(inputs["teacher"] / "config.json")["weights_sha256"]
     want = f"distill-{params_hash(run_identity(d, card, teacher_sha, 1))[:12]}"
     assert record["ray_run_name"] == want  # where the inputs live does not change the run

@@ -10,11 +10,12 @@ import pytest
 import torch
 import yaml
 
+from ctm_core.config import ParamsError
 from ctm_core.io.edm_pickle import read_edm_snapshot
 from ctm_core.io.teacher_format import load_edm_checkpoint
-from pipelines.config import ParamsError, load_params
 from pipelines.prepare import prepare_dataset
 from pipelines.support.io_utils import sha256_file
+from pipelines.support.params import load_params
 from pipelines.teacher import TeacherError, main, run
 from tests.conftest import FIXTURES_EDM, require_shared
 

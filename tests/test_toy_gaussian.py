@@ -1,8 +1,8 @@
 """CTM distillation on Gaussian data, where the exact flow map is known (STYLE.md §17a).
 
 x0 ~ N(mu, Sigma) in d = 2; the teacher is the exact denoiser D(x; σ) = mu + Sigma(Sigma + σ²I)⁻¹(x − mu), and the
-ideal student is Φ_{t→s}(x) = mu + (Sigma + s²I)^{1/2}(Sigma + t²I)^{-1/2}(x − mu) (ctm_core.diffusion.gaussian). A toy MLP
-student trained with the CTM (l2) + DSM loss must bring G(x_t, t, s) much closer to Φ.
+ideal student is Φ_{t→s}(x) = mu + (Sigma + s²I)^{1/2}(Sigma + t²I)^{-1/2}(x − mu) (ctm_core.diffusion.gaussian).
+A toy MLP student trained with the CTM (l2) + DSM loss must bring G(x_t, t, s) much closer to Φ.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
+from ctm_core.config import DistillParams
 from ctm_core.diffusion.gaussian import GaussianData
 from ctm_core.nets.toy import ToyCTMStudent
 from ctm_core.training.losses import karras_grid
-from ctm_core.training.train_config import CTMTrainConfig
 from ctm_core.training.trainer import CTMTrainer, TensorDataSource
 
 MU = torch.tensor([0.3, -0.2], dtype=torch.float64)
@@ -62,16 +62,20 @@ def test_ctm_learns_the_exact_gaussian_flow_map():
     train = data.sample(8192, torch.Generator().manual_seed(1)).float()
     torch.manual_seed(0)  # student init only; training randomness comes from the trainer's seeded generators
     student = ToyCTMStudent((2,), hidden=64, depth=3, emb_channels=32)
-    cfg = CTMTrainConfig.from_dict(
-        {
-            "ctm": {"distance": "l2", "N": 18, "K": 17},
-            "optim": {"lr": 1e-3},
-            "ema": {"target_rate": 0.99, "eval_rates": [0.99]},  # short run: a faster target than the official 0.999
-            "run": {"batch_size": BATCH, "microbatch": BATCH, "progress": False, "seed": 0},
-        }
+    cfg = DistillParams(
+        distance="l2",
+        N=18,
+        K=17,
+        lr=1e-3,
+        target_ema=0.99,  # short run: a faster target than the official 0.999
+        eval_emas=[0.99],
+        batch=BATCH,
+        microbatch=BATCH,
+        steps=STEPS,
+        seed=0,
     )
     teacher = data.denoiser
-    trainer = CTMTrainer(cfg, student, teacher, TensorDataSource(train, batch_size=BATCH, seed=0))
+    trainer = CTMTrainer(cfg, student, teacher, TensorDataSource(train, batch_size=BATCH, seed=0), progress=False)
     grid = karras_grid(18, 0.002, 80.0, 7.0)
 
     before = flow_map_relative_error(trainer.model, data, grid)

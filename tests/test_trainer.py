@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import ctm_core.training.trainer as trainer_mod
+from ctm_core.config import DistillParams, ParamsError, TeacherTrainParams, with_changes
 from ctm_core.diffusion.gaussian import GaussianData
 from ctm_core.nets.toy import ToyCTMStudent, ToyEDMDenoiser
 from ctm_core.training.edm_training import EDMTrainer, edm_loss, edm_sigmas
 from ctm_core.training.ema import EMABank, frozen_copy, update_ema_
-from ctm_core.training.train_config import CTMTrainConfig, EDMTrainConfig
 from ctm_core.training.trainer import CTMTrainer, TensorDataSource, atomic_torch_save, load_checkpoint_file
 
 DIM = 3
@@ -24,15 +24,10 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def small_cfg(**run) -> CTMTrainConfig:
-    return CTMTrainConfig.from_dict(
-        {
-            "ctm": {"N": 10, "K": 6},
-            "optim": {"lr": 1e-3, "lr_warmup_steps": 3},
-            "ema": {"target_rate": 0.9, "eval_rates": [0.9, 0.99]},
-            "run": {"batch_size": 16, "microbatch": 8, "progress": False, "seed": 5, **run},
-        }
-    )
+def small_cfg(**changes) -> DistillParams:
+    """The distill section of a small run: the trainer reads the params.yaml names."""
+    base = dict(N=10, K=6, lr=1e-3, lr_warmup_steps=3, target_ema=0.9, eval_emas=[0.9, 0.99], batch=16, microbatch=8)
+    return DistillParams(**{**base, "seed": 5, **changes})
 
 
 def make_ctm_trainer(cfg=None, **kwargs) -> CTMTrainer:
@@ -41,9 +36,8 @@ def make_ctm_trainer(cfg=None, **kwargs) -> CTMTrainer:
     student = ToyCTMStudent.from_teacher(teacher, dropout=0.2)  # dropout: exercises the carried global RNG
     data = torch.randn(40, DIM, generator=torch.Generator().manual_seed(1)) * 0.5
     cfg = cfg or small_cfg()
-    return CTMTrainer(
-        cfg, student, teacher, TensorDataSource(data, batch_size=cfg.run.batch_size, seed=cfg.run.seed), **kwargs
-    )
+    source = TensorDataSource(data, batch_size=cfg.batch, seed=cfg.seed)
+    return CTMTrainer(cfg, student, teacher, source, progress=False, **kwargs)
 
 
 def assert_state_equal(a, b, path="state"):
@@ -105,13 +99,20 @@ def test_checkpoint_loads_with_weights_only_and_has_everything(tmp_path):
     for key in ("model", "target", "emas", "optimizer", "discriminator", "rng", "data", "step", "config"):
         assert key in state
     assert state["step"] == 2 and state["data"] == {"epoch": 0, "index": 32}
-    assert CTMTrainConfig.from_dict(state["config"]) == tr.config
+    assert DistillParams.model_validate(state["config"]) == tr.config  # the section itself, as plain data
     assert state["rng"]["seed"] == 5  # all randomness is keyed by (seed, step, microbatch)
     with pytest.raises(ValueError, match="kind"):
         tr.load_state_dict(dict(state, kind="edm"))
-    other = make_ctm_trainer(CTMTrainConfig.from_dict({**small_cfg().to_dict(), "ctm": {"N": 10, "K": 5}}))
-    with pytest.raises(ValueError, match="ctm"):
+    other = make_ctm_trainer(small_cfg(K=5))  # a loss-defining field differs: refused, one line
+    with pytest.raises(ValueError, match=r"^checkpoint config: the loss is defined differently \(K 6 -> 5;") as info:
         other.load_state_dict(state)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="seed"):
+        make_ctm_trainer(small_cfg(seed=6)).load_state_dict(state)
+    # Optimizer, EMA and batch settings may change on a resume (e.g. a later phase with another lr).
+    later = make_ctm_trainer(small_cfg(lr=2e-4, batch=8, microbatch=4))
+    later.load_state_dict(state)
+    assert later.step == 2 and later.current_lr() == pytest.approx(2e-4)
 
 
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -236,17 +237,15 @@ def test_edm_loss_closed_form_and_trainer_resume(tmp_path):
 
     def make():
         torch.manual_seed(0)
-        cfg = EDMTrainConfig.from_dict(
-            {"run": {"batch_size": 16, "microbatch": 16, "progress": False}, "ema": {"eval_rates": [0.9]}}
-        )
+        cfg = TeacherTrainParams(batch=16, lr_warmup_steps=0, ema_rate=0.9, log_every=2)
         net = ToyEDMDenoiser((2,), hidden=16, depth=1, emb_channels=8)
-        return EDMTrainer(cfg, net, TensorDataSource(x0[:64].float(), batch_size=16, seed=0))
+        return EDMTrainer(cfg, net, TensorDataSource(x0[:64].float(), batch_size=16, seed=0), progress=False)
 
     ref = make()
     losses = []
     ref.metrics_callback = lambda step, m: losses.append(m["loss_edm"])
     ref.train(6)
-    assert len(losses) == 0 or all(v > 0 for v in losses)
+    assert len(losses) == 3 and all(v > 0 for v in losses)
     a = make()
     a.train(3, checkpoint_path=tmp_path / "edm.pt")
     b = make()
@@ -258,7 +257,7 @@ def test_edm_loss_closed_form_and_trainer_resume(tmp_path):
 
 def test_metrics_callback_and_radam():
     got = []
-    tr = make_ctm_trainer(small_cfg(log_every_steps=2), metrics_callback=lambda s, m: got.append((s, m)))
+    tr = make_ctm_trainer(small_cfg(log_every=2), metrics_callback=lambda s, m: got.append((s, m)))
     tr.train(4)
     assert [s for s, _ in got] == [2, 4]
     assert {"loss", "loss_ctm", "loss_dsm", "lambda_dsm", "lr", "k"} <= set(got[0][1])
@@ -269,87 +268,75 @@ def test_metrics_callback_and_radam():
 # ------------------------------------------------------------------------------------------------- config validation
 
 
-def test_official_defaults():
-    c = CTMTrainConfig()
-    assert (c.optim.lr, c.optim.name, c.ema.target_rate, c.ema.eval_rates) == (4e-4, "radam", 0.999, (0.999, 0.9999))
-    assert (c.ctm.N, c.ctm.K, c.ctm.sigma_min, c.ctm.sigma_max, c.ctm.rho, c.ctm.sigma_data) == (
-        18,
-        17,
-        0.002,
-        80.0,
-        7.0,
-        0.5,
-    )
-    assert (c.run.batch_size, c.ctm.dsm_weight, c.ctm.mode) == (256, 1.0, "ctm")
-    assert CTMTrainConfig.from_dict(c.to_dict()) == c
-    assert EDMTrainConfig().optim.name == "adam"
+def test_optimizer_and_batch_follow_the_config():
+    """RAdam for distillation and Adam for the teacher (betas (0.9, 0.999), eps 1e-8, no decay: the official
+    settings); `batch` is the global batch, each rank draws batch // world_size."""
+    tr = make_ctm_trainer()
+    assert isinstance(tr.optimizer, torch.optim.RAdam)
+    group = tr.optimizer.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.0)
+    assert isinstance(make_ctm_trainer(small_cfg(optimizer="adam")).optimizer, torch.optim.Adam)
+    teacher = EDMTrainer(TeacherTrainParams(), ToyEDMDenoiser((DIM,)), None, progress=False)
+    assert isinstance(teacher.optimizer, torch.optim.Adam) and teacher.microbatch == 64  # null = whole batch
+    assert teacher.emas.rates == (0.999,)
+    two = CTMTrainer(small_cfg(), ToyCTMStudent((DIM,)), None, None, rank=1, world_size=2, progress=False)
+    assert (two.batch_per_rank, list(two.my_microbatches())) == (8, [1])
+    with pytest.raises(ValueError, match=r"^batch: expected a multiple of world_size × microbatch \(4 × 8 = 32\)"):
+        CTMTrainer(small_cfg(), ToyCTMStudent((DIM,)), None, None, rank=0, world_size=4)
 
 
 @pytest.mark.parametrize(
-    "section,key,value",
+    "key,value,error_key",
     [
-        ("ctm", "sigma_min", 80.0),
-        ("ctm", "sigma_min", -1.0),
-        ("ctm", "sigma_max", 0.001),
-        ("ctm", "K", 18),
-        ("ctm", "K", 0),
-        ("ctm", "N", 1),
-        ("ctm", "rho", 0),
-        ("ctm", "distance", "l1"),
-        ("ctm", "mode", "ct"),
-        ("ctm", "dsm_weight", -0.5),
-        ("ctm", "diffusion_mult", 1.5),
-        ("ctm", "P_std", 0.0),
-        ("optim", "lr", -1e-4),
-        ("optim", "lr", 0.0),
-        ("optim", "name", "sgd"),
-        ("optim", "lr_warmup_steps", -1),
-        ("ema", "target_rate", 1.0),
-        ("ema", "target_rate", -0.1),
-        ("eval", "gamma", 1.5),
-        ("eval", "gamma", -0.1),
-        ("run", "microbatch", 10),
-        ("run", "batch_size", 0),
-        ("run", "precision", "fp16"),
-        ("run", "seed", -1),
-        ("run", "compile", "yes"),
-        ("run", "total_steps", 1.5),
+        ("sigma_min", 80.0, "sigma_min"),
+        ("sigma_min", -1.0, "sigma_min"),
+        ("sigma_max", 0.001, "sigma_min"),  # sigma_min < sigma_max, reported at sigma_min
+        ("K", 18, "K"),
+        ("K", 0, "K"),
+        ("N", 1, "N"),
+        ("rho", 0, "rho"),
+        ("distance", "l1", "distance"),
+        ("mode", "ct", "mode"),
+        ("dsm_weight", -0.5, "dsm_weight"),
+        ("ctm_weight", -0.5, "ctm_weight"),
+        ("diffusion_mult", 1.5, "diffusion_mult"),
+        ("P_std", 0.0, "P_std"),
+        ("lr", -1e-4, "lr"),
+        ("lr", 0.0, "lr"),
+        ("optimizer", "sgd", "optimizer"),
+        ("lr_warmup_steps", -1, "lr_warmup_steps"),
+        ("grad_clip_norm", -1.0, "grad_clip_norm"),
+        ("target_ema", 1.0, "target_ema"),
+        ("target_ema", -0.1, "target_ema"),
+        ("eval_emas", [0.999, 1.0], "eval_emas[1]"),
+        ("microbatch", 10, "microbatch"),
+        ("batch", 0, "batch"),
+        ("precision", "fp16", "precision"),
+        ("seed", -1, "seed"),
+        ("compile", "yes", "compile"),
+        ("steps", 1.5, "steps"),
+        ("gan.g_learning_period", 1, "gan.g_learning_period"),
+        ("lambda_dsm", 1.0, "lambda_dsm"),  # unknown key
     ],
 )
-def test_invalid_values_name_the_key(section, key, value):
-    with pytest.raises(ValueError, match=rf"{section}\.{key}"):
-        CTMTrainConfig.from_dict({section: {key: value}})
-
-
-@pytest.mark.parametrize(
-    "bad,match",
-    [
-        ({"ema": {"eval_rates": [0.999, 1.0]}}, r"ema\.eval_rates\[1\]"),
-        ({"optim": {"betas": [0.9, 1.0]}}, r"optim\.betas\[1\]"),
-        ({"ctm": {"lr": 1e-3}}, r"ctm\.lr"),
-        ({"training": {}}, r"training"),
-        ({"run": {"batch": 3}}, r"run\.batch"),
-    ],
-)
-def test_unknown_keys_and_nested_values(bad, match):
-    with pytest.raises(ValueError, match=match):
-        CTMTrainConfig.from_dict(bad)
+def test_invalid_values_name_the_key(key, value, error_key):
+    with pytest.raises(ParamsError) as info:
+        with_changes(small_cfg(), {key: value})
+    assert info.value.key == f"distill.{error_key}", str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_edm_config_and_trainer_type_checks():
-    with pytest.raises(ValueError, match=r"edm\.P_std"):
-        EDMTrainConfig.from_dict({"edm": {"P_std": -1}})
+    with pytest.raises(ParamsError, match=r"^teacher\.train\.P_std: must be > 0"):
+        with_changes(TeacherTrainParams(), {"P_std": -1})
     with pytest.raises(ValueError, match="lpips"):
-        make_ctm_trainer(
-            CTMTrainConfig.from_dict(
-                {
-                    "ctm": {"N": 10, "K": 6, "distance": "lpips"},
-                    "run": {"batch_size": 16, "microbatch": 8, "progress": False},
-                }
-            )
-        )
-    with pytest.raises(TypeError, match="CTMTrainConfig"):
-        CTMTrainer(EDMTrainConfig(), ToyCTMStudent((2,)), None, None)
+        make_ctm_trainer(small_cfg(distance="lpips"))
+    with pytest.raises(TypeError, match="DistillParams"):
+        CTMTrainer(TeacherTrainParams(), ToyCTMStudent((2,)), None, None)
+    with pytest.raises(TypeError, match="TeacherTrainParams"):
+        EDMTrainer(small_cfg(), ToyEDMDenoiser((2,)), None)
+    with pytest.raises(ValueError, match="sigma_data"):
+        EDMTrainer(TeacherTrainParams(sigma_data=1.0), ToyEDMDenoiser((2,)), None)
 
 
 # ------------------------------------------------------------------------------------------------- real networks
@@ -367,10 +354,8 @@ def test_edm_then_ctm_with_real_precond_and_student(tmp_path):
         model_type="SongUNet", model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0
     )
     images = torch.rand(8, 1, 8, 8) * 2 - 1
-    edm_cfg = EDMTrainConfig.from_dict(
-        {"run": {"batch_size": 4, "microbatch": 2, "progress": False}, "ema": {"eval_rates": [0.9]}}
-    )
-    edm = EDMTrainer(edm_cfg, EDMPrecond(8, 1, **arch), TensorDataSource(images, batch_size=4, seed=0))
+    edm_cfg = TeacherTrainParams(batch=4, microbatch=2, ema_rate=0.9)
+    edm = EDMTrainer(edm_cfg, EDMPrecond(8, 1, **arch), TensorDataSource(images, batch_size=4, seed=0), progress=False)
     edm.train(2)
     export_teacher(edm.ema_model(), tmp_path / "teacher")
     teacher = load_edm_checkpoint(tmp_path / "teacher")
@@ -378,10 +363,8 @@ def test_edm_then_ctm_with_real_precond_and_student(tmp_path):
     torch.testing.assert_close(teacher(x, sigma), edm.ema_model().eval()(x, sigma))
 
     student = CTMStudent.from_teacher(teacher)
-    cfg = CTMTrainConfig.from_dict(
-        {"ctm": {"N": 6, "K": 3}, "run": {"batch_size": 4, "microbatch": 2, "progress": False}}
-    )
-    ctm = CTMTrainer(cfg, student, teacher, TensorDataSource(images, batch_size=4, seed=0))
+    cfg = DistillParams(N=6, K=3, batch=4, microbatch=2)
+    ctm = CTMTrainer(cfg, student, teacher, TensorDataSource(images, batch_size=4, seed=0), progress=False)
     before = ctm.model.last_layer_weight().detach().clone()
     metrics = ctm.train_step()
     assert all(bool(torch.isfinite(v).all()) for v in metrics.values())
@@ -407,20 +390,15 @@ def make_gan_trainer():
         generator=torch.Generator().manual_seed(2),
     )
     images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    cfg = CTMTrainConfig.from_dict(
-        {
-            "ctm": {"N": 8, "K": 3},
-            "gan": {"enabled": True},
-            "run": {"batch_size": 4, "microbatch": 2, "progress": False},
-        }
-    )
+    cfg = DistillParams(N=8, K=3, gan={"enabled": True}, batch=4, microbatch=2)
     return CTMTrainer(
         cfg,
         student,
         teacher,
         TensorDataSource(images, batch_size=4, seed=0),
         discriminator=d,
-        d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr, betas=cfg.gan.d_betas),
+        d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr),
+        progress=False,
     )
 
 
@@ -468,7 +446,7 @@ def test_two_ranks_make_the_same_update_as_one_process():
         teacher = ToyEDMDenoiser((DIM,), hidden=16, depth=1, emb_channels=8)
         student = ToyCTMStudent.from_teacher(teacher)  # no dropout: the threads share the global RNG
         data = torch.randn(40, DIM, generator=torch.Generator().manual_seed(1)) * 0.5
-        cfg = small_cfg(batch_size=16 // world)
+        cfg = small_cfg()  # the global batch: 16 on one process, 8 per rank on two
         return CTMTrainer(
             cfg,
             student,
@@ -476,6 +454,7 @@ def test_two_ranks_make_the_same_update_as_one_process():
             TensorDataSource(data, batch_size=16 // world, seed=5),
             rank=rank,
             world_size=world,
+            progress=False,
             **kw,
         )
 
@@ -545,20 +524,15 @@ def test_gan_phase_with_projected_discriminator_random_features():
         random_init=True, generator=torch.Generator().manual_seed(4), backbone_kwargs=tiny, cout=4, ndf=8, resize_to=64
     )
     images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    cfg = CTMTrainConfig.from_dict(
-        {
-            "ctm": {"N": 8, "K": 3},
-            "gan": {"enabled": True},
-            "run": {"batch_size": 4, "microbatch": 4, "progress": False},
-        }
-    )
+    cfg = DistillParams(N=8, K=3, gan={"enabled": True}, batch=4, microbatch=4)
     tr = CTMTrainer(
         cfg,
         student,
         teacher,
         TensorDataSource(images, batch_size=4, seed=0),
         discriminator=d,
-        d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr, betas=cfg.gan.d_betas),
+        d_optimizer=make_d_optimizer(d, lr=cfg.gan.d_lr),
+        progress=False,
     )
     trainable = {n for n, p in d.named_parameters() if p.requires_grad}
     frozen = {n for n, p in d.named_parameters() if not p.requires_grad}

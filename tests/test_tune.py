@@ -1,12 +1,13 @@
 """Tests of the tune stage (pipelines/tune.py) and the distill loop's quality hook.
 
-Disabled search: the distill section is written as-is and Ray is never started. Enabled search on the digits
+Disabled search: no overrides are written and Ray is never started. Enabled search on the digits
 default with a tiny random teacher: 2 trials × 3 reports on a local Ray with the dashboard on (Tune + Train V2 need
 the State API to release placement groups, STACK_FACTS 1.11.2). The space is one `lr` choice and the searcher is
 told to try lr = 1e-4 first and lr = 1e3 second: the second student diverges (its 1-step FD at the first report is
 measurably worse: 135.6 vs 126.2 here, deterministic on CPU), so ASHA (grace 1, reduction factor 2, max_t 3,
 concurrency 1) must stop it at its first rung while the first trial runs all 3 iterations. The same test checks
-best_params.yaml against `apply_trial`/the distill stage's reader, the MLflow parent + 2 nested runs, that a re-run
+best_params.yaml (only the chosen distill overrides) as the distill stage reads it, the MLflow parent + 2 nested runs,
+that a re-run
 restores the finished experiment (no new trials, no duplicate runs) and that no placement group or Ray process is
 left. The quality hook itself is compared with the evaluate stage's fd_nfe1 protocol without Ray.
 """
@@ -92,11 +93,10 @@ def _ray_processes(marker: str) -> list[int]:
     return pids
 
 
-def test_disabled_writes_distill_section_without_ray(tmp_path):
+def test_disabled_writes_no_overrides_without_ray(tmp_path):
     import ray
 
-    from pipelines.config import apply_trial, load_params
-    from pipelines.distill import _distill_section
+    from pipelines.support.params import load_params, read_overrides
     from pipelines.tune import main
 
     out = tmp_path / "artifacts" / "best_params.yaml"
@@ -116,11 +116,9 @@ def test_disabled_writes_distill_section_without_ray(tmp_path):
         == 0
     )
     assert not ray.is_initialized()
-    raw = yaml.safe_load(out.read_text())
+    assert yaml.safe_load(out.read_text()) == {} and read_overrides(out) == {}
     params = load_params(ROOT / "params.yaml", check_env=False)
-    assert raw == {"distill": params.section("distill"), "tuned": False}
-    assert apply_trial(params.distill, raw["distill"]) == params.distill
-    assert _distill_section(params, str(out)) == params.distill
+    assert load_params(ROOT / "params.yaml", read_overrides(out), check_env=False) == params
     assert not [p for p in out.parent.iterdir() if p.name != out.name]  # atomic write left no temp file
 
 
@@ -162,8 +160,8 @@ def test_enabled_missing_inputs_exit_2(tmp_path, capsys):
 
 
 def test_max_concurrent_from_resources():
-    from pipelines.config import load_params
-    from pipelines.tune import max_concurrent
+    from pipelines.support.params import load_params
+    from pipelines.support.tune_search import max_concurrent
 
     p = load_params(ROOT / "params.yaml", overrides={"tune": {"max_concurrent_trials": 8}}, check_env=False)
     # 2 workers × 1 CPU + 1 CPU trial driver = 3 per trial, one CPU kept for Ray Data.
@@ -191,10 +189,10 @@ def test_enabled_asha_optuna_mlflow_and_cleanup(tiny_setup, monkeypatch):
     import ray
     from ray.util.state import list_placement_groups
 
-    from pipelines.config import apply_trial, load_params
-    from pipelines.distill import _distill_section
     from pipelines.support import ray_env
-    from pipelines.tune import TRIAL_ID_TAG, run_tune
+    from pipelines.support.params import load_params, read_overrides
+    from pipelines.support.tune_search import TRIAL_ID_TAG
+    from pipelines.tune import run_tune
 
     root = tiny_setup
     temp_dir = f"/tmp/ray_tt{os.getpid()}"
@@ -238,21 +236,20 @@ def test_enabled_asha_optuna_mlflow_and_cleanup(tiny_setup, monkeypatch):
         assert trials[LR_BAD]["iterations"] < trials[LR_GOOD]["iterations"]
         assert trials[LR_BAD]["value"] > trials[LR_GOOD]["value"]
 
-        # best_params.yaml: the full distill section with the best trial's values, loadable by the distill stage.
+        # best_params.yaml: only the best trial's distill values, merged into params.yaml by the distill stage.
         raw = yaml.safe_load(out.read_text())
-        assert raw["tuned"] is True and raw["metric"] == "fd_nfe1" and raw["trial_config"] == {"lr": LR_GOOD}
-        assert math.isfinite(raw["value"]) and raw["value"] == trials[LR_GOOD]["value"]
-        assert raw["trial_id"] == trials[LR_GOOD]["trial_id"]
-        d = apply_trial(params.distill, raw["distill"], num_workers=params.ray.num_workers)
+        assert raw == payload["overrides"] == {"distill": {"lr": LR_GOOD}}  # the trial budget does not leak into it
+        assert payload["tuned"] is True and payload["metric"] == "fd_nfe1"
+        assert math.isfinite(payload["value"]) and payload["value"] == trials[LR_GOOD]["value"]
+        assert payload["trial_id"] == trials[LR_GOOD]["trial_id"] and payload["trial_id"] in out.read_text()
+        d = load_params(params_file, read_overrides(out)).distill
         assert d == params.distill.model_copy(update={"lr": LR_GOOD})
-        assert _distill_section(params, str(out)) == d
-        assert d.steps == params.distill.steps  # trial budget (tune.steps) does not leak into the output
 
         # MLflow: one parent run, one nested run per trial with the per-report metric history.
         client = mlflow.MlflowClient(tracking_uri=uri)
-        parent = client.get_run(raw["mlflow_parent_run_id"])
-        assert parent.info.status == "FINISHED" and parent.data.tags["ctm.run_key"] == raw["experiment"]
-        assert parent.data.metrics["best_fd_nfe1"] == pytest.approx(raw["value"])
+        parent = client.get_run(payload["mlflow_parent_run_id"])
+        assert parent.info.status == "FINISHED" and parent.data.tags["ctm.run_key"] == payload["experiment"]
+        assert parent.data.metrics["best_fd_nfe1"] == pytest.approx(payload["value"])
         assert parent.data.metrics["num_stopped_early"] == 1
         children = client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
@@ -310,15 +307,16 @@ def test_quality_probe_matches_evaluate_protocol(tiny_setup, tmp_path):
 
     import numpy as np
 
+    from ctm_core.data.prepared import load_card
     from ctm_core.eval.classifier import classifier_features
+    from ctm_core.eval.methods import Method, sample_method
+    from ctm_core.eval.methods import train_feature_classifier as _train_feature_classifier
     from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
     from ctm_core.io.teacher_format import load_edm_checkpoint
     from ctm_core.nets.student import CTMStudent
-    from pipelines.config import load_params
-    from pipelines.distill import _QualityProbe
-    from ctm_core.eval.methods import Method, sample_method, train_feature_classifier as _train_feature_classifier
-    from ctm_core.data.prepared import load_card
-    from pipelines.tune import _prepare_quality
+    from pipelines.support.params import load_params
+    from pipelines.support.ray_train import QualityProbe
+    from pipelines.support.tune_search import prepare_quality
 
     root = tiny_setup
     params = load_params(
@@ -327,10 +325,10 @@ def test_quality_probe_matches_evaluate_protocol(tiny_setup, tmp_path):
         check_env=False,
     )
     card = load_card(root / "prepared")
-    quality = _prepare_quality(params, card, root / "prepared", tmp_path / "q")
+    quality = prepare_quality(params, card, root / "prepared", tmp_path / "q")
     assert quality["num_samples"] == 96 and quality["seed"] == 7 and quality["ema"] is None
     quality.pop("classifier_accuracy")
-    probe = _QualityProbe(quality, card, torch.device("cpu"))
+    probe = QualityProbe(quality, card, torch.device("cpu"))
 
     # Independent recomputation: classifier retrained (seeded: same weights), statistics of train + held-out.
     clf, info, (x_train, x_held) = _train_feature_classifier(params, card, root / "prepared", tmp_path / "c", False)
@@ -441,9 +439,13 @@ def test_killed_tune_stage_resumes_its_experiment(tiny_setup, tmp_path):
         assert second.returncode == 0, second.stderr[-4000:]
         assert "tune: resuming the Tune experiment" in second.stderr, second.stderr[-4000:]
         raw = yaml.safe_load(out.read_text())
-        assert raw["tuned"] is True and math.isfinite(raw["value"])
+        assert set(raw) == {"distill"} and set(raw["distill"]) == {"lr"}  # only the chosen overrides
         client = mlflow.MlflowClient(tracking_uri=uri)
-        parent = client.get_run(raw["mlflow_parent_run_id"])
+        experiment = client.get_experiment_by_name(yaml.safe_load(params_file.read_text())["mlflow"]["experiment_name"])
+        runs = client.search_runs([experiment.experiment_id], filter_string="tags.`ctm.stage` = 'tune'")
+        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the stage's run; trials nest in it
+        assert parent.info.status == "FINISHED"
+        assert math.isfinite(parent.data.metrics["best_fd_nfe1"])
         children = client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
         )

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctm_core.config import TeacherTrainParams
 from ctm_core.nets.utils import append_dims
-from ctm_core.training.train_config import EDMTrainConfig
 from ctm_core.training.trainer import Trainer
 
 __all__ = ["edm_sigmas", "edm_loss", "EDMTrainer", "export_teacher"]
@@ -59,28 +59,35 @@ def edm_loss(
 
 
 class EDMTrainer(Trainer):
-    """Trains an EDM denoiser with Adam (EDM train.py defaults) and evaluation EMAs; no target network."""
+    """Trains an EDM denoiser on the `teacher.train` section (Adam by default, as EDM train.py) with the evaluation
+    EMA of rate ``config.ema_rate``; no target network."""
 
     kind = "edm"
+    loss_fields = ("P_mean", "P_std", "sigma_data")
 
-    def __init__(self, config: EDMTrainConfig, denoiser: nn.Module, data, **kwargs):
-        if not isinstance(config, EDMTrainConfig):
-            raise TypeError(f"config must be an EDMTrainConfig, got {type(config).__name__}")
-        sd = getattr(denoiser, "sigma_data", config.edm.sigma_data)
-        if float(sd) != config.edm.sigma_data:
-            raise ValueError(f"edm.sigma_data={config.edm.sigma_data} differs from the denoiser's sigma_data={sd}")
+    def __init__(self, config: TeacherTrainParams, denoiser: nn.Module, data, **kwargs):
+        if not isinstance(config, TeacherTrainParams):
+            raise TypeError(f"config must be a TeacherTrainParams (ctm_core.config), got {type(config).__name__}")
+        sd = getattr(denoiser, "sigma_data", config.sigma_data)
+        if float(sd) != config.sigma_data:
+            raise ValueError(
+                f"sigma_data: expected the denoiser's {sd}, got {config.sigma_data} (fix: set teacher.train.sigma_data)"
+            )
         super().__init__(config, denoiser, data, **kwargs)
 
+    def ema_rates(self) -> tuple[float, ...]:
+        return (self.config.ema_rate,)
+
     def microbatch_loss(self, x0, labels, ctx: dict[str, Any], generator: torch.Generator):
-        c = self.config.edm
+        c = self.config
         loss = edm_loss(
             self.model, x0, generator, P_mean=c.P_mean, P_std=c.P_std, sigma_data=c.sigma_data, class_labels=labels
         ).mean()
         return loss, {"loss_edm": loss.detach()}
 
     def ema_model(self, rate: float | None = None) -> nn.Module:
-        """The evaluation EMA with ``rate`` (default: the first configured rate)."""
-        return self.emas[self.config.ema.eval_rates[0] if rate is None else rate]
+        """The evaluation EMA with ``rate`` (default: ``config.ema_rate``)."""
+        return self.emas[self.config.ema_rate if rate is None else rate]
 
 
 def export_teacher(net: nn.Module, out_dir: str | os.PathLike) -> dict:

@@ -10,8 +10,12 @@ seeded by (seed, step); each microbatch's noise/times/σ from one seeded by (see
 untouched. The data order is a seeded permutation per epoch with a saved position. Hence a resumed run is bitwise
 identical to an uninterrupted one on CPU, and a microbatch's randomness does not depend on which rank runs it.
 
-Data parallelism (``world_size`` W > 1, used by pipelines/distill.py): every rank builds the same data source
-(same seed and rank argument), takes W of its batches per step as one global batch of W·``run.batch_size``, runs
+Configuration: the trainer reads its params.yaml section by the keys' names (``ctm_core.config``): CTM takes
+``DistillParams`` (``cfg.N``, ``cfg.K``, ``cfg.target_ema``, ...), EDM ``TeacherTrainParams``. ``cfg.batch`` is
+the global batch; each of the W ranks draws its share ``cfg.batch // W`` from the data source.
+
+Data parallelism (``world_size`` W > 1, used by pipelines.support.ray_train): every rank builds the same data
+source (same seed and rank argument), takes W of its batches per step as one global batch of ``cfg.batch``, runs
 the microbatches i ≡ rank (mod W), scales each microbatch loss by b/(global batch) and calls ``grad_sync(params)``
 (an all-reduce sum) before the optimizer step, so W ranks make the same update as one process, up to float
 summation order. ``metric_sync`` sums the per-rank metric contributions likewise.
@@ -35,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctm_core.config import DistillParams
 from ctm_core.training.ema import EMABank, frozen_copy, update_ema_
 from ctm_core.training.losses import ctm_dsm_loss, ctm_estimate, karras_grid, sample_num_heun_steps
-from ctm_core.training.train_config import CTMTrainConfig, OptimConfig, RunConfig
 
 __all__ = [
     "derive_seed",
@@ -49,7 +53,7 @@ __all__ = [
     "CTMTrainer",
 ]
 
-CHECKPOINT_FORMAT = "ctm_core.training.trainer/1"
+CHECKPOINT_FORMAT = "ctm_core.training.trainer/2"  # /2: the config is the params.yaml section
 
 
 def derive_seed(seed: int, rank: int, stream: str, *extra: int) -> int:
@@ -146,11 +150,12 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """RAdam (official CTM, C train_util.py:111-113) or Adam (EDM teacher)."""
+def build_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+    """RAdam (official CTM, C train_util.py:111-113) or Adam (EDM teacher): betas (0.9, 0.999), eps 1e-8, no
+    weight decay in both (the official settings)."""
     params = [p for p in params if p.requires_grad]
-    cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.name]
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[name]
+    return cls(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,18 +166,24 @@ class Trainer:
     """Generic loop: subclasses implement ``iteration_context()`` and ``microbatch_loss(x0, labels, ctx, generator)``.
 
     Args:
-        config: a ``CTMTrainConfig``/``EDMTrainConfig`` (needs ``optim``, ``ema``, ``run`` sections).
+        config: the params.yaml section (``DistillParams`` / ``TeacherTrainParams``); the loop reads ``batch``,
+            ``microbatch``, ``steps``, ``lr``, ``lr_warmup_steps``, ``optimizer``, ``grad_clip_norm``, ``precision``,
+            ``channels_last``, ``compile``, ``checkpoint_every``, ``log_every`` and ``seed``.
         model: the trained network (student or denoiser); moved to ``device``.
-        data: a data source with ``next_batch()``, ``state_dict()``, ``load_state_dict()`` (the same on every rank).
+        data: a data source with ``next_batch()``, ``state_dict()``, ``load_state_dict()`` (the same on every rank)
+            whose batches hold ``config.batch // world_size`` samples.
         rank, world_size: data-parallel position; rank runs microbatches i ≡ rank (mod world_size) of the global
-            batch of world_size·run.batch_size samples. Progress bars only on rank 0.
+            batch of ``config.batch`` samples. Progress bars only on rank 0.
         grad_sync: ``grad_sync(params)`` sums the gradients over ranks in place (all-reduce) before the step.
         metric_sync: ``metric_sync({name: 0-dim tensor}) -> dict`` sums the per-rank metric contributions.
-        metrics_callback: called as ``cb(step, {name: float})`` every ``run.log_every_steps`` steps.
+        metrics_callback: called as ``cb(step, {name: float})`` every ``config.log_every`` steps.
         discriminator, d_optimizer: optional slot for the GAN phase (saved/restored with the checkpoint).
+        progress: draw a tqdm bar while training (rank 0 only).
     """
 
     kind = "base"
+    # Fields that define the loss: a checkpoint made with other values cannot be resumed by this trainer.
+    loss_fields: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -188,13 +199,22 @@ class Trainer:
         metrics_callback: Callable[[int, dict[str, float]], None] | None = None,
         discriminator: nn.Module | None = None,
         d_optimizer: torch.optim.Optimizer | None = None,
+        progress: bool = True,
     ):
         if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
             raise ValueError(
                 f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}"
             )
         self.config = config
-        self.run_cfg: RunConfig = config.run
+        self.microbatch = int(config.microbatch or max(1, config.batch // world_size))  # b; null = per-rank batch
+        per = world_size * self.microbatch
+        if config.batch % per:
+            raise ValueError(
+                f"batch: expected a multiple of world_size × microbatch ({world_size} × {self.microbatch} = {per}), "
+                f"got {config.batch} (fix: change batch, microbatch or the number of ranks)"
+            )
+        self.batch_per_rank = config.batch // world_size
+        self.progress = bool(progress)
         self.device = torch.device(device)
         self.rank, self.world_size = int(rank), int(world_size)
         self.grad_sync, self.metric_sync = grad_sync, metric_sync
@@ -202,30 +222,34 @@ class Trainer:
         self.data = data
         self.step = 0
 
-        mf = torch.channels_last if self.run_cfg.channels_last else torch.preserve_format
+        mf = torch.channels_last if config.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=mf)
         self.model.train()
-        self.emas = EMABank(self.model, config.ema.eval_rates)
-        self.optimizer = build_optimizer(self.model.parameters(), config.optim)
+        self.emas = EMABank(self.model, self.ema_rates())
+        self.optimizer = build_optimizer(self.model.parameters(), config.optimizer, config.lr)
         self.discriminator, self.d_optimizer = discriminator, d_optimizer
 
-        if self.run_cfg.precision == "bf16" and self.device.type != "cuda":
-            warnings.warn("run.precision='bf16' autocast applies on CUDA only; running fp32 on " + str(self.device))
-        self.autocast_enabled = self.run_cfg.precision == "bf16" and self.device.type == "cuda"
+        if config.precision == "bf16" and self.device.type != "cuda":
+            warnings.warn("precision='bf16' autocast applies on CUDA only; running fp32 on " + str(self.device))
+        self.autocast_enabled = config.precision == "bf16" and self.device.type == "cuda"
 
     def keyed_generator(self, stream: str, *keys: int) -> torch.Generator:
-        """A CPU generator seeded by (run.seed, stream, step, *keys): the same on every rank and after a resume."""
-        return torch.Generator().manual_seed(derive_seed(self.run_cfg.seed, 0, stream, self.step, *keys))
+        """A CPU generator seeded by (seed, stream, step, *keys): the same on every rank and after a resume."""
+        return torch.Generator().manual_seed(derive_seed(self.config.seed, 0, stream, self.step, *keys))
 
     def _seed_dropout(self, microbatch: int) -> None:
         """Re-seed the (forked) global RNG that dropout draws from, keyed like ``keyed_generator``."""
-        seed = derive_seed(self.run_cfg.seed, 0, "dropout", self.step, microbatch)
+        seed = derive_seed(self.config.seed, 0, "dropout", self.step, microbatch)
         torch.random.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             with torch.cuda.device(self._cuda_index):
                 torch.cuda.manual_seed(seed)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
+    def ema_rates(self) -> tuple[float, ...]:
+        """Rates of the evaluation EMAs kept next to the online weights."""
+        raise NotImplementedError
+
     def iteration_context(self) -> dict[str, Any]:
         """Per-iteration random quantities shared by all microbatches and ranks (e.g. CTM's k)."""
         return {}
@@ -248,15 +272,15 @@ class Trainer:
 
     def my_microbatches(self) -> range:
         """Indices of the global batch's microbatches this rank runs (i ≡ rank mod world_size)."""
-        num = self.run_cfg.batch_size * self.world_size // self.run_cfg.microbatch
+        num = self.config.batch // self.microbatch
         return range(self.rank, num, self.world_size)
 
     def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = [self.data.next_batch() for _ in range(self.world_size)]
         for x, _ in parts:
-            if x.shape[0] != self.run_cfg.batch_size:
+            if x.shape[0] != self.batch_per_rank:
                 raise ValueError(
-                    f"data source returned {x.shape[0]} samples, expected run.batch_size={self.run_cfg.batch_size}"
+                    f"data source returned {x.shape[0]} samples, expected batch // world_size = {self.batch_per_rank}"
                 )
         x = torch.cat([p[0] for p in parts])
         labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
@@ -277,19 +301,19 @@ class Trainer:
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _maybe_compile(self) -> None:
-        if self.run_cfg.compile and not getattr(self, "_compiled", False):
+        if self.config.compile and not getattr(self, "_compiled", False):
             for m in self.compile_modules():
                 getattr(m, "model", m).compile()  # in place: state_dict keys unchanged
             self._compiled = True
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
-        if self.run_cfg.channels_last and x.ndim == 4:
+        if self.config.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def current_lr(self) -> float:
-        cfg = self.config.optim
+        cfg = self.config
         if cfg.lr_warmup_steps > 0:
             return cfg.lr * min(1.0, (self.step + 1) / cfg.lr_warmup_steps)
         return cfg.lr
@@ -299,11 +323,11 @@ class Trainer:
 
     # -- one iteration -------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step over the global batch (world_size · run.batch_size samples) in ``run.microbatch``
-        chunks, of which this rank runs ``my_microbatches()``; returns the metrics (batch means)."""
+        """One optimizer step over the global batch (``config.batch`` samples) in ``microbatch`` chunks, of which
+        this rank runs ``my_microbatches()``; returns the metrics (batch means)."""
         self._maybe_compile()
-        b = self.run_cfg.microbatch
-        B = self.run_cfg.batch_size * self.world_size  # global batch
+        b = self.microbatch
+        B = self.config.batch  # global batch
         with self._isolated_global_rng():
             self.model.train()
             x, labels = self._global_batch()
@@ -330,8 +354,8 @@ class Trainer:
                 sums = self.metric_sync(sums)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            if self.config.optim.grad_clip_norm > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip_norm)
+            if self.config.grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
             self.optimizer.step()
             self.after_optimizer_step()
         self.step += 1
@@ -342,24 +366,24 @@ class Trainer:
         return sums
 
     def train(self, num_steps: int | None = None, *, checkpoint_path: str | os.PathLike | None = None) -> int:
-        """Run until ``step == self.step + num_steps`` (default: up to ``run.total_steps``); returns the step.
+        """Run until ``step == self.step + num_steps`` (default: up to ``config.steps``); returns the step.
 
-        Saves ``checkpoint_path`` every ``run.checkpoint_every_steps`` steps and at the end (when given).
+        Saves ``checkpoint_path`` every ``config.checkpoint_every`` steps and at the end (when given).
         """
         from tqdm.auto import tqdm
 
-        end = self.run_cfg.total_steps if num_steps is None else self.step + int(num_steps)
-        every = self.run_cfg.checkpoint_every_steps
+        end = self.config.steps if num_steps is None else self.step + int(num_steps)
+        every = self.config.checkpoint_every
         bar = tqdm(
             total=max(0, end - self.step),
-            disable=not self.run_cfg.progress or self.rank != 0,
+            disable=not self.progress or self.rank != 0,
             desc=f"{self.kind} training",
             dynamic_ncols=True,
         )
         while self.step < end:
             metrics = self.train_step()
             bar.update(1)
-            if self.metrics_callback is not None and self.step % self.run_cfg.log_every_steps == 0:
+            if self.metrics_callback is not None and self.step % self.config.log_every == 0:
                 self.metrics_callback(self.step, {k: float(v) for k, v in metrics.items()})
             if checkpoint_path is not None and every > 0 and self.step % every == 0 and self.step < end:
                 self.save_checkpoint(checkpoint_path)
@@ -371,7 +395,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # All randomness is keyed by (seed, step, microbatch) (see the module docstring): nothing else to store.
-        rng = {"scheme": "keyed(seed, step, microbatch)", "seed": self.run_cfg.seed}
+        rng = {"scheme": "keyed(seed, step, microbatch)", "seed": self.config.seed}
         state = {
             "format": CHECKPOINT_FORMAT,
             "kind": self.kind,
@@ -383,7 +407,7 @@ class Trainer:
             "d_optimizer": None if self.d_optimizer is None else self.d_optimizer.state_dict(),
             "rng": rng,
             "data": self.data.state_dict(),
-            "config": self.config.to_dict(),
+            "config": self.config.model_dump(mode="json"),  # plain types: loads with weights_only=True
         }
         state.update(self.extra_state())
         return state
@@ -391,15 +415,15 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.kind:
             raise ValueError(f"checkpoint kind: expected {self.kind!r}, got {state.get('kind')!r}")
-        # The loss definition must match; optimizer/EMA-rate/run/eval settings follow the current config (a later
+        # The loss definition must match; optimizer/EMA-rate/batch settings follow the current config (a later
         # phase, e.g. the GAN fine-tune, resumes with another lr or batch; CTM_FACTS §2.9).
-        saved, mine = state["config"], self.config.to_dict()
-        for section in ("ctm", "edm"):
-            if section in mine and saved.get(section) != mine[section]:
-                raise ValueError(
-                    f"checkpoint config section {section!r} differs from the trainer's: "
-                    f"saved {saved.get(section)!r}, current {mine[section]!r}"
-                )
+        saved, mine = state["config"], self.config.model_dump(mode="json")
+        differ = [f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in self.loss_fields if saved.get(k) != mine[k]]
+        if differ:
+            raise ValueError(
+                f"checkpoint config: the loss is defined differently ({', '.join(differ)}; saved -> current) "
+                f"(fix: resume with the checkpoint's values of {', '.join(self.loss_fields)}, or start a new run)"
+            )
         self.model.load_state_dict(state["model"])
         self.emas.load_state_dict(state["emas"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -409,10 +433,10 @@ class Trainer:
             self.discriminator.load_state_dict(state["discriminator"])
             if self.d_optimizer is not None and state["d_optimizer"] is not None:
                 self.d_optimizer.load_state_dict(state["d_optimizer"])
-        if state["rng"].get("seed") != self.run_cfg.seed:
+        if state["rng"].get("seed") != self.config.seed:
             raise ValueError(
-                f"checkpoint run.seed={state['rng'].get('seed')!r} differs from run.seed="
-                f"{self.run_cfg.seed!r}: the resumed run would not continue the same random streams"
+                f"checkpoint seed: expected {self.config.seed!r} (the trainer's), got {state['rng'].get('seed')!r} "
+                "(fix: resume with the checkpoint's seed: another one would not continue the same random streams)"
             )
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
@@ -448,15 +472,30 @@ class CTMTrainer(Trainer):
     """CTM (+DSM) distillation of an EDM teacher into ``student`` (CTM_FACTS §2).
 
     The target network θ⁻ is a frozen copy of the student (kept in train mode, as in the official code) updated
-    with rate ``ema.target_rate`` after every step; ``lpips`` is the module for ``ctm.distance='lpips'``.
+    with rate ``config.target_ema`` after every step; ``lpips`` is the module for ``distance='lpips'``.
     The teacher is not stored in checkpoints.
     """
 
     kind = "ctm"
+    loss_fields = (
+        "mode",
+        "N",
+        "K",
+        "sigma_min",
+        "sigma_max",
+        "rho",
+        "sigma_data",
+        "ctm_weight",
+        "dsm_weight",
+        "P_mean",
+        "P_std",
+        "diffusion_mult",
+        "distance",
+    )
 
     def __init__(
         self,
-        config: CTMTrainConfig,
+        config: DistillParams,
         student: nn.Module,
         teacher: Callable,
         data,
@@ -464,10 +503,10 @@ class CTMTrainer(Trainer):
         lpips: Callable | None = None,
         **kwargs,
     ):
-        if not isinstance(config, CTMTrainConfig):
-            raise TypeError(f"config must be a CTMTrainConfig, got {type(config).__name__}")
-        if config.ctm.distance == "lpips" and lpips is None:
-            raise ValueError("ctm.distance='lpips' needs the lpips= module (ctm_core.gan.lpips)")
+        if not isinstance(config, DistillParams):
+            raise TypeError(f"config must be a DistillParams (ctm_core.config), got {type(config).__name__}")
+        if config.distance == "lpips" and lpips is None:
+            raise ValueError("distance: 'lpips' needs the lpips= module (fix: pass ctm_core.gan.lpips.LPIPS)")
         super().__init__(config, student, data, **kwargs)
         self.teacher = teacher
         if isinstance(teacher, nn.Module):
@@ -477,7 +516,7 @@ class CTMTrainer(Trainer):
             raise ValueError("gan.enabled=True needs discriminator= and d_optimizer= (see ctm_core.gan.objective)")
         self.target = frozen_copy(self.model)
         self.target.train()
-        c = config.ctm
+        c = config
         self.grid = karras_grid(c.N, c.sigma_min, c.sigma_max, c.rho)  # (N,) float64, CPU
 
     @property
@@ -489,14 +528,17 @@ class CTMTrainer(Trainer):
         return [self.model, self.target]
 
     def iteration_context(self) -> dict[str, Any]:
-        return {"k": sample_num_heun_steps(self.config.ctm.K, self.keyed_generator("k"))}  # shared by all ranks
+        return {"k": sample_num_heun_steps(self.config.K, self.keyed_generator("k"))}  # shared by all ranks
+
+    def ema_rates(self) -> tuple[float, ...]:
+        return tuple(self.config.eval_emas)
 
     def is_generator_step(self) -> bool:
         gan = self.config.gan
         return not gan.enabled or self.step % gan.g_learning_period == 0
 
     def microbatch_loss(self, x0, labels, ctx, generator):
-        c = self.config.ctm
+        c = self.config
         loss, metrics, out = ctm_dsm_loss(
             self.model,
             self.target,
@@ -533,8 +575,8 @@ class CTMTrainer(Trainer):
         """D-only step: hinge loss on real x0 vs the detached CTM estimate, per microbatch; no EMA update."""
         from ctm_core.gan.objective import d_hinge_loss
 
-        c, b = self.config.ctm, self.run_cfg.microbatch
-        B = self.run_cfg.batch_size * self.world_size
+        c, b = self.config, self.microbatch
+        B = self.config.batch
         self.discriminator.train()
         self.d_optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
@@ -569,7 +611,7 @@ class CTMTrainer(Trainer):
         return sums
 
     def after_optimizer_step(self) -> None:
-        update_ema_(self.target, self.model, self.config.ema.target_rate)
+        update_ema_(self.target, self.model, self.config.target_ema)
         self.emas.update(self.model)
 
     def extra_state(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ __all__ = [
     "storage_fs",
     "storage_uri",
 ]
+
+logger = logging.getLogger(__name__)
 
 CKPT_FILE = "trainer_state.pt"
 MARKER_FILE = "complete.json"  # written last, after the checkpoint's files were checked in storage
@@ -229,14 +232,10 @@ def newest_complete_checkpoint(fs, run_path: str, dest: Path, *, legacy=None, lo
     Half-written checkpoints (no marker, or files that do not match it) are skipped with a log line. ``legacy``:
     Ray's registered checkpoint (``ray.train.get_checkpoint()``), used only when no checkpoint of the run has a
     marker and it has none either (a run started before markers existed). Returns ``(path, step or -1)`` or None.
-    ``log``: called with each message (default: print). No builtin as a default value: run as ``python -m``, this
-    module is ``__main__`` and cloudpickle ships it to the workers by value, and Ray may have swapped
-    ``builtins.print`` by then ("Can't pickle <built-in function print>: it's not the same object").
+    ``log``: called with each message (default: this module's logger, level WARNING).
     """
     if log is None:
-
-        def log(m: str) -> None:
-            print(m, flush=True)
+        log = logger.warning
 
     complete, incomplete = complete_checkpoints(fs, run_path)
     newest = complete[0][1]["step"] if complete else -1

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Params, resolve_path
+from ctm_core.config import Params
+from pipelines.support.params import resolve_path
 
 __all__ = ["connect_or_start", "init_local_ray", "shutdown", "storage_path", "tune_search_space"]
 

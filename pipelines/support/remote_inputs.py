@@ -60,7 +60,9 @@ def resolve_inputs(data: str, teacher: str, cache_dir: str | os.PathLike[str] | 
 
 
 def _s3_download(uri: str, tmp_dir: Path, what: str) -> tuple[Path, str]:
-    """Stream ``uri`` into a temp file under ``tmp_dir`` (boto3, retries: ``pipelines.support.fetch``); (path, sha256)."""
+    """Stream ``uri`` into a temp file under ``tmp_dir`` (boto3, retries from ``pipelines.support.fetch``).
+
+    Returns (path, sha256)."""
     from pipelines.support.fetch import FetchError, _download_to_temp, _open_s3, _with_retries
 
     tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.support.io_utils import one_line
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["build_runtime_env", "find_auth_token", "submission_id", "submit_job"]
 
@@ -99,7 +102,7 @@ def _repo_root() -> Path:
 
 def submission_id(stage: str, module: str, argv: list[str], params: Any, attempt: int) -> str:
     """Deterministic job id: same stage, module, argv and params -> same id for a given attempt."""
-    from pipelines.config import params_hash
+    from ctm_core.config import params_hash
 
     dump = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
     h = params_hash({"module": module, "argv": list(argv), "params": dump})[:12]
@@ -265,7 +268,7 @@ def submit_job(
     stage = stage or module.rsplit(".", 1)[-1]
     argv, notes = absolutize_argv(list(argv), root)
     for n in notes:
-        print(f"submit: {n}", file=sys.stderr)
+        logger.info("submit: %s", n)
     inner = ["python", "-m", module, *argv]
     if params.ray.address:  # the params file names the dashboard URL: clear it inside the job (module doc)
         inner = ["python", "-m", "pipelines.support.submit", "--inside", module, *argv]
@@ -287,19 +290,11 @@ def submit_job(
                     runtime_env=runtime_env,
                     metadata={"ctm.stage": stage, "ctm.module": module},
                 )
-                print(
-                    f"submit: job {job_id} submitted to {address} (auth token from {token_source})",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                logger.info("submit: job %s submitted to %s (auth token from %s)", job_id, address, token_source)
                 break
             if status in ACTIVE:
                 job_id = candidate
-                print(
-                    f"submit: job {job_id} is already {status} on {address}: attaching to it",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                logger.info("submit: job %s is already %s on %s: attaching to it", job_id, status, address)
                 break
             attempt += 1
         if job_id is None:
@@ -326,7 +321,7 @@ def submit_job(
         )
         return 1
     if final == "SUCCEEDED":
-        print(f"submit: job {job_id} SUCCEEDED", file=sys.stderr)
+        logger.info("submit: job %s SUCCEEDED", job_id)
         return 0
     print(f"submit: job {job_id} ended {final} (logs: RAY_ADDRESS={address} ray job logs {job_id})", file=sys.stderr)
     return 1
@@ -338,10 +333,10 @@ def submit_job(
 
 def _run_inside(module: str, argv: list[str]) -> int:
     """Run ``<module>.main(argv)`` with ``ray.address`` cleared from the loaded params (Ray set RAY_ADDRESS)."""
-    import pipelines.config as config
+    from pipelines.support import params as support_params
 
     mod = importlib.import_module(module)
-    original = config.load_params
+    original = support_params.load_params
 
     def load_params(*a, **kw):
         p = original(*a, **kw)

@@ -1,0 +1,1080 @@
+"""The project's one typed config: every `params.yaml` key is a field here, with its only default and a docstring.
+
+`load_config(path, overrides)` reads params.yaml (YAML 1.2 floats: `1e-4` is a number, as in DVC's ruamel),
+applies overrides (dotted keys or nested mappings), and validates it with pydantic v2 (`extra='forbid'`, strict
+types, frozen). Each section checks its own relations when it is built, so a `DistillParams` made anywhere (a Tune
+trial, a test, `with_changes`) is as valid as the one from params.yaml; `Params` adds the checks across sections.
+The first problem raises `ParamsError`, whose message is one line: `<dotted.key>: <problem> (fix: ...)`.
+
+The trainers take their section as it is: `CTMTrainer(params.distill)`, `EDMTrainer(params.teacher.train)`.
+Checks that depend on the machine (GPU, S3 credentials, a reachable Ray address) live with the stages
+(`pipelines.support.params`); this module imports no pipeline code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import urllib.parse
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+__all__ = [
+    "EDM_RELEASES",
+    "FID_WEIGHTS_SHA256",
+    "FID_WEIGHTS_URL",
+    "PROTOCOL_NUM_SAMPLES",
+    "ClassifierParams",
+    "DataParams",
+    "DistillParams",
+    "EvaluateParams",
+    "GanParams",
+    "InceptionParams",
+    "LikelihoodParams",
+    "MlflowParams",
+    "Params",
+    "ParamsError",
+    "RayParams",
+    "ReferenceParams",
+    "RegisterParams",
+    "SchedulerParams",
+    "SpaceParam",
+    "TeacherModelParams",
+    "TeacherParams",
+    "TeacherTrainParams",
+    "TuneParams",
+    "YamlLoader",
+    "check_batch_split",
+    "load_config",
+    "merge_overrides",
+    "params_hash",
+    "with_changes",
+]
+
+SHA256_RE = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
+URI_SCHEMES = ("https", "s3", "file")
+
+# Released EDM networks `teacher.source` may name (NVlabs/edm README.md:67-70, 77-224; docs/edm.md);
+# pipelines.support.fetch maps each to its download URL.
+EDM_RELEASES = (
+    "edm-cifar10-32x32-cond-vp",
+    "edm-cifar10-32x32-cond-ve",
+    "edm-cifar10-32x32-uncond-vp",
+    "edm-cifar10-32x32-uncond-ve",
+    "edm-ffhq-64x64-uncond-vp",
+    "edm-ffhq-64x64-uncond-ve",
+    "edm-afhqv2-64x64-uncond-vp",
+    "edm-afhqv2-64x64-uncond-ve",
+    "edm-imagenet-64x64-cond-adm",
+    "baseline-cifar10-32x32-uncond-vp",
+    "baseline-cifar10-32x32-uncond-ve",
+    "baseline-imagenet-64x64-cond-adm",
+)
+
+# pytorch-fid's FID Inception weights (src/pytorch_fid/inception.py FID_WEIGHTS_URL). No checksum is published by
+# pytorch-fid; this sha256 is the one several independent public projects pin for that exact file (95,628,359
+# bytes), and it starts with the `6726825d` in the file name (torch.hub's `<name>-<first 8 hex of sha256>`
+# convention). A mismatch stops the evaluate stage before any sampling.
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+
+PROTOCOL_NUM_SAMPLES = {"inception": 50_000, "classifier": 1_000}  # evaluate.num_samples when null
+
+
+class ParamsError(ValueError):
+    """Invalid params: `key` is the dotted key; `str(err)` is the one-line message `<key>: <problem>`."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+def _require(cond: bool, key: str, problem: str) -> None:
+    if not cond:
+        raise ParamsError(key, problem)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, dict):
+        return "a mapping"
+    return json.dumps(v) if isinstance(v, (bool, type(None), list)) else repr(v)
+
+
+# --- YAML 1.2 floats (`1e-4`) -----------------------------------------------------------------------------------------
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` / `5E3` as floats (PyYAML follows YAML 1.1 and would return a string)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+# --- schema -----------------------------------------------------------------------------------------------------------
+class _Section(BaseModel):
+    """A params.yaml section: unknown keys refused, no type coercion, immutable; `_path` is its dotted name."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_default=True, frozen=True, use_attribute_docstrings=True
+    )
+    _path: ClassVar[str] = ""
+
+
+class DataParams(_Section):
+    """`prepare` stage: where images come from and how they are sharded."""
+
+    _path: ClassVar[str] = "data"
+
+    source: Literal["sklearn-digits", "imagefolder", "cifar10-python", "edm-zip"] = "sklearn-digits"
+    """Image source: sklearn's 8x8 digits (offline), an image folder, CIFAR-10's python archive or an EDM zip."""
+    path: str | None = None
+    """Folder / .zip / .tar.gz / cifar-10-python.tar.gz / URI (relative = repo root); null only for sklearn-digits."""
+    sha256: str | None = None
+    """Expected digest of `path`; required for https:// and s3:// paths."""
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Fraction kept out of training (bits/dim, Fréchet-distance reference)."""
+    shard_size: int = Field(1024, ge=1)
+    """Images per Parquet shard."""
+    seed: int = Field(0, ge=0)
+    """Seed of the held-out split permutation."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _require(
+            self.source == "sklearn-digits" or bool(self.path),
+            "data.path",
+            f"required for data.source {self.source!r}, got null (fix: point it at the dataset file or folder)",
+        )
+        if self.path and self.path.startswith(("https://", "http://", "s3://")):
+            _require(
+                self.sha256 is not None,
+                "data.sha256",
+                f"required to download data.path {self.path!r}, got null (fix: pin the file's 64-hex sha256)",
+            )
+        if self.sha256 is not None:
+            _require(bool(SHA256_RE.match(self.sha256)), "data.sha256", f"expected 64 hex digits, got {self.sha256!r}")
+        return self
+
+
+class TeacherModelParams(_Section):
+    """Constructor kwargs of the teacher's inner UNet (`ctm_core.nets.networks`)."""
+
+    _path: ClassVar[str] = "teacher.train.model"
+
+    model_type: Literal["SongUNet", "DhariwalUNet"] = "SongUNet"
+    """Inner network class (EDM's DDPM++/NCSN++ `SongUNet` or ADM's `DhariwalUNet`)."""
+    model_channels: int = Field(32, ge=1)
+    """Base channel count."""
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    """Channel multiplier per resolution level."""
+    channel_mult_emb: int = Field(4, ge=1)
+    """Embedding width multiplier."""
+    num_blocks: int = Field(1, ge=1)
+    """Residual blocks per resolution."""
+    attn_resolutions: list[int] = Field(default_factory=list)
+    """Resolutions with self-attention."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability of the residual blocks."""
+    embedding_type: Literal["positional", "fourier"] = "positional"
+    """Noise embedding (SongUNet only)."""
+    channel_mult_noise: int = Field(1, ge=1)
+    """Noise embedding width multiplier (SongUNet only)."""
+    encoder_type: Literal["standard", "skip", "residual"] = "standard"
+    """Encoder architecture (SongUNet only)."""
+    decoder_type: Literal["standard", "skip"] = "standard"
+    """Decoder architecture (SongUNet only)."""
+    resample_filter: list[int] = Field(default_factory=lambda: [1, 1], min_length=1)
+    """Up/down-sampling filter taps (SongUNet only)."""
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """kwargs for `build_precond(..., model_type=..., **kwargs)`; SongUNet-only keys dropped for DhariwalUNet."""
+        kw = self.model_dump()
+        if self.model_type == "DhariwalUNet":
+            for k in ("embedding_type", "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter"):
+                kw.pop(k)
+        return kw
+
+
+class TeacherTrainParams(_Section):
+    """Train an EDM teacher on the prepared data (EDM loss, Karras et al. 2022 Table 1; `EDMTrainer` reads it)."""
+
+    _path: ClassVar[str] = "teacher.train"
+
+    precond: Literal["EDMPrecond", "VPPrecond", "VEPrecond"] = "EDMPrecond"
+    """Preconditioning wrapper (the teacher stage trains EDMPrecond only: the CTM student copies it)."""
+    model: TeacherModelParams = Field(default_factory=TeacherModelParams)
+    """The inner UNet."""
+    steps: int = Field(1200, ge=1)
+    """Optimizer steps."""
+    batch: int = Field(64, ge=1)
+    """Global batch per step (all ranks)."""
+    microbatch: int | None = Field(None, ge=1)
+    """Gradient-accumulation chunk per rank; null = the whole per-rank batch at once."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Learning rate (EDM train.py: 1e-3)."""
+    lr_warmup_steps: int = Field(100, ge=0)
+    """Linear ramp lr·min(1, (step+1)/lr_warmup_steps); 0 = off."""
+    optimizer: Literal["adam", "radam"] = "adam"
+    """Adam (EDM train.py) or RAdam; betas (0.9, 0.999), eps 1e-8, no weight decay."""
+    grad_clip_norm: float = Field(0.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 = off."""
+    ema_rate: float = Field(0.999, ge=0.0, lt=1.0)
+    """Rate of the EMA weights that become the teacher."""
+    P_mean: float = -1.2
+    """Mean of ln σ in the EDM loss, ln σ ~ N(P_mean, P_std²)."""
+    P_std: float = Field(1.2, gt=0.0)
+    """Standard deviation of ln σ in the EDM loss."""
+    sigma_data: float = Field(0.5, gt=0.0)
+    """Data standard deviation σ_d of the preconditioning and the loss weight."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast on CUDA, fp32 elsewhere."""
+    channels_last: bool = False
+    """channels_last memory format for 4-d images."""
+    compile: bool = False
+    """torch.compile the network in place."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Steps between checkpoints when `Trainer.train` gets a checkpoint path; 0 = only at the end (the stage
+    keeps none: a run is minutes long)."""
+    log_every: int = Field(100, ge=1)
+    """Steps between metrics callbacks (MLflow loss curve)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the initial weights, the data order and every keyed random stream."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.microbatch is not None:
+            _require(
+                self.batch % self.microbatch == 0,
+                "teacher.train.microbatch",
+                f"must divide teacher.train.batch ({self.batch}), got {self.microbatch} (fix: pick a divisor or null)",
+            )
+        return self
+
+
+class TeacherParams(_Section):
+    """`teacher` stage: `train` (offline default), a released EDM name, or an https/s3/file URI + sha256."""
+
+    _path: ClassVar[str] = "teacher"
+
+    source: str = "train"
+    """`train`, a released EDM network name (e.g. edm-cifar10-32x32-uncond-vp) or an https://, s3://, file:// URI."""
+    sha256: str | None = None
+    """Required for anything but `train`: 64 hex digits, or `record` (fetch once, print the digest to pin)."""
+    cache_dir: str = ".cache/teacher"
+    """Content-addressed download cache (relative = repo root)."""
+    train: TeacherTrainParams = Field(default_factory=TeacherTrainParams)
+    """How to train the teacher when source is `train`."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        src = self.source
+        scheme = urllib.parse.urlparse(src).scheme.lower() if "://" in src else ""
+        if scheme:
+            _require(
+                scheme in URI_SCHEMES,
+                "teacher.source",
+                f"expected 'train', a release name or an https://, s3:// or file:// URI, got {src!r}",
+            )
+        elif src != "train":
+            _require(
+                not (src.startswith((".", "~")) or "/" in src.removeprefix("baseline/")),
+                "teacher.source",
+                f"local paths must be file:// URIs, got {src!r} (fix: teacher.source: file:///abs/path/teacher.pkl)",
+            )
+            name = src[:-4] if src.endswith(".pkl") else src
+            _require(
+                name in EDM_RELEASES,
+                "teacher.source",
+                f"unknown release name {src!r} (expected 'train', a URI or one of: {', '.join(sorted(EDM_RELEASES))})",
+            )
+        if src != "train":
+            _require(
+                self.sha256 is not None,
+                "teacher.sha256",
+                f"required when teacher.source is {src!r}, got null (fix: pin the 64-hex digest, or set "
+                "sha256: record to fetch once and print it)",
+            )
+        if self.sha256 is not None:
+            _require(
+                self.sha256 == "record" or bool(SHA256_RE.match(self.sha256)),
+                "teacher.sha256",
+                f"expected 64 hex digits or 'record', got {self.sha256!r}",
+            )
+        return self
+
+
+class GanParams(_Section):
+    """CTM's GAN phase (docs/ctm.md); off by default (needs timm feature nets, not offline)."""
+
+    _path: ClassVar[str] = "distill.gan"
+
+    enabled: bool = False
+    """Alternate generator and discriminator steps with the λ_GAN-weighted generator term."""
+    weight: float = Field(1.0, ge=0.0)
+    """Weight w_D of the adaptive-weighted GAN generator term (official discriminator_weight)."""
+    d_lr: float = Field(2e-3, gt=0.0)
+    """Discriminator RAdam learning rate."""
+    start_step: int = Field(0, ge=0)
+    """Step at which the GAN phase starts."""
+    g_learning_period: int = Field(2, ge=2)
+    """Steps with step % period == 0 update the student, the others the discriminator."""
+
+
+class DistillParams(_Section):
+    """`distill` stage and `CTMTrainer`: the CTM + DSM recipe (docs/ctm.md; CIFAR-10 defaults, digits sizes)."""
+
+    _path: ClassVar[str] = "distill"
+
+    mode: Literal["ctm", "cm"] = "ctm"
+    """`ctm` (any jump t → s) or `cm` (s = σ_min, no DSM; ablation)."""
+    N: int = Field(12, ge=2)
+    """Grid points t_0 = sigma_max ... t_{N-1} = sigma_min (official CIFAR-10: 18)."""
+    K: int = Field(8, ge=1)
+    """Max teacher Heun steps per iteration, P(k) ∝ k on {1..K} (official CIFAR-10: 17)."""
+    sigma_min: float = Field(0.002, gt=0.0)
+    """Smallest noise level; jumps to data end here."""
+    sigma_max: float = Field(80.0, gt=0.0)
+    """Largest noise level."""
+    rho: float = Field(7.0, gt=0.0)
+    """Karras grid exponent."""
+    sigma_data: float = Field(0.5, gt=0.0)
+    """Data standard deviation σ_d."""
+    ctm_weight: float = Field(1.0, ge=0.0)
+    """Weight of the CTM term (official consistency_weight)."""
+    dsm_weight: float = Field(1.0, ge=0.0)
+    """Weight of the DSM term, times its adaptive λ_DSM (official denoising_weight)."""
+    P_mean: float = -1.2
+    """Mean of ln σ for the DSM half-lognormal noise levels."""
+    P_std: float = Field(1.2, gt=0.0)
+    """Standard deviation of ln σ for the DSM half-lognormal noise levels."""
+    diffusion_mult: float = Field(0.7, ge=0.0, le=1.0)
+    """DSM Karras half: v ~ U[0, diffusion_mult] on the grid."""
+    distance: Literal["l2", "pseudo_huber", "lpips"] = "l2"
+    """Distance in the CTM term; lpips needs VGG weights (not offline)."""
+    lr: float = Field(4e-4, gt=0.0)
+    """Learning rate, constant after the warm-up (official: 4e-4)."""
+    optimizer: Literal["radam", "adam"] = "radam"
+    """RAdam (official CTM) or Adam; betas (0.9, 0.999), eps 1e-8, no weight decay."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Linear ramp lr·min(1, (step+1)/lr_warmup_steps); 0 = off (official)."""
+    grad_clip_norm: float = Field(0.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 = off (official)."""
+    target_ema: float = Field(0.99, ge=0.0, lt=1.0)
+    """Rate of the target network θ⁻ (official start_ema 0.999 is for 50k-step runs)."""
+    eval_emas: list[float] = Field(default_factory=lambda: [0.99, 0.999], min_length=1)
+    """Rates of the evaluation EMAs saved with the student (official CIFAR-10: [0.999, 0.9999])."""
+    batch: int = Field(32, ge=1)
+    """Global batch per step (all workers); divisible by ray.num_workers × microbatch."""
+    microbatch: int = Field(16, ge=1)
+    """Gradient-accumulation chunk per rank; the adaptive weights are per microbatch."""
+    steps: int = Field(300, ge=1)
+    """Optimizer steps."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast on CUDA, fp32 elsewhere."""
+    channels_last: bool = False
+    """channels_last memory format for 4-d images."""
+    compile: bool = False
+    """torch.compile the student and the target network in place."""
+    gan: GanParams = Field(default_factory=GanParams)
+    """The GAN phase."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Steps between checkpoints (Ray Train reports; the resume points)."""
+    log_every: int = Field(25, ge=1)
+    """Steps between metrics callbacks."""
+    seed: int = Field(0, ge=0)
+    """Seed of the student's fresh weights, the data order and every keyed random stream."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _require(
+            self.sigma_min < self.sigma_max,
+            "distill.sigma_min",
+            f"must be < distill.sigma_max ({self.sigma_max}), got {self.sigma_min} (fix: lower sigma_min or raise "
+            "sigma_max)",
+        )
+        _require(
+            self.K < self.N,
+            "distill.K",
+            f"must be < distill.N ({self.N}), got {self.K} (fix: set distill.K <= {self.N - 1} or raise distill.N)",
+        )
+        _require(
+            self.batch % self.microbatch == 0,
+            "distill.microbatch",
+            f"must divide distill.batch ({self.batch}), got {self.microbatch} (fix: pick a divisor of {self.batch})",
+        )
+        for i, r in enumerate(self.eval_emas):
+            _require(0.0 < r < 1.0, f"distill.eval_emas[{i}]", f"must be in (0, 1), got {r}")
+        _require(
+            len(set(self.eval_emas)) == len(self.eval_emas),
+            "distill.eval_emas",
+            f"rates must be distinct, got {self.eval_emas}",
+        )
+        for name in ("lr", "sigma_min", "sigma_max", "rho", "sigma_data", "dsm_weight", "target_ema"):
+            v = getattr(self, name)
+            _require(math.isfinite(v), f"distill.{name}", f"must be finite, got {v}")
+        _require(
+            not (self.gan.enabled and self.mode == "cm"),
+            "distill.gan.enabled",
+            "the GAN phase is a CTM feature, got true with distill.mode 'cm' (fix: set mode: ctm or disable gan)",
+        )
+        _require(
+            self.checkpoint_every <= self.steps,
+            "distill.checkpoint_every",
+            f"must be <= distill.steps ({self.steps}), got {self.checkpoint_every}",
+        )
+        return self
+
+
+class SpaceParam(_Section):
+    """One search dimension as data: loguniform/uniform (low, high), randint (low ≤ x < high), choice (values)."""
+
+    type: Literal["loguniform", "uniform", "randint", "choice"]
+    """Distribution of the dimension."""
+    low: float | None = None
+    """Lower bound (loguniform, uniform, randint)."""
+    high: float | None = None
+    """Upper bound (loguniform, uniform; exclusive for randint)."""
+    values: list[Any] | None = None
+    """Candidates (choice)."""
+
+
+class SchedulerParams(_Section):
+    """Trial scheduler of the search."""
+
+    _path: ClassVar[str] = "tune.scheduler"
+
+    type: Literal["asha", "fifo"] = "asha"
+    """ASHA stops bad trials early; fifo runs every trial to the end."""
+    grace_period: int = Field(1, ge=1)
+    """Reports (one per tune.report_every steps) before ASHA may stop a trial."""
+    reduction_factor: int = Field(2, ge=2)
+    """ASHA keeps 1/reduction_factor of the trials at each rung."""
+    max_t: int = Field(4, ge=1)
+    """Reports per trial at most."""
+
+
+class TuneParams(_Section):
+    """`tune` stage: Ray Tune over `distill` keys; writes the chosen distill overrides (none when disabled)."""
+
+    _path: ClassVar[str] = "tune"
+
+    enabled: bool = False
+    """Run the search (off by default: the 10-minute offline run has no room for trials on 2 cores)."""
+    num_samples: int = Field(4, ge=1)
+    """Trials."""
+    max_concurrent_trials: int = Field(1, ge=1)
+    """Trials at once at most (also capped by what the cluster holds)."""
+    steps: int = Field(200, ge=1)
+    """Distill steps per trial."""
+    report_every: int = Field(50, ge=1)
+    """Steps between trial reports (one Tune training_iteration = one ASHA time unit)."""
+    scheduler: SchedulerParams = Field(default_factory=SchedulerParams)
+    """The trial scheduler."""
+    search_alg: Literal["optuna", "hyperopt"] = "optuna"
+    """The searcher proposing values of `space`."""
+    metric: str = "fd_nfe1"
+    """Trial score: fd_nfe1 (classifier Fréchet distance of 1-step samples, needs labelled data) or train/<name>."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    space: dict[str, SpaceParam] = Field(
+        default_factory=lambda: {
+            "lr": SpaceParam(type="loguniform", low=1e-4, high=1e-3),
+            "target_ema": SpaceParam(type="choice", values=[0.99, 0.999]),
+            "K": SpaceParam(type="choice", values=[4, 6, 8]),
+            "dsm_weight": SpaceParam(type="uniform", low=0.5, high=1.0),
+        }
+    )
+    """Search space; keys are distill keys (dotted for nested ones, e.g. gan.weight)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the searcher."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        s = self.scheduler
+        _require(
+            s.grace_period <= s.max_t,
+            "tune.scheduler.grace_period",
+            f"must be <= tune.scheduler.max_t ({s.max_t}), got {s.grace_period}",
+        )
+        _require(
+            self.report_every <= self.steps,
+            "tune.report_every",
+            f"must be <= tune.steps ({self.steps}), got {self.report_every}",
+        )
+        reports = self.steps // self.report_every
+        _require(
+            s.max_t <= reports,
+            "tune.scheduler.max_t",
+            f"must be <= tune.steps // tune.report_every ({reports} reports per trial), got {s.max_t}",
+        )
+        distill_keys = set(DistillParams.model_fields)
+        for name, spec in self.space.items():
+            key = f"tune.space.{name}"
+            _require(
+                name.split(".")[0] in distill_keys,
+                key,
+                f"not a distill key (allowed: {', '.join(sorted(distill_keys))}; fix: use a distill.<key> name)",
+            )
+            if spec.type == "choice":
+                _require(bool(spec.values), f"{key}.values", f"choice needs a non-empty list, got {_fmt(spec.values)}")
+                _require(spec.low is None and spec.high is None, key, "choice takes only 'values', got low/high too")
+                continue
+            _require(spec.values is None, f"{key}.values", f"{spec.type} takes low/high, not values")
+            _require(
+                spec.low is not None and spec.high is not None,
+                key,
+                f"{spec.type} needs both low and high, got low={spec.low}, high={spec.high}",
+            )
+            _require(spec.low < spec.high, f"{key}.low", f"must be < {key}.high ({spec.high}), got {spec.low}")
+            if spec.type == "loguniform":
+                _require(spec.low > 0, f"{key}.low", f"loguniform needs low > 0, got {spec.low}")
+            if spec.type == "randint":
+                for b in ("low", "high"):
+                    v = getattr(spec, b)
+                    _require(float(v).is_integer(), f"{key}.{b}", f"randint needs integers, got {v}")
+        return self
+
+    def candidates(self, name: str) -> list[Any]:
+        """The values of `space[name]` every trial value lies between (choices, or the two end points)."""
+        spec = self.space[name]
+        if spec.type == "choice":
+            return list(spec.values)
+        if spec.type == "randint":
+            return [int(spec.low), int(spec.high) - 1]
+        return [spec.low, spec.high]
+
+
+class ClassifierParams(_Section):
+    """Feature net for the Fréchet distance on non-CIFAR data: a small classifier trained on the prepared data."""
+
+    _path: ClassVar[str] = "evaluate.classifier"
+
+    steps: int = Field(300, ge=1)
+    """Optimizer steps."""
+    batch: int = Field(128, ge=1)
+    """Images per step."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Learning rate."""
+    seed: int = Field(0, ge=0)
+    """Seed of the weights and the data order."""
+
+
+class InceptionParams(_Section):
+    """FID Inception-v3 weights (`evaluate.features: inception`), fetched by pipelines.support.fetch, pinned."""
+
+    _path: ClassVar[str] = "evaluate.inception"
+
+    source: str = FID_WEIGHTS_URL
+    """https:// | s3:// | file:// URI or a local path (.pth state_dict / .safetensors)."""
+    sha256: str | None = FID_WEIGHTS_SHA256
+    """64 hex digits, or `record` (fetch once, print the digest to pin)."""
+    batch: int = Field(64, ge=1)
+    """Images per Inception forward."""
+
+
+class ReferenceParams(_Section):
+    """Reference statistics: `data` = computed from the prepared images and cached, or an npz URI (mu, sigma)."""
+
+    _path: ClassVar[str] = "evaluate.reference"
+
+    source: str = "data"
+    """`data` (computed from the prepared images, cached by data hash + weights sha256 + preprocessing) or the
+    URI / path of an npz with mu, sigma (EDM's cifar10-32x32.npz)."""
+    sha256: str | None = None
+    """Required for an npz source: 64 hex digits or `record`."""
+    splits: list[Literal["train", "heldout"]] = Field(default_factory=lambda: ["train", "heldout"], min_length=1)
+    """Prepared splits the `data` reference uses (both = every source image)."""
+
+
+class EvaluateParams(_Section):
+    """`evaluate` stage: student at each NFE × gamma, teacher Heun at `teacher_nfe`, Fréchet distance."""
+
+    _path: ClassVar[str] = "evaluate"
+
+    nfe: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    """Student steps (the quality-vs-NFE curve)."""
+    gammas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1)
+    """γ of the sampler: 0 = deterministic jumps, 1 = CM multistep."""
+    teacher_nfe: int = Field(35, ge=1)
+    """Teacher Heun NFE = 2·steps − 1 (35 ↔ 18 steps)."""
+    teacher_euler_nfe: int = Field(1, ge=1)
+    """Teacher Euler baseline NFE."""
+    num_samples: int = Field(1000, ge=2)
+    """Images per Fréchet distance; null = the protocol's: 1000 with the classifier, 50000 with inception."""
+    batch: int = Field(250, ge=1)
+    """Images per sampling batch."""
+    seed_start: int = Field(0, ge=0)
+    """Image i uses seed seed_start + i (EDM generate.py style)."""
+    grid_size: int = Field(8, ge=1)
+    """PNG grids are grid_size × grid_size."""
+    ema: float | None = None
+    """Which distill.eval_emas weights to evaluate (null = online weights)."""
+    features: Literal["classifier", "inception"] = "classifier"
+    """Feature space of the Fréchet distance: the small classifier (labelled data) or FID's Inception-v3."""
+    num_bootstrap: int = Field(200, ge=0)
+    """Bootstrap replicates per method (2048-d at 50k images: seconds each, use ~20)."""
+    inception: InceptionParams = Field(default_factory=InceptionParams)
+    """FID Inception weights."""
+    reference: ReferenceParams = Field(default_factory=ReferenceParams)
+    """Reference statistics."""
+    cache_dir: str = ".cache/fid"
+    """Fetched weights / npz and computed reference statistics."""
+    classifier: ClassifierParams = Field(default_factory=ClassifierParams)
+    """The feature classifier."""
+    seed: int = Field(0, ge=0)
+    """Seed of the bootstrap."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_num_samples(cls, data: Any) -> Any:
+        """`num_samples: null` (or absent) = the feature space's protocol: 50,000 images for the Inception FID (EDM
+        fid.py `--num 50000`, the number papers report), 1,000 for the digits classifier's FD."""
+        if isinstance(data, dict) and data.get("num_samples") is None:
+            features = "inception" if data.get("features") == "inception" else "classifier"
+            data = {**data, "num_samples": PROTOCOL_NUM_SAMPLES[features]}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        for i, n in enumerate(self.nfe):
+            _require(n >= 1, f"evaluate.nfe[{i}]", f"must be an integer >= 1, got {n}")
+        _require(len(set(self.nfe)) == len(self.nfe), "evaluate.nfe", f"values must be distinct, got {self.nfe}")
+        for i, g in enumerate(self.gammas):
+            _require(
+                0.0 <= g <= 1.0, f"evaluate.gammas[{i}]", f"must be in [0, 1], got {g} (0 = deterministic, 1 = CM)"
+            )
+        _require(
+            self.teacher_nfe % 2 == 1,
+            "evaluate.teacher_nfe",
+            f"must be odd (Heun NFE = 2·steps − 1), got {self.teacher_nfe} (fix: e.g. 35 for 18 steps)",
+        )
+        _check_evaluate_fid(self)
+        return self
+
+
+class LikelihoodParams(_Section):
+    """`likelihood` stage: bits/dim of held-out images, exact PF-ODE likelihood."""
+
+    _path: ClassVar[str] = "likelihood"
+
+    enabled: bool = True
+    """false: metrics.json with complete: true and no bpd keys."""
+    num_samples: int = Field(64, ge=1)
+    """The first num_samples held-out images."""
+    divergence: Literal["exact", "hutchinson"] = "hutchinson"
+    """Divergence of the ODE drift: exact or Hutchinson's estimator."""
+    num_probes: int = Field(1, ge=1)
+    """Hutchinson probes per evaluation."""
+    rtol: float = Field(1e-4, gt=0.0)
+    """ODE solver relative tolerance."""
+    atol: float = Field(1e-4, gt=0.0)
+    """ODE solver absolute tolerance."""
+    dequantize: Literal["uniform", "none"] = "uniform"
+    """Uniform dequantisation noise, or none."""
+    seed: int = Field(0, ge=0)
+    """Seed of the dequantisation noise, then the Hutchinson probes."""
+
+
+class RegisterParams(_Section):
+    """`register` stage: pyfunc model, version, `@champion` only if better by more than the noise margin."""
+
+    _path: ClassVar[str] = "register"
+
+    model_name: str = Field("ctm-digits", min_length=1)
+    """Registered model name."""
+    metric: str = "fd_nfe1"
+    """Key in artifacts/eval/metrics.json."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    noise_z: float = Field(2.0, ge=0.0)
+    """Promote only if better by > noise_z · σ of the difference (measured FD noise of both evaluations)."""
+    min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
+    """... and by more than this fraction of the champion's value."""
+    champion_alias: str = "champion"
+    """Alias of the best version."""
+    challenger_alias: str = "challenger"
+    """Alias of a version that did not beat the champion."""
+
+
+class RayParams(_Section):
+    """Where Ray runs. `address: null` = start a local cluster with `num_cpus` logical CPUs."""
+
+    _path: ClassVar[str] = "ray"
+
+    address: str | None = None
+    """null = local cluster (env RAY_ADDRESS wins if set); ray://host:10001, host:6379 or http://host:8265 (submit)."""
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs per worker (and torch threads, rounded down)."""
+    num_cpus: int = Field(4, ge=1)
+    """Logical CPUs of the local cluster; > workers' CPUs so Ray Data never starves."""
+    object_store_mb: int = Field(200, ge=75)
+    """Object store size of the local cluster."""
+    storage_path: str = "ray_results"
+    """Train/Tune storage: local (relative = repo root) or s3://bucket/prefix."""
+    max_failures: int = Field(1, ge=-1)
+    """Restarts after a failure (FailureConfig); -1 = infinite."""
+    dashboard_port: int = Field(8276, ge=1024, le=65535)
+    """Dashboard port of the local cluster (the State API releases placement groups)."""
+    temp_dir: str = "/tmp/ray_ctm"
+    """Temp dir of the local cluster; short: unix socket paths are limited to 107 bytes."""
+    submit: bool = False
+    """true: stages run `ray job submit` against `address` and block."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.address is None and "RAY_ADDRESS" not in os.environ:
+            need = self.num_workers * self.cpus_per_worker
+            _require(
+                self.num_cpus > need,
+                "ray.num_cpus",
+                f"must be > ray.num_workers × ray.cpus_per_worker ({need:g}) so Ray Data keeps a CPU, got "
+                f"{self.num_cpus} (fix: raise ray.num_cpus; logical CPUs may exceed physical cores)",
+            )
+        _require(
+            not self.submit or bool(self.address or os.environ.get("RAY_ADDRESS")),
+            "ray.submit",
+            "true needs a cluster, got ray.address null and no RAY_ADDRESS (fix: set ray.address to the "
+            "dashboard URL, e.g. http://head:8265)",
+        )
+        if self.address:
+            is_http = self.address.startswith(("http://", "https://"))
+            if self.submit:
+                _require(
+                    is_http,
+                    "ray.address",
+                    f"ray.submit needs the dashboard URL http://host:8265, got {self.address!r}",
+                )
+            else:
+                _require(
+                    not is_http,
+                    "ray.address",
+                    f"{self.address!r} is a job-submission URL, which ray.init cannot join (fix: set ray.submit: "
+                    "true, or use ray://host:10001 / host:6379)",
+                )
+        _require(
+            len(self.temp_dir) <= 60,
+            "ray.temp_dir",
+            f"must be a short path (<= 60 chars, unix socket limit 107), got {len(self.temp_dir)} chars",
+        )
+        return self
+
+
+class MlflowParams(_Section):
+    """Tracking server and experiment."""
+
+    _path: ClassVar[str] = "mlflow"
+
+    tracking_uri: str | None = None
+    """null = sqlite:////<repo>/mlflow.db; env MLFLOW_TRACKING_URI wins."""
+    experiment_name: str = Field("ctm-digits", min_length=1)
+    """MLflow experiment of every stage's run."""
+
+
+# `register` shadows BaseModel.register (ABCMeta) on the class only, and instances return the section: the warning
+# pydantic gives when the class is made is silenced there, not process-wide.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class Params(_Section):
+        """The whole params.yaml: one section per DVC stage plus `ray` and `mlflow`."""
+
+        data: DataParams = Field(default_factory=DataParams)
+        """`prepare` stage."""
+        teacher: TeacherParams = Field(default_factory=TeacherParams)
+        """`teacher` stage."""
+        distill: DistillParams = Field(default_factory=DistillParams)
+        """`distill` stage."""
+        tune: TuneParams = Field(default_factory=TuneParams)
+        """`tune` stage."""
+        evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+        """`evaluate` stage."""
+        likelihood: LikelihoodParams = Field(default_factory=LikelihoodParams)
+        """`likelihood` stage."""
+        register: RegisterParams = Field(default_factory=RegisterParams)
+        """`register` stage."""
+        ray: RayParams = Field(default_factory=RayParams)
+        """Ray cluster."""
+        mlflow: MlflowParams = Field(default_factory=MlflowParams)
+        """MLflow tracking."""
+
+        _repo_root: Path = PrivateAttr(default_factory=Path.cwd)
+
+        @model_validator(mode="after")
+        def _check(self) -> Self:
+            """Relations between sections."""
+            d = self.distill
+            check_batch_split(d, self.ray.num_workers)
+            ev = self.evaluate
+            if ev.ema is not None:
+                _require(
+                    ev.ema in d.eval_emas,
+                    "evaluate.ema",
+                    f"must be one of distill.eval_emas {d.eval_emas} or null, got {ev.ema}",
+                )
+            if self.tune.enabled:  # every end point / choice of the space must give a valid distill section
+                for name in self.tune.space:
+                    for value in self.tune.candidates(name):
+                        try:
+                            check_batch_split(with_changes(d, {name: value}), self.ray.num_workers)
+                        except ParamsError as e:
+                            raise ParamsError(f"tune.space.{name}", f"value {_fmt(value)} makes {e}") from None
+            return self
+
+        @property
+        def repo_root(self) -> Path:
+            """Directory of the params file (relative paths in params resolve against it)."""
+            return self._repo_root
+
+        def section(self, name: str) -> dict[str, Any]:
+            """Plain JSON-able dict of one section (what `params_hash` and MLflow params see)."""
+            return getattr(self, name).model_dump(mode="json")
+
+
+# --- relations used outside the schema --------------------------------------------------------------------------------
+def check_batch_split(d: DistillParams, num_workers: int) -> None:
+    """`distill.batch` must split into `num_workers` ranks of whole microbatches."""
+    per = num_workers * d.microbatch
+    _require(
+        d.batch % per == 0,
+        "distill.batch",
+        f"must be divisible by ray.num_workers × distill.microbatch ({num_workers} × {d.microbatch} = {per}), "
+        f"got {d.batch} (fix: set distill.batch to a multiple of {per})",
+    )
+
+
+def _check_file_source(key: str, value: str) -> None:
+    """An https:// / s3:// / file:// URI or a local path (what the fetcher accepts besides release names)."""
+    _require(bool(value.strip()), key, "must be an https://, s3:// or file:// URI or a local path, got ''")
+    if "://" in value:
+        scheme = urllib.parse.urlparse(value).scheme.lower()
+        _require(
+            scheme in URI_SCHEMES, key, f"expected an https://, s3:// or file:// URI or a local path, got {value!r}"
+        )
+
+
+def _check_evaluate_fid(ev: EvaluateParams) -> None:
+    """evaluate.features / inception / reference: pinned weights and reference files, consistent choices."""
+    inc, ref = ev.inception, ev.reference
+    _check_file_source("evaluate.inception.source", inc.source)
+    if ev.features == "inception":
+        _require(
+            inc.sha256 is not None,
+            "evaluate.inception.sha256",
+            "required when evaluate.features is 'inception', got null (fix: pin the weights' 64-hex sha256, "
+            f"{FID_WEIGHTS_SHA256} for pytorch-fid's file, or set sha256: record to fetch once and print it)",
+        )
+    if inc.sha256 is not None:
+        _require(
+            inc.sha256 == "record" or bool(SHA256_RE.match(inc.sha256)),
+            "evaluate.inception.sha256",
+            f"expected 64 hex digits or 'record', got {inc.sha256!r}",
+        )
+    _require(
+        len(set(ref.splits)) == len(ref.splits),
+        "evaluate.reference.splits",
+        f"values must be distinct, got {ref.splits}",
+    )
+    if ref.source == "data":
+        _require(
+            ref.sha256 is None,
+            "evaluate.reference.sha256",
+            f"must be null when evaluate.reference.source is 'data' (the pipeline computes and caches the "
+            f"statistics), got {ref.sha256!r}",
+        )
+        return
+    _check_file_source("evaluate.reference.source", ref.source)
+    _require(
+        ev.features == "inception",
+        "evaluate.reference.source",
+        f"a reference file ({ref.source!r}) needs evaluate.features: inception, got {ev.features!r} (the "
+        "classifier's reference is always computed from the data: set reference.source: data)",
+    )
+    _require(
+        ref.sha256 is not None,
+        "evaluate.reference.sha256",
+        f"required when evaluate.reference.source is {ref.source!r}, got null (fix: pin the file's 64-hex "
+        "sha256, or set sha256: record to fetch once and print it)",
+    )
+    _require(
+        ref.sha256 == "record" or bool(SHA256_RE.match(ref.sha256)),
+        "evaluate.reference.sha256",
+        f"expected 64 hex digits or 'record', got {ref.sha256!r}",
+    )
+
+
+# --- pydantic errors → one line ---------------------------------------------------------------------------------------
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "finite_number": "a finite number",
+    "int_parsing": "an integer",
+    "float_parsing": "a number",
+    "bool_parsing": "true or false",
+    "none_required": "null",
+}
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last key of `loc` (to list the allowed keys)."""
+    model: Any = Params
+    in_space = False
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if in_space:  # a tune.space entry name
+            model, in_space = SpaceParam, False
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif model is TuneParams and part == "space":
+            in_space = True
+        else:
+            return None
+    return None if in_space else model
+
+
+def _from_validation_error(err: ValidationError, prefix: tuple = ()) -> ParamsError:
+    e = err.errors()[0]
+    typ, inp, ctx = e["type"], e.get("input"), e.get("ctx") or {}
+    if typ == "value_error" and isinstance(ctx.get("error"), ParamsError):  # a section's own check
+        return ctx["error"]
+    loc = prefix + tuple(e["loc"])
+    # Drop pydantic's union branch tags, e.g. ('x', 'float') / ('x', 'none').
+    loc = tuple(p for p in loc if p not in ("float", "int", "str", "none", "bool", "list[float]", "list[any]"))
+    key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+    if typ == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = sorted(owner.model_fields) if owner is not None else []
+        return ParamsError(key, f"unknown key (allowed here: {', '.join(allowed)}; fix: remove or rename it)")
+    if typ == "missing":
+        return ParamsError(key, "required key is missing (fix: add it)")
+    if typ == "literal_error":
+        return ParamsError(key, f"expected one of {ctx.get('expected')}, got {_fmt(inp)}")
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if typ in bounds:
+        bound = next(iter(ctx.values()))
+        return ParamsError(key, f"must be {bounds[typ]} {bound}, got {_fmt(inp)}")
+    if typ == "string_too_short":
+        return ParamsError(key, f"must be a non-empty string, got {_fmt(inp)}")
+    if typ == "too_short":
+        return ParamsError(key, f"must have at least {ctx.get('min_length')} item(s), got {_fmt(inp)}")
+    if typ == "too_long":
+        return ParamsError(key, f"must have at most {ctx.get('max_length')} item(s), got {_fmt(inp)}")
+    expected = _EXPECTED.get(typ, e["msg"])
+    got = f"{_fmt(inp)} ({type(inp).__name__})" if not isinstance(inp, dict) else "a mapping"
+    return ParamsError(key, f"expected {expected}, got {got}")
+
+
+# --- loading and overrides --------------------------------------------------------------------------------------------
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ParamsError(dotted, f"cannot set below {p!r}, which is {_fmt(nxt)} not a mapping")
+        node = nxt
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def merge_overrides(base: dict, overrides: Mapping[str, Any]) -> dict:
+    """`base` (a plain nested dict) with overrides applied: keys dotted (`'distill.K': 8`) or nested mappings
+    (`{'distill': {'K': 8}}`); a `tune.space.<name>` mapping replaces that entry whole."""
+    out = copy.deepcopy(base)
+
+    def walk(prefix: str, node: Mapping) -> None:
+        for k, v in node.items():
+            dotted = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v and not (dotted.startswith("tune.space") and dotted.count(".") >= 2):
+                walk(dotted, v)
+            else:
+                _set_dotted(out, dotted, v)
+
+    walk("", overrides)
+    return out
+
+
+S = TypeVar("S", bound=_Section)
+
+
+def with_changes(section: S, changes: Mapping[str, Any]) -> S:
+    """`section` with `changes` applied (keys are its field names, dotted for nested ones: `{'gan.weight': 0.5}`),
+    validated like params.yaml (a Tune trial is the distill section with the trial's values). Raises ParamsError."""
+    raw = merge_overrides(section.model_dump(), changes)
+    try:
+        return type(section).model_validate(raw)
+    except ValidationError as e:
+        raise _from_validation_error(e, tuple(p for p in section._path.split(".") if p)) from None
+
+
+def load_config(path: str | os.PathLike[str] = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate `path` (+ overrides); relative paths in it resolve against its folder (`repo_root`).
+
+    Raises `ParamsError` (one line naming the key). Machine checks are `pipelines.support.params.load_params`'s.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError("params", f"file {str(path)!r} not found (fix: run from the repo root or pass --params)")
+    try:
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ParamsError("params", f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ParamsError("params", f"expected a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        raw = merge_overrides(raw, overrides)
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        raise _from_validation_error(e) from None
+    params._repo_root = path.resolve().parent
+    return params
+
+
+def params_hash(section: Any) -> str:
+    """Stable sha256 (hex) of canonical JSON (sorted keys, no whitespace) of a section dict or pydantic model."""
+    if isinstance(section, BaseModel):
+        section = section.model_dump(mode="json")
+    blob = json.dumps(section, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -1,0 +1,170 @@
+"""The distill stage's Ray run: fit a ``TorchTrainer`` on the `distill` section and return the final trainer state.
+
+Resumption: the Ray run name is ``distill-<hash of the distill section, data, teacher and workers>`` and lives
+under ``ray.storage_path``, so re-running the stage after a kill (or a dead worker, through ``FailureConfig``)
+continues from the last complete checkpoint instead of starting over (docs/stack.md). The same entry point runs
+under ``ray job submit`` (Ray sets RAY_ADDRESS and it joins that cluster); without an address it starts a local Ray
+from the ``ray`` section. Inputs from S3 (``pipelines.support.remote_inputs``) were verified into a local cache
+before; Ray Data then reads the card's train shards from S3 and the workers get the teacher through the object
+store. The Ray run name is the same as for the same inputs on local disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ctm_core.config import DistillParams, Params, params_hash
+from pipelines.support.checkpoints import _STORAGE_FIX, CKPT_FILE, newest_complete_checkpoint, storage_fs
+
+__all__ = ["DistillRunError", "ema_state", "fit", "run_identity", "run_name"]
+
+logger = logging.getLogger(__name__)
+
+
+class DistillRunError(RuntimeError):
+    """The Ray run failed after its ``FailureConfig`` retries (one line: run, storage, root cause, fix)."""
+
+
+def run_identity(d: DistillParams, card: dict[str, Any], teacher_weights_sha256: str | None, workers: int) -> dict:
+    """What names the Ray run: the distill section, the train shards' sha256s, the teacher's weights sha256 and the
+    worker count; where the inputs came from (disk or S3) is not."""
+    return {
+        "distill": d.model_dump(),
+        "data": [s["sha256"] for s in card["splits"]["train"]["shards"]],
+        "teacher": teacher_weights_sha256,
+        "workers": workers,
+    }
+
+
+def run_name(identity: dict[str, Any]) -> str:
+    return f"distill-{params_hash(identity)[:12]}"
+
+
+def fit(
+    params: Params,
+    inputs,
+    card: dict[str, Any],
+    *,
+    workers: int,
+    name: str,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train `params.distill` on Ray under the run `name` (resuming it); returns (final trainer state, run record).
+
+    The record holds the Ray run name and storage, the final checkpoint path, the last metrics and the wall time.
+    Raises ``DistillRunError`` when Ray gives up.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
+
+    from pipelines.support import ray_env
+    from pipelines.support.ray_train import torch_trainer
+
+    d = params.distill
+    storage = ray_env.storage_path(params)
+    info = ray_env.connect_or_start(params)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # The card's train shards (verified): from S3 when the data came from S3 (every node can read it).
+        base = inputs.data_uri or str(inputs.data_dir)
+        ds = ray.data.read_parquet([f"{base}/{sh['path']}" for sh in card["splits"]["train"]["shards"]])
+        teacher_ref = None
+        if inputs.teacher_uri:  # the driver's cache is not on the other nodes: ship the verified bytes
+            teacher_ref = ray.put((inputs.teacher_dir / "teacher.safetensors").read_bytes())
+        trainer = torch_trainer(
+            {
+                "distill": d,
+                "card": card,
+                "data_dir": str(inputs.data_dir),
+                "teacher_dir": str(inputs.teacher_dir),
+                "teacher_ref": teacher_ref,
+                "mlflow_run_id": mlflow_run_id,
+                "tracking_uri": tracking_uri,
+            },
+            params=params,
+            workers=workers,
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=params.ray.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+            dataset=ds,
+        )
+        t0 = time.time()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            raise DistillRunError(
+                f"Ray run {name} under {storage} failed after ray.max_failures={params.ray.max_failures} restarts: "
+                f"{_root_cause(e, storage)}"
+            ) from e
+        wall = time.time() - t0
+    finally:
+        if not params.ray.address and not os.environ.get("RAY_ADDRESS"):
+            ray_env.shutdown()
+    ckpt_path, state = _final_state(storage, name, result.checkpoint)
+    if state["step"] != d.steps:
+        raise RuntimeError(f"final checkpoint is at step {state['step']}, expected distill.steps={d.steps}")
+    record = {
+        "ray_run_name": name,
+        "ray_storage_path": storage,
+        "checkpoint_path": ckpt_path,
+        "steps": int(state["step"]),
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "fit_wall_s": round(wall, 2),
+        "num_workers": workers,
+        "ray": {k: info.get(k) for k in ("dashboard_url",)},
+    }
+    return state, record
+
+
+def _root_cause(e: BaseException, storage: str) -> str:
+    """One line for a Ray ``TrainingFailedError``: our storage error if a worker raised one, else the last line,
+    with the fix (the storage fix when the failure looks storage-related)."""
+    causes = [e]
+    causes += list(getattr(e, "worker_failures", {}).values())
+    if getattr(e, "controller_failure", None) is not None:
+        causes.append(e.controller_failure)
+    lines = [ln.strip() for c in causes for ln in str(c).splitlines() if ln.strip()]
+    cause = next((ln[ln.find("checkpoint storage error:") :] for ln in lines if "checkpoint storage error:" in ln), "")
+    cause = cause or (lines[-1] if lines else type(e).__name__)
+    if "fix:" in cause:
+        return cause
+    markers = ("AWS Error", "checkpoint_manager_snapshot", storage.split("?")[0].split("://")[-1])
+    if any(t in cause for t in markers):
+        return f"{cause}; {_STORAGE_FIX}"
+    return f"{cause}; fix the cause and re-run the stage: it resumes from the last complete checkpoint"
+
+
+def _final_state(storage: str, name: str, registered) -> tuple[str, dict]:
+    """The newest complete checkpoint of the run (checked against its marker) as (path, trainer state dict)."""
+    from ctm_core.training.trainer import load_checkpoint_file
+
+    fs, base = storage_fs(storage)
+    run_path = f"{base.rstrip('/')}/{name}"
+    with tempfile.TemporaryDirectory() as tmp:
+        chosen = newest_complete_checkpoint(fs, run_path, Path(tmp), legacy=registered)
+        if chosen is None:
+            raise RuntimeError(
+                f"Ray run {name} finished without a complete checkpoint under {storage}/{name} "
+                "(fix: re-run the stage; check ray.storage_path)"
+            )
+        return chosen[0], load_checkpoint_file(Path(tmp) / CKPT_FILE)
+
+
+def ema_state(emas_state: dict, rate: float) -> dict:
+    """The state_dict of the EMA with ``rate`` out of an ``EMABank`` state_dict (one sub-module per rate)."""
+    from ctm_core.training.ema import EMABank
+
+    prefix = f"models.{EMABank.key(rate)}."
+    sub = {k[len(prefix) :]: v for k, v in emas_state.items() if k.startswith(prefix)}
+    if not sub:
+        raise KeyError(f"EMA rate {rate} not in the checkpoint (have {sorted({k.split('.')[0] for k in emas_state})})")
+    return sub
