@@ -15,11 +15,8 @@ from typing import Any
 
 import yaml
 
-from ctm_core.config import *  # noqa: F403 - the schema's names, importable from here as before
 from ctm_core.config import Params, ParamsError, YamlLoader, params_hash
-from ctm_core.config import YamlLoader as _Loader  # noqa: F401 - tests/conftest_remote.py
-from ctm_core.config import merge_overrides as _merge  # noqa: F401 - tests/conftest_remote.py
-from pipelines.support.params import check_environment, load_params, resolve_path  # noqa: F401 - re-exported
+from pipelines.support.params import load_params
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -72,9 +72,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipelines.config import ParamsError, load_params
+from ctm_core.config import ParamsError
 from pipelines.support.evaluation import evaluate
 from pipelines.support.logs import progress_enabled, setup_logging
+from pipelines.support.params import load_params
 from pipelines.support.stage_common import InputError, check_inputs, stage_arg_parser
 
 __all__ = ["InputError", "check_inputs", "evaluate", "main"]

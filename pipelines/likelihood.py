@@ -51,10 +51,11 @@ from typing import Any
 
 import torch
 
+from ctm_core.config import Params, ParamsError, params_hash
 from ctm_core.eval.bits_per_dim import protocol_text, score_bits_per_dim
-from pipelines.config import Params, ParamsError, load_params, params_hash
 from pipelines.support.io_utils import atomic_write_json, staged_dir
 from pipelines.support.logs import progress_enabled, setup_logging
+from pipelines.support.params import load_params
 from pipelines.support.stage_common import InputError, check_inputs, log_stage_to_mlflow, stage_arg_parser
 
 __all__ = ["likelihood", "main"]

@@ -35,10 +35,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Params, ParamsError, load_params, params_hash
+from ctm_core.config import Params, ParamsError, params_hash
 from pipelines.support.gate import Decision, Evidence, decide, metric_noise, read_evaluation
 from pipelines.support.io_utils import atomic_write_json, json_dumps, one_line
 from pipelines.support.logs import setup_logging
+from pipelines.support.params import load_params
 from pipelines.support.registry import (
     EVAL_STATUS_TAG,
     PROTOCOL_TAG,

@@ -152,13 +152,13 @@ def write_params(folder: Path, overrides: dict[str, Any] | None = None, *, name:
     """
     import yaml
 
-    from pipelines.config import _Loader, _merge
+    from ctm_core.config import YamlLoader, merge_overrides
 
-    raw = yaml.load((ROOT / "params.yaml").read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
-    raw = _merge(raw, TINY_DISTILL)
-    raw = _merge(raw, {"ray": {"temp_dir": str(short_tmp("ctmr")), "dashboard_port": free_port()}})
+    raw = yaml.load((ROOT / "params.yaml").read_text(), Loader=YamlLoader)  # noqa: S506 - SafeLoader subclass
+    raw = merge_overrides(raw, TINY_DISTILL)
+    raw = merge_overrides(raw, {"ray": {"temp_dir": str(short_tmp("ctmr")), "dashboard_port": free_port()}})
     if overrides:
-        raw = _merge(raw, overrides)
+        raw = merge_overrides(raw, overrides)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -38,7 +38,7 @@ TINY_EVAL = {
 
 
 def _params(overrides=TINY_EVAL):
-    from pipelines.config import load_params
+    from pipelines.support.params import load_params
 
     return load_params(ROOT / "params.yaml", overrides=overrides, check_env=False)
 

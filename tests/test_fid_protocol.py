@@ -45,7 +45,7 @@ def _tiny_eval(cache_dir: Path, weights: Path, weights_sha: str, **extra) -> dic
 
 
 def _params(overrides):
-    from pipelines.config import load_params
+    from pipelines.support.params import load_params
 
     return load_params(ROOT / "params.yaml", overrides=overrides, check_env=False)
 
@@ -366,7 +366,7 @@ BAD = [
 
 @pytest.mark.parametrize("edit,key,fragment", BAD, ids=[b[1] + f"-{i}" for i, b in enumerate(BAD)])
 def test_fid_params_validation(edit, key, fragment):
-    from pipelines.config import ParamsError
+    from ctm_core.config import ParamsError
 
     with pytest.raises(ParamsError) as info:
         _params(edit)
@@ -376,7 +376,7 @@ def test_fid_params_validation(edit, key, fragment):
 
 
 def test_fid_params_defaults_and_record():
-    from pipelines.config import FID_WEIGHTS_SHA256, FID_WEIGHTS_URL
+    from ctm_core.config import FID_WEIGHTS_SHA256, FID_WEIGHTS_URL
 
     p = _params({})
     ev = p.evaluate

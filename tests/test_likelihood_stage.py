@@ -35,7 +35,7 @@ TINY_LIK = {
 
 
 def _params(overrides=TINY_LIK):
-    from pipelines.config import load_params
+    from pipelines.support.params import load_params
 
     return load_params(ROOT / "params.yaml", overrides=overrides, check_env=False)
 

@@ -27,9 +27,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from ctm_core.diffusion.samplers import StackedRandomGenerator, gamma_sampler  # noqa: E402
 from ctm_core.io.student_format import load_student, save_student  # noqa: E402
 from ctm_core.nets.student import CTMStudent  # noqa: E402
-from pipelines.config import load_params  # noqa: E402
 from pipelines.register import main, run  # noqa: E402
 from pipelines.support.gate import Evidence, decide, metric_noise, read_eval, read_protocol  # noqa: E402
+from pipelines.support.params import load_params  # noqa: E402
 from pipelines.support.pyfunc_model import CTMSampler, to_uint8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipelines.config import MlflowParams  # noqa: E402
+from ctm_core.config import MlflowParams  # noqa: E402
 from pipelines.support.tracking import (  # noqa: E402
     RUN_KEY_TAG,
     data_hash_from_lock,
@@ -148,7 +148,8 @@ def test_log_figure_png_and_dict_json(repo, tmp_path):
 
 
 def test_stage_run_names_by_params_hash(repo, monkeypatch):
-    from pipelines.config import load_params, params_hash
+    from ctm_core.config import params_hash
+    from pipelines.support.params import load_params  # noqa: E402
 
     monkeypatch.setenv("DVC_ROOT", str(repo))  # DVC sets it; the DB lives at the repo root, not the cwd
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", check_env=False)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ctm_core.config import Params, params_hash
 from ctm_core.data.card import DatasetCard
 from ctm_core.eval.methods import Method, plan_methods, sample_method, seed_sets, student_nfes, train_feature_classifier
 from ctm_core.eval.scoring import (
@@ -33,7 +34,6 @@ from ctm_core.eval.scoring import (
     state_dict_sha256,
     stats_sha256,
 )
-from pipelines.config import Params, params_hash
 from pipelines.support.io_utils import atomic_write_json, atomic_write_text, read_json, staged_dir
 from pipelines.support.stage_common import InputError, check_inputs, log_stage_to_mlflow
 

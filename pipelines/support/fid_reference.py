@@ -46,10 +46,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ctm_core.config import Params, ParamsError
 from ctm_core.data.card import DatasetCard
-from pipelines.config import Params, ParamsError, load_params, resolve_path
 from pipelines.support.io_utils import one_line
 from pipelines.support.logs import setup_logging
+from pipelines.support.params import load_params, resolve_path
 
 __all__ = [
     "FIDSetup",

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Params
+from ctm_core.config import Params
 from pipelines.support.gate import Decision, Evidence, metric_noise
 from pipelines.support.io_utils import read_json
 

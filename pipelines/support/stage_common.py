@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ctm_core.config import Params, params_hash
 from ctm_core.errors import InputError
-from pipelines.config import Params, params_hash
 from pipelines.support.io_utils import read_json
 
 __all__ = ["InputError", "check_inputs", "log_stage_to_mlflow", "stage_arg_parser"]

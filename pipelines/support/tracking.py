@@ -182,7 +182,7 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, extra_tags:
     Example (in `pipelines/distill.py`):
         with stage_run("distill", params, ("distill", "teacher")) as run: ...
     """
-    from pipelines.config import params_hash
+    from ctm_core.config import params_hash
 
     root = default_repo_root()
     h = params_hash({name: params.section(name) for name in sections})
