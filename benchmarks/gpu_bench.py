@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""GPU speed of CTM+DSM distillation and CTM sampling, measured against the network-pass floor (issue 7).
+"""GPU speed of CTM+DSM distillation and CTM sampling, measured against the network-pass floor (benchmarks/README.md).
 
 One process, one device, one run of a few minutes. Every part is wrapped: a failing part is recorded under
 ``errors`` and the rest continues; the JSON is rewritten after every part, so a run killed halfway still leaves
 what it measured. Random weights (the timings do not depend on them); zero-initialised EDM output layers are
 filled with small random values so that no output or gradient is trivially zero.
 
-Floor accounting (CTM_FACTS §2.10, one microbatch of B images, the same k for the batch):
+Floor accounting (docs/ctm.md#210-step-cost, one microbatch of B images, the same k for the batch):
 
     teacher k-step Heun x_t -> x_u (no grad)           2·k  teacher forwards              t_teacher_fwd
     estimate inner  G_θ(x_t, t, s)   (grad to θ)       1    student forward+backward      t_student_fwdbwd
@@ -16,7 +16,7 @@ Floor accounting (CTM_FACTS §2.10, one microbatch of B images, the same k for t
     DSM             g_θ(x_σ, σ, σ)                     1    student forward+backward      t_student_fwdbwd
 
     floor(step) = 2·E[k]·t_teacher_fwd + 2·t_student_nograd_fwd + 2·t_student_fwdbwd + t_target_fwd_inputgrad,
-    E[k] = Σ k·P(k) with P(k) ∝ k on {1..K} = (2K+1)/3   (11.67 for K = 17; CTM_FACTS §2.1).
+    E[k] = Σ k·P(k) with P(k) ∝ k on {1..K} = (2K+1)/3   (11.67 for K = 17; docs/ctm.md#21-drawing-k).
 
 Not in the floor (reported as they are): the adaptive λ_DSM's two ``autograd.grad`` calls (the CTM one
 back-propagates through the target net a second time), the LPIPS passes when ``--distance lpips``, the optimizer

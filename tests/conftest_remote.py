@@ -617,7 +617,7 @@ FAULTS: list[dict[str, Any]] = []
 
 
 def report_fault(**row: Any) -> None:
-    """Print one fault-injection result line (quoted in the issue's closing note) and keep it for the summary."""
+    """Print one fault-injection result line (a row of the fault table in the test log) and keep it for the summary."""
     FAULTS.append(row)
     print("\nFAULT " + " | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 

@@ -1,4 +1,5 @@
-"""Tests for ctm_core/io/edm_pickle.py: EDM snapshots read without executing anything (EDM_FACTS A2.3, A2.4).
+"""Tests for ctm_core/io/edm_pickle.py: EDM snapshots read without executing anything (docs/edm.md#a23-pickle-risks,
+docs/edm.md#a24-safe-loader).
 
 Hostile pickles are written here with the real ``pickle`` module. Where a file must reference EDM's
 ``torch_utils.persistence._reconstruct_persistent_obj``, a fake module is put in ``sys.modules`` only while
@@ -28,7 +29,7 @@ from ctm_core.io.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_
 from tests.conftest import EDM_KEYS, FIXTURES_EDM, require_shared
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
-# Released preset with the same architecture family, for the key grammar check (EDM_FACTS A1.6).
+# Released preset with the same architecture family, for the key grammar check (docs/edm.md#a16-state-dict-keys).
 SAME_FAMILY = {
     "tiny-uncond-vp": "cifar10-32x32-uncond-vp",
     "tiny-cond-ve": "cifar10-32x32-cond-ve",
@@ -201,7 +202,7 @@ def test_fixture_reads_consistently(name):
         assert type(t) is torch.Tensor and t.dtype == torch.float32 and not t.requires_grad, key
         assert torch.isfinite(t).all(), key
     kw = meta["init_kwargs"]
-    emb = kw["model_channels"] * 4  # channel_mult_emb = 4 (EDM_FACTS A1.1)
+    emb = kw["model_channels"] * 4  # channel_mult_emb = 4 (docs/edm.md#a11-building-blocks)
     assert sd["model.map_layer0.bias"].shape == (emb,)
     assert sd["model.map_layer1.weight"].shape == (emb, emb)
     assert ("model.map_label.weight" in sd) == (kw["label_dim"] > 0)

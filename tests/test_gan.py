@@ -331,7 +331,7 @@ def test_alternating_steps_update_heads_only(kind):
     real = torch.rand(B, 3, 32, 32, generator=_gen(24)) * 2 - 1
     for step in range(steps):
         fake = G(torch.randn(B, 8, generator=torch_gen))
-        if step % 2 == 0:  # G step (CTM_FACTS §2.6: even steps)
+        if step % 2 == 0:  # G step (docs/ctm.md#26-gan-phase: even steps)
             loss = g_loss(d, fake, torch_gen)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,4 +1,5 @@
-"""Tests pinning the CTM training-step semantics (CTM_FACTS §2 and the traps of §8) in ctm_core.training.losses."""
+"""Tests pinning the CTM training-step semantics (docs/ctm.md#2-training-step and the traps of docs/ctm.md#8-traps) in
+ctm_core.training.losses."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-# EDM_FACTS A1.5 (EDM's own classes, exact preset kwargs).
+# docs/edm.md#a15-parameter-counts (EDM's own classes, exact preset kwargs).
 PARAM_COUNTS = {
     "edm-cifar10-32x32-cond-vp": 55_735_299,
     "edm-cifar10-32x32-uncond-vp": 55_733_891,
@@ -224,7 +224,8 @@ def test_s_branch_zero_affine_s_reproduces_teacher(kind):
 @pytest.mark.parametrize("label_dim", [0, 10])
 def test_song_s_embedding_closed_form(label_dim):
     """map_layer0_s receives [sin(c_s f), cos(c_s f)] (+ map_label(y sqrt(L))), f_i = 1e-4^(i / (C/2 - 1))
-    (endpoint=True, half swap; CTM_FACTS §1.2, EDM_FACTS A1.3); map_layer0 receives the same for c_t."""
+    (endpoint=True, half swap; docs/ctm.md#12-cifar-10-student, docs/edm.md#a13-porting-traps); map_layer0 receives the
+    same for c_t."""
     net = _song(label_dim, ctm_s_branch=True)
     _randomize(net)
     seen = {}
@@ -344,7 +345,7 @@ def test_groupnorm_groups_min_32_c_over_4():
 
 
 def test_attention_qkv_interleaved_per_channel():
-    """qkv output channel (head*C/heads + c)*3 + {0,1,2} is q/k/v of head-channel c (EDM_FACTS A1.3)."""
+    """qkv output channel (head*C/heads + c)*3 + {0,1,2} is q/k/v of head-channel c (docs/edm.md#a13-porting-traps)."""
     torch.manual_seed(SEED)
     C, heads, HW = 8, 2, 4
     blk = UNetBlock(C, C, emb_channels=4, attention=True, num_heads=heads, adaptive_scale=False, skip_scale=1.0)

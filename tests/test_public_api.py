@@ -1,4 +1,4 @@
-"""The public API named in the [core] issue is importable from the package root with its documented signature,
+"""The public API (docs/api.md) is importable from the package root with its documented signature,
 and importing ctm_core pulls in no pipeline service."""
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_karras_sigmas_values():
         0.0229345,
         0.00752802,
         0.002,
-    ]  # EDM_FACTS A4
+    ]  # docs/edm.md#a4-heun-sampler
     torch.testing.assert_close(s18, torch.tensor(edm18, dtype=DTYPE), rtol=1e-5, atol=0)
     assert s18[0] == 80.0 and s18[-1] == 0.002 and s18.dtype == DTYPE
     torch.testing.assert_close(karras_sigmas(3)[1], torch.tensor(2.5152, dtype=DTYPE), rtol=1e-4, atol=0)  # CTM NFE 2

@@ -79,7 +79,7 @@ def test_teacher_weights_copied_by_name_and_s_branch_fresh(pair):
             assert name not in t_sd
         else:
             assert torch.equal(tensor, t_sd[name]), name
-    # Fresh, not zero: every s-branch weight matrix carries signal at step 0 (CTM_FACTS §1.3).
+    # Fresh, not zero: every s-branch weight matrix carries signal at step 0 (docs/ctm.md#13-student-initialisation).
     for name, p in s_branch.items():
         if name.endswith("weight"):
             assert p.abs().sum() > 0, name

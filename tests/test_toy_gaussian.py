@@ -1,4 +1,4 @@
-"""CTM distillation on Gaussian data, where the exact flow map is known (STYLE.md §17a).
+"""CTM distillation on Gaussian data, where the exact flow map is known (docs/style.md#17a-closed-form-tests).
 
 x0 ~ N(mu, Sigma) in d = 2; the teacher is the exact denoiser D(x; σ) = mu + Sigma(Sigma + σ²I)⁻¹(x − mu), and the
 ideal student is Φ_{t→s}(x) = mu + (Sigma + s²I)^{1/2}(Sigma + t²I)^{-1/2}(x − mu) (ctm_core.diffusion.gaussian).

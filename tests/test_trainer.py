@@ -184,7 +184,7 @@ def test_lr_warmup_target_and_ema_updates():
         torch.testing.assert_close(tr.target.state_dict()[name], expected, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(not p.requires_grad for p in tr.target.parameters())
-    assert tr.target.training  # the target stays in train mode (CTM_FACTS §2.8)
+    assert tr.target.training  # the target stays in train mode (docs/ctm.md#28-ema-and-optimiser)
 
 
 def test_update_ema_and_bank():

@@ -2,8 +2,8 @@
 
 Disabled search: no overrides are written and Ray is never started. Enabled search on the digits
 default with a tiny random teacher: 2 trials × 3 reports on a local Ray with the dashboard on (Tune + Train V2 need
-the State API to release placement groups, STACK_FACTS 1.11.2). The space is one `lr` choice and the searcher is
-told to try lr = 1e-4 first and lr = 1e3 second: the second student diverges (its 1-step FD at the first report is
+the State API to release placement groups, docs/stack.md#1112-state-api). The space is one `lr` choice and the searcher
+is told to try lr = 1e-4 first and lr = 1e3 second: the second student diverges (its 1-step FD at the first report is
 measurably worse: 135.6 vs 126.2 here, deterministic on CPU), so ASHA (grace 1, reduction factor 2, max_t 3,
 concurrency 1) must stop it at its first rung while the first trial runs all 3 iterations. The same test checks
 best_params.yaml (only the chosen distill overrides) as the distill stage reads it, the MLflow parent + 2 nested runs,

@@ -9,7 +9,7 @@ Sources (`SOURCES`):
     cifar10-python  the official `cifar-10-python.tar.gz`: the 50,000 training images of data_batch_1..5 in order
                     (EDM dataset_tool.py:141-169), read with an allow-list unpickler.
     edm-zip         EDM `dataset_tool.py` output (`00000/img00000000.png` + `dataset.json` with labels or null),
-                    as `.zip` or folder (EDM_FACTS A5).
+                    as `.zip` or folder (docs/edm.md#a5-dataset-layout).
 
 Every problem of a source (corrupt or mixed-size images, bad labels, bad layout) is collected and reported at once
 (`DatasetError`), so a user fixes them in one pass. Needs numpy and Pillow (scikit-learn for the digits only).

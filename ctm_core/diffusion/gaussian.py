@@ -1,6 +1,6 @@
 """Closed forms for Gaussian data x_0 ~ N(mu, Sigma) under the VE/EDM forward process x_sigma = x_0 + sigma * eps.
 
-Used as the analytic test problem (STYLE.md §17a) for samplers, likelihoods and CTM losses. With
+Used as the analytic test problem (docs/style.md#17a-closed-form-tests) for samplers, likelihoods and CTM losses. With
 Sigma = U diag(lam) U^T (eigendecomposition), every quantity is a spectral function of Sigma:
 
 - marginal:     p_sigma = N(mu, Sigma + sigma^2 I)

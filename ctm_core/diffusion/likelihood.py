@@ -15,7 +15,7 @@ sigma = 0, where the data density may not exist), with the prior N(0, sigma_max^
 sigma_max marginal. The integral is taken in float64 with scipy's adaptive ``solve_ivp`` on the flattened batch
 state [x, delta_logp] in the well-conditioned variable tau = log sigma.
 
-How this differs from the official CTM code (CTM_FACTS §4; sony/ctm code/eval_bpd.py:112-180): that code
+How this differs from the official CTM code (docs/ctm.md#4-likelihood; sony/ctm code/eval_bpd.py:112-180): that code
 integrates in its reparameterized time tau in [1e-3, 1] (so its sigma_min is 0.00205), with rtol = atol = 1e-3,
 Hutchinson divergence only, the model in train() mode (dropout on), no dequantization, and a "residual" term whose
 sigma is computed without ``**rho`` (0.413 instead of 0.00205; sony/ctm#13). Here: eval-mode is the caller's
@@ -166,9 +166,9 @@ def bits_per_dim(
 
         bpd = -log2 p_y(y) / D = -(log p_x(x) + D log(2 / 2^bits)) / (D ln 2) = -log p_x(x) / (D ln 2) + bits - 1,
 
-    i.e. +7 = log2(128) for 8-bit data, the offset the official code uses (CTM_FACTS §4). By Jensen's inequality
-    E_u[bpd] upper-bounds -log2 P(q) / D of the discrete model P(q) = int_bin p_x (Theis et al. 2016). p_x is the
-    model density at sigma_min, i.e. of the data convolved with N(0, sigma_min^2 I) (see ``log_likelihood``).
+    i.e. +7 = log2(128) for 8-bit data, the offset the official code uses (docs/ctm.md#4-likelihood). By Jensen's
+    inequality E_u[bpd] upper-bounds -log2 P(q) / D of the discrete model P(q) = int_bin p_x (Theis et al. 2016). p_x is
+    the model density at sigma_min, i.e. of the data convolved with N(0, sigma_min^2 I) (see ``log_likelihood``).
     Note: the official code maps q -> q / 127.5 - 1 without dequantization (bin width 2/255, values at the
     bin edges of this partition), so its numbers are not identical to these.
 

@@ -2,13 +2,13 @@
 
 Shape legend: ``B`` batch, ``C`` channels, ``H``/``W`` spatial size, ``L`` label dimension.
 
-Protocols (CONTRACTS.md):
+Protocols (docs/api.md#protocols):
 - denoiser: ``D(x, sigma, class_labels=None)``, ``x`` (B, ...), ``sigma`` (B,) or 0-dim -> D(x; sigma), same shape as x.
 - student: object with ``G(x_t, t, s, class_labels=None)`` (the CTM jump x_t -> x_s) and
   ``g(x_t, t, s, class_labels=None)`` with ``G = (s/t) x_t + (1 - s/t) g``.
 
-All trajectories are kept in float64 (STYLE.md §9); randomness is injected through ``randn_like`` (never the global
-RNG unless the caller passes ``torch.randn_like`` itself, the default, as in EDM's ``edm_sampler``).
+All trajectories are kept in float64 (docs/style.md#9-explicit-precision); randomness is injected through ``randn_like``
+(never the global RNG unless the caller passes ``torch.randn_like`` itself, the default, as in EDM's ``edm_sampler``).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def euler_step(denoise: Denoise, x: torch.Tensor, t: torch.Tensor, t_next: torch
 class StackedRandomGenerator:
     """One ``torch.Generator`` per sample, so that an image depends only on its own seed.
 
-    Follows the scheme of NVlabs/edm generate.py:182-196 (EDM_FACTS A4): generator ``b`` is seeded with
+    Follows the scheme of NVlabs/edm generate.py:182-196 (docs/edm.md#a4-heun-sampler): generator ``b`` is seeded with
     ``seeds[b] % 2**32``; every draw of shape (B, ...) takes row ``b`` from generator ``b``. An image's latents,
     labels and churn noise therefore do not depend on the batch size or on its position in the batch.
     CPU and CUDA generators give different streams, so images depend on ``device``.
@@ -247,7 +247,8 @@ def gamma_sampler(
     rho: float = 7.0,
     randn_like: RandnLike = torch.randn_like,
 ) -> torch.Tensor:
-    """CTM gamma-sampling (Kim et al. 2024, Algorithm 2 / eq. (8)) as the official code runs it (CTM_FACTS §3).
+    """CTM gamma-sampling (Kim et al. 2024, Algorithm 2 / eq. (8)) as the official code runs it
+    (docs/ctm.md#3-sampling).
 
     Grid sigma_0 = sigma_max > sigma_1 > ... > sigma_nfe = sigma_min: the Karras rho-grid with ``nfe + 1`` points,
     or ``sigmas`` if given. ``sigmas`` overrides ``sigma_min``/``sigma_max``/``rho``: its first entry is the start
@@ -300,7 +301,8 @@ def gamma_sampler(
 
 
 class _StudentDenoiser:
-    """Adapter: a CTM student as a denoiser D(x; sigma) = g(x, sigma, sigma) (CTM_FACTS §3, §4)."""
+    """Adapter: a CTM student as a denoiser D(x; sigma) = g(x, sigma, sigma) (docs/ctm.md#3-sampling,
+    docs/ctm.md#4-likelihood)."""
 
     def __init__(self, student) -> None:
         if not callable(getattr(student, "g", None)):
@@ -320,9 +322,9 @@ def student_as_denoiser(student) -> Callable[..., torch.Tensor]:
     """Wrap a student (with ``g(x_t, t, s, class_labels=None)``) as a denoiser ``D(x, sigma, class_labels=None)``.
 
     D(x; sigma) = g(x, sigma, sigma): the student's denoiser output with its s-embedding equal to t, which the
-    official code uses as the score model for Heun sampling and likelihoods (CTM_FACTS §3, §4). ``sigma`` may be
-    0-dim or (B,); it is expanded to a float64 (B,) tensor. The student's ``sigma_min``/``sigma_max`` (and other
-    descriptive attributes) are forwarded, so ``edm_sampler`` clamps to them.
+    official code uses as the score model for Heun sampling and likelihoods (docs/ctm.md#3-sampling,
+    docs/ctm.md#4-likelihood). ``sigma`` may be 0-dim or (B,); it is expanded to a float64 (B,) tensor. The student's
+    ``sigma_min``/``sigma_max`` (and other descriptive attributes) are forwarded, so ``edm_sampler`` clamps to them.
     """
     return _StudentDenoiser(student)
 
@@ -340,8 +342,8 @@ def student_heun_sampler(
 ) -> torch.Tensor:
     """EDM's deterministic Heun sampler (S_churn = 0) with the student's g(x, sigma, sigma) as the denoiser.
 
-    The official code's ``heun`` sampler with ``ctm=True`` (CTM_FACTS §3; C cm/sample_util.py:442-514): Karras grid
-    with ``num_steps`` points plus t_N = 0, last step Euler, NFE = 2 * num_steps - 1. Implemented as
+    The official code's ``heun`` sampler with ``ctm=True`` (docs/ctm.md#3-sampling; C cm/sample_util.py:442-514): Karras
+    grid with ``num_steps`` points plus t_N = 0, last step Euler, NFE = 2 * num_steps - 1. Implemented as
     ``edm_sampler(student_as_denoiser(student), ...)``; ``randn_like`` is still called once per step with zero
     scale, exactly as in ``edm_sampler``, so the output does not depend on it. Returns float64 (B, C, H, W).
     """

@@ -6,7 +6,8 @@ Karras et al. (2022), "Elucidating the Design Space of Diffusion-Based Generativ
 
 so sigma(0) = sigma_max and sigma(1) = sigma_min. The N-point grid is t_i = sigma(i / (N-1)), i = 0..N-1, ordered from
 sigma_max (index 0) down to sigma_min (index N-1). Same grid in NVlabs/edm generate.py:35-37 and in the CTM code
-(Kim-Dongjun/ctm-cifar10 cm/karras_diffusion.py:119-130; CTM_FACTS §0); the CTM DSM loss draws u ~ U[0, 0.7].
+(Kim-Dongjun/ctm-cifar10 cm/karras_diffusion.py:119-130; docs/ctm.md#0-notation-and-time-grid); the CTM DSM loss draws u
+~ U[0, 0.7].
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Everything here works on features ``f: (N, D)`` that some detector produced (the
 ``ctm_core.eval.inception`` for 8-bit RGB data, the small classifier of ``ctm_core.eval.classifier`` for the
 offline digits default). Statistics are always computed in float64.
 
-Protocol (EDM_FACTS A3.2-A3.3; CTM_FACTS §5):
+Protocol (docs/edm.md#a32-fid-references, docs/edm.md#a33-fid-protocol; docs/ctm.md#5-evaluation):
     * images are what the generator would save: ``uint8 = clip(x·127.5 + 128, 0, 255)`` (``images_to_uint8``);
     * ``mu = Σf / n``, ``sigma = (Σ fᵀf − n·mu·muᵀ) / (n − 1)`` in float64, unbiased (EDM fid.py:59-77);
     * ``FID = ‖mu − mu_ref‖² + Tr(Σ + Σ_ref − 2·sqrtm(Σ·Σ_ref))``, scipy's sqrtm, real part (EDM fid.py:82-86);
@@ -85,7 +85,7 @@ def images_to_uint8(x: torch.Tensor, convention: str = "edm") -> torch.Tensor:
     ``x ∈ [(k − 128)/127.5, (k − 127)/127.5)``; ``x = 0`` maps to 128, ``x = ±1`` to 255 / 0.
 
     ``convention="ctm"``: the CTM repositories' ``clamp((x + 1)·127.5, 0, 255)`` and uint8 cast (C image_sample.py:161,
-    CTM_FACTS §3), i.e. **truncation** without the +0.5: every pixel sits on average half a level lower
+    docs/ctm.md#3-sampling), i.e. **truncation** without the +0.5: every pixel sits on average half a level lower
     (``x = 0`` → 127), and only ``x = 1`` reaches 255. Use it only to reproduce numbers computed that way.
 
     Pass the sampler's output dtype unchanged (EDM's is float64) so that values at bin edges round as EDM's do.
@@ -399,7 +399,7 @@ class FIDErrorBars:
         mean: mean of ``fids`` (what SiD reports, over 10 sets).
         std: sample standard deviation of ``fids`` (ddof=1; NaN for a single set): the run-to-run noise a
             promotion decision must beat.
-        min: minimum of ``fids`` (what EDM reports, over 3 sets of 50k: README.md:136, EDM_FACTS A3.3).
+        min: minimum of ``fids`` (what EDM reports, over 3 sets of 50k: README.md:136, docs/edm.md#a33-fid-protocol).
         bootstrap_low, bootstrap_high: basic (pivotal) bootstrap interval, at level ``confidence``, for the Fréchet
             distance between the generator's feature distribution and the fixed reference statistics in the limit of
             many generated samples; from resampling the rows of ``feature_sets[0]``.

@@ -1,8 +1,8 @@
-"""DiffAugment as CTM's discriminator applies it (CTM_FACTS §2.6).
+"""DiffAugment as CTM's discriminator applies it (docs/ctm.md#26-gan-phase).
 
 Zhao et al. (2020), "Differentiable Augmentation for Data-Efficient GAN Training" (arXiv 2006.10738),
 policy 'color,translation,cutout', with the parameters CTM draws (sony/ctm code/cm/enc_dec_lib.py
-``get_xl_feature``; CTM_FACTS §2.6 cites C enc_dec_lib.py:73-183) and the operations of sony/ctm
+``get_xl_feature``; docs/ctm.md#26-gan-phase cites C enc_dec_lib.py:73-183) and the operations of sony/ctm
 code/pg_modules/diffaug.py:9-65, applied in this order to images in [-1, 1]:
 
 1. brightness: x + b,                              b ~ U[-0.5, 0.5)      per sample;

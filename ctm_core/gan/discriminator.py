@@ -1,4 +1,4 @@
-"""Discriminators for CTM's GAN phase (CTM_FACTS §2.6, §8 item 8).
+"""Discriminators for CTM's GAN phase (docs/ctm.md#26-gan-phase, docs/ctm.md#88-gan-specifics).
 
 ``ProjectedDiscriminator``: the StyleGAN-XL / Projected-GAN discriminator CTM uses (Sauer et al. 2021,
 "Projected GANs Converge Faster"; Kim-Dongjun/ctm-cifar10 cm/enc_dec_lib.py:30-63). Per backbone:
@@ -478,7 +478,7 @@ def _build_on_meta_then_materialise(module: nn.Module, device, generator: torch.
 
 
 class ProjectedDiscriminator(Discriminator):
-    """CTM's projected discriminator (module docstring; CTM_FACTS §2.6).
+    """CTM's projected discriminator (module docstring; docs/ctm.md#26-gan-phase).
 
     Args:
         backbones: names from ``OFFICIAL_BACKBONES`` (the official pair by default).

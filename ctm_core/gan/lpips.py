@@ -1,4 +1,5 @@
-"""LPIPS distance as piq 0.7.0 computes it, used as the CTM distance d(., .) (CTM_FACTS §2.4, §8 item 11).
+"""LPIPS distance as piq 0.7.0 computes it, used as the CTM distance d(., .) (docs/ctm.md#24-ctm-loss,
+docs/ctm.md#811-lpips-is-piq-070).
 
 Implements the Learned Perceptual Image Patch Similarity of Zhang et al. (2018), "The Unreasonable
 Effectiveness of Deep Features as a Perceptual Metric", in the exact variant that CTM trains with:
@@ -15,7 +16,7 @@ piq==0.7.0). What piq 0.7.0 does (photosynthesis-team/piq piq/perceptual.py, rea
   (``EPS``, ``ContentLoss.normalize``);
 - distance ``(f_x - f_y)^2`` (``MSELoss(reduction='none')``), times the learned linear weight of
   shape (1, C, 1, 1), spatial mean, concatenation over layers and channel sum (``ContentLoss.forward``): one value per
-  sample with ``reduction='none'``. CTM_FACTS §2.4 cites these as perceptual.py:163-185, 327-372.
+  sample with ``reduction='none'``. docs/ctm.md#24-ctm-loss cites these as perceptual.py:163-185, 327-372.
 
 No weights are downloaded: ``LPIPS.from_files`` reads a torchvision VGG16 state dict and the LPIPS linear
 weights from local files, ``LPIPS(random_init=True, generator=...)`` builds random weights for tests.
@@ -236,7 +237,8 @@ class LPIPS(nn.Module):
 
 
 def ctm_lpips_distance(lpips: LPIPS, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """CTM's LPIPS distance between images in [-1, 1] (CTM_FACTS §2.4; ctm-cifar10 cm/karras_diffusion.py:357-362).
+    """CTM's LPIPS distance between images in [-1, 1] (docs/ctm.md#24-ctm-loss; ctm-cifar10
+    cm/karras_diffusion.py:357-362).
 
     When H < 256 both images are resized bilinearly to 224 x 224 (``align_corners=False``), then mapped to
     [0, 1] with (x + 1) / 2 without clamping, then LPIPS per sample. x, y: (B, 3, H, W) -> (B,).

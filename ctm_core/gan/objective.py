@@ -1,4 +1,4 @@
-"""GAN phase of CTM: hinge losses, the adaptive GAN weight, the discriminator optimizer (CTM_FACTS §2.6).
+"""GAN phase of CTM: hinge losses, the adaptive GAN weight, the discriminator optimizer (docs/ctm.md#26-gan-phase).
 
 The discriminator networks live in ``ctm_core/gan/discriminator.py`` and DiffAugment in ``ctm_core/gan/diffaug.py``;
 this file holds what the trainer calls:
@@ -16,7 +16,7 @@ this file holds what the trainer calls:
 Each D returns a list of (B, n_k) logit tensors; a loss is the mean over the list of per-tensor means, which
 equals the official mean over per-sample logit rows (C karras_diffusion.py ``get_GAN_loss``).
 
-Alternation (the trainer's job, CTM_FACTS §2.6): even steps update G with CTM + DSM + lambda_GAN * g_loss,
+Alternation (the trainer's job, docs/ctm.md#26-gan-phase): even steps update G with CTM + DSM + lambda_GAN * g_loss,
 odd steps update D only with ``d_hinge_loss``; real = clean data x_0, fake = the CTM estimate x_est.
 """
 

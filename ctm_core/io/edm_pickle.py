@@ -4,11 +4,12 @@ An EDM snapshot (``network-snapshot-*.pkl``, and the released ``edm-*.pkl`` file
 ``pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...))`` where every network is a
 "persistent class" instance: it unpickles through ``torch_utils.persistence._reconstruct_persistent_obj(meta)``
 with ``meta = dict(type='class', version=6, module_src=<source of the defining .py file>, class_name=...,
-state=<instance __dict__>)``, and EDM's own loader ``exec``s ``module_src`` (EDM_FACTS A2.2, A2.3;
-NVlabs/edm torch_utils/persistence.py:123-131, 185-233). Every tensor storage goes through
-``torch.storage._load_from_bytes``, which in torch calls ``torch.load(weights_only=False)`` (EDM_FACTS A2.2).
+state=<instance __dict__>)``, and EDM's own loader ``exec``s ``module_src`` (docs/edm.md#a22-embedded-source,
+docs/edm.md#a23-pickle-risks; NVlabs/edm torch_utils/persistence.py:123-131, 185-233). Every tensor storage goes through
+``torch.storage._load_from_bytes``, which in torch calls ``torch.load(weights_only=False)``
+(docs/edm.md#a22-embedded-source).
 
-This module never does either. ``_SafeEDMUnpickler.find_class`` is an allow-list (EDM_FACTS A2.4):
+This module never does either. ``_SafeEDMUnpickler.find_class`` is an allow-list (docs/edm.md#a24-safe-loader):
 
 =========================================================  =====================================================
 global                                                     mapped to
@@ -283,7 +284,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 
 
 class _SafeEDMUnpickler(pickle.Unpickler):
-    """Allow-list unpickler (EDM_FACTS A2.4). Records every global it is asked for."""
+    """Allow-list unpickler (docs/edm.md#a24-safe-loader). Records every global it is asked for."""
 
     def __init__(self, file: BinaryIO):
         super().__init__(file)

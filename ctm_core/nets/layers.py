@@ -1,10 +1,10 @@
 """EDM-compatible building blocks: Linear, Conv2d (with FIR resampling), GroupNorm, attention, UNetBlock,
 noise embeddings.
 
-Clean-room reimplementation from the facts in ``docs/EDM_FACTS.md`` §A1.1/A1.3 (Karras et al., "Elucidating the
-Design Space of Diffusion-Based Generative Models", NeurIPS 2022). Parameter and buffer names, shapes and
-registration order match ``NVlabs/edm training/networks.py`` so that an EDM ``ema`` state_dict loads with
-``strict=True``. The CTM extension (Kim et al., ICLR 2024) is the optional ``affine_s`` of :class:`UNetBlock`.
+Clean-room reimplementation from the facts in ``docs/edm.md#a11-building-blocks``, ``docs/edm.md#a13-porting-traps``
+(Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", NeurIPS 2022). Parameter and buffer
+names, shapes and registration order match ``NVlabs/edm training/networks.py`` so that an EDM ``ema`` state_dict loads
+with ``strict=True``. The CTM extension (Kim et al., ICLR 2024) is the optional ``affine_s`` of :class:`UNetBlock`.
 
 Shape legend: ``B`` batch, ``C`` channels, ``H``/``W`` spatial size, ``E`` embedding width.
 """
@@ -196,8 +196,9 @@ class UNetBlock(nn.Module):
     """Residual block with optional up/down sampling and self-attention (NVlabs/edm training/networks.py:133-187).
 
     Submodules in registration order: ``norm0, conv0, affine, [affine_s], norm1, conv1, [skip], [norm2, qkv, proj]``.
-    ``affine_s`` (CTM s-branch, CTM_FACTS §1.2/§1.4) exists iff ``emb_channels_s`` is given; its output is added
-    to ``affine``'s. forward: x (B, in, H, W), emb (B or 1, E), emb_s (B or 1, E_s) -> (B, out, H', W').
+    ``affine_s`` (CTM s-branch, docs/ctm.md#12-cifar-10-student, docs/ctm.md#14-imagenet-64-student) exists iff
+    ``emb_channels_s`` is given; its output is added to ``affine``'s. forward: x (B, in, H, W), emb (B or 1, E), emb_s
+    (B or 1, E_s) -> (B, out, H', W').
     """
 
     def __init__(

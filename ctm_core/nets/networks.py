@@ -1,14 +1,14 @@
 """EDM's U-Nets: ``SongUNet`` (DDPM++ / NCSN++) and ``DhariwalUNet`` (ADM), with the optional CTM s-branch.
 
-Clean-room reimplementation from ``docs/EDM_FACTS.md`` §A1 (Karras et al., NeurIPS 2022; the architectures of
+Clean-room reimplementation from ``docs/edm.md#a1-networks`` (Karras et al., NeurIPS 2022; the architectures of
 Song et al., ICLR 2021 and Dhariwal & Nichol, NeurIPS 2021). Keys, shapes and registration order equal
 ``NVlabs/edm training/networks.py`` (SongUNet 228-363, DhariwalUNet 371-461), so an EDM ``ema`` state_dict
 (without the ``model.`` prefix) loads with ``strict=True``.
 
-CTM s-branch (Kim et al., ICLR 2024; ``docs/CTM_FACTS.md`` §1.2, §1.4), enabled by ``ctm_s_branch=True``: the
-target time s is embedded like t (same ``map_noise``), goes through its own ``map_layer0_s``/``map_layer1_s`` and
-enters every ``UNetBlock`` through ``affine_s``. Those are the only extra keys; they start from a fresh
-(non-zero) initialisation.
+CTM s-branch (Kim et al., ICLR 2024; ``docs/ctm.md#12-cifar-10-student``, ``docs/ctm.md#14-imagenet-64-student``),
+enabled by ``ctm_s_branch=True``: the target time s is embedded like t (same ``map_noise``), goes through its own
+``map_layer0_s``/``map_layer1_s`` and enters every ``UNetBlock`` through ``affine_s``. Those are the only extra keys;
+they start from a fresh (non-zero) initialisation.
 
 Shape legend: ``B`` batch, ``C`` channels, ``H``/``W`` = ``img_resolution``, ``L`` label_dim.
 """
@@ -126,7 +126,8 @@ class SongUNet(nn.Module):
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        if ctm_s_branch:  # CTM_FACTS §1.2: same shapes as map_layer0/1, fresh xavier_uniform init, zero bias.
+        # docs/ctm.md#12-cifar-10-student: same shapes as map_layer0/1, fresh xavier_uniform init, zero bias.
+        if ctm_s_branch:
             self.map_layer0_s = Linear(noise_channels, emb_channels, **init)
             self.map_layer1_s = Linear(emb_channels, emb_channels, **init)
 
@@ -211,7 +212,7 @@ class SongUNet(nn.Module):
         emb = F.silu(self.map_layer0(emb))
         emb = F.silu(self.map_layer1(emb))  # (B, E)
         emb_s = None
-        if self.ctm_s_branch:  # CTM_FACTS §1.2: same embedding and label, own layers, no augment.
+        if self.ctm_s_branch:  # docs/ctm.md#12-cifar-10-student: same embedding and label, own layers, no augment.
             emb_s = self._embed(noise_labels_s, class_labels)
             emb_s = F.silu(self.map_layer0_s(emb_s))
             emb_s = F.silu(self.map_layer1_s(emb_s))
@@ -248,7 +249,8 @@ class SongUNet(nn.Module):
         return aux
 
     def last_layer_weight(self) -> nn.Parameter:
-        """The final output conv ``dec.<R>x<R>_aux_conv.weight`` (CTM adaptive loss weight, CTM_FACTS §1.2)."""
+        """The final output conv ``dec.<R>x<R>_aux_conv.weight`` (CTM adaptive loss weight,
+        docs/ctm.md#12-cifar-10-student)."""
         R = self.img_resolution
         return self.dec[f"{R}x{R}_aux_conv"].weight
 
@@ -310,7 +312,8 @@ class DhariwalUNet(nn.Module):
             if label_dim
             else None
         )
-        if ctm_s_branch:  # CTM_FACTS §1.4: time_embed_s, same shapes, torch-default-like init (not zero).
+        # docs/ctm.md#14-imagenet-64-student: time_embed_s, same shapes, torch-default-like init (not zero).
+        if ctm_s_branch:
             self.map_layer0_s = Linear(model_channels, emb_channels, **init)
             self.map_layer1_s = Linear(emb_channels, emb_channels, **init)
 
@@ -372,7 +375,7 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_label(_label_dropout_mask(class_labels, self.label_dropout, self.training))
         emb = F.silu(emb)  # (B, E)
         emb_s = None
-        if self.ctm_s_branch:  # CTM_FACTS §1.4: no label, no augment on the s path.
+        if self.ctm_s_branch:  # docs/ctm.md#14-imagenet-64-student: no label, no augment on the s path.
             emb_s = F.silu(self.map_layer0_s(self.map_noise(noise_labels_s)))
             emb_s = F.silu(self.map_layer1_s(emb_s))
 
@@ -390,6 +393,7 @@ class DhariwalUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
     def last_layer_weight(self) -> nn.Parameter:
-        """``conv1.weight`` of the last decoder block (the zero-init conv of ADM's last ResBlock, CTM_FACTS §1.4)."""
+        """``conv1.weight`` of the last decoder block (the zero-init conv of ADM's last ResBlock,
+        docs/ctm.md#14-imagenet-64-student)."""
         last_block = [block for block in self.dec.values() if isinstance(block, UNetBlock)][-1]
         return last_block.conv1.weight

@@ -1,6 +1,6 @@
 """Preconditioning wrappers D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)).
 
-Karras et al. (2022), Table 1 and Eq. (7); clean-room from ``docs/EDM_FACTS.md`` §A1.2
+Karras et al. (2022), Table 1 and Eq. (7); clean-room from ``docs/edm.md#a12-preconditioning``
 (NVlabs/edm training/networks.py: VPPrecond 468-520, VEPrecond 527-565, EDMPrecond 631-671).
 
 * EDM: c_skip = sigma_data^2 / (sigma^2 + sigma_data^2), c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),

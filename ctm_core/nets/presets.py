@@ -1,8 +1,9 @@
-"""Constructor kwargs of NVIDIA's released EDM snapshots (``docs/EDM_FACTS.md`` §A1.4).
+"""Constructor kwargs of NVIDIA's released EDM snapshots (``docs/edm.md#a14-released-presets``).
 
 Derived from NVlabs/edm train.py:116-147 (arch, precond, augment_dim=9 when --augment > 0, dropout, use_fp16) with
 the per-model options of README.md:204-212, in the order ``ema.init_kwargs`` stores them. "vp"/"ve" in the names
-is the architecture (DDPM++ / NCSN++); every released network uses ``EDMPrecond`` (EDM_FACTS §A1.2, naming trap).
+is the architecture (DDPM++ / NCSN++); every released network uses ``EDMPrecond`` (docs/edm.md#a12-preconditioning,
+naming trap).
 """
 
 from __future__ import annotations

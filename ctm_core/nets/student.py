@@ -25,7 +25,8 @@ from torch import nn
 from ctm_core.nets.precond import MODEL_TYPES, edm_coefficients, prepare_class_labels
 from ctm_core.nets.utils import append_dims, check_positive
 
-# Parameter-name fragments that exist only in the student (the s-branch, CTM_FACTS §1.2/§1.4).
+# Parameter-name fragments that exist only in the student (the s-branch, docs/ctm.md#12-cifar-10-student,
+# docs/ctm.md#14-imagenet-64-student).
 S_BRANCH_MARKERS = ("map_layer0_s.", "map_layer1_s.", "affine_s.")
 
 
@@ -142,7 +143,7 @@ class CTMStudent(nn.Module):
         return self.G(x_t, t, s, class_labels)
 
     def last_layer_weight(self) -> nn.Parameter:
-        """The weight the adaptive loss weights differentiate against (CTM_FACTS §2.5)."""
+        """The weight the adaptive loss weights differentiate against (docs/ctm.md#25-dsm-loss)."""
         return self.model.last_layer_weight()
 
     # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 
 ``ToyCTMStudent`` is the CTM student of Kim et al. (ICLR 2024) eq. (5)-(6) on the same MLP with an s-branch:
 an own embedding MLP for c_noise(s) whose output is added to the t embedding (the MLP analogue of the
-``map_layer*_s`` + ``affine_s`` branch, CTM_FACTS §1.2):
+``map_layer*_s`` + ``affine_s`` branch, docs/ctm.md#12-cifar-10-student):
 
     g_θ(x_t, t, s) = c_skip(t)·x_t + c_out(t)·F_θ(c_in(t)·x_t, c_noise(t), c_noise(s)),
     G_θ(x_t, t, s) = (s/t)·x_t + (1 − s/t)·g_θ(x_t, t, s).

@@ -1,8 +1,9 @@
 """Exponential moving averages of the student: the CTM target network θ⁻ and the evaluation EMAs.
 
 θ_ema ← μ·θ_ema + (1 − μ)·θ after every generator step (Kim-Dongjun/ctm-cifar10 cm/nn.py:57-68,
-cm/train_util.py:997-1018; CTM_FACTS §2.8), computed as one fused ``torch._foreach_lerp_(θ_ema, θ, 1 − μ)``.
-Buffers are copied, not averaged. The target network is used only in the outer jumps of the CTM loss.
+cm/train_util.py:997-1018; docs/ctm.md#28-ema-and-optimiser), computed as one fused
+``torch._foreach_lerp_(θ_ema, θ, 1 − μ)``. Buffers are copied, not averaged. The target network is used only in the
+outer jumps of the CTM loss.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """CTM training losses: the CTM trajectory loss, the teacher's k-step Heun solver, DSM and adaptive weights.
 
 Kim et al., "Consistency Trajectory Models", ICLR 2024 (arXiv 2310.02279), Algorithm 1 and eq. (8)-(10), in the
-semantics of the official code (CTM_FACTS §2; Kim-Dongjun/ctm-cifar10 cm/karras_diffusion.py:183-205, 249-291,
-384-410, 450-554; cm/resample.py:47-94, 206-229):
+semantics of the official code (docs/ctm.md#2-training-step; Kim-Dongjun/ctm-cifar10 cm/karras_diffusion.py:183-205,
+249-291, 384-410, 450-554; cm/resample.py:47-94, 206-229):
 
     k ~ P(k) ∝ k on {1..K}                      (one k per iteration, shared by the batch)
     n ~ U{0..N-1-k}, m ~ U{n+k..N-1};  t = t_n, u = t_{n+k}, s = t_m      (N-point Karras grid, t_0 = σ_max)
@@ -55,12 +55,13 @@ MODES = ("ctm", "cm")
 LPIPS_RESOLUTION = 224  # both images are upsampled bilinearly to 224² before LPIPS (C karras_diffusion.py:357-362)
 
 
-# The N-point Karras grid t_0 = σ_max > … > t_{N-1} = σ_min in float64 (CTM_FACTS §0): karras_grid(N, σ_min, σ_max, ρ).
+# The N-point Karras grid t_0 = σ_max > … > t_{N-1} = σ_min in float64 (docs/ctm.md#0-notation-and-time-grid):
+# karras_grid(N, σ_min, σ_max, ρ).
 karras_grid = karras_sigmas
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling of k, t, u, s (CTM_FACTS §2.1-2.2)
+# Sampling of k, t, u, s (docs/ctm.md#21-drawing-k, docs/ctm.md#22-times-t-u-s)
 
 
 def sample_num_heun_steps(K: int, generator: torch.Generator) -> int:
@@ -92,7 +93,7 @@ def sample_ctm_indices(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Teacher solver (CTM_FACTS §2.3)
+# Teacher solver (docs/ctm.md#23-teacher-solver)
 
 
 @torch.no_grad()
@@ -128,7 +129,7 @@ def teacher_heun_solve(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distances (CTM_FACTS §2.4)
+# Distances (docs/ctm.md#24-ctm-loss)
 
 
 def ctm_distance(
@@ -163,12 +164,12 @@ def ctm_distance(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CTM loss (CTM_FACTS §2.4)
+# CTM loss (docs/ctm.md#24-ctm-loss)
 
 
 @dataclass
 class CTMLossOutput:
-    """Per-sample CTM loss and the tensors a GAN phase needs (x_est is the fake, CTM_FACTS §2.6)."""
+    """Per-sample CTM loss and the tensors a GAN phase needs (x_est is the fake, docs/ctm.md#26-gan-phase)."""
 
     loss: torch.Tensor  # (B,)
     x_est: torch.Tensor  # (B, ...) with grad
@@ -229,12 +230,12 @@ def ctm_loss(
     """CTM loss for one microbatch with a given (iteration-wide) k.
 
     ``target`` is the EMA network θ⁻ with ``requires_grad=False`` parameters; it is *not* called under
-    no_grad for the estimate, so gradients reach θ through its input (CTM_FACTS §8.2). The inner jump of the
-    target uses the online ``student`` under no_grad. x0: (B, ...); grid: (N,) float64.
+    no_grad for the estimate, so gradients reach θ through its input (docs/ctm.md#82-two-stop-gradient-nets). The inner
+    jump of the target uses the online ``student`` under no_grad. x0: (B, ...); grid: (N,) float64.
     """
     n, t, u, s, x_t = _draw_times_and_noise(x0, k, generator, grid, mode)
     grid_d = grid.to(x0.device)
-    s_end = torch.full_like(t, sigma_min)  # jumps to data end at σ_min, not 0 (CTM_FACTS §8.1)
+    s_end = torch.full_like(t, sigma_min)  # jumps to data end at σ_min, not 0 (docs/ctm.md#81-sigma_min-endpoint)
 
     # Estimate: grad through G_θ and through θ⁻'s input (C karras_diffusion.py:249-265).
     x_s = student.G(x_t, t, s, class_labels=class_labels)
@@ -251,7 +252,7 @@ def ctm_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DSM loss (CTM_FACTS §2.5)
+# DSM loss (docs/ctm.md#25-dsm-loss)
 
 
 def dsm_sigmas(
@@ -292,7 +293,7 @@ def dsm_loss(
 ) -> torch.Tensor:
     """Per-sample DSM loss λ(σ)·mean (g_θ(x0 + σε, σ, σ) − x0)², λ = (σ²+σ_d²)/(σσ_d)²: (B, ...) -> (B,).
 
-    The student is called with s = σ (C cm/karras_diffusion.py:384-410; CTM_FACTS §8.6).
+    The student is called with s = σ (C cm/karras_diffusion.py:384-410; docs/ctm.md#86-dsm-uses-s-equal-t).
     """
     B = x0.shape[0]
     sigma = dsm_sigmas(
@@ -314,7 +315,7 @@ def dsm_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Adaptive weight (CTM_FACTS §2.5, §8.7)
+# Adaptive weight (docs/ctm.md#25-dsm-loss, docs/ctm.md#87-adaptive-weights)
 
 
 def adaptive_weight(
@@ -355,7 +356,7 @@ def ctm_dsm_loss(
     P_std: float = 1.2,
     diffusion_mult: float = 0.7,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], CTMLossOutput]:
-    """Total G loss of one microbatch: ctm_weight·mean L_CTM + dsm_weight·λ_DSM·mean L_DSM (CTM_FACTS §2.7).
+    """Total G loss of one microbatch: ctm_weight·mean L_CTM + dsm_weight·λ_DSM·mean L_DSM (docs/ctm.md#27-total-loss).
 
     ``mode='cm'`` uses s = σ_min and no DSM term. Returns (scalar loss, detached metrics, CTM outputs).
     """

@@ -1,6 +1,7 @@
 """Single-process training loop shared by CTM distillation and EDM teacher training.
 
-One iteration (CTM_FACTS §2.7-2.8; Kim-Dongjun/ctm-cifar10 cm/train_util.py:972-1115):
+One iteration (docs/ctm.md#27-total-loss, docs/ctm.md#28-ema-and-optimiser; Kim-Dongjun/ctm-cifar10
+cm/train_util.py:972-1115):
     batch ← data source;  per microbatch: loss = microbatch_loss(...); (loss·b/B).backward()
     optimizer step (lr warm-up optional, no clipping by default);  EMA/target updates;  step += 1
 
@@ -416,7 +417,7 @@ class Trainer:
         if state.get("kind") != self.kind:
             raise ValueError(f"checkpoint kind: expected {self.kind!r}, got {state.get('kind')!r}")
         # The loss definition must match; optimizer/EMA-rate/batch settings follow the current config (a later
-        # phase, e.g. the GAN fine-tune, resumes with another lr or batch; CTM_FACTS §2.9).
+        # phase, e.g. the GAN fine-tune, resumes with another lr or batch; docs/ctm.md#29-recipes-and-phases).
         saved, mine = state["config"], self.config.model_dump(mode="json")
         differ = [f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in self.loss_fields if saved.get(k) != mine[k]]
         if differ:
@@ -455,7 +456,7 @@ class Trainer:
 
 def _lpips_on_signed_images(lpips: Callable | None) -> Callable | None:
     """``ctm_distance`` hands LPIPS images in [-1, 1]; ``ctm_core.gan.lpips.LPIPS`` expects [0, 1] (piq convention):
-    wrap it with (x + 1)/2, unclamped (CTM_FACTS §2.4). Other callables are used as given."""
+    wrap it with (x + 1)/2, unclamped (docs/ctm.md#24-ctm-loss). Other callables are used as given."""
     if lpips is None:
         return None
     try:
@@ -469,7 +470,7 @@ def _lpips_on_signed_images(lpips: Callable | None) -> Callable | None:
 
 
 class CTMTrainer(Trainer):
-    """CTM (+DSM) distillation of an EDM teacher into ``student`` (CTM_FACTS §2).
+    """CTM (+DSM) distillation of an EDM teacher into ``student`` (docs/ctm.md#2-training-step).
 
     The target network θ⁻ is a frozen copy of the student (kept in train mode, as in the official code) updated
     with rate ``config.target_ema`` after every step; ``lpips`` is the module for ``distance='lpips'``.

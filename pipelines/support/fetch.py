@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 RECORD = "record"
 USER_AGENT = "ctm-pipeline-fetch/0.1 (+urllib)"
 
-# --- Released EDM networks (EDM_FACTS A3.1; NVlabs/edm README.md:67-70,77-224) ---------------------------------
+# --- Released EDM networks (docs/edm.md#a31-pretrained-files; NVlabs/edm README.md:67-70,77-224) ----------------------
 EDM_BASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 _EDM_NAMES = [
     "edm-cifar10-32x32-cond-vp",
@@ -76,7 +76,7 @@ KNOWN_RELEASES: dict[str, str] = {
     **{n: f"{EDM_BASE_URL}{n}.pkl" for n in _EDM_NAMES},
     **{n: f"{EDM_BASE_URL}baseline/{n}.pkl" for n in _BASELINE_NAMES},
 }
-# No published hashes exist for these files (EDM_FACTS A3.1): pin your own with sha256="record".
+# No published hashes exist for these files (docs/edm.md#a31-pretrained-files): pin your own with sha256="record".
 
 
 class FetchError(RuntimeError):

@@ -2,7 +2,8 @@
 
     python -m pipelines.support.fid_reference --params params.yaml --data data/prepared   # compute / reuse the cache
 
-Used by `pipelines.evaluate` when `evaluate.features: inception` (params.yaml; EDM_FACTS A3.2-A3.3):
+Used by `pipelines.evaluate` when `evaluate.features: inception` (params.yaml; docs/edm.md#a32-fid-references,
+docs/edm.md#a33-fid-protocol):
 
 * Detector: pytorch-fid's TF-ported Inception-v3 pool3 (`ctm_core.eval.inception.FIDInception`, 2048-d), weights
   from `evaluate.inception.{source, sha256}` through the project's fetcher (`pipelines.support.fetch`: https / s3 /

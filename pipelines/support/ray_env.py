@@ -1,8 +1,9 @@
-"""Start or join a Ray cluster for the pipeline stages (Ray 2.60; STACK_FACTS §1.8, §1.11).
+"""Start or join a Ray cluster for the pipeline stages (Ray 2.60; docs/stack.md#18-job-submission,
+docs/stack.md#111-small-machines).
 
 Local clusters (`ray.address: null` and no `RAY_ADDRESS`) get explicit logical CPUs, a short private temp dir
 (AF_UNIX socket paths are limited to 107 bytes), the dashboard on a given port (Tune + Train V2 need the State API
-to release placement groups, STACK_FACTS 1.11.2) and Ray Data progress bars off.
+to release placement groups, docs/stack.md#1112-state-api) and Ray Data progress bars off.
 
 Token authentication (Ray 2.59+ turns it on by default for local `ray.init()` clusters and writes a shared
 `~/.ray/auth_token`). Our choice, made explicit: if `RAY_AUTH_MODE` is already set we respect it; otherwise a local
@@ -100,7 +101,8 @@ def init_local_ray(
         raise ValueError(f"num_cpus: expected >= 1, got {num_cpus}")
     temp_dir.mkdir(parents=True, exist_ok=True)
     auth_mode = _setup_token_auth(temp_dir, auth)
-    _set_env("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # readable CI logs (STACK_FACTS 1.11.7); workers inherit it
+    # readable CI logs (docs/stack.md#1117-progress-bars); workers inherit it
+    _set_env("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
     import ray
 

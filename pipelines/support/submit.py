@@ -2,7 +2,7 @@
 
     submit_job(params, "pipelines.distill", ["--params", "params.yaml", ...]) -> 0 | 1
 
-What it does (Ray 2.60 job submission, STACK_FACTS §1.8; environment contract: infra/README.md §1, §4):
+What it does (Ray 2.60 job submission, docs/stack.md#18-job-submission; environment contract: infra/README.md §1, §4):
 
 * Address: ``ray.address`` (an ``http://head:8265`` dashboard URL), else env ``RAY_ADDRESS``.
 * Entrypoint: ``python -m <module> <argv>`` with ``CTM_INSIDE_RAY_JOB=1`` in the job's environment, so the stage

@@ -1,4 +1,4 @@
-"""Thin MLflow helpers for the pipeline stages (MLflow 3.17.2; STACK_FACTS §1.7, §2).
+"""Thin MLflow helpers for the pipeline stages (MLflow 3.17.2; docs/stack.md#17-ray-and-mlflow, docs/stack.md#2-mlflow).
 
 - One tracking URI everywhere: env `MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` in params > the absolute
   `sqlite:////<repo>/mlflow.db` (a relative sqlite URI would follow the cwd, e.g. into Ray trial dirs).
