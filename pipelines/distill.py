@@ -40,7 +40,7 @@ from pipelines.support.remote_inputs import InputError, Inputs, resolve_inputs  
 
 __all__ = ["CheckpointStorageError", "DistillRunError", "check_stage_features", "main", "run_distill"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
 
 
 def check_stage_features(params: Params) -> None:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: {one_line(e)}", file=sys.stderr)
         return 2
     if args.dry_run:
-        count = card["splits"]["train"]["count"] if card else args.data
+        count = card.splits["train"].count if card else args.data
         plan = {"distill": params.distill.model_dump(), "data": count, "workers": params.ray.num_workers}
         print(json.dumps(plan, indent=2))
         return 0

@@ -80,7 +80,7 @@ from pipelines.support.stage_common import InputError, check_inputs, stage_arg_p
 
 __all__ = ["InputError", "check_inputs", "evaluate", "main"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,7 @@ from pipelines.support.stage_common import InputError, check_inputs, log_stage_t
 
 __all__ = ["likelihood", "main"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
 
 
 def _networks(teacher: Path, student: Path, variant: str, device: torch.device) -> list[tuple]:

@@ -18,29 +18,31 @@ Pixels are stored as the source's raw levels (uint8 in 0..num_levels-1); map the
 `--dry-run` prints the resolved config as JSON on stdout (machine-readable) and writes nothing. Exit codes: 0 ok,
 1 a bad source (every problem listed), 2 bad parameters.
 
+The `data` section of `--params` (the whole file is validated first, `ctm_core.config`) says what to read; the
+flags below override single keys of it.
+
 Examples:
-    python -m pipelines.prepare --source sklearn-digits --out data/prepared
+    python -m pipelines.prepare --params params.yaml --out data/prepared
     python -m pipelines.prepare --source imagefolder --source-path ../shared/data/cifar10-jpg/train.tar.gz \\
         --out data/prepared --heldout-fraction 0.02 --seed 0 --dry-run
-    python -m pipelines.prepare --params params.yaml --params-section data --out data/prepared
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
+from ctm_core.config import ParamsError
 from ctm_core.data.card import CARD_FORMAT
 from ctm_core.data.sources import SOURCES, DatasetError, UnsafePickleError
 from ctm_core.data.writer import split_indices
-from pipelines.support.datasets import PrepareConfig, prepare_dataset
+from pipelines.support.datasets import PrepareConfig, prepare_dataset, prepare_from_params
 from pipelines.support.fetch import FetchError
 from pipelines.support.io_utils import json_dumps
 from pipelines.support.logs import progress_enabled, setup_logging
+from pipelines.support.params import load_params
 
 __all__ = [
     "CARD_FORMAT",
@@ -53,14 +55,20 @@ __all__ = [
     "split_indices",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
 
-# pipelines/config.py DataParams spells source_path as `path` (and a pinned hash as `sha256`).
-_PARAM_ALIASES = {"path": "source_path", "sha256": "source_sha256"}
+# Convenience flags: each sets one key of the `data` section (what `--set data.<key>=...` would).
+_FLAGS = {
+    "source": "source",
+    "source_path": "path",
+    "source_sha256": "sha256",
+    "heldout_fraction": "heldout_fraction",
+    "seed": "seed",
+    "shard_size": "shard_size",
+}
 
 
-def _parse_args(argv: list[str] | None) -> tuple[PrepareConfig, argparse.Namespace]:
-    """The config: the `--params` section (if given) overridden by the CLI flags; raises ValueError."""
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m pipelines.prepare",
         description="Prepare an image dataset as Parquet shards + card.json (DVC stage 'prepare').",
@@ -68,68 +76,37 @@ def _parse_args(argv: list[str] | None) -> tuple[PrepareConfig, argparse.Namespa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--out", required=True, help="output folder (replaced all-or-nothing)")
-    ap.add_argument("--params", help="params.yaml to read the section from (CLI flags override it)")
-    ap.add_argument("--params-section", default="data", help="section of --params (default: data)")
-    ap.add_argument("--source", choices=SOURCES)
-    ap.add_argument("--source-path")
-    ap.add_argument("--source-sha256")
-    ap.add_argument("--heldout-fraction", type=float)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--shard-size", type=int)
+    ap.add_argument("--params", default="params.yaml", help="params.yaml (validated whole; section `data`)")
+    ap.add_argument("--source", choices=SOURCES, help="overrides data.source")
+    ap.add_argument("--source-path", help="overrides data.path")
+    ap.add_argument("--source-sha256", help="overrides data.sha256")
+    ap.add_argument("--heldout-fraction", type=float, help="overrides data.heldout_fraction")
+    ap.add_argument("--seed", type=int, help="overrides data.seed")
+    ap.add_argument("--shard-size", type=int, help="overrides data.shard_size")
     ap.add_argument("--cache-dir", default=".cache/fetch", help="download cache for URI sources")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, write nothing")
-    args = ap.parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.params:
-        import yaml
-
-        with open(args.params, encoding="utf-8") as f:
-            doc = yaml.safe_load(f) or {}
-        section = doc.get(args.params_section)
-        if not isinstance(section, dict):
-            raise ValueError(
-                f"--params {args.params}: expected a mapping under {args.params_section!r}, got {section!r}"
-            )
-        section = {_PARAM_ALIASES.get(k, k): v for k, v in section.items()}
-        fields = {f.name for f in dataclasses.fields(PrepareConfig)}
-        unknown = sorted(set(section) - fields)
-        if unknown:
-            raise ValueError(
-                f"--params {args.params} [{args.params_section}]: unknown keys {unknown}, known {sorted(fields)}"
-            )
-        values.update(section)
-    for field in dataclasses.fields(PrepareConfig):
-        v = getattr(args, field.name)
-        if v is not None:
-            values[field.name] = v
-    return PrepareConfig(**values), args
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    args = _parse_args(argv)
+    overrides = {f"data.{key}": getattr(args, flag) for flag, key in _FLAGS.items() if getattr(args, flag) is not None}
     try:
-        config, args = _parse_args(argv)
-    except ValueError as e:
-        logger.error("error: %s", e)
+        data = load_params(args.params, overrides).data
+    except ParamsError as e:
+        logger.error("params error: %s", e)
         return 2
     if args.dry_run:
-        plan = {"config": dataclasses.asdict(config), "out": str(args.out)}
-        if config.source_path and "://" not in config.source_path:
-            plan["source_exists"] = Path(config.source_path).expanduser().exists()
+        plan = {"config": data.model_dump(mode="json"), "out": str(args.out)}
+        if data.path and "://" not in data.path:
+            plan["source_exists"] = Path(data.path).expanduser().exists()
         print(json_dumps(plan), end="")  # the CLI's machine-readable output (stdout)
         return 0 if plan.get("source_exists", True) else 1
     try:
-        card = prepare_dataset(
-            config.source,
-            config.source_path,
-            args.out,
-            heldout_fraction=config.heldout_fraction,
-            seed=config.seed,
-            shard_size=config.shard_size,
-            source_sha256=config.source_sha256,
-            cache_dir=args.cache_dir,
-            progress=not args.no_progress and progress_enabled(),
+        card = prepare_from_params(
+            data, args.out, cache_dir=args.cache_dir, progress=not args.no_progress and progress_enabled()
         )
     except (DatasetError, FetchError, ValueError, FileNotFoundError) as e:
         logger.error("error: %s", e)

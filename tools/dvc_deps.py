@@ -3,7 +3,8 @@
 A stage's code dependencies in dvc.yaml must be exactly these files, listed one by one, so that editing the
 evaluation code re-runs `evaluate` but never `teacher` (docs/pipeline.md). The closure follows every `import` /
 `from ... import` of a project module (`ctm_core`, `pipelines`) anywhere in a file, function bodies included, plus
-the `__init__.py` of every enclosing package (Python runs them on import).
+the `__init__.py` of every enclosing package (Python runs them on import); imports under `if TYPE_CHECKING:` are
+not run and do not count.
 
     python tools/dvc_deps.py            # print each stage's expected code deps
     python tools/dvc_deps.py --check    # exit 1 and list the differences with dvc.yaml
@@ -46,12 +47,30 @@ def lazy_exports(package: str, root: Path = ROOT) -> dict[str, str]:
     return {}
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` except the bodies of `if TYPE_CHECKING:` (imports for type checkers only)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def _imported_modules(path: Path, module: str, root: Path = ROOT) -> set[str]:
     """Every project module `path` imports (absolute or relative), anywhere in the file."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -21,7 +21,7 @@ from torch import nn
 
 from ctm_core.config import TeacherTrainParams
 from ctm_core.nets.utils import append_dims
-from ctm_core.training.trainer import Trainer
+from ctm_core.training.loop import Trainer
 
 __all__ = ["edm_sigmas", "edm_loss", "EDMTrainer", "export_teacher"]
 

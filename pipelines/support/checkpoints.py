@@ -5,10 +5,10 @@ Each report of the distill stage writes ``<storage>/<run>/checkpoint_<step:06d>/
 upload path (``StorageContext.persist_current_checkpoint``), then, through the same pyarrow filesystem, checks that
 every file landed with its size and only then writes ``complete.json`` (step, size and sha256 of each file) LAST.
 Why: pyarrow 25's ``fs.copy_files`` (Ray 2.60's upload) returns normally when the S3 server dies in the middle of the
-PUT, and Ray logs "Checkpoint successfully created" for an object that does not exist (tests/test_faults.py). A failed
-check raises ``CheckpointStorageError`` (the storage path and the fix on one line). Readers skip checkpoints without a
-marker or whose files do not match it; a checkpoint without a marker is used only for runs written before markers
-existed (with a warning).
+PUT, and Ray logs "Checkpoint successfully created" for an object that does not exist (tests/system/test_faults.py). A
+failed check raises ``CheckpointStorageError`` (the storage path and the fix on one line). Readers skip checkpoints
+without a marker or whose files do not match it; a checkpoint without a marker is used only for runs written before
+markers existed (with a warning).
 """
 
 from __future__ import annotations

@@ -13,30 +13,31 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctm_core.config import DataParams
 from ctm_core.data.card import DatasetCard
 from ctm_core.data.sources import SOURCES, DatasetError, read_source
 from ctm_core.data.writer import write_prepared
 from pipelines.support.io_utils import normalize_sha256, sha256_file, staged_dir
 
-__all__ = ["PrepareConfig", "prepare_dataset", "resolve_source"]
+__all__ = ["PrepareConfig", "prepare_dataset", "prepare_from_params", "resolve_source"]
+
+_DEFAULTS = DataParams.model_fields  # the one copy of the data section's defaults
 
 
 @dataclass
 class PrepareConfig:
-    """Parameters of the prepare stage (`params.yaml` section, keys = field names)."""
+    """The validated arguments of one `prepare_dataset` call, as recorded in the card's `params`.
 
-    source: str = "sklearn-digits"
-    """One of SOURCES."""
-    source_path: str | None = None
-    """Path or URI (https://, s3://, file://) of the source; unused for sklearn-digits."""
-    source_sha256: str | None = None
-    """Expected sha256 of the source file; required when source_path is a remote URI."""
-    heldout_fraction: float = 0.1
-    """Fraction of images in the held-out split, per class when labelled; 0 <= f < 1."""
-    seed: int = 0
-    """Seed of the split permutation (numpy.random.default_rng)."""
-    shard_size: int = 10_000
-    """Images per Parquet shard."""
+    The stage fills them from the `data` section of params.yaml (`ctm_core.config.DataParams`, which holds the
+    defaults); library callers pass them to `prepare_dataset` directly (a held-out fraction of 0 is allowed here).
+    """
+
+    source: str
+    source_path: str | None
+    source_sha256: str | None
+    heldout_fraction: float
+    seed: int
+    shard_size: int
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -78,9 +79,9 @@ def prepare_dataset(
     source_path: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     *,
-    heldout_fraction: float = 0.1,
-    seed: int = 0,
-    shard_size: int = 10_000,
+    heldout_fraction: float = _DEFAULTS["heldout_fraction"].default,
+    seed: int = _DEFAULTS["seed"].default,
+    shard_size: int = _DEFAULTS["shard_size"].default,
     source_sha256: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -119,3 +120,25 @@ def prepare_dataset(
             progress=progress,
         )
     return card
+
+
+def prepare_from_params(
+    data: DataParams,
+    out_dir: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> DatasetCard:
+    """`prepare_dataset` for the validated `data` section. `data.path` is recorded in the card as written in
+    params.yaml (relative to the repository root, where DVC runs the stage), so the card does not name the machine."""
+    return prepare_dataset(
+        data.source,
+        data.path,
+        out_dir,
+        heldout_fraction=data.heldout_fraction,
+        seed=data.seed,
+        shard_size=data.shard_size,
+        source_sha256=data.sha256,
+        cache_dir=cache_dir,
+        progress=progress,
+    )

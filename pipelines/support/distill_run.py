@@ -16,10 +16,13 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctm_core.config import DistillParams, Params, params_hash
 from pipelines.support.checkpoints import _STORAGE_FIX, CKPT_FILE, newest_complete_checkpoint, storage_fs
+
+if TYPE_CHECKING:
+    from ctm_core.data.card import DatasetCard
 
 __all__ = ["DistillRunError", "ema_state", "fit", "run_identity", "run_name"]
 
@@ -30,12 +33,12 @@ class DistillRunError(RuntimeError):
     """The Ray run failed after its ``FailureConfig`` retries (one line: run, storage, root cause, fix)."""
 
 
-def run_identity(d: DistillParams, card: dict[str, Any], teacher_weights_sha256: str | None, workers: int) -> dict:
+def run_identity(d: DistillParams, card: DatasetCard, teacher_weights_sha256: str | None, workers: int) -> dict:
     """What names the Ray run: the distill section, the train shards' sha256s, the teacher's weights sha256 and the
     worker count; where the inputs came from (disk or S3) is not."""
     return {
         "distill": d.model_dump(),
-        "data": [s["sha256"] for s in card["splits"]["train"]["shards"]],
+        "data": [s.sha256 for s in card.splits["train"].shards],
         "teacher": teacher_weights_sha256,
         "workers": workers,
     }
@@ -48,7 +51,7 @@ def run_name(identity: dict[str, Any]) -> str:
 def fit(
     params: Params,
     inputs,
-    card: dict[str, Any],
+    card: DatasetCard,
     *,
     workers: int,
     name: str,
@@ -73,7 +76,7 @@ def fit(
         ray.data.DataContext.get_current().enable_progress_bars = False
         # The card's train shards (verified): from S3 when the data came from S3 (every node can read it).
         base = inputs.data_uri or str(inputs.data_dir)
-        ds = ray.data.read_parquet([f"{base}/{sh['path']}" for sh in card["splits"]["train"]["shards"]])
+        ds = ray.data.read_parquet([f"{base}/{sh.path}" for sh in card.splits["train"].shards])
         teacher_ref = None
         if inputs.teacher_uri:  # the driver's cache is not on the other nodes: ship the verified bytes
             teacher_ref = ray.put((inputs.teacher_dir / "teacher.safetensors").read_bytes())
@@ -145,7 +148,7 @@ def _root_cause(e: BaseException, storage: str) -> str:
 
 def _final_state(storage: str, name: str, registered) -> tuple[str, dict]:
     """The newest complete checkpoint of the run (checked against its marker) as (path, trainer state dict)."""
-    from ctm_core.training.trainer import load_checkpoint_file
+    from ctm_core.training.loop import load_checkpoint_file
 
     fs, base = storage_fs(storage)
     run_path = f"{base.rstrip('/')}/{name}"

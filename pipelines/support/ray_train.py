@@ -21,7 +21,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.support.checkpoints import (
     _STORAGE_FIX,
@@ -34,6 +34,9 @@ from pipelines.support.checkpoints import (
     read_marker,
     storage_uri,
 )
+
+if TYPE_CHECKING:
+    from ctm_core.data.card import DatasetCard
 
 __all__ = ["QualityProbe", "check_inputs", "torch_trainer", "train_loop_per_worker"]
 
@@ -49,14 +52,14 @@ def check_inputs(data_dir: Path, teacher_dir: Path) -> dict[str, Any]:
     if not (teacher_dir / "teacher.safetensors").is_file():
         raise FileNotFoundError(f"{teacher_dir}/teacher.safetensors not found: run the teacher stage first")
     teacher = load_edm_checkpoint(teacher_dir)  # verifies the weights sha256 and the architecture
-    im = card["image"]
-    if (teacher.img_channels, teacher.img_resolution) != (im["channels"], im["height"]):
+    im = card.image
+    if (teacher.img_channels, teacher.img_resolution) != (im.channels, im.height):
         raise ValueError(
             f"teacher geometry ({teacher.img_channels} channels, {teacher.img_resolution} px) does not match the "
-            f"prepared data ({im['channels']} channels, {im['height']} px): retrain or fetch a matching teacher"
+            f"prepared data ({im.channels} channels, {im.height} px): retrain or fetch a matching teacher"
         )
-    if teacher.label_dim not in (0, card["labels"]["label_dim"]):
-        raise ValueError(f"teacher label_dim {teacher.label_dim} != data label_dim {card['labels']['label_dim']}")
+    if teacher.label_dim not in (0, card.labels.label_dim):
+        raise ValueError(f"teacher label_dim {teacher.label_dim} != data label_dim {card.labels.label_dim}")
     return card
 
 
@@ -86,7 +89,7 @@ def torch_trainer(loop_config: dict[str, Any], *, params, workers: int, run_conf
 # Worker side (runs inside Ray Train workers)
 
 
-def _load_train_split(data_dir: str, card: dict[str, Any]):
+def _load_train_split(data_dir: str, card: DatasetCard):
     """The prepared train split as (x float32 (N, C, H, W) in [-1, 1], one-hot labels (N, L) or None).
 
     Read through Ray Data when inside a Ray Train worker, else directly from the shards.
@@ -96,8 +99,8 @@ def _load_train_split(data_dir: str, card: dict[str, Any]):
 
     from ctm_core.data.prepared import levels_to_unit, load_prepared
 
-    im = card["image"]
-    shape = (im["channels"], im["height"], im["width"])
+    im = card.image
+    shape = (im.channels, im.height, im.width)
     try:
         import ray.train
 
@@ -115,14 +118,14 @@ def _load_train_split(data_dir: str, card: dict[str, Any]):
         labels = np.concatenate(labels)[order]
     else:
         images, labels = load_prepared(data_dir, "train")
-    want = card["splits"]["train"]["count"]
+    want = card.splits["train"].count
     if len(images) != want:
         raise ValueError(
             f"{data_dir}: read {len(images)} training images, card.json lists {want}: the shards "
             "changed after they were verified; re-run the prepare stage or re-upload the folder"
         )
-    x = torch.from_numpy(levels_to_unit(images, im["num_levels"]))
-    label_dim = card["labels"]["label_dim"]
+    x = torch.from_numpy(levels_to_unit(images, im.num_levels))
+    label_dim = card.labels.label_dim
     onehot = None
     if label_dim:
         onehot = torch.nn.functional.one_hot(torch.from_numpy(labels), label_dim).float()
@@ -306,7 +309,7 @@ class QualityProbe:
     ``fd_nfe1_nonfinite``.
     """
 
-    def __init__(self, quality: dict[str, Any], card: dict[str, Any], device):
+    def __init__(self, quality: dict[str, Any], card: DatasetCard, device):
         from ctm_core.eval.classifier import load_classifier
         from ctm_core.eval.metrics import load_reference_stats
 
@@ -317,9 +320,9 @@ class QualityProbe:
         self.seeds = list(range(start, start + int(quality["num_samples"])))
         self.batch = int(quality.get("batch", len(self.seeds)))
         self.ema = quality.get("ema")
-        im = card["image"]
-        self.img_shape = (int(im["channels"]), int(im["height"]), int(im["width"]))
-        self.num_levels = int(im["num_levels"])
+        im = card.image
+        self.img_shape = (im.channels, im.height, im.width)
+        self.num_levels = im.num_levels
         self.device = device
 
     def __call__(self, trainer) -> dict[str, float]:

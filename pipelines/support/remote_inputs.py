@@ -84,7 +84,7 @@ def _install(tmp: Path, dest: Path) -> None:
 
 def _fetch_prepared(uri: str, cache: Path) -> Path:
     """``card.json`` + the train shards of a prepared folder on S3, each shard checked against the card."""
-    from ctm_core.data.prepared import CARD_FORMAT
+    from ctm_core.data.card import DatasetCard
     from pipelines.support.io_utils import read_json, sha256_file
 
     tmp_dir = cache / "tmp"
@@ -95,22 +95,20 @@ def _fetch_prepared(uri: str, cache: Path) -> Path:
         "train/*.parquet), e.g. after aws s3 sync data/prepared <that URI>",
     )
     try:
-        card = read_json(card_tmp)
-        if card.get("format") != CARD_FORMAT:
-            raise InputError(
-                f"{uri}/card.json: expected format {CARD_FORMAT!r}, got {card.get('format')!r} "
-                "(fix: point --data at a folder written by the prepare stage)"
-            )
+        try:
+            card = DatasetCard.from_dict(read_json(card_tmp), where=f"{uri}/card.json")
+        except InputError as e:
+            raise InputError(f"{e} (fix: point --data at a folder written by the prepare stage)") from None
         folder = cache / "prepared" / card_sha[:16]
-        for shard in card["splits"]["train"]["shards"]:
-            dest = folder / shard["path"]
-            if dest.is_file() and sha256_file(dest) == shard["sha256"]:
+        for shard in card.splits["train"].shards:
+            dest = folder / shard.path
+            if dest.is_file() and sha256_file(dest) == shard.sha256:
                 continue  # verified copy from an earlier run
-            tmp, got = _s3_download(f"{uri}/{shard['path']}", tmp_dir, "listed in card.json")
-            if got != shard["sha256"]:
+            tmp, got = _s3_download(f"{uri}/{shard.path}", tmp_dir, "listed in card.json")
+            if got != shard.sha256:
                 tmp.unlink(missing_ok=True)
                 raise InputError(
-                    f"sha256 mismatch for {uri}/{shard['path']}: expected {shard['sha256']} (card.json), "
+                    f"sha256 mismatch for {uri}/{shard.path}: expected {shard.sha256} (card.json), "
                     f"got {got}; the object is truncated or was modified (nothing cached): re-upload "
                     "the prepared folder (aws s3 sync / dvc push) or re-run the prepare stage"
                 )

@@ -13,11 +13,14 @@ import os
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctm_core.config import Params, ParamsError, params_hash
 from pipelines.support.io_utils import atomic_write_json, sha256_file, staged_dir
 from pipelines.support.params import resolve_path
+
+if TYPE_CHECKING:
+    from ctm_core.data.card import DatasetCard
 
 __all__ = ["SOURCE_FILE", "TRAIN_META_FILE", "TeacherError", "fetch_teacher", "plan", "train_teacher"]
 
@@ -67,17 +70,17 @@ def plan(params: Params, data_dir: str | os.PathLike[str] | None, out_dir: str |
         if data_dir is None:
             raise TeacherError("--data: required when teacher.source is 'train' (the prepared dataset folder)")
         card = _data_card(data_dir)
-        im = card["image"]
-        if im["height"] != im["width"]:
+        im = card.image
+        if im.height != im.width:
             raise TeacherError(
-                f"--data: EDM networks need square images, got {im['height']}x{im['width']} in "
+                f"--data: EDM networks need square images, got {im.height}x{im.width} in "
                 f"{data_dir} (fix: prepare square images)"
             )
-        n_train = int(card["splits"]["train"]["count"])
+        n_train = card.splits["train"].count
         if n_train < 1:
             raise TeacherError(f"--data: the train split of {data_dir} is empty (fix: lower data.heldout_fraction)")
         info.update(
-            image={"channels": im["channels"], "resolution": im["height"], "num_levels": im["num_levels"]},
+            image={"channels": im.channels, "resolution": im.height, "num_levels": im.num_levels},
             train_images=n_train,
             train_config=tr.model_dump(mode="json"),
             init_kwargs=_init_kwargs(params, card),
@@ -97,13 +100,13 @@ def plan(params: Params, data_dir: str | os.PathLike[str] | None, out_dir: str |
     return info
 
 
-def _init_kwargs(params: Params, card: dict[str, Any]) -> dict[str, Any]:
+def _init_kwargs(params: Params, card: DatasetCard) -> dict[str, Any]:
     """EDMPrecond kwargs: image geometry from the dataset card, UNet from `teacher.train.model` (unconditional)."""
-    im = card["image"]
+    im = card.image
     tr = params.teacher.train
     return {
-        "img_resolution": int(im["height"]),
-        "img_channels": int(im["channels"]),
+        "img_resolution": im.height,
+        "img_channels": im.channels,
         "label_dim": 0,  # unconditional teacher: params.yaml has no class-conditioning switch (yet)
         "sigma_data": float(tr.sigma_data),
         **tr.model.to_kwargs(),
@@ -130,12 +133,12 @@ def train_teacher(
     from ctm_core.data.prepared import levels_to_unit, load_prepared
     from ctm_core.nets.precond import build_precond
     from ctm_core.training.edm_training import EDMTrainer, export_teacher
-    from ctm_core.training.trainer import TensorDataSource
+    from ctm_core.training.loop import TensorDataSource
 
     tr = params.teacher.train
     card = _data_card(data_dir)
     images, _ = load_prepared(data_dir, "train")  # (N, C, H, W) uint8 levels
-    x0 = torch.from_numpy(levels_to_unit(images, int(card["image"]["num_levels"])))  # (N, C, H, W) in [-1, 1]
+    x0 = torch.from_numpy(levels_to_unit(images, card.image.num_levels))  # (N, C, H, W) in [-1, 1]
 
     init_kwargs = _init_kwargs(params, card)
     with torch.random.fork_rng():  # seeded initial weights, the caller's global RNG untouched
@@ -167,7 +170,7 @@ def train_teacher(
         "train_seconds": round(seconds, 2),
         "train_images": int(x0.shape[0]),
         "data_card_sha256": sha256_file(Path(data_dir) / "card.json"),
-        "data_shards_sha256": [s["sha256"] for s in card["splits"]["train"]["shards"]],
+        "data_shards_sha256": [s.sha256 for s in card.splits["train"].shards],
         "config": tr.model_dump(mode="json"),
         "params_hash": params_hash(params.section("teacher")),
     }
@@ -216,7 +219,7 @@ def fetch_teacher(
             raise TeacherError(f"teacher.source {t.source!r}: cannot convert {path.name}: {e}") from None
         net = _verify(tmp)
         if card is not None:
-            want = (int(card["image"]["channels"]), int(card["image"]["height"]))
+            want = (card.image.channels, card.image.height)
             got = (int(net.img_channels), int(net.img_resolution))
             if want != got:
                 raise TeacherError(

@@ -28,10 +28,13 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctm_core.config import Params, check_batch_split, params_hash, with_changes
 from ctm_core.errors import InputError
+
+if TYPE_CHECKING:
+    from ctm_core.data.card import DatasetCard
 
 __all__ = [
     "QUALITY_METRICS",
@@ -62,7 +65,7 @@ def plain(v: Any) -> Any:
 
 
 # --- plan -----------------------------------------------------------------------------------------------------------
-def experiment_name(params: Params, card: dict[str, Any], teacher_sha256: str | None, workers: int) -> str:
+def experiment_name(params: Params, card: DatasetCard, teacher_sha256: str | None, workers: int) -> str:
     """Deterministic Tune experiment name: everything that changes the trials' results, hashed."""
     ev = params.evaluate
     ident = {
@@ -73,7 +76,7 @@ def experiment_name(params: Params, card: dict[str, Any], teacher_sha256: str | 
             "num_samples": ev.num_samples,
             "seed_start": ev.seed_start,
         },
-        "data": [s["sha256"] for s in card["splits"]["train"]["shards"]],
+        "data": [s.sha256 for s in card.splits["train"].shards],
         "teacher": teacher_sha256,
         "workers": workers,
         "use_gpu": params.ray.use_gpu,
@@ -103,7 +106,7 @@ def check_tune_inputs(params: Params, data: Path, teacher: Path) -> tuple[dict[s
         card = check_inputs(data, teacher)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(" ".join(str(e).split())) from None
-    if int(card["labels"]["label_dim"]) < 2 and params.tune.metric in QUALITY_METRICS:
+    if card.labels.label_dim < 2 and params.tune.metric in QUALITY_METRICS:
         raise InputError(
             f"--data: {data} has no class labels; tune.metric {params.tune.metric!r} needs the "
             "feature classifier trained on labels (fix: use labelled data, or tune.metric: train/loss)"
@@ -116,7 +119,7 @@ def check_tune_inputs(params: Params, data: Path, teacher: Path) -> tuple[dict[s
     return card, read_json(teacher / "config.json")
 
 
-def prepare_quality(params: Params, card: dict[str, Any], data: Path, folder: Path) -> dict[str, Any]:
+def prepare_quality(params: Params, card: DatasetCard, data: Path, folder: Path) -> dict[str, Any]:
     """Train the feature classifier (as the evaluate stage does) and save it + reference statistics in `folder`."""
     import numpy as np
 

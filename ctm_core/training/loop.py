@@ -1,0 +1,451 @@
+"""The single-process training loop shared by CTM distillation (`trainer.CTMTrainer`) and EDM teacher training.
+
+One iteration (docs/ctm.md#27-total-loss, docs/ctm.md#28-ema-and-optimiser; Kim-Dongjun/ctm-cifar10
+cm/train_util.py:972-1115):
+    batch ← data source;  per microbatch: loss = microbatch_loss(...); (loss·b/B).backward()
+    optimizer step (lr warm-up optional, no clipping by default);  EMA/target updates;  step += 1
+
+Reproducibility: all randomness is keyed, not carried. The iteration's k comes from a CPU ``torch.Generator``
+seeded by (seed, step); each microbatch's noise/times/σ from one seeded by (seed, step, microbatch index); dropout
+(the global torch RNG) is re-seeded from the same key inside ``torch.random.fork_rng``, so the caller's RNG is
+untouched. The data order is a seeded permutation per epoch with a saved position. Hence a resumed run is bitwise
+identical to an uninterrupted one on CPU, and a microbatch's randomness does not depend on which rank runs it.
+
+Configuration: the trainer reads its params.yaml section by the keys' names (``ctm_core.config``): CTM takes
+``DistillParams`` (``cfg.N``, ``cfg.K``, ``cfg.target_ema``, ...), EDM ``TeacherTrainParams``. ``cfg.batch`` is
+the global batch; each of the W ranks draws its share ``cfg.batch // W`` from the data source.
+
+Data parallelism (``world_size`` W > 1, used by pipelines.support.ray_train): every rank builds the same data
+source (same seed and rank argument), takes W of its batches per step as one global batch of ``cfg.batch``, runs
+the microbatches i ≡ rank (mod W), scales each microbatch loss by b/(global batch) and calls ``grad_sync(params)``
+(an all-reduce sum) before the optimizer step, so W ranks make the same update as one process, up to float
+summation order. ``metric_sync`` sums the per-rank metric contributions likewise.
+
+A checkpoint holds everything needed to continue exactly and is loadable with ``torch.load(weights_only=True)``;
+saving is atomic (temp file in the same folder + os.replace).
+
+The library does no logging/tracking: metrics go to ``metrics_callback(step, {name: float})``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctm_core.training.ema import EMABank
+
+__all__ = [
+    "derive_seed",
+    "TensorDataSource",
+    "atomic_torch_save",
+    "load_checkpoint_file",
+    "build_optimizer",
+    "Trainer",
+]
+
+CHECKPOINT_FORMAT = "ctm_core.training.trainer/2"  # /2: the config is the params.yaml section
+
+
+def derive_seed(seed: int, rank: int, stream: str, *extra: int) -> int:
+    """A 63-bit seed for one named random stream of one rank (independent of the others)."""
+    digest = hashlib.sha256(repr((int(seed), int(rank), stream, *map(int, extra))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class TensorDataSource:
+    """In-memory dataset with a seeded permutation per epoch and a resumable position (epoch, index).
+
+    ``next_batch()`` returns (x (B, ...), labels (B, L) or None) on CPU; batches run across epoch ends.
+    """
+
+    def __init__(
+        self, data: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int, seed: int, rank: int = 0
+    ):
+        if data.ndim < 2 or data.shape[0] < 1:
+            raise ValueError(f"data must have shape (num_samples, ...), got {tuple(data.shape)}")
+        if labels is not None and labels.shape[0] != data.shape[0]:
+            raise ValueError(f"labels must have {data.shape[0]} rows like data, got {labels.shape[0]}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.data, self.labels = data, labels
+        self.batch_size, self.seed, self.rank = int(batch_size), int(seed), int(rank)
+        self.epoch, self.index = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, "data", epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.data.shape[0], generator=gen), epoch
+        return self._perm
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts, need = [], self.batch_size
+        while need > 0:
+            perm = self._permutation(self.epoch)
+            take = perm[self.index : self.index + need]
+            parts.append(take)
+            need -= take.numel()
+            self.index += take.numel()
+            if self.index >= perm.numel():
+                self.epoch, self.index = self.epoch + 1, 0
+        idx = torch.cat(parts)
+        return self.data[idx], (None if self.labels is None else self.labels[idx])
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the destination folder, fsync, then ``os.replace``.
+
+    An exception during the write leaves any previous file at ``path`` untouched and removes the temp file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with a format check."""
+    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: expected a training checkpoint of format {CHECKPOINT_FORMAT!r}, got {got!r}")
+    return state
+
+
+def build_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+    """RAdam (official CTM, C train_util.py:111-113) or Adam (EDM teacher): betas (0.9, 0.999), eps 1e-8, no
+    weight decay in both (the official settings)."""
+    params = [p for p in params if p.requires_grad]
+    cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[name]
+    return cls(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic loop
+
+
+class Trainer:
+    """Generic loop: subclasses implement ``iteration_context()`` and ``microbatch_loss(x0, labels, ctx, generator)``.
+
+    Args:
+        config: the params.yaml section (``DistillParams`` / ``TeacherTrainParams``); the loop reads ``batch``,
+            ``microbatch``, ``steps``, ``lr``, ``lr_warmup_steps``, ``optimizer``, ``grad_clip_norm``, ``precision``,
+            ``channels_last``, ``compile``, ``checkpoint_every``, ``log_every`` and ``seed``.
+        model: the trained network (student or denoiser); moved to ``device``.
+        data: a data source with ``next_batch()``, ``state_dict()``, ``load_state_dict()`` (the same on every rank)
+            whose batches hold ``config.batch // world_size`` samples.
+        rank, world_size: data-parallel position; rank runs microbatches i ≡ rank (mod world_size) of the global
+            batch of ``config.batch`` samples. Progress bars only on rank 0.
+        grad_sync: ``grad_sync(params)`` sums the gradients over ranks in place (all-reduce) before the step.
+        metric_sync: ``metric_sync({name: 0-dim tensor}) -> dict`` sums the per-rank metric contributions.
+        metrics_callback: called as ``cb(step, {name: float})`` every ``config.log_every`` steps.
+        discriminator, d_optimizer: optional slot for the GAN phase (saved/restored with the checkpoint).
+        progress: draw a tqdm bar while training (rank 0 only).
+    """
+
+    kind = "base"
+    # Fields that define the loss: a checkpoint made with other values cannot be resumed by this trainer.
+    loss_fields: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        config,
+        model: nn.Module,
+        data,
+        *,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
+        metric_sync: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        metrics_callback: Callable[[int, dict[str, float]], None] | None = None,
+        discriminator: nn.Module | None = None,
+        d_optimizer: torch.optim.Optimizer | None = None,
+        progress: bool = True,
+    ):
+        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+            raise ValueError(
+                f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}"
+            )
+        self.config = config
+        self.microbatch = int(config.microbatch or max(1, config.batch // world_size))  # b; null = per-rank batch
+        per = world_size * self.microbatch
+        if config.batch % per:
+            raise ValueError(
+                f"batch: expected a multiple of world_size × microbatch ({world_size} × {self.microbatch} = {per}), "
+                f"got {config.batch} (fix: change batch, microbatch or the number of ranks)"
+            )
+        self.batch_per_rank = config.batch // world_size
+        self.progress = bool(progress)
+        self.device = torch.device(device)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.grad_sync, self.metric_sync = grad_sync, metric_sync
+        self.metrics_callback = metrics_callback
+        self.data = data
+        self.step = 0
+
+        mf = torch.channels_last if config.channels_last else torch.preserve_format
+        self.model = model.to(self.device, memory_format=mf)
+        self.model.train()
+        self.emas = EMABank(self.model, self.ema_rates())
+        self.optimizer = build_optimizer(self.model.parameters(), config.optimizer, config.lr)
+        self.discriminator, self.d_optimizer = discriminator, d_optimizer
+
+        if config.precision == "bf16" and self.device.type != "cuda":
+            warnings.warn("precision='bf16' autocast applies on CUDA only; running fp32 on " + str(self.device))
+        self.autocast_enabled = config.precision == "bf16" and self.device.type == "cuda"
+
+    def keyed_generator(self, stream: str, *keys: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, stream, step, *keys): the same on every rank and after a resume."""
+        return torch.Generator().manual_seed(derive_seed(self.config.seed, 0, stream, self.step, *keys))
+
+    def _seed_dropout(self, microbatch: int) -> None:
+        """Re-seed the (forked) global RNG that dropout draws from, keyed like ``keyed_generator``."""
+        seed = derive_seed(self.config.seed, 0, "dropout", self.step, microbatch)
+        torch.random.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self._cuda_index):
+                torch.cuda.manual_seed(seed)
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def ema_rates(self) -> tuple[float, ...]:
+        """Rates of the evaluation EMAs kept next to the online weights."""
+        raise NotImplementedError
+
+    def iteration_context(self) -> dict[str, Any]:
+        """Per-iteration random quantities shared by all microbatches and ranks (e.g. CTM's k)."""
+        return {}
+
+    def microbatch_loss(
+        self, x0: torch.Tensor, labels: torch.Tensor | None, ctx: dict[str, Any], generator: torch.Generator
+    ):
+        """Return (scalar loss = mean over the microbatch, {name: 0-dim detached tensor})."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        self.emas.update(self.model)
+
+    def is_generator_step(self) -> bool:
+        """False on discriminator-only steps (GAN phase); those call ``discriminator_step`` instead."""
+        return True
+
+    def discriminator_step(self, x: torch.Tensor, labels: torch.Tensor | None, ctx: dict[str, Any]):
+        raise NotImplementedError
+
+    def my_microbatches(self) -> range:
+        """Indices of the global batch's microbatches this rank runs (i ≡ rank mod world_size)."""
+        num = self.config.batch // self.microbatch
+        return range(self.rank, num, self.world_size)
+
+    def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = [self.data.next_batch() for _ in range(self.world_size)]
+        for x, _ in parts:
+            if x.shape[0] != self.batch_per_rank:
+                raise ValueError(
+                    f"data source returned {x.shape[0]} samples, expected batch // world_size = {self.batch_per_rank}"
+                )
+        x = torch.cat([p[0] for p in parts])
+        labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        return x, labels
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def compile_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    @property
+    def _cuda_index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _maybe_compile(self) -> None:
+        if self.config.compile and not getattr(self, "_compiled", False):
+            for m in self.compile_modules():
+                getattr(m, "model", m).compile()  # in place: state_dict keys unchanged
+            self._compiled = True
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.config.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def current_lr(self) -> float:
+        cfg = self.config
+        if cfg.lr_warmup_steps > 0:
+            return cfg.lr * min(1.0, (self.step + 1) / cfg.lr_warmup_steps)
+        return cfg.lr
+
+    def _isolated_global_rng(self):
+        return torch.random.fork_rng(devices=[self._cuda_index] if self.device.type == "cuda" else [])
+
+    # -- one iteration -------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over the global batch (``config.batch`` samples) in ``microbatch`` chunks, of which
+        this rank runs ``my_microbatches()``; returns the metrics (batch means)."""
+        self._maybe_compile()
+        b = self.microbatch
+        B = self.config.batch  # global batch
+        with self._isolated_global_rng():
+            self.model.train()
+            x, labels = self._global_batch()
+            ctx = self.iteration_context()
+            lr = self.current_lr()
+            if not self.is_generator_step():
+                sums = self.discriminator_step(x, labels, ctx)
+                self.step += 1
+                return sums
+            self.optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, torch.Tensor] = {}
+            for i in self.my_microbatches():
+                xb = self._prepare(x[i * b : (i + 1) * b])
+                lb = None if labels is None else labels[i * b : (i + 1) * b].to(self.device)
+                self._seed_dropout(i)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
+                    loss, metrics = self.microbatch_loss(xb, lb, ctx, self.keyed_generator("loss", i))
+                (loss * (b / B)).backward()
+                for name, v in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + v.detach().float() * (b / B)
+            if self.grad_sync is not None:
+                self.grad_sync([p for p in self.model.parameters() if p.requires_grad])
+            if self.metric_sync is not None:
+                sums = self.metric_sync(sums)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.config.grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
+            self.optimizer.step()
+            self.after_optimizer_step()
+        self.step += 1
+        sums["lr"] = torch.tensor(lr)
+        for name, v in ctx.items():
+            if isinstance(v, (int, float)):
+                sums[name] = torch.tensor(float(v))
+        return sums
+
+    def train(self, num_steps: int | None = None, *, checkpoint_path: str | os.PathLike | None = None) -> int:
+        """Run until ``step == self.step + num_steps`` (default: up to ``config.steps``); returns the step.
+
+        Saves ``checkpoint_path`` every ``config.checkpoint_every`` steps and at the end (when given).
+        """
+        from tqdm.auto import tqdm
+
+        end = self.config.steps if num_steps is None else self.step + int(num_steps)
+        every = self.config.checkpoint_every
+        bar = tqdm(
+            total=max(0, end - self.step),
+            disable=not self.progress or self.rank != 0,
+            desc=f"{self.kind} training",
+            dynamic_ncols=True,
+        )
+        while self.step < end:
+            metrics = self.train_step()
+            bar.update(1)
+            if self.metrics_callback is not None and self.step % self.config.log_every == 0:
+                self.metrics_callback(self.step, {k: float(v) for k, v in metrics.items()})
+            if checkpoint_path is not None and every > 0 and self.step % every == 0 and self.step < end:
+                self.save_checkpoint(checkpoint_path)
+        bar.close()
+        if checkpoint_path is not None:
+            self.save_checkpoint(checkpoint_path)
+        return self.step
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # All randomness is keyed by (seed, step, microbatch) (see the module docstring): nothing else to store.
+        rng = {"scheme": "keyed(seed, step, microbatch)", "seed": self.config.seed}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": self.kind,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "emas": self.emas.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "discriminator": None if self.discriminator is None else self.discriminator.state_dict(),
+            "d_optimizer": None if self.d_optimizer is None else self.d_optimizer.state_dict(),
+            "rng": rng,
+            "data": self.data.state_dict(),
+            "config": self.config.model_dump(mode="json"),  # plain types: loads with weights_only=True
+        }
+        state.update(self.extra_state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint kind: expected {self.kind!r}, got {state.get('kind')!r}")
+        # The loss definition must match; optimizer/EMA-rate/batch settings follow the current config (a later
+        # phase, e.g. the GAN fine-tune, resumes with another lr or batch; docs/ctm.md#29-recipes-and-phases).
+        saved, mine = state["config"], self.config.model_dump(mode="json")
+        differ = [f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in self.loss_fields if saved.get(k) != mine[k]]
+        if differ:
+            raise ValueError(
+                f"checkpoint config: the loss is defined differently ({', '.join(differ)}; saved -> current) "
+                f"(fix: resume with the checkpoint's values of {', '.join(self.loss_fields)}, or start a new run)"
+            )
+        self.model.load_state_dict(state["model"])
+        self.emas.load_state_dict(state["emas"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["discriminator"] is None) != (self.discriminator is None):
+            raise ValueError("checkpoint discriminator slot: presence differs between checkpoint and trainer")
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            if self.d_optimizer is not None and state["d_optimizer"] is not None:
+                self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if state["rng"].get("seed") != self.config.seed:
+            raise ValueError(
+                f"checkpoint seed: expected {self.config.seed!r} (the trainer's), got {state['rng'].get('seed')!r} "
+                "(fix: resume with the checkpoint's seed: another one would not continue the same random streams)"
+            )
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.load_extra_state(state)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        atomic_torch_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(load_checkpoint_file(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CTM distillation
