@@ -69,7 +69,7 @@ from ctm_core.nets.student import CTMStudent  # noqa: E402
 from ctm_core.training.ema import frozen_copy  # noqa: E402
 from ctm_core.training.trainer import CTMTrainer, TensorDataSource  # noqa: E402
 
-# A tiny SongUNet for CPU smoke runs (shapes as in tests/test_student.py).
+# A tiny SongUNet for CPU smoke runs (shapes as in tests/unit/test_student.py).
 TINY_OVERRIDES = dict(img_resolution=16, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
 SETTINGS = ("fp32_eager", "bf16_eager", "bf16_compiled")
 GIB = float(1 << 30)

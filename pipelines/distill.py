@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs = resolve_inputs(args.data, args.teacher)
             card = check_inputs(inputs.data_dir, inputs.teacher_dir)
     except (ParamsError, FileNotFoundError, ValueError) as e:
-        print(f"distill: {one_line(e)}", file=sys.stderr)
+        logger.error("%s", one_line(e))
         return 2
     if args.dry_run:
         count = card.splits["train"].count if card else args.data
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = run_distill(params, data_dir=args.data, teacher_dir=args.teacher, out_dir=args.out)
     except (DistillRunError, CheckpointStorageError) as e:
-        print(f"distill: {one_line(e)}", file=sys.stderr)
+        logger.error("%s", one_line(e))
         return 1
     logger.info("student written to %s (Ray run %s, %d steps)", args.out, record["ray_run_name"], record["steps"])
     print(json.dumps(record, indent=2))

@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         info = plan(params, args.data, args.out)
     except ParamsError as e:
-        print(f"params error: {e}", file=sys.stderr)
+        logger.error("params error: %s", e)
         return 2
     except TeacherError as e:
-        print(f"teacher: {e}", file=sys.stderr)
+        logger.error("%s", e)
         return 2
     if args.dry_run:
         print(json_dumps(info), end="")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(params, args.data, args.out, progress=not args.no_progress, track=not args.no_mlflow)
     except (TeacherError, FetchError, ValueError, FileNotFoundError) as e:
-        print(f"teacher: {' '.join(str(e).split())}", file=sys.stderr)
+        logger.error("%s", " ".join(str(e).split()))
         return 1
     logger.info("teacher: %s", json_dumps(summary).strip())
     return 0

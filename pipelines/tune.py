@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
     except ParamsError as e:
-        print(f"params error: {e}", file=sys.stderr)
+        logger.error("params error: %s", e)
         return 2
     if not params.tune.enabled:
         write_best_params(args.out, {})
@@ -173,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_tune_inputs(params, Path(args.data), Path(args.teacher))
     except InputError as e:
-        print(f"input error: {e}", file=sys.stderr)
+        logger.error("input error: %s", e)
         return 2
     try:
         summary = run_tune(params, data_dir=args.data, teacher_dir=args.teacher, out=args.out)
     except SearchInterrupted as e:
-        print(f"tune: interrupted: {e}", file=sys.stderr)
+        logger.error("interrupted: %s", e)
         return 1
     logger.info(
         "tune: best %s=%.4g (trial %s, %s) -> %s",

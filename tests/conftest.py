@@ -1,35 +1,49 @@
-"""Shared test fixtures: paths to ../shared and deterministic torch settings."""
+"""Fixtures every layer shares: material under ../shared (skipped with a clear message when absent), the tiny
+teacher/student folders, MLflow isolation and deterministic torch settings. The servers and processes of the system
+tests (moto S3, Ray head, distill runs) come from the plugin tests/plugins/remote.py.
+
+Tests reach all of this through fixtures, never by importing a module of tests/.
+"""
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 
 import pytest
 import torch
 
+pytest_plugins = ["tests.plugins.remote"]
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-FIXTURES_EDM = SHARED / "fixtures" / "edm"
-EDM_KEYS = SHARED / "docs" / "edm_keys"
 
 torch.set_num_threads(1)  # tiny nets: threads cost more than they give on a 2-core box
 
 
-def require_shared(path: pathlib.Path) -> pathlib.Path:
-    """Skip the calling test with a clear message when a ../shared file is absent."""
+def _require(path: pathlib.Path) -> pathlib.Path:
     if not path.exists():
         pytest.skip(f"shared material not found at {path} (clone the project next to ../shared to run this test)")
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def shared_file() -> Callable[..., pathlib.Path]:
+    """`shared_file("fixtures", "edm", "x.pkl")` -> ../shared/fixtures/edm/x.pkl; skips the calling test when it
+    is absent (a checkout without ../shared runs everything else)."""
+    return lambda *parts: _require(SHARED.joinpath(*parts))
+
+
+@pytest.fixture(scope="session")
 def fixtures_edm() -> pathlib.Path:
-    return require_shared(FIXTURES_EDM)
+    """../shared/fixtures/edm: tiny EDM pickles and NVlabs/edm reference outputs (skips when absent)."""
+    return _require(SHARED / "fixtures" / "edm")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def edm_keys_dir() -> pathlib.Path:
-    return require_shared(EDM_KEYS)
+    """../shared/docs/edm_keys: state-dict key/shape listings of the released EDM presets (skips when absent)."""
+    return _require(SHARED / "docs" / "edm_keys")
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +64,10 @@ def _isolate_mlflow_globals():
     reset()
 
 
-def write_tiny_nets(root: pathlib.Path, *, student: bool = True):
+def _write_tiny_nets(root: pathlib.Path, *, student: bool = True):
     """A tiny 8×8 grey EDM teacher (seed 0, weights perturbed because EDM zero-initialises the output conv, so
-    D = c_skip·x would do nothing) saved to `root/teacher`, and its CTM student to `root/student`. Returns the teacher."""
+    D = c_skip·x would do nothing) saved to `root/teacher`, and its CTM student to `root/student`. Returns the
+    teacher."""
     from ctm_core.io.student_format import save_student
     from ctm_core.io.teacher_format import save_teacher
     from ctm_core.nets.precond import EDMPrecond
@@ -77,3 +92,10 @@ def write_tiny_nets(root: pathlib.Path, *, student: bool = True):
         s = CTMStudent.from_teacher(teacher)
         save_student(root / "student", s.init_kwargs, {"online": s.state_dict()})
     return teacher
+
+
+@pytest.fixture(scope="session")
+def tiny_nets() -> Callable[..., torch.nn.Module]:
+    """`tiny_nets(root, student=True)`: writes the tiny teacher to root/teacher (and its CTM student to
+    root/student) and returns the teacher; session-scoped so module-scoped setups can use it."""
+    return _write_tiny_nets

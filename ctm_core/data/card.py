@@ -150,10 +150,6 @@ class DatasetCard:
     params: dict[str, Any]
     versions: dict[str, str]
 
-    # Transitional dict view: `card["image"]["num_levels"]` returns the JSON value, for callers not yet on attributes.
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of card.json."""
         return {

@@ -6,7 +6,7 @@ src/pytorch_fid/inception.py (``fid_inception_v3``, ``FIDInceptionA``, ``FIDInce
 ``FIDInceptionE_2``); the code is written here rather than imported, because both libraries need torchvision
 (pytorch-fid builds its network from torchvision's ``Inception3`` blocks; torch-fidelity's package ``__init__``
 imports torchvision), and torchvision does not import beside this project's CPU torch 2.13 wheel (it is not in the
-project venv); ``tests/test_inception.py`` pins the layout against the torchvision / pytorch-fid facts instead.
+project venv); ``tests/unit/test_inception.py`` pins the layout against the torchvision / pytorch-fid facts instead.
 
 What makes the FID variant differ from torchvision's ImageNet Inception-v3 (pytorch-fid ``fid_inception_v3``):
     * 1008 output classes and no auxiliary classifier (``num_classes=1008, aux_logits=False``);
@@ -25,7 +25,7 @@ the input at i·in/out, no half-pixel offset; tensorflow core/kernels/image_resi
 and normalised by ``(x − 128)/128``. 1-channel images are repeated to 3 channels as EDM fid.py:66-67 does.
 pytorch-fid instead uses ``F.interpolate(mode="bilinear", align_corners=False)`` and ``2·x/255 − 1``, which moves FID
 by ~0.1 % (pytorch-fid README); NVIDIA's detector (EDM's ``inception-2015-12-05.pkl``) mimics the TF graph too.
-tests/test_inception_reference.py checks this module against torch-fidelity's on random weights.
+tests/unit/test_inception_reference.py checks this module against torch-fidelity's on random weights.
 
 Parameter count: 23,850,960 (all weights incl. fc; BN running stats are buffers). Derivation: torchvision's
 inception_v3 has 27,161,264 parameters (torchvision weights table, ``num_params``) including the auxiliary

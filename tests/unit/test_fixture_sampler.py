@@ -30,12 +30,10 @@ class SigmaRecorder:
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
-def fixture(request):
-    from tests.conftest import FIXTURES_EDM, require_shared
-
+def fixture(request, shared_file):
     teacher_format = pytest.importorskip("ctm_core.io.teacher_format")
-    pkl = require_shared(FIXTURES_EDM / f"{request.param}.pkl")
-    ref = dict(np.load(require_shared(FIXTURES_EDM / f"{request.param}.ref.npz")))
+    pkl = shared_file("fixtures", "edm", f"{request.param}.pkl")
+    ref = dict(np.load(shared_file("fixtures", "edm", f"{request.param}.ref.npz")))
     net = teacher_format.load_edm_checkpoint(pkl)
     labels = torch.from_numpy(ref["labels"])
     labels = labels if labels.shape[1] > 0 else None

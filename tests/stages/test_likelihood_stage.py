@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_tiny_nets
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY_LIK = {
     "likelihood": {
@@ -41,13 +39,13 @@ def _params(overrides=TINY_LIK):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_nets, tmp_path_factory):
     from pipelines.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("likelihood")
     data = root / "prepared"
     prepare_dataset("sklearn-digits", None, data, heldout_fraction=0.1, seed=0, shard_size=4096, progress=False)
-    write_tiny_nets(root)
+    tiny_nets(root)
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.setenv("DVC_ROOT", str(root))  # MLflow artifacts (mlruns/) next to the test DB, not in the repo
@@ -145,7 +143,7 @@ def test_bits_per_dim_levels_matches_gaussian_closed_form():
         bits_per_dim_levels(D_gauss, levels + 1, 17, dequantize="none", generator=torch.Generator())
 
 
-def test_runs_on_unlabelled_data(tmp_path, monkeypatch, capsys):
+def test_runs_on_unlabelled_data(tiny_nets, tmp_path, monkeypatch, capsys):
     """No class labels (imagefolder root images, 256 levels): the FD classifier would refuse the data, this stage
     does not; the CLI writes both numbers."""
     from PIL import Image
@@ -166,7 +164,7 @@ def test_runs_on_unlabelled_data(tmp_path, monkeypatch, capsys):
         "imagefolder", folder, tmp_path / "prepared", heldout_fraction=0.25, seed=0, shard_size=64, progress=False
     )
     assert card.labels.label_dim == 0 and card.image.num_levels == 256
-    write_tiny_nets(tmp_path)
+    tiny_nets(tmp_path)
     s = {"data": tmp_path / "prepared", "teacher": tmp_path / "teacher", "student": tmp_path / "student"}
     with pytest.raises(InputError, match="no class labels"):  # the evaluate stage's classifier features
         check_inputs(_params({"evaluate": {"features": "classifier"}}), s["data"], s["teacher"], s["student"])

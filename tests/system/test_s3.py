@@ -17,27 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest_remote import (  # noqa: F401 - fixtures are used by name
-    ROOT,
-    VENV_BIN,
-    Proc,
-    base_env,
-    distill_cmd,
-    free_port,
-    head_run_env,
-    inputs,
-    list_keys,
-    match_reference,
-    moto_server,
-    ray_head,
-    reference_run,
-    s3,
-    set_aws_env,
-    student_weights,
-    tree_bytes,
-    upload_tree,
-    write_params,
-)
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> str:
@@ -47,11 +28,11 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -
 
 
 # --- (a) DVC remote on S3 -----------------------------------------------------------------------------------------
-def test_dvc_push_pull_roundtrip(s3, inputs, tmp_path):
+def test_dvc_push_pull_roundtrip(remote, s3, inputs, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     # the dvc processes get NO AWS credentials in their env: only .dvc/config.local has them
-    env = base_env()
+    env = remote.base_env()
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
         env.pop(k, None)
     env.update(
@@ -71,8 +52,8 @@ def test_dvc_push_pull_roundtrip(s3, inputs, tmp_path):
     shutil.copytree(inputs["data"], repo / "data" / "prepared")
     shutil.copytree(inputs["teacher"], repo / "artifacts" / "teacher")
     want = {
-        "data/prepared": tree_bytes(repo / "data" / "prepared"),
-        "artifacts/teacher": tree_bytes(repo / "artifacts" / "teacher"),
+        "data/prepared": remote.tree_bytes(repo / "data" / "prepared"),
+        "artifacts/teacher": remote.tree_bytes(repo / "artifacts" / "teacher"),
     }
     url = f"s3://{s3['bucket']}/dvcstore"
     _run([dvc, "remote", "add", "-d", "storage", url], repo, env)
@@ -86,7 +67,7 @@ def test_dvc_push_pull_roundtrip(s3, inputs, tmp_path):
     assert ignored.returncode == 0, ".dvc/config.local must be git-ignored"
     _run([dvc, "add", "-q", "data/prepared", "artifacts/teacher"], repo, env)
     out = _run([dvc, "push"], repo, env)
-    keys = list_keys(s3["client"], s3["bucket"], "dvcstore/")
+    keys = remote.list_keys(s3["client"], s3["bucket"], "dvcstore/")
     n_files = sum(len(v) for v in want.values())
     assert len([k for k in keys if not k.endswith(".dir")]) == n_files, (out, keys)
     assert any(k.endswith(".dir") for k in keys)  # directory manifests
@@ -95,7 +76,7 @@ def test_dvc_push_pull_roundtrip(s3, inputs, tmp_path):
     shutil.rmtree(repo / "artifacts" / "teacher")
     _run([dvc, "pull"], repo, env)
     for rel, files in want.items():
-        assert tree_bytes(repo / rel) == files, rel
+        assert remote.tree_bytes(repo / rel) == files, rel
     # nothing secret in any file git would commit
     tracked = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, env=env, capture_output=True, text=True
@@ -108,7 +89,7 @@ def test_dvc_push_pull_roundtrip(s3, inputs, tmp_path):
 
 # --- (b) Ray Train storage_path on s3:// -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatch):
+def test_ray_storage_on_s3_and_resume(remote, s3, inputs, ray_head, tmp_path, monkeypatch):
     """run_distill with ``ray.storage_path: s3://...`` on the shared Ray head; a re-run resumes without retraining."""
     import ray
 
@@ -116,7 +97,7 @@ def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatc
     from pipelines.support.params import load_params
 
     prefix = f"s3://{s3['bucket']}/ray"
-    params_path = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address, "storage_path": prefix}})
+    params_path = remote.write_params(tmp_path, {"ray": {"address": ray_head.gcs_address, "storage_path": prefix}})
     from pipelines.support.ray_env import _refresh_ray_auth_config
 
     for k, v in ray_head.env.items():
@@ -139,12 +120,12 @@ def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatc
 
     try:
         rec1, wall1 = run("student1")
-        keys1 = list_keys(s3["client"], s3["bucket"], f"ray/{rec1['ray_run_name']}/")
+        keys1 = remote.list_keys(s3["client"], s3["bucket"], f"ray/{rec1['ray_run_name']}/")
         rec2, wall2 = run("student2")  # same name + storage: resumes at the final step, trains nothing
     finally:
         monkeypatch.undo()
         _refresh_ray_auth_config()
-        set_aws_env(monkeypatch, s3["endpoint"], tmp_path)
+        remote.set_aws_env(monkeypatch, s3["endpoint"], tmp_path)
     name = rec1["ray_run_name"]
     assert rec1["ray_storage_path"] == prefix and rec1["steps"] == params.distill.steps
     assert rec1["checkpoint_path"].startswith(f"{s3['bucket']}/ray/{name}/checkpoint_")
@@ -156,21 +137,22 @@ def test_ray_storage_on_s3_and_resume(s3, inputs, ray_head, tmp_path, monkeypatc
 
     assert rec2["ray_run_name"] == name and rec2["checkpoint_path"] == rec1["checkpoint_path"]
     assert rec2["mlflow_run_id"] == rec1["mlflow_run_id"]
-    assert list_keys(s3["client"], s3["bucket"], f"ray/{name}/checkpoint_") == [
+    assert remote.list_keys(s3["client"], s3["bucket"], f"ray/{name}/checkpoint_") == [
         k for k in keys1 if k.startswith(f"ray/{name}/checkpoint_")
     ]  # no new checkpoint was written
-    w1, w2 = student_weights(tmp_path / "student1"), student_weights(tmp_path / "student2")
-    assert w1 == w2 and match_reference(w1, wall1, "test_s3 storage")  # S3 storage changes nothing in the numbers
+    w1, w2 = remote.student_weights(tmp_path / "student1"), remote.student_weights(tmp_path / "student2")
+    # S3 storage changes nothing in the numbers
+    assert w1 == w2 and remote.match_reference(w1, wall1, "test_s3 storage")
     print(f"\n[s3 storage] run {wall1:.1f} s, resume-only re-run {wall2:.1f} s, {len(keys1)} objects under {prefix}")
 
 
 # --- (c) MLflow server with S3 artifacts --------------------------------------------------------------------------
-def test_mlflow_server_artifacts_on_s3(s3, tmp_path, monkeypatch):
+def test_mlflow_server_artifacts_on_s3(remote, s3, tmp_path, monkeypatch):
     import mlflow
     import requests
 
-    port = free_port()
-    server_env = base_env(
+    port = remote.free_port()
+    server_env = remote.base_env(
         MLFLOW_S3_ENDPOINT_URL=s3["endpoint"],
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
@@ -217,7 +199,7 @@ def test_mlflow_server_artifacts_on_s3(s3, tmp_path, monkeypatch):
             mlflow.log_artifact(str(artifact), artifact_path="distill")
             mlflow.log_metric("fd_nfe1", 1.5)
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
-        keys = list_keys(s3["client"], s3["bucket"], "mlflow/")
+        keys = remote.list_keys(s3["client"], s3["bucket"], "mlflow/")
         want = f"mlflow/{exp.experiment_id}/{run.info.run_id}/artifacts/distill/student_card.json"
         assert want in keys, keys
         body = s3["client"].get_object(Bucket=s3["bucket"], Key=want)["Body"].read()
@@ -237,14 +219,14 @@ def test_mlflow_server_artifacts_on_s3(s3, tmp_path, monkeypatch):
 
 
 # --- (d) distill inputs from s3:// ---------------------------------------------------------------------------------
-def _upload_inputs(s3, inputs, prefix: str = "ctm") -> tuple[str, str]:
-    upload_tree(s3["client"], s3["bucket"], f"{prefix}/prepared", inputs["data"])
-    upload_tree(s3["client"], s3["bucket"], f"{prefix}/teacher", inputs["teacher"])
+def _upload_inputs(remote, s3, inputs, prefix: str = "ctm") -> tuple[str, str]:
+    remote.upload_tree(s3["client"], s3["bucket"], f"{prefix}/prepared", inputs["data"])
+    remote.upload_tree(s3["client"], s3["bucket"], f"{prefix}/teacher", inputs["teacher"])
     return f"s3://{s3['bucket']}/{prefix}/prepared", f"s3://{s3['bucket']}/{prefix}/teacher"
 
 
 @pytest.mark.slow
-def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
+def test_distill_reads_s3_inputs(remote, s3, inputs, ray_head, tmp_path):
     """``--data s3://.../prepared --teacher s3://.../teacher`` (uploaded with boto3): verified into the cache before
     Ray starts, Ray Data reads the shards from S3, the workers get the teacher through the object store; same Ray run
     name and bitwise the same weights as the same inputs on local disk."""
@@ -256,12 +238,14 @@ def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
     from pipelines.support.io_utils import read_json, sha256_file
     from pipelines.support.params import load_params
 
-    ref = reference_run()
-    data_uri, teacher_uri = _upload_inputs(s3, inputs)
-    params = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address}})
+    ref = remote.reference_run()
+    data_uri, teacher_uri = _upload_inputs(remote, s3, inputs)
+    params = remote.write_params(tmp_path, {"ray": {"address": ray_head.gcs_address}})
     cache = tmp_path / "cache"
-    cmd = distill_cmd(params, tmp_path / "student", {"data": data_uri, "teacher": teacher_uri})
-    proc = Proc(cmd, head_run_env(ray_head, tmp_path, CTM_INPUT_CACHE=str(cache)), log=tmp_path / "distill.log")
+    cmd = remote.distill_cmd(params, tmp_path / "student", {"data": data_uri, "teacher": teacher_uri})
+    proc = remote.Proc(
+        cmd, remote.head_run_env(ray_head, tmp_path, CTM_INPUT_CACHE=str(cache)), log=tmp_path / "distill.log"
+    )
     try:
         rc = proc.finish(timeout=300)
     finally:
@@ -274,15 +258,15 @@ def test_distill_reads_s3_inputs(s3, inputs, ray_head, tmp_path):
     teacher_sha = read_json(inputs["teacher"] / "config.json")["weights_sha256"]
     want = f"distill-{params_hash(run_identity(d, card, teacher_sha, 1))[:12]}"
     assert record["ray_run_name"] == want  # where the inputs live does not change the run
-    assert student_weights(tmp_path / "student") == ref["weights"]
+    assert remote.student_weights(tmp_path / "student") == ref["weights"]
     shards = {p.name: sha256_file(p) for p in cache.glob("prepared/*/train/*.parquet")}
-    assert shards == {Path(s["path"]).name: s["sha256"] for s in card["splits"]["train"]["shards"]}
+    assert shards == {Path(s.path).name: s.sha256 for s in card.splits["train"].shards}
     assert len(list(cache.glob("teacher/*/teacher.safetensors"))) == 1
     assert not list(cache.glob("tmp/*"))  # no partial download left behind
     print(f"\n[s3 inputs] distill from s3:// inputs {time.monotonic() - proc.t0:.1f} s, same weights as local")
 
 
-def test_s3_inputs_rejected_before_ray(s3, inputs, tmp_path):
+def test_s3_inputs_rejected_before_ray(remote, s3, inputs, tmp_path):
     """Bad ``s3://`` inputs stop the stage with one line naming the path and the fix, before Ray starts, and leave
     nothing unverified in the cache."""
     import yaml
@@ -290,7 +274,7 @@ def test_s3_inputs_rejected_before_ray(s3, inputs, tmp_path):
     from pipelines.distill import InputError, resolve_inputs
 
     c, bucket = s3["client"], s3["bucket"]
-    data_uri, teacher_uri = _upload_inputs(s3, inputs)
+    data_uri, teacher_uri = _upload_inputs(remote, s3, inputs)
     cache = tmp_path / "cache"
 
     def err(data: str, teacher: str) -> str:
@@ -327,7 +311,7 @@ def test_s3_inputs_rejected_before_ray(s3, inputs, tmp_path):
     raytmp = Path(f"/tmp/rt_s3in{os.getpid()}")
     raw["ray"]["temp_dir"] = str(raytmp)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = base_env(
+    env = remote.base_env(
         CTM_INPUT_CACHE=str(cache),
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
         AWS_CONFIG_FILE=str(tmp_path / "none"),

@@ -18,7 +18,6 @@ from ctm_core.nets.layers import GroupNorm, Linear, PositionalEmbedding, UNetBlo
 from ctm_core.nets.networks import DhariwalUNet, SongUNet
 from ctm_core.nets.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
 from ctm_core.nets.presets import PRESETS, build_preset
-from tests.conftest import EDM_KEYS, require_shared
 
 SEED = 0
 
@@ -76,8 +75,7 @@ SONG_VARIANTS = {
 }
 
 
-def _read_tsv(name: str) -> list[tuple[str, list[int], str]]:
-    path = require_shared(EDM_KEYS / f"{name.removeprefix('edm-')}.tsv")
+def _read_tsv(path) -> list[tuple[str, list[int], str]]:
     rows = []
     for line in path.read_text().splitlines():
         if line.strip():
@@ -116,8 +114,8 @@ def _randomize(net: torch.nn.Module, seed: int = SEED) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_keys_shapes_order_match_edm(name):
-    rows = _read_tsv(name)
+def test_preset_keys_shapes_order_match_edm(shared_file, name):
+    rows = _read_tsv(shared_file("docs", "edm_keys", f"{name.removeprefix('edm-')}.tsv"))
     net = _meta_preset(name)
     ours = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in net.state_dict().items()]
     assert [r[0] for r in ours] == [r[0] for r in rows]  # names and order

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest_remote import copy_repo
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
     "teacher": {"train": {"steps": 40, "batch": 32, "log_every": 10, "lr_warmup_steps": 5}},
@@ -53,10 +51,10 @@ def _env(repo: Path) -> dict[str, str]:
 
 
 @pytest.mark.ray
-def test_dvc_repro_end_to_end(tmp_path):
+def test_dvc_repro_end_to_end(remote, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    copy_repo(repo)  # tracked + untracked-not-ignored files as a one-commit repo: what a clone holds
+    remote.copy_repo(repo)  # tracked + untracked-not-ignored files as a one-commit repo: what a clone holds
     params = yaml.safe_load((repo / "params.yaml").read_text())
     _merge(params, TINY)
     params["ray"]["temp_dir"] = f"/tmp/ray_e2e{os.getpid()}"

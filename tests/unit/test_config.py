@@ -34,7 +34,7 @@ from ctm_core.config import (
 )
 from pipelines.support.params import load_params, resolve_path
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 PARAMS = ROOT / "params.yaml"
 

@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_tiny_nets
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_IMAGES = 12
 
 
@@ -51,7 +49,7 @@ def _params(overrides):
 
 
 @pytest.fixture(scope="module")
-def fid_setup(tmp_path_factory):
+def fid_setup(tiny_nets, tmp_path_factory):
     from PIL import Image
 
     from ctm_core.eval.inception import FIDInception
@@ -71,7 +69,7 @@ def fid_setup(tmp_path_factory):
     card = prepare_dataset("imagefolder", folder, data, heldout_fraction=0.25, seed=0, shard_size=64, progress=False)
     assert card.labels.label_dim == 0 and card.image.num_levels == 256
 
-    write_tiny_nets(root)
+    tiny_nets(root)
 
     weights = root / "pt_inception-random.pth"
     torch.save(FIDInception(random_init=True, generator=torch.Generator().manual_seed(0)).state_dict(), weights)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ import torch
 
 from ctm_core.io.edm_pickle import read_edm_snapshot
 from ctm_core.nets.precond import build_precond
-from tests.conftest import FIXTURES_EDM, require_shared
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 RTOL = 1e-5
@@ -34,10 +34,9 @@ def _one_thread():
 
 
 @functools.cache
-def _load(name: str):
+def _load(pkl: pathlib.Path, npz_path: pathlib.Path):
     """(net in eval mode, reference arrays, labels or None) for one fixture; cached across the tests below."""
-    pkl = require_shared(FIXTURES_EDM / f"{name}.pkl")
-    with np.load(require_shared(FIXTURES_EDM / f"{name}.ref.npz")) as npz:
+    with np.load(npz_path) as npz:
         ref = {key: np.array(npz[key]) for key in npz.files}  # writable copies
     snap = read_edm_snapshot(pkl)
     meta = json.loads(str(ref["meta_json"]))
@@ -57,14 +56,17 @@ def _rel_l2(ours: torch.Tensor, expected: np.ndarray) -> float:
     return 0.0 if err == 0 else err / expected.norm().item()
 
 
-def _require(name: str):
-    require_shared(FIXTURES_EDM)
-    return _load(name)
+@pytest.fixture
+def edm_net(shared_file):
+    """name -> (net, reference arrays, labels or None) of ../shared/fixtures/edm/<name>; skips when absent."""
+    return lambda name: _load(
+        shared_file("fixtures", "edm", f"{name}.pkl"), shared_file("fixtures", "edm", f"{name}.ref.npz")
+    )
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_snapshot_attributes(name):
-    net, ref, _ = _require(name)
+def test_snapshot_attributes(edm_net, name):
+    net, ref, _ = edm_net(name)
     meta = json.loads(str(ref["meta_json"]))
     assert net.label_dim == meta["label_dim"]
     assert net.img_resolution == meta["img_resolution"] and net.img_channels == meta["img_channels"]
@@ -73,8 +75,8 @@ def test_snapshot_attributes(name):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_denoiser_matches_edm_vector_and_scalar_sigma(name):
-    net, ref, labels = _require(name)
+def test_denoiser_matches_edm_vector_and_scalar_sigma(edm_net, name):
+    net, ref, labels = edm_net(name)
     sigmas = ref["den_sigmas"]
     batch = ref["den_x"].shape[1]
     with torch.no_grad():
@@ -89,9 +91,9 @@ def test_denoiser_matches_edm_vector_and_scalar_sigma(name):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_inner_network_inputs_and_output_match_edm(name):
+def test_inner_network_inputs_and_output_match_edm(edm_net, name):
     """c_in x, c_noise and F_x as the inner UNet saw / returned them, captured with a forward hook."""
-    net, ref, labels = _require(name)
+    net, ref, labels = edm_net(name)
     seen = {}
 
     def hook(module, args, kwargs, output):
@@ -113,8 +115,8 @@ def test_inner_network_inputs_and_output_match_edm(name):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_mixed_sigma_batch_and_missing_labels(name):
-    net, ref, labels = _require(name)
+def test_mixed_sigma_batch_and_missing_labels(edm_net, name):
+    net, ref, labels = edm_net(name)
     with torch.no_grad():
         D = net(torch.from_numpy(ref["mix_x"]), torch.from_numpy(ref["mix_sigma"]), labels)
         assert _rel_l2(D, ref["mix_D"]) < RTOL

@@ -18,7 +18,7 @@ from ctm_core.nets.precond import EDMPrecond
 from pipelines.prepare import prepare_dataset
 from pipelines.support.params import load_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_best_params_applied_and_validated(inputs, tmp_path, capsys):
         best.write_text(text)
         assert main([*args, "--best-params", str(best), "--dry-run"]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-        assert len(err) == 1 and err[0].startswith(f"distill: {key}"), err
+        assert len(err) == 1 and err[0].startswith(f"ERROR pipelines.distill: {key}"), err
     assert main([*args, "--best-params", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
     assert "--best-params: file" in capsys.readouterr().err
 

@@ -3,8 +3,8 @@
 1. The CLI path documented in infra/README §4: ``ray job submit --working-dir <repo>`` of the distill entrypoint with
    absolute data/teacher/out paths and an absolute MLflow sqlite URI; client token mode as README §3 says.
 2. The DVC-stage path: ``python -m pipelines.distill`` with ``ray.submit: true`` submits through
-   ``pipelines.support.submit.submit_job`` (explicit Authorization header, no RAY_AUTH_MODE on the client), streams the logs
-   and blocks. The client is killed mid-job (a killed ``dvc repro``) and re-run: it attaches to the same job
+   ``pipelines.support.submit.submit_job`` (explicit Authorization header, no RAY_AUTH_MODE on the client), streams
+   the logs and blocks. The client is killed mid-job (a killed ``dvc repro``) and re-run: it attaches to the same job
    (deterministic submission id) instead of submitting a duplicate, and returns 0.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,20 +21,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.support import submit
-from tests.conftest_remote import (  # noqa: F401 - fixtures are used by name
-    ROOT,
-    VENV_BIN,
-    Proc,
-    base_env,
-    distill_cmd,
-    inputs,
-    match_reference,
-    moto_server,
-    ray_head,
-    register_checkpoints,
-    student_weights,
-    write_params,
-)
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
 
 
 def _mlflow_runs(db: Path) -> list[tuple[str, str]]:
@@ -115,15 +105,15 @@ def test_wrong_token_is_one_clear_line(ray_head, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_cli(ray_head, inputs, tmp_path):
-    params = write_params(tmp_path)  # ray.address null: inside the job Ray's RAY_ADDRESS joins the cluster
+def test_ray_job_submit_cli(remote, ray_head, inputs, tmp_path):
+    params = remote.write_params(tmp_path)  # ray.address null: inside the job Ray's RAY_ADDRESS joins the cluster
     out, db = tmp_path / "student", tmp_path / "mlflow.db"
     job_id = f"ctm-cli-{uuid.uuid4().hex[:8]}"
     rt = {
         "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "CTM_INSIDE_RAY_JOB": "1", "DVC_ROOT": str(tmp_path)},
         "excludes": submit.EXCLUDES,
     }
-    env = base_env(
+    env = remote.base_env(
         RAY_ADDRESS=ray_head.dashboard_url, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(ray_head.token_path)
     )
     cmd = [
@@ -158,8 +148,9 @@ def test_ray_job_submit_cli(ray_head, inputs, tmp_path):
     assert "succeeded" in (st.stdout + st.stderr).lower()
     record = json.loads((out / "run.json").read_text())
     assert record["steps"] == 24 and record["ray_storage_path"] == str(tmp_path / "ray_results")
-    assert match_reference(student_weights(out), wall, "ray job submit")  # the job computes what a local run does
-    register_checkpoints(tmp_path / "ray_results")
+    # the job computes what a local run does
+    assert remote.match_reference(remote.student_weights(out), wall, "ray job submit")
+    remote.register_checkpoints(tmp_path / "ray_results")
     runs = _mlflow_runs(db)
     assert (record["ray_run_name"], "FINISHED") in runs, runs
     assert _mlflow_metric_steps(db, "train/loss") == list(range(1, 25))
@@ -167,19 +158,19 @@ def test_ray_job_submit_cli(ray_head, inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_stage_submits_blocks_and_reattaches(ray_head, inputs, tmp_path):
+def test_stage_submits_blocks_and_reattaches(remote, ray_head, inputs, tmp_path):
     """`ray.submit: true`: the stage submits, streams, blocks; a killed client re-attaches to the running job."""
-    params = write_params(tmp_path, {"ray": {"submit": True}})
+    params = remote.write_params(tmp_path, {"ray": {"submit": True}})
     out, db = tmp_path / "student", tmp_path / "mlflow.db"
     # explicit token handling: no RAY_AUTH_MODE on the client, only the token file (Ray's own client would send
     # no header then); RAY_ADDRESS is the dashboard URL
-    env = base_env(
+    env = remote.base_env(
         RAY_ADDRESS=ray_head.dashboard_url,
         RAY_AUTH_TOKEN_PATH=str(ray_head.token_path),
         MLFLOW_TRACKING_URI=f"sqlite:///{db}",
     )
-    cmd = distill_cmd(params, out, inputs)
-    first = Proc(cmd, env, log=tmp_path / "client1.log")
+    cmd = remote.distill_cmd(params, out, inputs)
+    first = remote.Proc(cmd, env, log=tmp_path / "client1.log")
     try:
         m = first.wait_for(r"submit: job (\S+) submitted", timeout=120)
         assert m is not None, first.tail()
@@ -189,7 +180,7 @@ def test_stage_submits_blocks_and_reattaches(ray_head, inputs, tmp_path):
         t_kill = time.monotonic()
     finally:
         first.kill()
-    second = Proc(cmd, env, log=tmp_path / "client2.log")
+    second = remote.Proc(cmd, env, log=tmp_path / "client2.log")
     rc = second.finish(timeout=300)
     text = second.text()
     assert rc == 0, text[-4000:]
@@ -198,7 +189,7 @@ def test_stage_submits_blocks_and_reattaches(ray_head, inputs, tmp_path):
     )
     assert f"submit: job {job_id} SUCCEEDED" in text
     assert "submitted" not in text  # attached, no duplicate job
-    assert match_reference(student_weights(out), time.monotonic() - first.t0, "stage submit")
+    assert remote.match_reference(remote.student_weights(out), time.monotonic() - first.t0, "stage submit")
     record = json.loads((out / "run.json").read_text())
     assert (record["ray_run_name"], "FINISHED") in _mlflow_runs(db)
     print(

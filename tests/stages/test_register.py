@@ -32,7 +32,7 @@ from pipelines.support.gate import Evidence, decide, metric_noise, read_eval, re
 from pipelines.support.params import load_params  # noqa: E402
 from pipelines.support.pyfunc_model import CTMSampler, to_uint8  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params.yaml"
 NAME = "ctm-test"
 

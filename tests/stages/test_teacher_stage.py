@@ -17,9 +17,8 @@ from pipelines.prepare import prepare_dataset
 from pipelines.support.io_utils import sha256_file
 from pipelines.support.params import load_params
 from pipelines.teacher import TeacherError, main, run
-from tests.conftest import FIXTURES_EDM, require_shared
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params.yaml"
 # A few steps of a small UNet: the point is the wiring, not the quality.
 TINY_TRAIN = {
@@ -117,8 +116,8 @@ def test_file_uri_with_wrong_sha256_fails_with_one_line(tmp_path, prepared, caps
     assert not any(p.is_file() for p in cached.rglob("*")) if cached.exists() else True
 
 
-def test_file_uri_fixture_converts_to_identical_weights(tmp_path, prepared, capsys):
-    pkl = require_shared(FIXTURES_EDM / "tiny-uncond-vp.pkl")
+def test_file_uri_fixture_converts_to_identical_weights(tmp_path, prepared, capsys, shared_file):
+    pkl = shared_file("fixtures", "edm", "tiny-uncond-vp.pkl")
     digest = sha256_file(pkl)
     params = load_params(_params_file(tmp_path, {"source": pkl.as_uri(), "sha256": digest}), check_env=False)
     out = tmp_path / "teacher"
@@ -146,7 +145,11 @@ def test_bad_params_exit_2_before_any_work(tmp_path, prepared, capsys):
     out = tmp_path / "teacher"
     assert main(["--params", str(params_file), "--data", str(prepared), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("params error: teacher.source") and "no-such-release" in err[0]
+    assert (
+        len(err) == 1
+        and err[0].startswith("ERROR pipelines.teacher: params error: teacher.source")
+        and "no-such-release" in err[0]
+    )
     # source: train without a prepared dataset: one line, exit 2.
     params_file = _params_file(tmp_path, {"source": "train"})
     assert main(["--params", str(params_file), "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2

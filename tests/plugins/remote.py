@@ -1,8 +1,10 @@
-"""Shared helpers and fixtures for the tests on real servers (moto S3, Ray head, MLflow server), all on 127.0.0.1.
+"""Pytest plugin for the tests on real servers (moto S3, Ray head, MLflow server), all on 127.0.0.1.
 
-Import from test files: ``from tests.conftest_remote import ...`` (fixtures are imported by name so pytest finds
-them). Expensive things (the tiny prepared digits + tiny random teacher, the uninterrupted reference distill run)
-are computed once per pytest process through module-level caches, whichever test file asks first.
+Registered by tests/conftest.py (``pytest_plugins``). Tests request its fixtures by name: ``inputs`` (tiny prepared
+digits + tiny random teacher), ``moto_server``, ``s3``, ``ray_head``, and ``remote``, a namespace of the helpers
+(``remote.Proc``, ``remote.write_params``, ``remote.reference_run`` ...). Expensive things (the inputs, the
+uninterrupted reference distill run, the shared Ray head and moto server) are computed once per pytest process,
+whichever test asks first.
 
 Process hygiene: every server is started by a fixture and stopped by PID (a Ray head: the processes whose command
 line names its own temp dir, plus their descendants; never ``ray stop``, which kills every Ray on the host).
@@ -20,13 +22,14 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 # Tiny distill: 1 worker, a few seconds of CPU per checkpoint interval. K >= 4 so steps cost a bit (teacher Heun).
@@ -167,7 +170,7 @@ def write_params(folder: Path, overrides: dict[str, Any] | None = None, *, name:
 
 def copy_repo(dst: Path) -> Path:
     """The repository's tracked and untracked-but-not-ignored files as a fresh one-commit git repo at ``dst`` (what
-    a clone holds; also used by tests/test_e2e_dvc.py). Ignored data/, artifacts/, ray_results/,
+    a clone holds; also used by tests/system/test_e2e_dvc.py). Ignored data/, artifacts/, ray_results/,
     .dvc/cache and .venv stay behind."""
     import shutil
 
@@ -751,3 +754,40 @@ def head_run_env(head: RayHead, folder: Path, **extra: str) -> dict[str, str]:
     env = dict(head.env)
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}", DVC_ROOT=str(folder), **extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def remote() -> types.SimpleNamespace:
+    """The helpers of this plugin, for tests that start processes or talk to the servers themselves."""
+    return types.SimpleNamespace(
+        ROOT=ROOT,
+        VENV_BIN=VENV_BIN,
+        TINY_DISTILL=TINY_DISTILL,
+        CutProxy=CutProxy,
+        MotoServer=MotoServer,
+        Proc=Proc,
+        RayHead=RayHead,
+        aws_env=aws_env,
+        base_env=base_env,
+        checkpoint_dirs=checkpoint_dirs,
+        copy_repo=copy_repo,
+        distill_cmd=distill_cmd,
+        free_port=free_port,
+        head_run_env=head_run_env,
+        kill_ray=kill_ray,
+        list_keys=list_keys,
+        match_reference=match_reference,
+        params_temp_dir=params_temp_dir,
+        ray_processes=ray_processes,
+        reference_run=reference_run,
+        register_checkpoints=register_checkpoints,
+        report_fault=report_fault,
+        set_aws_env=set_aws_env,
+        sha256_bytes=sha256_bytes,
+        short_tmp=short_tmp,
+        student_weights=student_weights,
+        train_worker_pids=train_worker_pids,
+        tree_bytes=tree_bytes,
+        upload_tree=upload_tree,
+        write_params=write_params,
+    )

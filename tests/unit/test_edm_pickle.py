@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from ctm_core.io.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
-from tests.conftest import EDM_KEYS, FIXTURES_EDM, require_shared
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 # Released preset with the same architecture family, for the key grammar check (docs/edm.md#a16-state-dict-keys).
@@ -48,10 +47,16 @@ EDM_GLOBALS = {
 PLACEHOLDER_SRC = "# module source of training/networks.py (test stand-in)\n"
 
 
-def _fixture(name: str) -> tuple[pathlib.Path, dict]:
-    pkl = require_shared(FIXTURES_EDM / f"{name}.pkl")
-    meta = json.loads(str(np.load(require_shared(FIXTURES_EDM / f"{name}.ref.npz"))["meta_json"]))
-    return pkl, meta
+@pytest.fixture
+def edm_fixture(shared_file):
+    """name -> (../shared/fixtures/edm/<name>.pkl, the metadata of its reference outputs); skips when absent."""
+
+    def load(name: str) -> tuple[pathlib.Path, dict]:
+        pkl = shared_file("fixtures", "edm", f"{name}.pkl")
+        meta = json.loads(str(np.load(shared_file("fixtures", "edm", f"{name}.ref.npz"))["meta_json"]))
+        return pkl, meta
+
+    return load
 
 
 def _assert_edm_not_imported() -> None:
@@ -179,8 +184,8 @@ def _touch_command(marker: pathlib.Path) -> str:
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_fixture_reads_consistently(name):
-    pkl, meta = _fixture(name)
+def test_fixture_reads_consistently(shared_file, edm_fixture, name):
+    pkl, meta = edm_fixture(name)
     snap = read_edm_snapshot(pkl)
     assert isinstance(snap, EDMSnapshot)
     assert snap.class_name == meta["net_class"] == "EDMPrecond"
@@ -211,14 +216,14 @@ def test_fixture_reads_consistently(name):
     assert ("model.map_noise.freqs" in sd) == (kw.get("embedding_type") == "fourier")
     # same key grammar as the released preset of the family, once resolutions and block numbers are abstracted
     norm = lambda k: re.sub(r"block\d+", "block#", re.sub(r"\d+x\d+", "RxR", k))
-    tsv = require_shared(EDM_KEYS / f"{SAME_FAMILY[name]}.tsv").read_text().splitlines()
+    tsv = shared_file("docs", "edm_keys", f"{SAME_FAMILY[name]}.tsv").read_text().splitlines()
     released = {norm(line.split("\t")[0]) for line in tsv if line and not line.startswith("#")}
     assert {norm(k) for k in sd} <= released
     _assert_edm_not_imported()
 
 
-def test_reads_file_object_and_bytes_identically():
-    pkl, _ = _fixture("tiny-cond-adm")
+def test_reads_file_object_and_bytes_identically(edm_fixture):
+    pkl, _ = edm_fixture("tiny-cond-adm")
     a = read_edm_snapshot(pkl)
     with open(pkl, "rb") as f:
         b = read_edm_snapshot(f)
@@ -228,9 +233,9 @@ def test_reads_file_object_and_bytes_identically():
     assert a.file_sha256 == b.file_sha256 == c.file_sha256
 
 
-def test_planted_torch_utils_is_never_resolved(tmp_path):
+def test_planted_torch_utils_is_never_resolved(edm_fixture, tmp_path):
     """A booby-trapped torch_utils in sys.modules is ignored: globals come from the allow-list only."""
-    pkl, _ = _fixture("tiny-uncond-vp")
+    pkl, _ = edm_fixture("tiny-uncond-vp")
     marker = tmp_path / "trap-ran"
 
     def trap(meta):
@@ -307,8 +312,8 @@ def test_numpy_object_dtype_refused():
         read_edm_snapshot(pickle.dumps({"ema": np.dtype(object)}, protocol=4))
 
 
-def test_truncated_file(tmp_path):
-    data = _fixture("tiny-cond-ve")[0].read_bytes()
+def test_truncated_file(edm_fixture, tmp_path):
+    data = edm_fixture("tiny-cond-ve")[0].read_bytes()
     for n in (2, 1000, len(data) // 2, len(data) - 1):
         with pytest.raises(ValueError, match="truncated or corrupt") as info:
             read_edm_snapshot(data[:n])
@@ -426,7 +431,7 @@ def _build_on_global(module: str, name: str, attr: str) -> bytes:
         ("torch.nn.modules.container", "ModuleDict", "__new__"),
     ],
 )
-def test_hostile_build_cannot_patch_the_allow_list(module, name, attr):
+def test_hostile_build_cannot_patch_the_allow_list(edm_fixture, module, name, attr):
     """BUILD on an allow-listed global must not change how later files are read."""
     from ctm_core.io import edm_pickle
 
@@ -438,11 +443,11 @@ def test_hostile_build_cannot_patch_the_allow_list(module, name, attr):
     with pytest.raises(ValueError, match=f"tried to set attribute {attr!r}|malformed.*__setstate__"):
         read_edm_snapshot(payload)
     assert getattr(target, attr, None) is before or getattr(target, attr, None) == before
-    snap = read_edm_snapshot(_fixture("tiny-cond-adm")[0])  # still reads normally
+    snap = read_edm_snapshot(edm_fixture("tiny-cond-adm")[0])  # still reads normally
     assert len(snap.state_dict) > 0
 
 
-def test_loader_never_imports_edm_packages():
+def test_loader_never_imports_edm_packages(edm_fixture):
     for name in FIXTURES:
-        read_edm_snapshot(_fixture(name)[0])
+        read_edm_snapshot(edm_fixture(name)[0])
     _assert_edm_not_imported()

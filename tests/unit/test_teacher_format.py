@@ -27,13 +27,14 @@ from ctm_core.io.teacher_format import (
     save_teacher,
     weights_sha256,
 )
-from tests.conftest import FIXTURES_EDM, require_shared
 
 FIXTURES = ["tiny-uncond-vp", "tiny-cond-ve", "tiny-cond-adm"]
 
 
-def _pkl(name: str = "tiny-cond-ve"):
-    return require_shared(FIXTURES_EDM / f"{name}.pkl")
+@pytest.fixture
+def edm_pkl(shared_file):
+    """name -> ../shared/fixtures/edm/<name>.pkl (default tiny-cond-ve); skips when absent."""
+    return lambda name="tiny-cond-ve": shared_file("fixtures", "edm", f"{name}.pkl")
 
 
 def _listing(path):
@@ -48,10 +49,10 @@ def _assert_same_tensors(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_convert_round_trip(tmp_path, name):
-    snap = read_edm_snapshot(_pkl(name))
+def test_convert_round_trip(edm_pkl, tmp_path, name):
+    snap = read_edm_snapshot(edm_pkl(name))
     out = tmp_path / "teacher"
-    config = convert_edm_pickle(_pkl(name), out)
+    config = convert_edm_pickle(edm_pkl(name), out)
     assert _listing(out) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     class_name, init_kwargs, state_dict, read_config = read_teacher(out)
     assert class_name == snap.class_name == "EDMPrecond"
@@ -69,9 +70,9 @@ def test_convert_round_trip(tmp_path, name):
     assert config["num_tensors"] == len(snap.state_dict)
 
 
-def test_metadata_json_in_safetensors(tmp_path):
+def test_metadata_json_in_safetensors(edm_pkl, tmp_path):
     out = tmp_path / "teacher"
-    config = convert_edm_pickle(_pkl(), out)
+    config = convert_edm_pickle(edm_pkl(), out)
     with safetensors.safe_open(str(out / WEIGHTS_FILE), framework="pt") as f:
         assert json.loads(f.metadata()[METADATA_KEY]) == config
     # the weights file alone is a complete teacher
@@ -79,9 +80,9 @@ def test_metadata_json_in_safetensors(tmp_path):
     assert (class_name, init_kwargs) == (config["class_name"], config["init_kwargs"])
 
 
-def test_read_from_bytes_and_file_object(tmp_path):
+def test_read_from_bytes_and_file_object(edm_pkl, tmp_path):
     out = tmp_path / "teacher"
-    convert_edm_pickle(_pkl(), out)
+    convert_edm_pickle(edm_pkl(), out)
     ref = read_teacher(out)
     data = (out / WEIGHTS_FILE).read_bytes()
     for source in (data, io.BytesIO(data)):
@@ -100,9 +101,9 @@ def test_weights_sha256_is_a_function_of_the_tensors():
     assert weights_sha256(a) != weights_sha256(b)
 
 
-def test_tampered_weights_rejected(tmp_path):
+def test_tampered_weights_rejected(edm_pkl, tmp_path):
     out = tmp_path / "teacher"
-    convert_edm_pickle(_pkl(), out)
+    convert_edm_pickle(edm_pkl(), out)
     path = out / WEIGHTS_FILE
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # last byte of the last tensor: the file is still valid safetensors
@@ -113,32 +114,32 @@ def test_tampered_weights_rejected(tmp_path):
         load_edm_checkpoint(out)
 
 
-def test_config_json_disagreeing_with_weights_rejected(tmp_path):
+def test_config_json_disagreeing_with_weights_rejected(edm_pkl, tmp_path):
     out = tmp_path / "teacher"
-    config = convert_edm_pickle(_pkl(), out)
+    config = convert_edm_pickle(edm_pkl(), out)
     config["init_kwargs"]["model_channels"] = 128
     (out / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="disagrees"):
         read_teacher(out)
 
 
-def test_read_errors(tmp_path):
+def test_read_errors(edm_pkl, tmp_path):
     with pytest.raises(ValueError, match=f"expected a teacher folder with {WEIGHTS_FILE}"):
         read_teacher(tmp_path)
     with pytest.raises(ValueError, match="not a safetensors file"):
         read_teacher(b"\x05\x00")
     with pytest.raises(ValueError, match="convert_edm_pickle"):
-        read_teacher(_pkl())
+        read_teacher(edm_pkl())
     plain = tmp_path / "plain.safetensors"
     plain.write_bytes(safetensors.torch.save({"w": torch.zeros(2)}))
     with pytest.raises(ValueError, match=f"without '{METADATA_KEY}' metadata"):
         read_teacher(plain)
 
 
-def test_no_partial_output_when_out_dir_is_a_file(tmp_path):
+def test_no_partial_output_when_out_dir_is_a_file(edm_pkl, tmp_path):
     target = tmp_path / "teacher"
     target.write_text("keep me")
-    snap = read_edm_snapshot(_pkl())
+    snap = read_edm_snapshot(edm_pkl())
     with pytest.raises(ValueError, match="out_dir"):
         save_teacher(snap.class_name, snap.init_kwargs, snap.state_dict, target)
     assert target.read_text() == "keep me"
@@ -154,8 +155,8 @@ def test_no_partial_output_on_bad_input(tmp_path):
     assert _listing(tmp_path) == []
 
 
-def test_no_partial_output_when_a_write_fails(tmp_path, monkeypatch):
-    snap = read_edm_snapshot(_pkl())
+def test_no_partial_output_when_a_write_fails(edm_pkl, tmp_path, monkeypatch):
+    snap = read_edm_snapshot(edm_pkl())
     args = (snap.class_name, snap.init_kwargs, snap.state_dict)
     calls = {"n": 0}
     real_fsync = os.fsync
@@ -186,8 +187,8 @@ def test_no_partial_output_when_a_write_fails(tmp_path, monkeypatch):
     assert _listing(tmp_path) == sorted(["old", f"old/{CONFIG_FILE}", f"old/{WEIGHTS_FILE}"])
 
 
-def test_save_into_existing_folder_replaces(tmp_path):
-    snap = read_edm_snapshot(_pkl())
+def test_save_into_existing_folder_replaces(edm_pkl, tmp_path):
+    snap = read_edm_snapshot(edm_pkl())
     out = tmp_path / "teacher"
     save_teacher(snap.class_name, snap.init_kwargs, snap.state_dict, out)
     changed = {k: v * 2 for k, v in snap.state_dict.items()}
@@ -203,8 +204,8 @@ def test_save_into_existing_folder_replaces(tmp_path):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_load_edm_checkpoint_all_formats(tmp_path, name):
-    pkl = _pkl(name)
+def test_load_edm_checkpoint_all_formats(edm_pkl, tmp_path, name):
+    pkl = edm_pkl(name)
     snap = read_edm_snapshot(pkl)
     out = tmp_path / "teacher"
     convert_edm_pickle(pkl, out)
@@ -229,11 +230,11 @@ def test_load_edm_checkpoint_all_formats(tmp_path, name):
     assert not [m for m in sys.modules if m.split(".")[0] in ("torch_utils", "dnnlib")]
 
 
-def test_loaded_teacher_matches_edm_reference(tmp_path):
+def test_loaded_teacher_matches_edm_reference(shared_file, edm_pkl, tmp_path):
     """D(x; sigma) of the loaded teacher equals what NVlabs/edm computed from the same pickle (fixture README)."""
-    ref = np.load(require_shared(FIXTURES_EDM / "tiny-cond-adm.ref.npz"))
+    ref = np.load(shared_file("fixtures", "edm", "tiny-cond-adm.ref.npz"))
     out = tmp_path / "teacher"
-    convert_edm_pickle(_pkl("tiny-cond-adm"), out)
+    convert_edm_pickle(edm_pkl("tiny-cond-adm"), out)
     net = load_edm_checkpoint(out)
     labels = torch.from_numpy(ref["labels"])
     for k in (0, 5, 9):
@@ -243,8 +244,8 @@ def test_loaded_teacher_matches_edm_reference(tmp_path):
         torch.testing.assert_close(D, torch.from_numpy(ref["den_D"][k]), rtol=1e-5, atol=1e-5)
 
 
-def test_load_rejects_mismatched_keys(tmp_path):
-    snap = read_edm_snapshot(_pkl("tiny-uncond-vp"))
+def test_load_rejects_mismatched_keys(edm_pkl, tmp_path):
+    snap = read_edm_snapshot(edm_pkl("tiny-uncond-vp"))
     sd = dict(snap.state_dict)
     dropped = "model.map_layer0.bias"
     del sd[dropped]
@@ -258,8 +259,8 @@ def test_load_rejects_mismatched_keys(tmp_path):
         load_edm_checkpoint(tmp_path / "bad")
 
 
-def test_load_rejects_wrong_shapes(tmp_path):
-    snap = read_edm_snapshot(_pkl("tiny-uncond-vp"))
+def test_load_rejects_wrong_shapes(edm_pkl, tmp_path):
+    snap = read_edm_snapshot(edm_pkl("tiny-uncond-vp"))
     sd = dict(snap.state_dict)
     sd["model.map_layer0.bias"] = torch.zeros(3)
     save_teacher(snap.class_name, snap.init_kwargs, sd, tmp_path / "bad")

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import ctm_core
-from tests.conftest import FIXTURES_EDM, require_shared
 
 
 def test_public_names_and_keywords():
@@ -42,8 +41,8 @@ def test_import_touches_no_services():
     assert out.stdout.strip() == ""
 
 
-def test_load_edm_checkpoint_contract():
-    path = require_shared(FIXTURES_EDM / "tiny-cond-ve.pkl")
+def test_load_edm_checkpoint_contract(shared_file):
+    path = shared_file("fixtures", "edm", "tiny-cond-ve.pkl")
     net = ctm_core.load_edm_checkpoint(path)
     assert not net.training
     assert all(not p.requires_grad for p in net.parameters())

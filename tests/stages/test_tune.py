@@ -26,9 +26,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_tiny_nets
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LR_GOOD, LR_BAD = 1.0e-4, 1.0e3
 
 
@@ -172,14 +170,14 @@ def test_max_concurrent_from_resources():
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
+def tiny_setup(tiny_nets, tmp_path_factory):
     from pipelines.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("tune")
     prepare_dataset(
         "sklearn-digits", None, root / "prepared", heldout_fraction=0.1, seed=0, shard_size=4096, progress=False
     )
-    write_tiny_nets(root, student=False)
+    tiny_nets(root, student=False)
     return root
 
 

@@ -3,7 +3,7 @@
 One module-scoped fixture prepares the digits (8x8, 17 levels), saves a tiny random EDM teacher and a student
 copied from it, and runs the stage once with tiny `evaluate` overrides; the tests check its outputs, that a
 second run gives identical metrics, batch-size independence of samples, the missing-input error path and that
-real data scored against itself gives FD ≈ 0 (bits/dim: tests/test_likelihood_stage.py).
+real data scored against itself gives FD ≈ 0 (bits/dim: tests/stages/test_likelihood_stage.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_tiny_nets
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY_EVAL = {
     "evaluate": {
@@ -44,13 +42,13 @@ def _params(overrides=TINY_EVAL):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_nets, tmp_path_factory):
     from pipelines.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("evaluate")
     data = root / "prepared"
     prepare_dataset("sklearn-digits", None, data, heldout_fraction=0.1, seed=0, shard_size=4096, progress=False)
-    write_tiny_nets(root)
+    tiny_nets(root)
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.setenv("DVC_ROOT", str(root))  # MLflow artifacts (mlruns/) next to the test DB, not in the repo

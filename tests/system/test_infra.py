@@ -26,7 +26,7 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 PYPROJECT = ROOT / "pyproject.toml"
 CLUSTER_YAML = INFRA / "ray" / "cluster-aws-gpu.yaml"

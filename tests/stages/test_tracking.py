@@ -152,7 +152,7 @@ def test_stage_run_names_by_params_hash(repo, monkeypatch):
     from pipelines.support.params import load_params  # noqa: E402
 
     monkeypatch.setenv("DVC_ROOT", str(repo))  # DVC sets it; the DB lives at the repo root, not the cwd
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", check_env=False)
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml", check_env=False)
     with stage_run("distill", params, ("distill",)) as run:
         first = run.info.run_id
     with stage_run("distill", params, ("distill",)) as run:

@@ -17,10 +17,11 @@ when (step), steps lost, time to recover and whether the final weights matched a
    b. the same during a real distill run with ``ray.storage_path: s3://...``: the run exits 1 with that line, the
       re-run after the server returns resumes from the last complete checkpoint and ends with the reference weights.
 4. a truncated or tampered teacher object on S3 is rejected by sha256 with nothing left in the cache (the http and
-   cut-stream variants are in tests/test_fetch.py: test_http_bad_bytes_rejected_and_not_cached,
+   cut-stream variants are in tests/stages/test_fetch.py: test_http_bad_bytes_rejected_and_not_cached,
    test_http_truncated_stream_retried_then_fails).
 
-Runs 1, 2 and 3b join the shared local Ray head (tests/conftest_remote.py) and compare against ``reference_run()``.
+Runs 1, 2 and 3b join the shared local Ray head (fixture ``ray_head``, tests/plugins/remote.py) and compare
+against ``remote.reference_run()``.
 """
 
 from __future__ import annotations
@@ -39,30 +40,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest_remote import (  # noqa: F401 - fixtures are used by name
-    CutProxy,
-    Proc,
-    copy_repo,
-    distill_cmd,
-    head_run_env,
-    inputs,
-    list_keys,
-    moto_server,
-    ray_head,
-    reference_run,
-    register_checkpoints,
-    report_fault,
-    s3,
-    student_weights,
-    train_worker_pids,
-    write_params,
-)
-
 CKPT_EVERY = 6  # TINY_DISTILL checkpoint_every
 STEP_RX = r"RayTrainWorker pid=(\d+)\)\S*\s+\[distill\] step (\d+)"
 
 
-def _steps_by_pid(proc: Proc) -> dict[int, int]:
+def _steps_by_pid(proc) -> dict[int, int]:
     """Last ``[distill] step N`` logged by each worker PID."""
     last: dict[int, int] = {}
     for m in re.finditer(STEP_RX, proc.text()):
@@ -72,24 +54,24 @@ def _steps_by_pid(proc: Proc) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_kill_train_worker_restarts_from_checkpoint(ray_head, inputs, tmp_path):
-    ref = reference_run()
-    params = write_params(tmp_path, {"ray": {"address": ray_head.gcs_address}})
-    proc = Proc(
-        distill_cmd(params, tmp_path / "student", inputs),
-        head_run_env(ray_head, tmp_path),
+def test_kill_train_worker_restarts_from_checkpoint(remote, ray_head, inputs, tmp_path):
+    ref = remote.reference_run()
+    params = remote.write_params(tmp_path, {"ray": {"address": ray_head.gcs_address}})
+    proc = remote.Proc(
+        remote.distill_cmd(params, tmp_path / "student", inputs),
+        remote.head_run_env(ray_head, tmp_path),
         log=tmp_path / "distill.log",
     )
     try:
         # mid-interval: after the first checkpoint was reported, two steps into the next interval
-        hit = proc.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+\[distill\] step %d\b" % (CKPT_EVERY + 2), timeout=240)
+        hit = proc.wait_for(rf"RayTrainWorker pid=(\d+)\)\S*\s+\[distill\] step {CKPT_EVERY + 2}\b", timeout=240)
         assert hit is not None, proc.tail()
         pid = int(hit[1][1])
         deadline = time.monotonic() + 60  # and the controller registered checkpoint 1 (else nothing to resume)
         while not list((tmp_path / "ray_results").glob("distill-*/checkpoint_manager_snapshot.json")):
             assert proc.p.poll() is None and time.monotonic() < deadline, proc.tail()
             time.sleep(0.02)
-        assert pid in train_worker_pids(ray_head.temp_dir), "the worker to kill must belong to our Ray head"
+        assert pid in remote.train_worker_pids(ray_head.temp_dir), "the worker to kill must belong to our Ray head"
         os.kill(pid, signal.SIGKILL)
         t_kill = time.monotonic()
         res = proc.wait_for(r"resumed from step (\d+)", timeout=240, after=t_kill)
@@ -101,8 +83,8 @@ def test_kill_train_worker_restarts_from_checkpoint(ray_head, inputs, tmp_path):
     assert rc == 0, proc.tail()
     killed_at = _steps_by_pid(proc)[pid]
     lost = killed_at - resumed
-    weights = student_weights(tmp_path / "student")
-    report_fault(
+    weights = remote.student_weights(tmp_path / "student")
+    remote.report_fault(
         fault="kill -9 RayTrainWorker",
         pid=pid,
         killed_after_step=killed_at,
@@ -117,12 +99,12 @@ def test_kill_train_worker_restarts_from_checkpoint(ray_head, inputs, tmp_path):
     assert resumed > 0 and resumed % CKPT_EVERY == 0
     assert 0 <= lost <= CKPT_EVERY  # at most one checkpoint interval
     assert weights == ref["weights"]  # bitwise equal to the uninterrupted run
-    register_checkpoints(tmp_path / "ray_results")
+    remote.register_checkpoints(tmp_path / "ray_results")
 
 
-def _rerun_until_done(cmd: list[str], env: dict[str, str], log: Path, **kw) -> tuple[Proc, float, int, int]:
+def _rerun_until_done(remote, cmd: list[str], env: dict[str, str], log: Path, **kw) -> tuple:
     """Run the stage again: (process, time of its "resumed from step N" line, N, exit code)."""
-    proc = Proc(cmd, env, log=log, **kw)
+    proc = remote.Proc(cmd, env, log=log, **kw)
     try:
         res = proc.wait_for(r"resumed from step (\d+)", timeout=240)
         assert res is not None, proc.tail()
@@ -132,7 +114,7 @@ def _rerun_until_done(cmd: list[str], env: dict[str, str], log: Path, **kw) -> t
     return proc, res[0], int(res[1][1]), rc
 
 
-def _wait_first_checkpoint(proc: Proc, runs_dir: Path, timeout: float = 240) -> None:
+def _wait_first_checkpoint(proc, runs_dir: Path, timeout: float = 240) -> None:
     """Until the controller registered a checkpoint (snapshot written) and the next interval is under way."""
     deadline = time.monotonic() + timeout
     while not (
@@ -159,14 +141,14 @@ def _stage_processes(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill_dvc_repro_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
+def test_kill_dvc_repro_then_rerun_resumes_same_run(remote, ray_head, inputs, tmp_path):
     """SIGKILL the whole ``dvc repro distill`` process group after the first checkpoint; ``dvc repro`` again."""
-    ref = reference_run()
-    repo = copy_repo(tmp_path / "repo")
-    write_params(repo, {"ray": {"address": ray_head.gcs_address}})  # TINY_DISTILL on the shared head
+    ref = remote.reference_run()
+    repo = remote.copy_repo(tmp_path / "repo")
+    remote.write_params(repo, {"ray": {"address": ray_head.gcs_address}})  # TINY_DISTILL on the shared head
     shutil.copytree(inputs["data"], repo / "data" / "prepared")  # the reference run's inputs
     shutil.copytree(inputs["teacher"], repo / "artifacts" / "teacher")
-    env = head_run_env(ray_head, repo, PYTHONPATH=str(repo), DVC_NO_ANALYTICS="1")
+    env = remote.head_run_env(ray_head, repo, PYTHONPATH=str(repo), DVC_NO_ANALYTICS="1")
     env.pop("DVC_ROOT")  # dvc sets it for the stage
     dvc = [sys.executable, "-m", "dvc"]
     # prepare/teacher outputs are already there (the reference's): record them in dvc.lock instead of re-running
@@ -176,7 +158,7 @@ def test_kill_dvc_repro_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     runs_dir = repo / "ray_results"
 
-    first = Proc([*dvc, "repro", "distill"], env, cwd=repo, log=tmp_path / "repro1.log")
+    first = remote.Proc([*dvc, "repro", "distill"], env, cwd=repo, log=tmp_path / "repro1.log")
     try:
         _wait_first_checkpoint(first, runs_dir)
     finally:
@@ -195,14 +177,14 @@ def test_kill_dvc_repro_then_rerun_resumes_same_run(ray_head, inputs, tmp_path):
     stale_entries = sum(len(v) for v in stale.values()) if isinstance(stale, dict) else 0
 
     second, t_resumed, resumed, rc = _rerun_until_done(
-        [*dvc, "repro", "distill"], env, tmp_path / "repro2.log", cwd=repo
+        remote, [*dvc, "repro", "distill"], env, tmp_path / "repro2.log", cwd=repo
     )
     out = second.text()
     assert rc == 0, second.tail()
     lock_cleared = "had been killed. Auto removed it from the lock file" in out
     record = json.loads((repo / "artifacts" / "student" / "run.json").read_text())
-    weights = student_weights(repo / "artifacts" / "student")
-    report_fault(
+    weights = remote.student_weights(repo / "artifacts" / "student")
+    remote.report_fault(
         fault="SIGKILL dvc repro process group during distill",
         killed_after_step=killed_at,
         resumed_from_step=resumed,
@@ -236,7 +218,7 @@ def _fake_checkpoint(folder: Path, seed: int, size: int = 3_000_000) -> Path:
     return folder
 
 
-def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
+def test_s3_down_mid_checkpoint_upload(remote, s3, monkeypatch, tmp_path):
     """The S3 endpoint dies a third into the PUT of checkpoint 12's ``trainer_state.pt``: Ray's upload alone says
     nothing (recorded), our verified upload raises one clear line, 6 stays the newest complete checkpoint, and the
     retry after the server returns writes 12 with its marker."""
@@ -254,7 +236,7 @@ def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
     good, nxt = _fake_checkpoint(tmp_path / "c6", 6), _fake_checkpoint(tmp_path / "c12", 12)
     data = (nxt / "trainer_state.pt").read_bytes()
     c, bucket = s3["client"], s3["bucket"]  # this boto3 client talks to moto directly, not through the proxy
-    proxy = CutProxy(s3["server"].port).start()
+    proxy = remote.CutProxy(s3["server"].port).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # what Ray's pyarrow S3 filesystem talks to
     ctx = StorageContext(storage_path=f"s3://{bucket}/ray", experiment_dir_name="distill-fault3")
     fs, run = ctx.storage_filesystem, ctx.experiment_fs_path
@@ -271,7 +253,7 @@ def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
         except OSError:
             ray_raised = True
         assert proxy.cut_at is not None and not proxy.listening
-        ray_wrote_object = NEXT_KEY in list_keys(c, bucket, "ray/distill-fault3/")
+        ray_wrote_object = NEXT_KEY in remote.list_keys(c, bucket, "ray/distill-fault3/")
         proxy.start()
 
         # ours, same cut
@@ -284,7 +266,7 @@ def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
         msg = str(ei.value)
         assert proxy.cut_at is not None  # the cut really happened mid-upload
         assert "\n" not in msg and uri12 in msg and "fix:" in msg and "re-run the stage" in msg, msg
-        keys = list_keys(c, bucket, "ray/distill-fault3/")
+        keys = remote.list_keys(c, bucket, "ray/distill-fault3/")
         assert f"ray/distill-fault3/checkpoint_000012/{MARKER_FILE}" not in keys, keys
         # the last good checkpoint in the bucket is intact and vouched for by its marker
         body6 = c.get_object(Bucket=bucket, Key="ray/distill-fault3/checkpoint_000006/trainer_state.pt")["Body"]
@@ -313,7 +295,7 @@ def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
         assert any("does not match its complete.json" in line for line in logs), logs
     finally:
         proxy.stop()
-    report_fault(
+    remote.report_fault(
         fault="S3 endpoint down mid checkpoint PUT (unit)",
         cut_after_bytes=len(data) // 3,
         checkpoint_bytes=len(data),
@@ -329,21 +311,21 @@ def test_s3_down_mid_checkpoint_upload(s3, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
+def test_s3_down_mid_checkpoint_during_distill(remote, s3, ray_head, inputs, tmp_path):
     """A real distill run with its checkpoints on S3 (through the cutting proxy): the server dies during checkpoint
     12's upload, the run stops with one clear line, and the re-run after the server returns resumes from 6."""
-    ref = reference_run()
+    ref = remote.reference_run()
     c, bucket = s3["client"], s3["bucket"]
-    proxy = CutProxy(s3["server"].port).start()
+    proxy = remote.CutProxy(s3["server"].port).start()
     # the endpoint rides in the URI, so the driver and the head's workers (whose env points at moto) use the proxy
     storage = f"s3://{bucket}/ray?endpoint_override=127.0.0.1:{proxy.port}&scheme=http&region=us-east-1"
-    params = write_params(
+    params = remote.write_params(
         tmp_path, {"ray": {"address": ray_head.gcs_address, "storage_path": storage, "max_failures": 1}}
     )
-    cmd, env = distill_cmd(params, tmp_path / "student", inputs), head_run_env(ray_head, tmp_path)
+    cmd, env = remote.distill_cmd(params, tmp_path / "student", inputs), remote.head_run_env(ray_head, tmp_path)
     try:
         proxy.cut_on(b"checkpoint_000012/trainer_state.pt", 1_000_000)  # of ~4.3 MB
-        first = Proc(cmd, env, log=tmp_path / "distill1.log")
+        first = remote.Proc(cmd, env, log=tmp_path / "distill1.log")
         try:
             rc1 = first.finish(timeout=400)
         finally:
@@ -351,13 +333,13 @@ def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
         t_fail = time.monotonic()
         assert proxy.cut_at is not None, first.tail()
         assert rc1 == 1, first.tail()
-        errors = [line for _, line in first.lines if line.startswith("distill: ")]
+        errors = [line for _, line in first.lines if line.startswith("ERROR pipelines.distill: ")]
         assert len(errors) == 1, first.tail()
         err = errors[0]
         # Our upload check ("checkpoint storage error: ...") usually fires first; when the cut hits Ray's own
         # controller snapshot first, the stage's line names the run's storage and the same storage fix.
         assert f"s3://{bucket}/ray" in err and "fix:" in err and "ray.storage_path" in err, err
-        keys = list_keys(c, bucket, "ray/")
+        keys = remote.list_keys(c, bucket, "ray/")
         names = sorted({k.split("/")[1] for k in keys if k.split("/")[1].startswith("distill-")})
         assert len(names) == 1, keys
         name = names[0]
@@ -366,13 +348,13 @@ def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
         killed_at = max(_steps_by_pid(first).values())
 
         proxy.start()  # the server is back: run the stage again
-        second, t_resumed, resumed, rc2 = _rerun_until_done(cmd, env, tmp_path / "distill2.log")
+        second, t_resumed, resumed, rc2 = _rerun_until_done(remote, cmd, env, tmp_path / "distill2.log")
     finally:
         proxy.stop()
     assert rc2 == 0, second.tail()
     record = json.loads((tmp_path / "student" / "run.json").read_text())
-    weights = student_weights(tmp_path / "student")
-    report_fault(
+    weights = remote.student_weights(tmp_path / "student")
+    remote.report_fault(
         fault="S3 endpoint down mid checkpoint PUT during distill",
         cut_during="checkpoint_000012 upload",
         killed_after_step=killed_at,
@@ -390,7 +372,7 @@ def test_s3_down_mid_checkpoint_during_distill(s3, ray_head, inputs, tmp_path):
     assert weights == ref["weights"]
 
 
-def test_s3_truncated_or_tampered_teacher_rejected(s3, tmp_path):
+def test_s3_truncated_or_tampered_teacher_rejected(remote, s3, tmp_path):
     from pipelines.support.fetch import ChecksumMismatchError, fetch
 
     payload = bytes(range(256)) * 2048
@@ -412,4 +394,4 @@ def test_s3_truncated_or_tampered_teacher_rejected(s3, tmp_path):
             )
     left = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
     assert left == []
-    report_fault(fault="truncated/tampered teacher on S3", rejected_by="sha256", files_left_in_cache=len(left))
+    remote.report_fault(fault="truncated/tampered teacher on S3", rejected_by="sha256", files_left_in_cache=len(left))
