@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = ap.parse_args(argv)
-    from pipelines.support.logs import setup_logging
+    from pipelines.support.logs import progress_enabled, setup_logging
 
     setup_logging()
     try:
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.support.fetch import FetchError
 
     try:
-        summary = run(params, args.data, args.out, progress=not args.no_progress, track=not args.no_mlflow)
+        progress = not args.no_progress and progress_enabled()
+        summary = run(params, args.data, args.out, progress=progress, track=not args.no_mlflow)
     except (TeacherError, FetchError, ValueError, FileNotFoundError) as e:
         logger.error("%s", " ".join(str(e).split()))
         return 1
