@@ -72,11 +72,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from ctm_core.config import ParamsError
 from pipelines.support.evaluation import evaluate
-from pipelines.support.logs import progress_enabled, setup_logging
-from pipelines.support.params import load_params
-from pipelines.support.stage_common import InputError, check_inputs, stage_arg_parser
+from pipelines.support.stage_common import InputError, check_inputs, run_scoring_stage
 
 __all__ = ["InputError", "check_inputs", "evaluate", "main"]
 
@@ -84,33 +81,14 @@ logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the modul
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    ap = stage_arg_parser("python -m pipelines.evaluate", __doc__.split("\n\n")[0])
-    args = ap.parse_args(argv)
-    try:
-        # Ray is not used here: skip the Ray-address / GPU / S3 reachability checks of the other stages.
-        params = load_params(args.params, check_env=False)
-    except ParamsError as e:
-        logger.error("params error: %s", e)
-        return 2
-    try:
-        metrics = evaluate(
-            params,
-            args.data,
-            args.teacher,
-            args.student,
-            args.out,
-            progress=not args.no_progress and progress_enabled(),
-            device=args.device,
-            log_mlflow=not args.no_mlflow,
-        )
-    except InputError as e:
-        logger.error("input error: %s", e)
-        return 2
-    shown = [k for k in ("fd_nfe1", f"fd_teacher_heun{params.evaluate.teacher_nfe}", "complete") if k in metrics]
-    summary = ", ".join(f"{k}={metrics[k]}" if isinstance(metrics[k], bool) else f"{k}={metrics[k]:.4g}" for k in shown)
-    logger.info("evaluate: %s -> %s", summary, args.out)
-    return 0
+    return run_scoring_stage(
+        argv,
+        prog="python -m pipelines.evaluate",
+        description=__doc__.split("\n\n")[0],
+        run=evaluate,
+        summary_keys=lambda params: ("fd_nfe1", f"fd_teacher_heun{params.evaluate.teacher_nfe}", "complete"),
+        log=logger,
+    )
 
 
 if __name__ == "__main__":

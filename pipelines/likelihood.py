@@ -51,12 +51,14 @@ from typing import Any
 
 import torch
 
-from ctm_core.config import Params, ParamsError, params_hash
+from ctm_core.config import Params, params_hash
 from ctm_core.eval.bits_per_dim import protocol_text, score_bits_per_dim
 from pipelines.support.io_utils import atomic_write_json, staged_dir
-from pipelines.support.logs import progress_enabled, setup_logging
-from pipelines.support.params import load_params
-from pipelines.support.stage_common import InputError, check_inputs, log_stage_to_mlflow, stage_arg_parser
+from pipelines.support.stage_common import (
+    check_inputs,
+    log_stage_to_mlflow,
+    run_scoring_stage,
+)
 
 __all__ = ["likelihood", "main"]
 
@@ -168,33 +170,14 @@ def likelihood(
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    ap = stage_arg_parser("python -m pipelines.likelihood", __doc__.split("\n\n")[0])
-    args = ap.parse_args(argv)
-    try:
-        # Ray is not used here: skip the Ray-address / GPU / S3 reachability checks of the other stages.
-        params = load_params(args.params, check_env=False)
-    except ParamsError as e:
-        logger.error("params error: %s", e)
-        return 2
-    try:
-        metrics = likelihood(
-            params,
-            args.data,
-            args.teacher,
-            args.student,
-            args.out,
-            progress=not args.no_progress and progress_enabled(),
-            device=args.device,
-            log_mlflow=not args.no_mlflow,
-        )
-    except InputError as e:
-        logger.error("input error: %s", e)
-        return 2
-    shown = [k for k in ("bpd_teacher", "bpd_student", "complete") if k in metrics]
-    summary = ", ".join(f"{k}={metrics[k]}" if isinstance(metrics[k], bool) else f"{k}={metrics[k]:.4g}" for k in shown)
-    logger.info("likelihood: %s -> %s", summary, args.out)
-    return 0
+    return run_scoring_stage(
+        argv,
+        prog="python -m pipelines.likelihood",
+        description=__doc__.split("\n\n")[0],
+        run=likelihood,
+        summary_keys=lambda params: ("bpd_teacher", "bpd_student", "complete"),
+        log=logger,
+    )
 
 
 if __name__ == "__main__":

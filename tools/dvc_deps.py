@@ -8,6 +8,7 @@ not run and do not count.
 
     python tools/dvc_deps.py            # print each stage's expected code deps
     python tools/dvc_deps.py --check    # exit 1 and list the differences with dvc.yaml
+    python tools/dvc_deps.py --write    # rewrite the code deps in dvc.yaml (other deps and comments kept)
 """
 
 from __future__ import annotations
@@ -137,10 +138,50 @@ def differences(root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
     return out
 
 
+def write_deps(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> bool:
+    """Replace each stage's code deps in `dvc_yaml` by its closure, in place (text edit: comments and the other
+    deps stay). Returns True when the file changed."""
+    modules = stage_modules(dvc_yaml)
+    lines = dvc_yaml.read_text(encoding="utf-8").split("\n")
+    out: list[str] = []
+    stage, i = None, 0
+    while i < len(lines):
+        line = lines[i]
+        match = re.match(r"^  (\w+):\s*$", line)
+        if match and match.group(1) in modules:
+            stage = match.group(1)
+        if stage and re.match(r"^    deps:\s*$", line):
+            out.append(line)
+            i += 1
+            other = []
+            while i < len(lines) and re.match(r"^      - ", lines[i]):
+                item = lines[i].strip()[2:].split("#")[0].strip()
+                if item.split("/")[0] not in PACKAGES:
+                    other.append(lines[i])
+                i += 1
+            out.extend(f"      - {f}" for f in sorted(closure(modules[stage], root)))
+            out.extend(other)
+            stage = None
+            continue
+        out.append(line)
+        i += 1
+    text = "\n".join(out)
+    changed = text != dvc_yaml.read_text(encoding="utf-8")
+    if changed:
+        tmp = dvc_yaml.with_name(dvc_yaml.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(dvc_yaml)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compare with dvc.yaml; exit 1 on any difference")
+    ap.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml")
     args = ap.parse_args(argv)
+    if args.write:
+        print("dvc.yaml updated" if write_deps() else "dvc.yaml already up to date")
+        return 0
     if not args.check:
         for name, module in stage_modules().items():
             print(f"{name}:")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,46 @@ def stage_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     ap.add_argument("--no-progress", action="store_true")
     return ap
+
+
+def run_scoring_stage(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    run: Callable[..., dict[str, Any]],
+    summary_keys: Callable[[Params], Sequence[str]],
+    log: logging.Logger,
+) -> int:
+    """The `main` of a stage built on `stage_arg_parser`: parse, load params, `run(params, data, teacher, student,
+    out, progress=, device=, log_mlflow=)`, log a one-line summary. Exit 2 on bad params or inputs (one line)."""
+    from ctm_core.config import ParamsError
+    from pipelines.support.logs import progress_enabled, setup_logging
+    from pipelines.support.params import load_params
+
+    setup_logging()
+    args = stage_arg_parser(prog, description).parse_args(argv)
+    try:
+        # Ray is not used here: skip the Ray-address / GPU / S3 reachability checks of the other stages.
+        params = load_params(args.params, check_env=False)
+    except ParamsError as e:
+        log.error("params error: %s", e)
+        return 2
+    try:
+        metrics = run(
+            params,
+            args.data,
+            args.teacher,
+            args.student,
+            args.out,
+            progress=not args.no_progress and progress_enabled(),
+            device=args.device,
+            log_mlflow=not args.no_mlflow,
+        )
+    except InputError as e:
+        log.error("input error: %s", e)
+        return 2
+    shown = [k for k in summary_keys(params) if k in metrics]
+    summary = ", ".join(f"{k}={metrics[k]}" if isinstance(metrics[k], bool) else f"{k}={metrics[k]:.4g}" for k in shown)
+    log.info("%s -> %s", summary, args.out)
+    return 0
