@@ -1,4 +1,4 @@
-"""EDM teacher training: the EDM loss and a trainer built on ``ctm_core.training.trainer.Trainer``.
+"""EDM teacher training: the EDM loss and a trainer built on ``ctm_core.training.loop.Trainer``.
 
 Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", §5 and Table 1:
 
