@@ -6,6 +6,11 @@ types, frozen). Each section checks its own relations when it is built, so a `Di
 trial, a test, `with_changes`) is as valid as the one from params.yaml; `Params` adds the checks across sections.
 The first problem raises `ParamsError`, whose message is one line: `<dotted.key>: <problem> (fix: ...)`.
 
+Params files are untrusted text: `read_yaml` refuses anchors/aliases (no expansion bombs), duplicate keys, nesting
+deeper than `YAML_MAX_DEPTH`, files over `YAML_MAX_BYTES` and non-UTF-8 bytes, each with one line; every float is
+finite, the numbers that size work (steps, batch, samples, network width) have documented maxima, and values quoted
+in messages are cut to `_QUOTE_CHARS` characters with URIs redacted (`ctm_core.redact`).
+
 The trainers take their section as it is: `CTMTrainer(params.distill)`, `EDMTrainer(params.teacher.train)`.
 Checks that depend on the machine (GPU, S3 credentials, a reachable Ray address) live with the stages
 (`pipelines.support.params`); this module imports no pipeline code.
@@ -23,10 +28,12 @@ import urllib.parse
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from ctm_core.redact import redact_uri
 
 __all__ = [
     "EDM_RELEASES",
@@ -52,11 +59,15 @@ __all__ = [
     "TeacherParams",
     "TeacherTrainParams",
     "TuneParams",
+    "YAML_MAX_BYTES",
+    "YAML_MAX_DEPTH",
     "YamlLoader",
     "check_batch_split",
     "load_config",
     "merge_overrides",
     "params_hash",
+    "parse_yaml",
+    "read_yaml",
     "with_changes",
 ]
 
@@ -91,6 +102,25 @@ FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb
 
 PROTOCOL_NUM_SAMPLES = {"inception": 50_000, "classifier": 1_000}  # evaluate.num_samples when null
 
+# Upper bounds of the numbers that size work or memory (far above any real run; they stop a typo or a hostile
+# params file from asking for years of compute or terabytes before anything checks).
+MAX_STEPS = 10_000_000  # optimizer steps of any trainer
+MAX_BATCH = 65_536  # images per step / forward
+MAX_SAMPLES = 1_000_000  # images per evaluation
+MAX_NFE = 10_000  # network evaluations per sample
+SEED_MAX = 2**32 - 1  # numpy's legacy seed range; torch takes any of these
+
+
+_QUOTE_CHARS = 80  # longest value quoted in a message (then "…")
+_MESSAGE_CHARS = 2000  # longest message at all (a key or a YAML snippet can be long too)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """`text` as one printable line: control characters escaped, at most `_MESSAGE_CHARS` characters."""
+    text = _CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 1] + "…"
+
 
 class ParamsError(ValueError):
     """Invalid params: `key` is the dotted key; `str(err)` is the one-line message `<key>: <problem>`."""
@@ -98,7 +128,7 @@ class ParamsError(ValueError):
     def __init__(self, key: str, problem: str):
         self.key = key
         self.problem = problem
-        super().__init__(f"{key}: {problem}")
+        super().__init__(_one_line(f"{key}: {problem}"))
 
 
 def _require(cond: bool, key: str, problem: str) -> None:
@@ -106,17 +136,86 @@ def _require(cond: bool, key: str, problem: str) -> None:
         raise ParamsError(key, problem)
 
 
-def _fmt(v: Any) -> str:
+def _render(v: Any, budget: int) -> str:
+    """`v` as a message shows it (strings quoted and URI-redacted, lists as JSON), stopping soon after `budget`
+    characters: the cost follows the budget, not the size of `v`."""
     if isinstance(v, str):
-        return repr(v)
+        return repr(redact_uri(v[: budget + 1]) if "://" in v else v[: budget + 1])
     if isinstance(v, dict):
         return "a mapping"
-    return json.dumps(v) if isinstance(v, (bool, type(None), list)) else repr(v)
+    if isinstance(v, (list, tuple)):
+        out = "["
+        for i, x in enumerate(v):
+            if len(out) > budget:
+                return out
+            out += (", " if i else "") + _render(x, budget - len(out))
+        return out + "]"
+    if isinstance(v, (bool, type(None))):
+        return json.dumps(v)
+    if isinstance(v, int) and v.bit_length() > 4 * budget:  # str(int) is quadratic and capped by Python
+        return f"an integer of {v.bit_length()} bits"
+    return repr(v)
 
 
-# --- YAML 1.2 floats (`1e-4`) -----------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    """A value quoted in a message: at most `_QUOTE_CHARS` characters (cut with "…"), URIs without secrets."""
+    text = _render(v, _QUOTE_CHARS)
+    return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 1] + "…"
+
+
+# --- YAML: 1.2 floats (`1e-4`), no anchors/aliases, no duplicate keys, bounded depth and size ------------------------
+YAML_MAX_BYTES = 1 << 20
+"""Largest params / overrides file read (params.yaml is ~8 KB)."""
+YAML_MAX_DEPTH = 32
+"""Deepest nesting of mappings/lists (params.yaml nests 4 levels)."""
+
+
+class _YamlRefused(yaml.MarkedYAMLError):
+    """A construct the params loader refuses (alias, anchor, duplicate key, too deep)."""
+
+
 class YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` / `5E3` as floats (PyYAML follows YAML 1.1 and would return a string)."""
+    """SafeLoader for params: reads `1e-4` / `5E3` as floats (PyYAML follows YAML 1.1 and would return a string),
+    refuses anchors and aliases (`&a` / `*a`: a few hundred bytes of aliases expand to gigabytes), duplicate keys
+    (PyYAML would keep the last silently) and nesting deeper than `YAML_MAX_DEPTH` (the composer recurses)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _YamlRefused(
+                None, None, f"alias *{event.anchor[:40]} is not allowed (fix: write the value out)", event.start_mark
+            )
+        if getattr(event, "anchor", None) is not None:
+            raise _YamlRefused(
+                None, None, f"anchor &{event.anchor[:40]} is not allowed (fix: write the value out)", event.start_mark
+            )
+        if self._depth >= YAML_MAX_DEPTH:
+            raise _YamlRefused(
+                None, None, f"nesting deeper than {YAML_MAX_DEPTH} levels (fix: flatten the value)", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    break
+                if dup:
+                    raise _YamlRefused(
+                        None, None, f"duplicate key {_fmt(key)} (fix: keep one of them)", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
 
 
 YamlLoader.add_implicit_resolver(
@@ -133,12 +232,50 @@ YamlLoader.add_implicit_resolver(
 )
 
 
+def parse_yaml(text: str, key: str, source: str) -> Any:
+    """`text` parsed with `YamlLoader`; any problem is one `ParamsError` line under `key` naming `source`."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        where = f" (line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})" if e.problem_mark else ""
+        what = " ".join(f"{e.context or ''} {e.problem or ''}".split())
+        raise ParamsError(key, f"{source} is not valid params YAML{where}: {what}") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(key, f"{source} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer over Python's 4300-digit str limit
+        raise ParamsError(key, f"{source} has a value that cannot be read: {' '.join(str(e).split())[:200]}") from None
+
+
+def read_yaml(path: str | os.PathLike[str], key: str) -> Any:
+    """Parse the params-style YAML file `path` (at most `YAML_MAX_BYTES`, UTF-8); problems are one line under `key`."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size  # 0 for pipes and devices: read up to the cap
+        data = f.read(min(size, YAML_MAX_BYTES) + 1 if size else YAML_MAX_BYTES + 1)
+    if len(data) > YAML_MAX_BYTES:
+        raise ParamsError(
+            key, f"{path} is over {YAML_MAX_BYTES} bytes (fix: a params file is a few KB; check the path)"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(
+            key, f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}; fix: save it as UTF-8)"
+        ) from None
+    return parse_yaml(text, key, str(path))
+
+
 # --- schema -----------------------------------------------------------------------------------------------------------
 class _Section(BaseModel):
     """A params.yaml section: unknown keys refused, no type coercion, immutable; `_path` is its dotted name."""
 
     model_config = ConfigDict(
-        extra="forbid", strict=True, validate_default=True, frozen=True, use_attribute_docstrings=True
+        extra="forbid",
+        strict=True,
+        validate_default=True,
+        frozen=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,  # NaN/inf pass `gt`/`ge` checks (or skip them) and crash later
     )
     _path: ClassVar[str] = ""
 
@@ -156,9 +293,9 @@ class DataParams(_Section):
     """Expected digest of `path`; required for https:// and s3:// paths."""
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Fraction kept out of training (bits/dim, Fréchet-distance reference)."""
-    shard_size: int = Field(1024, ge=1)
-    """Images per Parquet shard."""
-    seed: int = Field(0, ge=0)
+    shard_size: int = Field(1024, ge=1, le=1_000_000)
+    """Images per Parquet shard (at most 1,000,000)."""
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the held-out split permutation."""
 
     @model_validator(mode="after")
@@ -166,16 +303,18 @@ class DataParams(_Section):
         _require(
             self.source == "sklearn-digits" or bool(self.path),
             "data.path",
-            f"required for data.source {self.source!r}, got null (fix: point it at the dataset file or folder)",
+            f"required for data.source {_fmt(self.source)}, got null (fix: point it at the dataset file or folder)",
         )
         if self.path and self.path.startswith(("https://", "http://", "s3://")):
             _require(
                 self.sha256 is not None,
                 "data.sha256",
-                f"required to download data.path {self.path!r}, got null (fix: pin the file's 64-hex sha256)",
+                f"required to download data.path {_fmt(self.path)}, got null (fix: pin the file's 64-hex sha256)",
             )
         if self.sha256 is not None:
-            _require(bool(SHA256_RE.match(self.sha256)), "data.sha256", f"expected 64 hex digits, got {self.sha256!r}")
+            _require(
+                bool(SHA256_RE.match(self.sha256)), "data.sha256", f"expected 64 hex digits, got {_fmt(self.sha256)}"
+            )
         return self
 
 
@@ -186,28 +325,30 @@ class TeacherModelParams(_Section):
 
     model_type: Literal["SongUNet", "DhariwalUNet"] = "SongUNet"
     """Inner network class (EDM's DDPM++/NCSN++ `SongUNet` or ADM's `DhariwalUNet`)."""
-    model_channels: int = Field(32, ge=1)
-    """Base channel count."""
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
-    """Channel multiplier per resolution level."""
-    channel_mult_emb: int = Field(4, ge=1)
-    """Embedding width multiplier."""
-    num_blocks: int = Field(1, ge=1)
-    """Residual blocks per resolution."""
-    attn_resolutions: list[int] = Field(default_factory=list)
-    """Resolutions with self-attention."""
+    model_channels: int = Field(32, ge=1, le=1024)
+    """Base channel count (at most 1024; EDM's largest is 192)."""
+    channel_mult: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        default_factory=lambda: [1, 2], min_length=1, max_length=8
+    )
+    """Channel multiplier per resolution level (1 to 8 levels, each 1..16)."""
+    channel_mult_emb: int = Field(4, ge=1, le=16)
+    """Embedding width multiplier (at most 16)."""
+    num_blocks: int = Field(1, ge=1, le=64)
+    """Residual blocks per resolution (at most 64)."""
+    attn_resolutions: list[int] = Field(default_factory=list, max_length=8)
+    """Resolutions with self-attention (at most 8)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout probability of the residual blocks."""
     embedding_type: Literal["positional", "fourier"] = "positional"
     """Noise embedding (SongUNet only)."""
-    channel_mult_noise: int = Field(1, ge=1)
-    """Noise embedding width multiplier (SongUNet only)."""
+    channel_mult_noise: int = Field(1, ge=1, le=16)
+    """Noise embedding width multiplier (SongUNet only; at most 16)."""
     encoder_type: Literal["standard", "skip", "residual"] = "standard"
     """Encoder architecture (SongUNet only)."""
     decoder_type: Literal["standard", "skip"] = "standard"
     """Decoder architecture (SongUNet only)."""
-    resample_filter: list[int] = Field(default_factory=lambda: [1, 1], min_length=1)
-    """Up/down-sampling filter taps (SongUNet only)."""
+    resample_filter: list[int] = Field(default_factory=lambda: [1, 1], min_length=1, max_length=16)
+    """Up/down-sampling filter taps (SongUNet only; at most 16)."""
 
     def to_kwargs(self) -> dict[str, Any]:
         """kwargs for `build_precond(..., model_type=..., **kwargs)`; SongUNet-only keys dropped for DhariwalUNet."""
@@ -227,15 +368,15 @@ class TeacherTrainParams(_Section):
     """Preconditioning wrapper (the teacher stage trains EDMPrecond only: the CTM student copies it)."""
     model: TeacherModelParams = Field(default_factory=TeacherModelParams)
     """The inner UNet."""
-    steps: int = Field(1200, ge=1)
-    """Optimizer steps."""
-    batch: int = Field(64, ge=1)
-    """Global batch per step (all ranks)."""
-    microbatch: int | None = Field(None, ge=1)
+    steps: int = Field(1200, ge=1, le=MAX_STEPS)
+    """Optimizer steps (at most 10,000,000)."""
+    batch: int = Field(64, ge=1, le=MAX_BATCH)
+    """Global batch per step (all ranks; at most 65,536)."""
+    microbatch: int | None = Field(None, ge=1, le=MAX_BATCH)
     """Gradient-accumulation chunk per rank; null = the whole per-rank batch at once."""
     lr: float = Field(1e-3, gt=0.0)
     """Learning rate (EDM train.py: 1e-3)."""
-    lr_warmup_steps: int = Field(100, ge=0)
+    lr_warmup_steps: int = Field(100, ge=0, le=MAX_STEPS)
     """Linear ramp lr·min(1, (step+1)/lr_warmup_steps); 0 = off."""
     optimizer: Literal["adam", "radam"] = "adam"
     """Adam (EDM train.py) or RAdam; betas (0.9, 0.999), eps 1e-8, no weight decay."""
@@ -260,7 +401,7 @@ class TeacherTrainParams(_Section):
     keeps none: a run is minutes long)."""
     log_every: int = Field(100, ge=1)
     """Steps between metrics callbacks (MLflow loss curve)."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the initial weights, the data order and every keyed random stream."""
 
     @model_validator(mode="after")
@@ -296,32 +437,33 @@ class TeacherParams(_Section):
             _require(
                 scheme in URI_SCHEMES,
                 "teacher.source",
-                f"expected 'train', a release name or an https://, s3:// or file:// URI, got {src!r}",
+                f"expected 'train', a release name or an https://, s3:// or file:// URI, got {_fmt(src)}",
             )
         elif src != "train":
             _require(
                 not (src.startswith((".", "~")) or "/" in src.removeprefix("baseline/")),
                 "teacher.source",
-                f"local paths must be file:// URIs, got {src!r} (fix: teacher.source: file:///abs/path/teacher.pkl)",
+                f"local paths must be file:// URIs, got {_fmt(src)} (fix: teacher.source: file:///abs/path/teacher.pkl)",
             )
             name = src[:-4] if src.endswith(".pkl") else src
             _require(
                 name in EDM_RELEASES,
                 "teacher.source",
-                f"unknown release name {src!r} (expected 'train', a URI or one of: {', '.join(sorted(EDM_RELEASES))})",
+                f"unknown release name {_fmt(src)} (expected 'train', a URI or one of: "
+                f"{', '.join(sorted(EDM_RELEASES))})",
             )
         if src != "train":
             _require(
                 self.sha256 is not None,
                 "teacher.sha256",
-                f"required when teacher.source is {src!r}, got null (fix: pin the 64-hex digest, or set "
+                f"required when teacher.source is {_fmt(src)}, got null (fix: pin the 64-hex digest, or set "
                 "sha256: record to fetch once and print it)",
             )
         if self.sha256 is not None:
             _require(
                 self.sha256 == "record" or bool(SHA256_RE.match(self.sha256)),
                 "teacher.sha256",
-                f"expected 64 hex digits or 'record', got {self.sha256!r}",
+                f"expected 64 hex digits or 'record', got {_fmt(self.sha256)}",
             )
         return self
 
@@ -350,9 +492,9 @@ class DistillParams(_Section):
 
     mode: Literal["ctm", "cm"] = "ctm"
     """`ctm` (any jump t → s) or `cm` (s = σ_min, no DSM; ablation)."""
-    N: int = Field(12, ge=2)
-    """Grid points t_0 = sigma_max ... t_{N-1} = sigma_min (official CIFAR-10: 18)."""
-    K: int = Field(8, ge=1)
+    N: int = Field(12, ge=2, le=MAX_NFE)
+    """Grid points t_0 = sigma_max ... t_{N-1} = sigma_min (official CIFAR-10: 18; at most 10,000)."""
+    K: int = Field(8, ge=1, le=MAX_NFE)
     """Max teacher Heun steps per iteration, P(k) ∝ k on {1..K} (official CIFAR-10: 17)."""
     sigma_min: float = Field(0.002, gt=0.0)
     """Smallest noise level; jumps to data end here."""
@@ -378,20 +520,21 @@ class DistillParams(_Section):
     """Learning rate, constant after the warm-up (official: 4e-4)."""
     optimizer: Literal["radam", "adam"] = "radam"
     """RAdam (official CTM) or Adam; betas (0.9, 0.999), eps 1e-8, no weight decay."""
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     """Linear ramp lr·min(1, (step+1)/lr_warmup_steps); 0 = off (official)."""
     grad_clip_norm: float = Field(0.0, ge=0.0)
     """Clip the global gradient norm to this value; 0 = off (official)."""
     target_ema: float = Field(0.99, ge=0.0, lt=1.0)
     """Rate of the target network θ⁻ (official start_ema 0.999 is for 50k-step runs)."""
-    eval_emas: list[float] = Field(default_factory=lambda: [0.99, 0.999], min_length=1)
-    """Rates of the evaluation EMAs saved with the student (official CIFAR-10: [0.999, 0.9999])."""
-    batch: int = Field(32, ge=1)
-    """Global batch per step (all workers); divisible by ray.num_workers × microbatch."""
-    microbatch: int = Field(16, ge=1)
+    eval_emas: list[float] = Field(default_factory=lambda: [0.99, 0.999], min_length=1, max_length=16)
+    """Rates of the evaluation EMAs saved with the student (official CIFAR-10: [0.999, 0.9999]; at most 16: each
+    is a copy of the weights)."""
+    batch: int = Field(32, ge=1, le=MAX_BATCH)
+    """Global batch per step (all workers; at most 65,536); divisible by ray.num_workers × microbatch."""
+    microbatch: int = Field(16, ge=1, le=MAX_BATCH)
     """Gradient-accumulation chunk per rank; the adaptive weights are per microbatch."""
-    steps: int = Field(300, ge=1)
-    """Optimizer steps."""
+    steps: int = Field(300, ge=1, le=MAX_STEPS)
+    """Optimizer steps (at most 10,000,000)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast on CUDA, fp32 elsewhere."""
     channels_last: bool = False
@@ -404,7 +547,7 @@ class DistillParams(_Section):
     """Steps between checkpoints (Ray Train reports; the resume points)."""
     log_every: int = Field(25, ge=1)
     """Steps between metrics callbacks."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the student's fresh weights, the data order and every keyed random stream."""
 
     @model_validator(mode="after")
@@ -430,7 +573,7 @@ class DistillParams(_Section):
         _require(
             len(set(self.eval_emas)) == len(self.eval_emas),
             "distill.eval_emas",
-            f"rates must be distinct, got {self.eval_emas}",
+            f"rates must be distinct, got {_fmt(self.eval_emas)}",
         )
         for name in ("lr", "sigma_min", "sigma_max", "rho", "sigma_data", "dsm_weight", "target_ema"):
             v = getattr(self, name)
@@ -457,8 +600,8 @@ class SpaceParam(_Section):
     """Lower bound (loguniform, uniform, randint)."""
     high: float | None = None
     """Upper bound (loguniform, uniform; exclusive for randint)."""
-    values: list[Any] | None = None
-    """Candidates (choice)."""
+    values: list[Any] | None = Field(None, max_length=256)
+    """Candidates (choice; at most 256 scalars: numbers, strings, booleans)."""
 
 
 class SchedulerParams(_Section):
@@ -483,12 +626,12 @@ class TuneParams(_Section):
 
     enabled: bool = False
     """Run the search (off by default: the 10-minute offline run has no room for trials on 2 cores)."""
-    num_samples: int = Field(4, ge=1)
-    """Trials."""
-    max_concurrent_trials: int = Field(1, ge=1)
-    """Trials at once at most (also capped by what the cluster holds)."""
-    steps: int = Field(200, ge=1)
-    """Distill steps per trial."""
+    num_samples: int = Field(4, ge=1, le=10_000)
+    """Trials (at most 10,000)."""
+    max_concurrent_trials: int = Field(1, ge=1, le=1024)
+    """Trials at once at most (also capped by what the cluster holds; at most 1024)."""
+    steps: int = Field(200, ge=1, le=MAX_STEPS)
+    """Distill steps per trial (at most 10,000,000)."""
     report_every: int = Field(50, ge=1)
     """Steps between trial reports (one Tune training_iteration = one ASHA time unit)."""
     scheduler: SchedulerParams = Field(default_factory=SchedulerParams)
@@ -500,15 +643,16 @@ class TuneParams(_Section):
     mode: Literal["min", "max"] = "min"
     """Whether lower or higher `metric` is better."""
     space: dict[str, SpaceParam] = Field(
+        max_length=64,
         default_factory=lambda: {
             "lr": SpaceParam(type="loguniform", low=1e-4, high=1e-3),
             "target_ema": SpaceParam(type="choice", values=[0.99, 0.999]),
             "K": SpaceParam(type="choice", values=[4, 6, 8]),
             "dsm_weight": SpaceParam(type="uniform", low=0.5, high=1.0),
-        }
+        },
     )
-    """Search space; keys are distill keys (dotted for nested ones, e.g. gan.weight)."""
-    seed: int = Field(0, ge=0)
+    """Search space; keys are distill keys (dotted for nested ones, e.g. gan.weight); at most 64 dimensions."""
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the searcher."""
 
     @model_validator(mode="after")
@@ -540,6 +684,15 @@ class TuneParams(_Section):
             )
             if spec.type == "choice":
                 _require(bool(spec.values), f"{key}.values", f"choice needs a non-empty list, got {_fmt(spec.values)}")
+                for j, v in enumerate(spec.values):
+                    _require(
+                        v is None or isinstance(v, (bool, int, float, str)),
+                        f"{key}.values[{j}]",
+                        f"expected a number, string or boolean, got {_fmt(v)} (fix: one scalar per candidate)",
+                    )
+                    _require(
+                        not isinstance(v, float) or math.isfinite(v), f"{key}.values[{j}]", f"must be finite, got {v}"
+                    )
                 _require(spec.low is None and spec.high is None, key, "choice takes only 'values', got low/high too")
                 continue
             _require(spec.values is None, f"{key}.values", f"{spec.type} takes low/high, not values")
@@ -572,13 +725,13 @@ class ClassifierParams(_Section):
 
     _path: ClassVar[str] = "evaluate.classifier"
 
-    steps: int = Field(300, ge=1)
-    """Optimizer steps."""
-    batch: int = Field(128, ge=1)
-    """Images per step."""
+    steps: int = Field(300, ge=1, le=MAX_STEPS)
+    """Optimizer steps (at most 10,000,000)."""
+    batch: int = Field(128, ge=1, le=MAX_BATCH)
+    """Images per step (at most 65,536)."""
     lr: float = Field(1e-3, gt=0.0)
     """Learning rate."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the weights and the data order."""
 
 
@@ -591,8 +744,8 @@ class InceptionParams(_Section):
     """https:// | s3:// | file:// URI or a local path (.pth state_dict / .safetensors)."""
     sha256: str | None = FID_WEIGHTS_SHA256
     """64 hex digits, or `record` (fetch once, print the digest to pin)."""
-    batch: int = Field(64, ge=1)
-    """Images per Inception forward."""
+    batch: int = Field(64, ge=1, le=MAX_BATCH)
+    """Images per Inception forward (at most 65,536)."""
 
 
 class ReferenceParams(_Section):
@@ -614,28 +767,29 @@ class EvaluateParams(_Section):
 
     _path: ClassVar[str] = "evaluate"
 
-    nfe: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
-    """Student steps (the quality-vs-NFE curve)."""
-    gammas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1)
-    """γ of the sampler: 0 = deterministic jumps, 1 = CM multistep."""
-    teacher_nfe: int = Field(35, ge=1)
-    """Teacher Heun NFE = 2·steps − 1 (35 ↔ 18 steps)."""
-    teacher_euler_nfe: int = Field(1, ge=1)
-    """Teacher Euler baseline NFE."""
-    num_samples: int = Field(1000, ge=2)
-    """Images per Fréchet distance; null = the protocol's: 1000 with the classifier, 50000 with inception."""
-    batch: int = Field(250, ge=1)
-    """Images per sampling batch."""
-    seed_start: int = Field(0, ge=0)
+    nfe: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1, max_length=32)
+    """Student steps (the quality-vs-NFE curve; at most 32 values, each at most 10,000)."""
+    gammas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1, max_length=32)
+    """γ of the sampler: 0 = deterministic jumps, 1 = CM multistep (at most 32 values)."""
+    teacher_nfe: int = Field(35, ge=1, le=MAX_NFE)
+    """Teacher Heun NFE = 2·steps − 1 (35 ↔ 18 steps; at most 10,000)."""
+    teacher_euler_nfe: int = Field(1, ge=1, le=MAX_NFE)
+    """Teacher Euler baseline NFE (at most 10,000)."""
+    num_samples: int = Field(1000, ge=2, le=MAX_SAMPLES)
+    """Images per Fréchet distance; null = the protocol's: 1000 with the classifier, 50000 with inception (at
+    most 1,000,000)."""
+    batch: int = Field(250, ge=1, le=MAX_BATCH)
+    """Images per sampling batch (at most 65,536)."""
+    seed_start: int = Field(0, ge=0, le=SEED_MAX)
     """Image i uses seed seed_start + i (EDM generate.py style)."""
-    grid_size: int = Field(8, ge=1)
-    """PNG grids are grid_size × grid_size."""
+    grid_size: int = Field(8, ge=1, le=64)
+    """PNG grids are grid_size × grid_size (at most 64)."""
     ema: float | None = None
     """Which distill.eval_emas weights to evaluate (null = online weights)."""
     features: Literal["classifier", "inception"] = "classifier"
     """Feature space of the Fréchet distance: the small classifier (labelled data) or FID's Inception-v3."""
-    num_bootstrap: int = Field(200, ge=0)
-    """Bootstrap replicates per method (2048-d at 50k images: seconds each, use ~20)."""
+    num_bootstrap: int = Field(200, ge=0, le=100_000)
+    """Bootstrap replicates per method (2048-d at 50k images: seconds each, use ~20; at most 100,000)."""
     inception: InceptionParams = Field(default_factory=InceptionParams)
     """FID Inception weights."""
     reference: ReferenceParams = Field(default_factory=ReferenceParams)
@@ -644,7 +798,7 @@ class EvaluateParams(_Section):
     """Fetched weights / npz and computed reference statistics."""
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     """The feature classifier."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the bootstrap."""
 
     @model_validator(mode="before")
@@ -661,6 +815,7 @@ class EvaluateParams(_Section):
     def _check(self) -> Self:
         for i, n in enumerate(self.nfe):
             _require(n >= 1, f"evaluate.nfe[{i}]", f"must be an integer >= 1, got {n}")
+            _require(n <= MAX_NFE, f"evaluate.nfe[{i}]", f"must be <= {MAX_NFE}, got {_fmt(n)}")
         _require(len(set(self.nfe)) == len(self.nfe), "evaluate.nfe", f"values must be distinct, got {self.nfe}")
         for i, g in enumerate(self.gammas):
             _require(
@@ -682,19 +837,19 @@ class LikelihoodParams(_Section):
 
     enabled: bool = True
     """false: metrics.json with complete: true and no bpd keys."""
-    num_samples: int = Field(64, ge=1)
-    """The first num_samples held-out images."""
+    num_samples: int = Field(64, ge=1, le=MAX_SAMPLES)
+    """The first num_samples held-out images (at most 1,000,000)."""
     divergence: Literal["exact", "hutchinson"] = "hutchinson"
     """Divergence of the ODE drift: exact or Hutchinson's estimator."""
-    num_probes: int = Field(1, ge=1)
-    """Hutchinson probes per evaluation."""
+    num_probes: int = Field(1, ge=1, le=1024)
+    """Hutchinson probes per evaluation (at most 1024)."""
     rtol: float = Field(1e-4, gt=0.0)
     """ODE solver relative tolerance."""
     atol: float = Field(1e-4, gt=0.0)
     """ODE solver absolute tolerance."""
     dequantize: Literal["uniform", "none"] = "uniform"
     """Uniform dequantisation noise, or none."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the dequantisation noise, then the Hutchinson probes."""
 
 
@@ -726,16 +881,16 @@ class RayParams(_Section):
 
     address: str | None = None
     """null = local cluster (env RAY_ADDRESS wins if set); ray://host:10001, host:6379 or http://host:8265 (submit)."""
-    num_workers: int = Field(2, ge=1)
-    """Ray Train workers (data-parallel ranks)."""
+    num_workers: int = Field(2, ge=1, le=4096)
+    """Ray Train workers (data-parallel ranks; at most 4096)."""
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
     """CPUs per worker (and torch threads, rounded down)."""
-    num_cpus: int = Field(4, ge=1)
-    """Logical CPUs of the local cluster; > workers' CPUs so Ray Data never starves."""
-    object_store_mb: int = Field(200, ge=75)
-    """Object store size of the local cluster."""
+    num_cpus: int = Field(4, ge=1, le=65_536)
+    """Logical CPUs of the local cluster; > workers' CPUs so Ray Data never starves (at most 65,536)."""
+    object_store_mb: int = Field(200, ge=75, le=16_777_216)
+    """Object store size of the local cluster (MiB; at most 16 TiB)."""
     storage_path: str = "ray_results"
     """Train/Tune storage: local (relative = repo root) or s3://bucket/prefix."""
     max_failures: int = Field(1, ge=-1)
@@ -769,13 +924,13 @@ class RayParams(_Section):
                 _require(
                     is_http,
                     "ray.address",
-                    f"ray.submit needs the dashboard URL http://host:8265, got {self.address!r}",
+                    f"ray.submit needs the dashboard URL http://host:8265, got {_fmt(self.address)}",
                 )
             else:
                 _require(
                     not is_http,
                     "ray.address",
-                    f"{self.address!r} is a job-submission URL, which ray.init cannot join (fix: set ray.submit: "
+                    f"{_fmt(self.address)} is a job-submission URL, which ray.init cannot join (fix: set ray.submit: "
                     "true, or use ray://host:10001 / host:6379)",
                 )
         _require(
@@ -836,7 +991,7 @@ with warnings.catch_warnings():
                 _require(
                     ev.ema in d.eval_emas,
                     "evaluate.ema",
-                    f"must be one of distill.eval_emas {d.eval_emas} or null, got {ev.ema}",
+                    f"must be one of distill.eval_emas {_fmt(d.eval_emas)} or null, got {ev.ema}",
                 )
             if self.tune.enabled:  # every end point / choice of the space must give a valid distill section
                 for name in self.tune.space:
@@ -875,7 +1030,7 @@ def _check_file_source(key: str, value: str) -> None:
     if "://" in value:
         scheme = urllib.parse.urlparse(value).scheme.lower()
         _require(
-            scheme in URI_SCHEMES, key, f"expected an https://, s3:// or file:// URI or a local path, got {value!r}"
+            scheme in URI_SCHEMES, key, f"expected an https://, s3:// or file:// URI or a local path, got {_fmt(value)}"
         )
 
 
@@ -894,7 +1049,7 @@ def _check_evaluate_fid(ev: EvaluateParams) -> None:
         _require(
             inc.sha256 == "record" or bool(SHA256_RE.match(inc.sha256)),
             "evaluate.inception.sha256",
-            f"expected 64 hex digits or 'record', got {inc.sha256!r}",
+            f"expected 64 hex digits or 'record', got {_fmt(inc.sha256)}",
         )
     _require(
         len(set(ref.splits)) == len(ref.splits),
@@ -906,26 +1061,26 @@ def _check_evaluate_fid(ev: EvaluateParams) -> None:
             ref.sha256 is None,
             "evaluate.reference.sha256",
             f"must be null when evaluate.reference.source is 'data' (the pipeline computes and caches the "
-            f"statistics), got {ref.sha256!r}",
+            f"statistics), got {_fmt(ref.sha256)}",
         )
         return
     _check_file_source("evaluate.reference.source", ref.source)
     _require(
         ev.features == "inception",
         "evaluate.reference.source",
-        f"a reference file ({ref.source!r}) needs evaluate.features: inception, got {ev.features!r} (the "
+        f"a reference file ({_fmt(ref.source)}) needs evaluate.features: inception, got {_fmt(ev.features)} (the "
         "classifier's reference is always computed from the data: set reference.source: data)",
     )
     _require(
         ref.sha256 is not None,
         "evaluate.reference.sha256",
-        f"required when evaluate.reference.source is {ref.source!r}, got null (fix: pin the file's 64-hex "
+        f"required when evaluate.reference.source is {_fmt(ref.source)}, got null (fix: pin the file's 64-hex "
         "sha256, or set sha256: record to fetch once and print it)",
     )
     _require(
         ref.sha256 == "record" or bool(SHA256_RE.match(ref.sha256)),
         "evaluate.reference.sha256",
-        f"expected 64 hex digits or 'record', got {ref.sha256!r}",
+        f"expected 64 hex digits or 'record', got {_fmt(ref.sha256)}",
     )
 
 
@@ -1012,7 +1167,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if nxt is None:
             nxt = node[p] = {}
         if not isinstance(nxt, dict):
-            raise ParamsError(dotted, f"cannot set below {p!r}, which is {_fmt(nxt)} not a mapping")
+            raise ParamsError(dotted, f"cannot set below {_fmt(p)}, which is {_fmt(nxt)} not a mapping")
         node = nxt
     node[parts[-1]] = copy.deepcopy(value)
 
@@ -1055,10 +1210,7 @@ def load_config(path: str | os.PathLike[str] = "params.yaml", overrides: Mapping
     path = Path(path)
     if not path.is_file():
         raise ParamsError("params", f"file {str(path)!r} not found (fix: run from the repo root or pass --params)")
-    try:
-        raw = yaml.load(path.read_text(), Loader=YamlLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise ParamsError("params", f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    raw = read_yaml(path, "params")
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ParamsError("params", f"expected a mapping of sections, got {type(raw).__name__}")

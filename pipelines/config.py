@@ -13,9 +13,7 @@ import json
 import sys
 from typing import Any
 
-import yaml
-
-from ctm_core.config import Params, ParamsError, YamlLoader, params_hash
+from ctm_core.config import Params, ParamsError, params_hash, parse_yaml
 from pipelines.support.params import load_params
 
 
@@ -29,19 +27,20 @@ def _main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     overrides: dict[str, Any] = {}
     for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"--set: expected KEY=VALUE, got {item!r}", file=sys.stderr)
+        if "=" not in item:
+            print(f"--set: expected KEY=VALUE, got {item[:80]!r}", file=sys.stderr)
             return 2
-        overrides[key.strip()] = yaml.load(value, Loader=YamlLoader)  # noqa: S506
     try:
+        for item in args.set:
+            key, _, value = item.partition("=")
+            overrides[key.strip()] = parse_yaml(value, key.strip(), f"--set {key.strip()}")
         params = load_params(args.params, overrides, check_env=not args.no_env)
     except ParamsError as e:
         print(f"params error: {e}", file=sys.stderr)
         return 2
     if args.show:
         if args.show not in Params.model_fields:
-            print(f"--show: expected one of {', '.join(Params.model_fields)}, got {args.show!r}", file=sys.stderr)
+            print(f"--show: expected one of {', '.join(Params.model_fields)}, got {args.show[:80]!r}", file=sys.stderr)
             return 2
         sec = params.section(args.show)
         print(json.dumps({"params_hash": params_hash(sec), args.show: sec}, indent=2))

@@ -5,11 +5,17 @@ connection errors and HTTP 429/5xx), `s3://bucket/key` (boto3, imported lazily; 
 standard `AWS_*` environment / profile chain, e.g. `AWS_ENDPOINT_URL` for MinIO), `file://` URIs and plain local
 paths, and the names of NVIDIA's released EDM networks (`resolve_release`, URLs from NVlabs/edm README.md:67-70).
 
-Cache layout: `<cache_dir>/sha256/<hex>/<filename>`. A download streams into a temp file under
-`<cache_dir>/tmp/` while it is hashed; only a file whose hash matches is moved (`os.replace`) into place, so a
-truncated or tampered download never reaches the cache. A cached file is re-hashed before each reuse; a poisoned
-entry is removed and fetched again. `sha256="record"` fetches once, stores the file under its computed hash, writes
-`<filename>.sha256.json` next to it and logs the hash for the caller to pin.
+Cache layout: `<cache_dir>/sha256/<hex>/<filename>`. A download streams into a temp file
+`<cache_dir>/tmp/partial-<pid>-*.tmp` while it is hashed; only a file whose hash matches is moved (`os.replace`)
+into place, so a truncated or tampered download never reaches the cache. Partials a killed fetch left behind (its
+pid gone, or untouched for `STALE_PARTIAL_S`) are removed by the next fetch into the same cache. A cached file is
+re-hashed before each reuse; a poisoned entry is removed and fetched again. `sha256="record"` fetches once, stores
+the file under its computed hash, writes `<filename>.sha256.json` next to it and logs the hash for the caller to
+pin; it is refused over plain `http://` (anyone on the path could choose the bytes being pinned) except on loopback.
+
+A download larger than `max_bytes` (default `DEFAULT_MAX_BYTES`, 4 GiB) is refused as soon as its announced
+length or its streamed byte count passes the cap. URIs in messages and in the record file carry no user-info or
+query string (`ctm_core.redact`: presigned URLs are credentials).
 
 Examples:
     python -m pipelines.support.fetch edm-cifar10-32x32-uncond-vp --cache-dir ~/.cache/ctm --sha256 record
@@ -36,10 +42,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ctm_core.redact import redact_text, redact_uri
 from pipelines.support.io_utils import CHUNK_BYTES, atomic_write_json, current_umask, normalize_sha256, sha256_file
 from pipelines.support.logs import progress_enabled, setup_logging
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "EDM_BASE_URL",
     "KNOWN_RELEASES",
     "ChecksumMismatchError",
@@ -53,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 RECORD = "record"
 USER_AGENT = "ctm-pipeline-fetch/0.1 (+urllib)"
+DEFAULT_MAX_BYTES = 4 << 30  # the largest file the pipeline fetches is a ~1 GB EDM pickle / a dataset archive
+STALE_PARTIAL_S = 3600.0  # a partial download untouched this long is left over from a killed fetch
+_PARTIAL_RE = re.compile(r"^partial-(?:(\d+)-)?.*\.tmp$")
 
 # --- Released EDM networks (docs/edm.md#a31-pretrained-files; NVlabs/edm README.md:67-70,77-224) ----------------------
 EDM_BASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -80,7 +91,10 @@ KNOWN_RELEASES: dict[str, str] = {
 
 
 class FetchError(RuntimeError):
-    """A fetch failed; the message names the problem and the fix on one line."""
+    """A fetch failed; the message names the problem and the fix on one line (URIs in it redacted)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact_text(" ".join(str(message).split())))
 
 
 class ChecksumMismatchError(FetchError):
@@ -112,25 +126,47 @@ def cache_path(cache_dir: str | os.PathLike[str], sha256: str, filename: str) ->
     return Path(cache_dir) / "sha256" / normalize_sha256(sha256) / _safe_filename(filename)
 
 
+def _is_loopback_http(url: str) -> bool:
+    """True for `http://localhost...`, `http://127.x.x.x...` and `http://[::1]...` (no one else on the path)."""
+    import ipaddress
+
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _classify(uri: str) -> tuple[str, str]:
     """Return (kind, target): kind in {'http', 's3', 'local'}; release names become their https URL."""
     if not isinstance(uri, str) or not uri:
-        raise ValueError(f"uri: expected a non-empty string, got {uri!r}")
+        raise ValueError(f"uri: expected a non-empty string, got {type(uri).__name__}")
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.lower()
     if scheme in ("http", "https"):
+        if "@" in parsed.netloc:
+            raise FetchError(
+                f"credentials in the URL are not supported ({uri}): they would travel in clear and land in logs "
+                "(fix: use a presigned https URL, or s3:// with AWS credentials from the environment)"
+            )
         return "http", uri
     if scheme == "s3":
         if not parsed.netloc or not parsed.path.lstrip("/"):
-            raise ValueError(f"uri: expected s3://<bucket>/<key>, got {uri!r}")
+            raise ValueError(f"uri: expected s3://<bucket>/<key>, got {redact_uri(uri)!r}")
         return "s3", uri
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"uri: file:// URIs must name a local path (file:///abs/path), got {uri!r}")
+            raise ValueError(f"uri: file:// URIs must name a local path (file:///abs/path), got {redact_uri(uri)!r}")
         return "local", urllib.request.url2pathname(parsed.path)
     if scheme and len(scheme) > 1:  # one letter = Windows drive, treat as a path
         raise FetchError(
-            f"unsupported URI scheme {scheme!r} in {uri!r}: use https://, http://, s3://, file:// or a local path"
+            f"unsupported URI scheme {scheme[:20]!r} in {redact_uri(uri)[:200]!r}: use https://, http://, s3://, "
+            "file:// or a local path"
         )
     base = uri[: -len(".pkl")] if uri.endswith(".pkl") else uri
     if not os.path.exists(uri) and (base in KNOWN_RELEASES or base.removeprefix("baseline/") in KNOWN_RELEASES):
@@ -142,7 +178,8 @@ def _classify(uri: str) -> tuple[str, str]:
 _Opener = Callable[[], tuple[Iterator[bytes], int | None]]
 
 
-def _open_http(url: str, timeout_s: float) -> tuple[Iterator[bytes], int | None]:
+def _open_http(url: str, timeout_s: float, *, https_only: bool = False) -> tuple[Iterator[bytes], int | None]:
+    """Open `url`; with `https_only` a redirect to plain non-loopback http:// is refused (record mode)."""
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         resp = urllib.request.urlopen(req, timeout=timeout_s)  # noqa: S310 (scheme checked by _classify)
@@ -157,8 +194,15 @@ def _open_http(url: str, timeout_s: float) -> tuple[Iterator[bytes], int | None]
         raise FetchError(f"HTTP {e.code} {e.reason} for {url}: {hint}") from None
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
         raise _RetryableError(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
+    final = resp.geturl() or url
+    if https_only and final.lower().startswith("http://") and not _is_loopback_http(final):
+        resp.close()
+        raise FetchError(
+            f"{url} redirected to plain http ({final}), which cannot be trusted for sha256='record' (fix: pin the "
+            "64-hex sha256 instead)"
+        )
     length = resp.headers.get("Content-Length")
-    total = int(length) if length and length.isdigit() else None
+    total = int(length) if length and length.isdigit() and len(length) < 20 else None
 
     def chunks() -> Iterator[bytes]:
         got = 0
@@ -265,12 +309,28 @@ def _open_local(path: str) -> tuple[Iterator[bytes], int | None]:
 
 
 # --- the download + verify + install step ----------------------------------------------------------------------
-def _download_to_temp(opener: _Opener, tmp_dir: Path, desc: str, progress: bool) -> tuple[Path, str]:
-    """Stream the source into a temp file under tmp_dir while hashing; return (temp path, sha256 hex)."""
+def _too_big(uri: str, size: str, max_bytes: int) -> FetchError:
+    return FetchError(
+        f"{uri} is {size}, over the download cap of {max_bytes} bytes (nothing was cached) (fix: check the source, "
+        "or pass a larger max_bytes / --max-bytes if the file is legitimately that big)"
+    )
+
+
+def _download_to_temp(
+    opener: _Opener, tmp_dir: Path, desc: str, progress: bool, uri: str, max_bytes: int | None
+) -> tuple[Path, str]:
+    """Stream the source into a temp file under tmp_dir while hashing; return (temp path, sha256 hex).
+
+    Refuses (FetchError) a source announcing, or streaming, more than `max_bytes` bytes (None = no cap)."""
     chunks, total = opener()
-    fd, tmp_name = tempfile.mkstemp(prefix="partial-", suffix=".tmp", dir=tmp_dir)
+    if max_bytes is not None and total is not None and total > max_bytes:
+        with contextlib.suppress(Exception):
+            chunks.close()  # type: ignore[attr-defined]  # unstarted: the response / file closes when collected
+        raise _too_big(uri, f"{total} bytes (announced)", max_bytes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"partial-{os.getpid()}-", suffix=".tmp", dir=tmp_dir)
     tmp = Path(tmp_name)
     h = hashlib.sha256()
+    got = 0
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
         with (
@@ -280,6 +340,10 @@ def _download_to_temp(opener: _Opener, tmp_dir: Path, desc: str, progress: bool)
             ) as bar,
         ):
             for chunk in chunks:
+                got += len(chunk)
+                if max_bytes is not None and got > max_bytes:
+                    chunks.close()  # type: ignore[attr-defined]
+                    raise _too_big(uri, f"more than {max_bytes} bytes (streamed)", max_bytes)
                 h.update(chunk)
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -289,6 +353,44 @@ def _download_to_temp(opener: _Opener, tmp_dir: Path, desc: str, progress: bool)
         tmp.unlink(missing_ok=True)
         raise
     return tmp, h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # someone else's process, or a number no pid can be: keep unless old
+    return True
+
+
+def _remove_stale_partials(tmp_dir: Path, now: float | None = None) -> list[Path]:
+    """Remove `partial-*.tmp` files a killed fetch left in `tmp_dir`: those whose pid (in the name) is not
+    running on this machine, and any untouched for `STALE_PARTIAL_S` seconds. Returns the removed paths."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(tmp_dir.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _PARTIAL_RE.match(p.name)
+        if m is None or not p.is_file() or p.is_symlink():
+            continue
+        try:
+            age = now - p.stat().st_mtime
+        except OSError:
+            continue
+        pid = int(m.group(1)) if m.group(1) else None
+        dead = pid is not None and pid != os.getpid() and not _pid_alive(pid)
+        if dead or age > STALE_PARTIAL_S:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    if removed:
+        logger.info("removed %d partial download(s) left by an interrupted fetch in %s", len(removed), tmp_dir)
+    return removed
 
 
 def _with_retries(fn: Callable[[], tuple[Path, str]], uri: str, retries: int, backoff_s: float) -> tuple[Path, str]:
@@ -315,6 +417,7 @@ def fetch(
     timeout_s: float = 60.0,
     retries: int = 3,
     backoff_s: float = 1.0,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Path:
     """Return the path of a verified copy of `uri` in `cache_dir`.
 
@@ -329,11 +432,46 @@ def fetch(
         timeout_s: connect/read timeout per request.
         retries: extra attempts after a connection error, timeout, truncated stream or HTTP 429/5xx.
         backoff_s: sleep before retry k is `backoff_s * 2**(k-1)`.
+        max_bytes: refuse a source larger than this many bytes (announced or streamed); None = no cap.
 
     Raises:
-        FetchError: missing sha256, unsupported scheme, missing S3 credentials, HTTP 4xx, retries exhausted.
+        FetchError: missing sha256, unsupported scheme, missing S3 credentials, HTTP 4xx, retries exhausted,
+            over `max_bytes`, `record` over plain non-loopback http.
         ChecksumMismatchError: the bytes do not match `sha256` (nothing is left in the cache).
     """
+    try:
+        return _fetch(uri, cache_dir, sha256, progress, filename, timeout_s, retries, backoff_s, max_bytes)
+    except FetchError as e:  # a message from deep in the stack (urllib, boto) may quote parts of the URI
+        e.args = (_scrub(str(e), uri),)
+        raise
+
+
+def _scrub(message: str, uri: str) -> str:
+    """`message` without the user-info, password, query or fragment of `uri`, wherever they appear in it."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return message
+    netloc = parts.netloc
+    userinfo = netloc.rsplit("@", 1)[0] if "@" in netloc else ""
+    secrets = {userinfo, *userinfo.split(":", 1), parts.query, parts.fragment, *parts.query.split("&")}
+    secrets |= {v for item in parts.query.split("&") for v in item.split("=", 1)[1:]}
+    for s in sorted((s for s in secrets if len(s) >= 3), key=len, reverse=True):
+        message = message.replace(s, "***")
+    return message
+
+
+def _fetch(
+    uri: str,
+    cache_dir: str | os.PathLike[str],
+    sha256: str | None,
+    progress: bool,
+    filename: str | None,
+    timeout_s: float,
+    retries: int,
+    backoff_s: float,
+    max_bytes: int | None,
+) -> Path:
     kind, target = _classify(uri)
     if sha256 is None:
         raise FetchError(
@@ -341,6 +479,11 @@ def fetch(
             "the hash and pin it"
         )
     record = sha256 == RECORD
+    if record and kind == "http" and target.lower().startswith("http://") and not _is_loopback_http(target):
+        raise FetchError(
+            f"sha256='record' over plain http is refused for {uri}: anyone on the network path could choose the "
+            "bytes being pinned (fix: use the https:// URL, s3:// or a local file, or pin the 64-hex sha256)"
+        )
     expected = None if record else normalize_sha256(sha256)
     name = _safe_filename(filename or urllib.parse.unquote(urllib.parse.urlparse(target).path or target))
     if kind == "local":
@@ -359,7 +502,7 @@ def fetch(
             dest.unlink()
 
     if kind == "http":
-        opener: _Opener = lambda: _open_http(target, timeout_s)
+        opener: _Opener = lambda: _open_http(target, timeout_s, https_only=record)
     elif kind == "s3":
         opener = lambda: _open_s3(target, timeout_s, retries)
     else:
@@ -367,7 +510,10 @@ def fetch(
 
     tmp_dir = cache_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp, got = _with_retries(lambda: _download_to_temp(opener, tmp_dir, name, progress), uri, retries, backoff_s)
+    _remove_stale_partials(tmp_dir)
+    tmp, got = _with_retries(
+        lambda: _download_to_temp(opener, tmp_dir, name, progress, uri, max_bytes), uri, retries, backoff_s
+    )
     try:
         if expected is not None and got != expected:
             raise ChecksumMismatchError(
@@ -385,9 +531,15 @@ def fetch(
     if record:
         atomic_write_json(
             dest.with_name(dest.name + ".sha256.json"),
-            {"uri": uri, "resolved": target, "sha256": got, "size_bytes": dest.stat().st_size, "filename": name},
+            {
+                "uri": redact_uri(uri),
+                "resolved": redact_uri(target),
+                "sha256": got,
+                "size_bytes": dest.stat().st_size,
+                "filename": name,
+            },
         )
-        logger.warning("sha256 of %s = %s (pin this value)", uri, got)
+        logger.warning("sha256 of %s = %s (pin this value)", redact_uri(uri), got)
     return dest
 
 
@@ -404,6 +556,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--list-releases", action="store_true", help="print the known release names and URLs, exit")
     ap.add_argument("--dry-run", action="store_true", help="resolve the URI and cache path, download nothing")
+    ap.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse larger downloads")
     args = ap.parse_args(argv)
     setup_logging()
     if args.list_releases:  # stdout: the CLI's machine-readable output
@@ -415,11 +568,17 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         if args.dry_run:
             kind, target = _classify(args.uri)
-            print(f"{kind}\t{target}")
+            print(f"{kind}\t{redact_uri(target)}")
             return 0
-        path = fetch(args.uri, args.cache_dir, sha256=args.sha256, progress=not args.no_progress and progress_enabled())
+        path = fetch(
+            args.uri,
+            args.cache_dir,
+            sha256=args.sha256,
+            progress=not args.no_progress and progress_enabled(),
+            max_bytes=args.max_bytes,
+        )
     except (FetchError, ValueError) as e:
-        logger.error("error: %s", e)
+        logger.error("error: %s", redact_text(" ".join(str(e).split())))
         return 1
     print(path)  # stdout: the fetched file's path, for scripts
     return 0

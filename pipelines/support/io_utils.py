@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ctm_core.io.hashing import CHUNK_BYTES, sha256_bytes, sha256_file, sha256_fileobj
+from ctm_core.redact import redact_text
 
 __all__ = [
     "CHUNK_BYTES",
@@ -141,7 +142,8 @@ def staged_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def one_line(e: BaseException | str, limit: int | None = None) -> str:
-    """An exception (or text) as one line: whitespace runs, newlines included, become single spaces; at most
-    `limit` characters when given."""
-    line = " ".join(str(e).split())
+    """An exception (or text) as one line: whitespace runs, newlines included, become single spaces, URIs lose
+    their user-info and query (`ctm_core.redact`: messages get printed and logged); at most `limit` characters
+    when given."""
+    line = redact_text(" ".join(str(e).split()))
     return line if limit is None else line[:limit]

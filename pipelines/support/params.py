@@ -15,9 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ctm_core.config import Params, ParamsError, load_config
+from ctm_core.config import Params, ParamsError, load_config, read_yaml
+from ctm_core.redact import redact_uri
 
 __all__ = ["check_environment", "load_params", "read_overrides", "resolve_path"]
 
@@ -42,12 +41,7 @@ def read_overrides(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ParamsError("--best-params", f"file {path} not found (fix: run the tune stage, or omit the flag)")
-    from ctm_core.config import YamlLoader
-
-    try:
-        raw = yaml.load(path.read_text(), Loader=YamlLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise ParamsError("--best-params", f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    raw = read_yaml(path, "--best-params")  # no aliases, no duplicate keys, bounded size and depth, UTF-8
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -89,7 +83,9 @@ def _parse_address(addr: str) -> tuple[str, int] | None:
     parsed = urllib.parse.urlparse(addr if "://" in addr else f"tcp://{addr}")
     default = {"ray": 10001, "http": 8265, "https": 443}.get(parsed.scheme, 6379)
     if not parsed.hostname:
-        raise ParamsError("ray.address", f"expected host:port, ray://host:port or http://host:port, got {addr!r}")
+        raise ParamsError(
+            "ray.address", f"expected host:port, ray://host:port or http://host:port, got {redact_uri(addr)!r}"
+        )
     return parsed.hostname, parsed.port or default
 
 
@@ -124,7 +120,7 @@ def check_environment(p: Params, *, timeout_s: float = 1.0) -> None:
             _require(
                 _has_s3_credentials(),
                 key,
-                f"{value!r} needs S3 credentials, found none (fix: export AWS_ACCESS_KEY_ID and "
+                f"{redact_uri(value)!r} needs S3 credentials, found none (fix: export AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; plus AWS_ENDPOINT_URL for MinIO)",
             )
     if addr:
@@ -134,7 +130,7 @@ def check_environment(p: Params, *, timeout_s: float = 1.0) -> None:
             _require(
                 _reachable(host, port, timeout_s),
                 addr_key,
-                f"cannot reach {addr!r} ({host}:{port}) within {timeout_s:g} s (fix: start the cluster, "
+                f"cannot reach {redact_uri(addr)!r} ({host}:{port}) within {timeout_s:g} s (fix: start the cluster, "
                 "correct the address, or set it to null for a local Ray)",
             )
     if p.tune.enabled and p.tune.search_alg == "hyperopt":

@@ -14,20 +14,27 @@ token is what keeps a local cluster from being an open code-execution endpoint; 
 sessions on one machine never overwrite each other's token in `~/.ray`. `auth="disabled"` opts out. Joining a
 remote cluster needs that cluster's token in `RAY_AUTH_TOKEN` (or `RAY_AUTH_TOKEN_PATH`); we do not touch the auth
 variables then.
+
+The default temp dir is under the shared `/tmp`, so anyone on the machine could create it, or plant an
+`auth_token` there first and then know the token of our cluster. An existing temp dir must be ours and not
+writable by others, and an existing token file is reused only if it is a regular file (not a link) owned by us with
+mode 0600; anything else stops with one line naming the path and the fix (`check_private_file`).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 from ctm_core.config import Params
+from ctm_core.redact import redact_uri
 from pipelines.support.params import resolve_path
 
-__all__ = ["connect_or_start", "init_local_ray", "shutdown", "storage_path", "tune_search_space"]
+__all__ = ["check_private_file", "connect_or_start", "init_local_ray", "shutdown", "storage_path", "tune_search_space"]
 
 _AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_DATA_DISABLE_PROGRESS_BARS")
 _saved_env: dict[str, str | None] = {}
@@ -53,17 +60,48 @@ def _refresh_ray_auth_config() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def check_private_file(path: Path, what: str) -> None:
+    """`path` must be a regular file (not a symlink) owned by this user with mode 0600, else ValueError (one line)."""
+    st = os.lstat(path)
+    problems = []
+    if not stat.S_ISREG(st.st_mode):
+        problems.append("is not a regular file")
+    if st.st_uid != os.getuid():
+        problems.append(f"is owned by uid {st.st_uid}, not {os.getuid()}")
+    if stat.S_IMODE(st.st_mode) != 0o600:
+        problems.append(f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0600")
+    if problems:
+        raise ValueError(
+            f"{what}: {str(path)!r} {' and '.join(problems)}; someone else may have written or read it (fix: delete "
+            "it if it is yours, or set ray.temp_dir to a folder of your own)"
+        )
+
+
+def _check_private_dir(path: Path) -> None:
+    """`path` (an existing temp dir) must be owned by this user and not writable by others, else ValueError."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & stat.S_IWOTH:
+        raise ValueError(
+            f"ray.temp_dir: {str(path)!r} is not a folder of your own (owner uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); another user could plant files there (fix: set ray.temp_dir to a "
+            "new path, e.g. /tmp/ray_ctm_$USER)"
+        )
+
+
 def _setup_token_auth(temp_dir: Path, auth: str) -> str:
     """Apply the auth policy of the module docstring; returns the effective mode ('token' | 'disabled' | ...)."""
     if auth not in ("token", "disabled"):
         raise ValueError(f"auth: expected 'token' or 'disabled', got {auth!r}")
     if "RAY_AUTH_MODE" in os.environ:  # explicit user choice wins
         return os.environ["RAY_AUTH_MODE"].lower()
+    own_token = auth == "token" and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    token_path = temp_dir / "auth_token"
+    if own_token and os.path.lexists(token_path):
+        check_private_file(token_path, "ray.temp_dir/auth_token")  # before any env change
     _set_env("RAY_AUTH_MODE", auth)
-    if auth == "token" and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        token_path = temp_dir / "auth_token"
-        if not token_path.exists():
-            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if own_token:
+        if not os.path.lexists(token_path):
+            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32))  # 256 bits, the format `ray get-auth-token --generate` writes
         _set_env("RAY_AUTH_TOKEN_PATH", str(token_path))
@@ -99,7 +137,8 @@ def init_local_ray(
         raise ValueError(f"temp_dir: expected a short path (<= 60 chars, unix socket limit), got {str(temp_dir)!r}")
     if num_cpus < 1:
         raise ValueError(f"num_cpus: expected >= 1, got {num_cpus}")
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private_dir(temp_dir)
     auth_mode = _setup_token_auth(temp_dir, auth)
     # readable CI logs (docs/stack.md#1117-progress-bars); workers inherit it
     _set_env("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -138,11 +177,15 @@ def connect_or_start(params: Params) -> dict[str, Any]:
     if address:
         if address.startswith(("http://", "https://")):
             raise ValueError(
-                f"ray.address: {address!r} is a dashboard/job-submission URL; ray.init needs ray://host:10001, "
-                "host:6379 or 'auto' (use the http:// URL with ray.submit: true)"
+                f"ray.address: {redact_uri(address)!r} is a dashboard/job-submission URL; ray.init needs "
+                "ray://host:10001, host:6379 or 'auto' (use the http:// URL with ray.submit: true)"
             )
         ctx = ray.init(address=address, log_to_driver=True)
-        return {"address": address, "dashboard_url": ctx.dashboard_url, "auth_mode": os.environ.get("RAY_AUTH_MODE")}
+        return {
+            "address": redact_uri(address),
+            "dashboard_url": ctx.dashboard_url,
+            "auth_mode": os.environ.get("RAY_AUTH_MODE"),
+        }
     return init_local_ray(
         r.num_cpus,
         r.temp_dir,

@@ -5,6 +5,9 @@
 - One MLflow run per (stage, params hash): `start_run` finds the run by the tag `ctm.run_key` and resumes it, so a
   repeated `dvc repro` (or a killed-and-restarted stage) logs into the same run instead of creating duplicates.
 - Every run carries the git commit, dirty flag, DVC stage, params hash and data hash as tags.
+- Nothing this module stores or raises carries credentials: tags, flattened params and logged dicts have every URI
+  redacted (`ctm_core.redact`: user-info, password, query, fragment -> `***`), and so have MLflow's error messages
+  (which quote the tracking URI). `public_tracking_uri` is the form to write into files such as registry.json.
 
 Only `pipelines/` imports this module (and mlflow); `ctm_core` never does.
 """
@@ -15,9 +18,12 @@ import contextlib
 import json
 import os
 import subprocess
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from ctm_core.redact import redact_text, redact_uri
 
 __all__ = [
     "RUN_KEY_TAG",
@@ -26,6 +32,8 @@ __all__ = [
     "flatten",
     "log_dict_json",
     "log_figure_png",
+    "public_tracking_uri",
+    "redact_values",
     "resolve_tracking_uri",
     "run_name",
     "run_tags",
@@ -60,6 +68,51 @@ def resolve_tracking_uri(params: Any, repo_root: str | os.PathLike[str]) -> str:
     return uri
 
 
+def public_tracking_uri(uri: str) -> str:
+    """`uri` as it may be printed or stored: no user-info, password or query (`https://***@host/`)."""
+    return redact_uri(uri) or ""
+
+
+def redact_values(obj: Any) -> Any:
+    """`obj` (JSON-like: dicts, lists, scalars) with every URI inside its strings and keys redacted."""
+    if isinstance(obj, str):
+        return redact_text(obj) if "://" in obj else obj
+    if isinstance(obj, Mapping):
+        return {redact_values(k) if isinstance(k, str) else k: redact_values(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_values(v) for v in obj]
+    return obj
+
+
+def _secret_parts(uri: str) -> list[str]:
+    """The pieces of `uri` that may be credentials (user-info, password, query and its values, fragment)."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return []
+    userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+    found = {userinfo, *userinfo.split(":", 1), parts.query, parts.fragment}
+    for item in parts.query.split("&"):
+        found |= {item, *item.split("=", 1)[1:]}
+    return sorted((p for p in found if len(p) >= 3), key=len, reverse=True)
+
+
+def _scrub(text: str, uri: str) -> str:
+    """`text` with URIs redacted and every credential piece of `uri` replaced, even outside a URI (urllib3 quotes
+    the query string alone)."""
+    text = redact_text(text)
+    for part in _secret_parts(uri):
+        text = text.replace(part, "***")
+    return text
+
+
+def _redact_exception(e: BaseException, uri: str) -> None:
+    """Scrub an exception's message in place (MLflow quotes the tracking URI, credentials included)."""
+    e.args = tuple(_scrub(a, uri) if isinstance(a, str) else a for a in e.args)
+    if isinstance(getattr(e, "message", None), str):
+        e.message = _scrub(e.message, uri)  # type: ignore[attr-defined]  # MlflowException keeps its own copy
+
+
 def _git(repo_root: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, timeout=10, check=True)
@@ -73,16 +126,19 @@ def data_hash_from_lock(repo_root: str | os.PathLike[str], out_path: str = "data
     lock = Path(repo_root) / "dvc.lock"
     if not lock.is_file():
         return None
-    import yaml
+    from ctm_core.config import ParamsError, read_yaml
 
-    try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    except yaml.YAMLError:
+    try:  # the params loader: no aliases, bounded size and depth (a lock file is data from the repo)
+        lock_data = read_yaml(lock, "dvc.lock")
+    except ParamsError:
         return None
-    for stage in stages.values():
-        for out in stage.get("outs", []) or []:
-            if out.get("path") == out_path:
-                return out.get("md5")
+    stages = lock_data.get("stages") if isinstance(lock_data, dict) else None
+    for stage in (stages or {}).values() if isinstance(stages, dict) else ():
+        outs = stage.get("outs") if isinstance(stage, dict) else None
+        for out in outs if isinstance(outs, list) else ():
+            if isinstance(out, dict) and out.get("path") == out_path:
+                md5 = out.get("md5")
+                return md5 if isinstance(md5, str) else None
     return None
 
 
@@ -115,7 +171,7 @@ def run_tags(
             tags[f"dvc.{k[4:].lower()}"] = os.environ[k]
     for k, v in (extra or {}).items():
         tags[k] = str(v)
-    return tags
+    return {k: redact_values(v) for k, v in tags.items()}
 
 
 def run_name(stage: str, params_hash: str) -> str:
@@ -148,8 +204,34 @@ def start_run(
     """Create, or resume, the MLflow run whose tag `ctm.run_key` equals `name`; yields the active `mlflow.ActiveRun`.
 
     Resuming reopens the newest matching run (status back to RUNNING); on exit the run ends FINISHED, or FAILED if
-    the body raised. Tags are (re)applied either way, so a resumed run shows the latest commit/dirty flag.
+    the body raised. Tags are (re)applied either way, so a resumed run shows the latest commit/dirty flag. Tag
+    values and the messages of exceptions raised here or in the body have their URIs redacted.
     """
+    try:
+        with _start_run(
+            name,
+            tracking_uri=tracking_uri,
+            experiment_name=experiment_name,
+            tags=tags,
+            repo_root=repo_root,
+            log_system_metrics=log_system_metrics,
+        ) as run:
+            yield run
+    except Exception as e:
+        _redact_exception(e, tracking_uri)
+        raise
+
+
+@contextlib.contextmanager
+def _start_run(
+    name: str,
+    *,
+    tracking_uri: str,
+    experiment_name: str,
+    tags: Mapping[str, str] | None = None,
+    repo_root: str | os.PathLike[str] | None = None,
+    log_system_metrics: bool | None = None,
+) -> Iterator[Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -165,7 +247,7 @@ def start_run(
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
-    all_tags = {RUN_KEY_TAG: name, **(tags or {})}
+    all_tags = {RUN_KEY_TAG: name, **{k: redact_values(str(v)) for k, v in (tags or {}).items()}}
     if found:
         ctx = mlflow.start_run(run_id=found[0].info.run_id, log_system_metrics=log_system_metrics)
     else:
@@ -197,16 +279,17 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, extra_tags:
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{'gan': {'enabled': False}}` → `{'gan.enabled': False}`; lists are JSON strings (for `mlflow.log_params`)."""
+    """`{'gan': {'enabled': False}}` → `{'gan.enabled': False}`; lists are JSON strings (for `mlflow.log_params`);
+    URIs in string values redacted (a presigned `data.path` is a credential)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, Mapping):
             out.update(flatten(v, key))
         elif isinstance(v, (list, tuple)):
-            out[key] = json.dumps(list(v))
+            out[key] = json.dumps(redact_values(list(v)))
         else:
-            out[key] = v
+            out[key] = redact_values(v)
     return out
 
 
@@ -221,9 +304,9 @@ def log_figure_png(path: str | os.PathLike[str], artifact_path: str | None = Non
 
 
 def log_dict_json(obj: Mapping[str, Any], artifact_file: str) -> None:
-    """Log a JSON-able dict as `artifact_file` (must end in .json) in the active run."""
+    """Log a JSON-able dict as `artifact_file` (must end in .json) in the active run, every URI in it redacted."""
     import mlflow
 
     if not artifact_file.endswith(".json"):
         raise ValueError(f"artifact_file: expected a name ending in .json, got {artifact_file!r}")
-    mlflow.log_dict(dict(obj), artifact_file)
+    mlflow.log_dict(redact_values(dict(obj)), artifact_file)
