@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,12 @@ class DatasetCard:
         )
 
 
+def _shown(value: str, limit: int = 200) -> str:
+    """`value` quoted for a one-line message: control and format characters escaped, long values cut."""
+    text = repr(value[:limit]).encode("ascii", "backslashreplace").decode("ascii")
+    return text + (f"... ({len(value)} characters)" if len(value) > limit else "")
+
+
 class _Reader:
     """Typed field access on the raw JSON with one-line InputErrors that name the card file and the field."""
 
@@ -281,6 +288,28 @@ class _Reader:
             raise self.fail(key, "a string" + (" or null" if optional else ""), v)
         return v
 
+    def shard_path(self, d: dict, key: str, split: str) -> str:
+        """A shard path as the writer makes it: relative, '/'-separated, inside the split's folder (`<split>/...`).
+
+        Readers join it to the card's folder (and download to it), so an absolute path, a `..`, a backslash or a
+        control character would name a file outside that folder."""
+        v = self.text(d, key)
+        assert v is not None
+        parts = v.split("/")
+        if (
+            len(parts) < 2
+            or parts[0] != split
+            or any(p in ("", ".", "..") for p in parts)
+            or "\\" in v
+            or any(unicodedata.category(c)[0] == "C" for c in v)
+        ):
+            raise InputError(
+                f"{self.where}: {key}: expected a relative path inside the split folder ({split}/<file>, no '..', "
+                f"no backslash, no control character), got {_shown(v)} (fix: the card was edited or is not a prepare "
+                "output; re-run the prepare stage and upload its folder again)"
+            )
+        return v
+
     def split(self, splits: dict, name: str) -> Split:
         key = f"splits.{name}"
         s = self.mapping(splits, key)
@@ -293,7 +322,7 @@ class _Reader:
                 raise self.fail(f"{key}.shards[{i}]", "an object", sh)
             parsed.append(
                 Shard(
-                    path=self.text(sh, f"{key}.shards[{i}].path"),
+                    path=self.shard_path(sh, f"{key}.shards[{i}].path", name),
                     rows=self.integer(sh, f"{key}.shards[{i}].rows", lo=0),
                     sha256=self.text(sh, f"{key}.shards[{i}].sha256"),
                 )

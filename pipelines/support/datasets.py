@@ -17,6 +17,7 @@ from ctm_core.config import DataParams
 from ctm_core.data.card import DatasetCard
 from ctm_core.data.sources import SOURCES, DatasetError, read_source
 from ctm_core.data.writer import write_prepared
+from ctm_core.redact import redact_uri
 from pipelines.support.io_utils import normalize_sha256, sha256_file, staged_dir
 
 __all__ = ["PrepareConfig", "prepare_dataset", "prepare_from_params", "resolve_source"]
@@ -64,9 +65,9 @@ def resolve_source(config: PrepareConfig, cache_dir: str | os.PathLike[str] | No
         from pipelines.support.fetch import fetch
 
         if config.source_sha256 is None:
-            raise ValueError(f"prepare.source_sha256: required to fetch {config.source_path}, got None")
+            raise ValueError(f"prepare.source_sha256: required to fetch {redact_uri(config.source_path)}, got None")
         if cache_dir is None:
-            raise ValueError(f"cache_dir: required to fetch {config.source_path}, got None")
+            raise ValueError(f"cache_dir: required to fetch {redact_uri(config.source_path)}, got None")
         return fetch(config.source_path, cache_dir, sha256=config.source_sha256, progress=progress)
     path = Path(config.source_path).expanduser()
     if not path.exists():
@@ -107,16 +108,18 @@ def prepare_dataset(
                 f"prepare.source_sha256: expected {config.source_sha256}, got {got} for {path}: wrong or changed file"
             )
     loaded = read_source(config.source, path, progress)
+    # The card names the source without secrets: a presigned URL's query or a URI's user-info grants access.
+    recorded = dataclasses.replace(config, source_path=redact_uri(config.source_path))
     with staged_dir(out_dir) as tmp:
         card = write_prepared(
             loaded,
             tmp,
-            source=config.source,
-            source_path=config.source_path,
-            heldout_fraction=config.heldout_fraction,
-            seed=config.seed,
-            shard_size=config.shard_size,
-            params=dataclasses.asdict(config),
+            source=recorded.source,
+            source_path=recorded.source_path,
+            heldout_fraction=recorded.heldout_fraction,
+            seed=recorded.seed,
+            shard_size=recorded.shard_size,
+            params=dataclasses.asdict(recorded),
             progress=progress,
         )
     return card

@@ -13,13 +13,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from ctm_core.errors import InputError
 from pipelines.support.io_utils import one_line
 
-__all__ = ["InputError", "Inputs", "input_cache_dir", "resolve_inputs"]
+__all__ = ["InputError", "Inputs", "confined", "input_cache_dir", "resolve_inputs"]
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_JSON_BYTES = 16 << 20  # card.json / config.json: a few KB to a few hundred KB when genuine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +63,16 @@ def resolve_inputs(data: str, teacher: str, cache_dir: str | os.PathLike[str] | 
     )
 
 
-def _s3_download(uri: str, tmp_dir: Path, what: str) -> tuple[Path, str]:
-    """Stream ``uri`` into a temp file under ``tmp_dir`` (boto3, retries from ``pipelines.support.fetch``).
+def _s3_download(uri: str, tmp_dir: Path, what: str, max_bytes: int | None = None) -> tuple[Path, str]:
+    """Stream ``uri`` into a temp file under ``tmp_dir`` (boto3, retries and size cap from ``pipelines.support.fetch``;
+    ``max_bytes`` defaults to its ``DEFAULT_MAX_BYTES``). Returns (path, sha256)."""
+    from pipelines.support.fetch import DEFAULT_MAX_BYTES, FetchError, _download_to_temp, _open_s3, _with_retries
 
-    Returns (path, sha256)."""
-    from pipelines.support.fetch import FetchError, _download_to_temp, _open_s3, _with_retries
-
+    cap = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
     tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _with_retries(
-            lambda: _download_to_temp(lambda: _open_s3(uri, 30.0, 3), tmp_dir, uri, False), uri, 3, 0.5
+            lambda: _download_to_temp(lambda: _open_s3(uri, 30.0, 3), tmp_dir, uri, False, uri, cap), uri, 3, 0.5
         )
     except FetchError as e:
         msg = one_line(e)
@@ -82,6 +86,21 @@ def _install(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def confined(folder: Path, rel: str, what: str) -> Path:
+    """``folder / rel`` resolved, refusing any ``rel`` (from a downloaded file) that lands outside ``folder``.
+
+    The card's own validation already refuses such paths; this is the second line: whatever a card or config
+    says, nothing is written outside the cache folder (an absolute path, ``..`` or a symlink out)."""
+    base = folder.resolve()
+    dest = (base / rel).resolve()
+    if dest == base or not dest.is_relative_to(base):
+        raise InputError(
+            f"{what}: expected a path inside {base}, got {rel!r} (fix: the file was edited or is not a pipeline "
+            "output; upload the folder the stage writes again)"
+        )
+    return dest
+
+
 def _fetch_prepared(uri: str, cache: Path) -> Path:
     """``card.json`` + the train shards of a prepared folder on S3, each shard checked against the card."""
     from ctm_core.data.card import DatasetCard
@@ -93,15 +112,23 @@ def _fetch_prepared(uri: str, cache: Path) -> Path:
         tmp_dir,
         "fix: --data must be the folder the prepare stage writes (card.json + "
         "train/*.parquet), e.g. after aws s3 sync data/prepared <that URI>",
+        max_bytes=_MAX_JSON_BYTES,
     )
     try:
         try:
-            card = DatasetCard.from_dict(read_json(card_tmp), where=f"{uri}/card.json")
+            raw = read_json(card_tmp)
+        except (ValueError, RecursionError) as e:
+            raise InputError(
+                f"{uri}/card.json: expected JSON, got {type(e).__name__} ({one_line(e)[:200]}) (fix: point --data at "
+                "a folder written by the prepare stage)"
+            ) from None
+        try:
+            card = DatasetCard.from_dict(raw, where=f"{uri}/card.json")
         except InputError as e:
             raise InputError(f"{e} (fix: point --data at a folder written by the prepare stage)") from None
         folder = cache / "prepared" / card_sha[:16]
         for shard in card.splits["train"].shards:
-            dest = folder / shard.path
+            dest = confined(folder, shard.path, f"{uri}/card.json: shard path")
             if dest.is_file() and sha256_file(dest) == shard.sha256:
                 continue  # verified copy from an earlier run
             tmp, got = _s3_download(f"{uri}/{shard.path}", tmp_dir, "listed in card.json")
@@ -131,13 +158,15 @@ def _fetch_teacher(uri: str, cache: Path) -> Path:
         "after aws s3 sync artifacts/teacher <that URI>"
     )
     tmp_dir = cache / "tmp"
-    cfg_tmp, cfg_sha = _s3_download(f"{uri}/{CONFIG_FILE}", tmp_dir, fix)
+    cfg_tmp, cfg_sha = _s3_download(f"{uri}/{CONFIG_FILE}", tmp_dir, fix, max_bytes=_MAX_JSON_BYTES)
     try:
         try:
             cfg = read_json(cfg_tmp)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise InputError(f"{uri}/{CONFIG_FILE}: not JSON ({one_line(e)}); {fix}") from None
-        folder = cache / "teacher" / str(cfg.get("weights_sha256") or cfg_sha)[:16]
+        claimed = cfg.get("weights_sha256") if isinstance(cfg, dict) else None
+        name = claimed if isinstance(claimed, str) and _SHA256_RE.fullmatch(claimed) else cfg_sha
+        folder = cache / "teacher" / name[:16]  # hex only: a config cannot name a folder outside the cache
         stamp = folder / "verified.json"  # sha256 of both files once load_edm_checkpoint accepted them
         if stamp.is_file() and (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
             seen = read_json(stamp)
