@@ -1,9 +1,12 @@
 """DVC stage `register`: the student as an MLflow pyfunc model, a registry version, and a guarded `@champion` move.
 
-1. Logs the student folder as a pyfunc model (`pipelines.support.pyfunc_model.CTMSampler`, weights + config as the
-   `student` artifact, signature `num_samples, nfe, gamma, seed, class_labels -> uint8 (N, H, W, C)`, `ctm_core` and
-   the sampler module as code paths) into the distill stage's MLflow run when `<student>/run.json` names one
-   (`mlflow_run_id`), else into a run of its own; registers it as a version of `register.model_name`.
+1. Logs the student folder as a pyfunc model from code (`pipelines.support.pyfunc_model.CTMSampler` set by an entry
+   file, MLflow models-from-code: nothing is pickled; weights + config as the `student` artifact, signature
+   `num_samples, nfe, gamma, seed, class_labels -> uint8 (N, H, W, C)`, `ctm_core` and the sampler module as code
+   paths) into the distill stage's MLflow run when `<student>/run.json` names one (`mlflow_run_id`), else into a run
+   of its own; registers it as a version of `register.model_name` and pins every file of it: `ctm_manifest.json`
+   (sha256 per file) in the model, its sha256 in the version's tag `ctm.manifest_sha256`. Load a version through
+   `pipelines.support.registry.verify_registered_model`, which checks the files against that tag first.
    Idempotent: a version whose tag `ctm.student_sha256` matches the student's weights is reused (a repeated
    `dvc repro` that re-runs the stage re-decides without logging a new model).
 2. Reads `<eval>/metrics.json`. A failed or partial evaluation (file or key missing, value not finite,
@@ -18,7 +21,8 @@
 4. Tags every version with its metrics (`metric.*`), evaluation protocol, data hash, teacher hash, git commit,
    params hash, student sha256; logs the decision and its numbers to the run; writes `--out` (registry.json) atomically.
 
-Tracking URI: env `MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` > absolute `sqlite:////<repo>/mlflow.db`.
+Tracking URI: env `MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` > absolute `sqlite:////<repo>/mlflow.db`; it is
+recorded (registry.json, the logged decision) and printed without user-info, password or query (`redact_uri`).
 Exit codes: 0 registered (promoted or not), 1 evaluation failed / work failed (one line), 2 bad params or inputs.
 
 Example:
@@ -36,12 +40,14 @@ from pathlib import Path
 from typing import Any
 
 from ctm_core.config import Params, ParamsError, params_hash
+from ctm_core.redact import redact_text, redact_uri
 from pipelines.support.gate import Decision, Evidence, decide, metric_noise, read_evaluation
 from pipelines.support.io_utils import atomic_write_json, json_dumps, one_line
 from pipelines.support.logs import setup_logging
 from pipelines.support.params import load_params
 from pipelines.support.registry import (
     EVAL_STATUS_TAG,
+    MANIFEST_TAG,
     PROTOCOL_TAG,
     STUDENT_TAG,
     RegisterError,
@@ -148,7 +154,8 @@ def run(
             "student_variant": info["variant"],
             "student_sha256": info["sha256"],
             "params_hash": p_hash,
-            "tracking_uri": tracking_uri,
+            "tracking_uri": redact_uri(tracking_uri),
+            "manifest_sha256": client.get_model_version(reg.model_name, version).tags.get(MANIFEST_TAG),
         }
         log_decision(record, gate, champ_value)
     atomic_write_json(out_path, record)
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = run(params, args.student, args.eval_dir, args.out)
     except (RegisterError, MlflowException, ValueError, OSError) as e:
-        logger.error("register: %s", one_line(e))
+        logger.error("register: %s", redact_text(one_line(e)))
         return 1
     logger.info(
         "register: %s v%s -> %s (%s); aliases %s",

@@ -16,25 +16,80 @@ EDM's 8-bit mapping of the sampler output x ∈ [-1, 1]: clip(x·127.5 + 128, 0,
 final conversion). For data with fewer levels (sklearn digits: 17 grey levels 0..16 mapped to [-1, 1] by
 prepare's `levels_to_unit`), level L appears as about L/16·255: the pixel scale is always 0..255.
 
-Artifacts: `context.artifacts["student"]` is a student folder written by `ctm_core.io.student_format.save_student`;
-the weights variant (e.g. `ema_0.999`) is fixed when the model is logged (`CTMSampler(variant=...)`).
+Artifacts: `context.artifacts["student"]` is a student folder written by `ctm_core.io.student_format.save_student`.
+The model is logged from code (MLflow models-from-code: an entry file calling `mlflow.models.set_model`, written by
+`pipelines.support.registry`; no cloudpickle). Its `model_config` fixes the weights variant (e.g. `ema_0.999`), ρ and
+the sha256 of every file of the student folder: `load_context` checks the folder against them (same files, same
+bytes) before any weights are read, so an edited `config.json` (another weights path, a digest to match swapped
+weights) is refused. That check runs inside the code it protects: an edit of the code itself is caught only from
+outside, by `pipelines.support.registry.verify_registered_model` (every artifact file against the version's tag).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 
-__all__ = ["CTMSampler", "INPUT_COLUMNS", "MAX_SAMPLES_PER_ROW", "input_example", "make_signature", "to_uint8"]
+__all__ = [
+    "CTMSampler",
+    "INPUT_COLUMNS",
+    "MAX_SAMPLES_PER_ROW",
+    "check_digests",
+    "folder_digests",
+    "input_example",
+    "make_signature",
+    "to_uint8",
+]
 
 INPUT_COLUMNS = ("num_samples", "nfe", "gamma", "seed", "class_labels")
 MAX_SAMPLES_PER_ROW = 100_000
 MAX_NFE = 1000
 _CHUNK = 256  # images per forward pass (results do not depend on it: per-image generators)
+
+
+def folder_digests(root: str | os.PathLike[str], skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """{relative POSIX path: sha256} of every file under `root` (names in `skip` left out). A symlink or any other
+    non-regular entry raises InputError: a manifest describes plain files only."""
+    from ctm_core.errors import InputError
+    from ctm_core.io.hashing import sha256_file
+
+    root = Path(root)
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames) + sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                raise InputError(
+                    f"{path}: expected a plain file or folder, got a link or special file (fix: fetch again)"
+                )
+            if path.is_file() and rel not in skip:
+                out[rel] = sha256_file(path)
+    return dict(sorted(out.items()))
+
+
+def check_digests(root: str | os.PathLike[str], expected: Mapping[str, str], what: str, skip=frozenset()) -> None:
+    """Raise InputError (one line) unless the files under `root` are exactly `expected` ({rel: sha256})."""
+    from ctm_core.errors import InputError
+
+    found = folder_digests(root, skip)
+    extra = sorted(set(found) - set(expected))
+    missing = sorted(set(expected) - set(found))
+    changed = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+    if extra or missing or changed:
+        parts = [
+            f"{k}: {', '.join(v[:5])}" for k, v in (("changed", changed), ("added", extra), ("missing", missing)) if v
+        ]
+        raise InputError(
+            f"{root}: {what}: files differ from the recorded sha256 ({'; '.join(parts)}) "
+            "(fix: the model was modified after it was logged; fetch or register it again)"
+        )
 
 
 def to_uint8(x) -> np.ndarray:
@@ -124,17 +179,28 @@ class CTMSampler(mlflow.pyfunc.PythonModel):
         self.student = None
 
     def load_context(self, context) -> None:
+        """Load the student of `context.artifacts["student"]`. With a `model_config` (a logged model): take variant
+        and ρ from it and check every student file against its `student_files` digests first."""
         from ctm_core.io.student_format import load_student, read_student_config
 
         folder = context.artifacts["student"]
+        model_config = getattr(context, "model_config", None) or {}
+        expected = model_config.get("student_files")
+        if expected is not None:
+            check_digests(folder, expected, "student files")
         config = read_student_config(folder)
         variants = sorted(config["variants"])
-        variant = self.variant
+        variant = model_config.get("variant", self.variant)
+        self.rho = float(model_config.get("rho", self.rho))
         if variant is None:
             emas = [v for v in variants if v.startswith("ema_")]
             variant = emas[0] if emas else "online"
         self.loaded_variant = variant
-        self.student = load_student(folder, variant)
+        if variant not in config["variants"]:
+            raise ValueError(f"variant: expected one of {variants}, got {variant!r}")
+        weights = config["variants"][variant]["file"]
+        sha256 = None if expected is None else expected.get(weights)
+        self.student = load_student(folder, variant, sha256=sha256)
         self.config = config
 
     # -- one request --------------------------------------------------------------------------------------------

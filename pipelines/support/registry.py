@@ -1,6 +1,14 @@
 """MLflow model registry operations of the register stage: the student folder's identity, the pyfunc model version
 (logged once per student weights), the run it is logged into, the champion lookup and the alias moves.
 
+The model is logged from code (MLflow models-from-code: `ENTRY_FILE`, written here, calls `mlflow.models.set_model`),
+so loading it unpickles nothing. Loading any MLflow model still imports the Python files shipped inside it, so every
+file is pinned: the entry checks the shipped `code/` against digests written into it, the sampler checks the student
+folder against digests in `model_config`, and the registry holds the root of trust: `MANIFEST_FILE` lists the sha256
+of every other file of the logged model and the version's tag `MANIFEST_TAG` holds the manifest's own sha256.
+Checks inside the model cannot catch an edit of themselves (the edited file decides); `verify_registered_model`
+checks the downloaded files against the tag before anything of the model runs: load the folder it returns.
+
 The promotion decision itself is `pipelines.support.gate` (pure); this module only reads and writes the registry.
 """
 
@@ -8,21 +16,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ctm_core.config import Params
+from ctm_core.redact import redact_text, redact_uri
 from pipelines.support.gate import Decision, Evidence, metric_noise
 from pipelines.support.io_utils import read_json
 
 __all__ = [
     "DECISION_TAG",
+    "ENTRY_FILE",
     "EVAL_STATUS_TAG",
+    "MANIFEST_FILE",
+    "MANIFEST_TAG",
     "MODEL_ARTIFACT_NAME",
     "PROTOCOL_TAG",
     "STUDENT_TAG",
@@ -38,6 +52,7 @@ __all__ = [
     "student_for",
     "student_info",
     "target_run",
+    "verify_registered_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +62,9 @@ STUDENT_TAG = "ctm.student_sha256"
 EVAL_STATUS_TAG = "ctm.eval_status"
 PROTOCOL_TAG = "eval.protocol_sha256"
 DECISION_TAG = "ctm.decision"
+MANIFEST_TAG = "ctm.manifest_sha256"  # sha256 of MANIFEST_FILE: the digest every other file is checked against
+MANIFEST_FILE = "ctm_manifest.json"  # {relative path: sha256} of every other file of the logged model
+ENTRY_FILE = "ctm_sampler_entry.py"  # the models-from-code file (lands at the model's root)
 # Keys looked up in the student's config.json `meta` (written by the distill stage) for the provenance tags.
 _META_KEYS = {
     "data.hash": ("data_hash", "data_sha256", "data_md5"),
@@ -131,7 +149,7 @@ def target_run(params: Params, root: Path, tracking_uri: str, distill_run_id: st
             logger.warning(
                 "run.json names MLflow run %s, which is not in %s; logging into a run of the register stage instead",
                 distill_run_id,
-                tracking_uri,
+                redact_uri(tracking_uri),
             )
         else:
             with mlflow.start_run(run_id=distill_run_id) as run:
@@ -147,28 +165,85 @@ def target_run(params: Params, root: Path, tracking_uri: str, distill_run_id: st
         yield run
 
 
-def _stage_code(tmp: Path) -> list[str]:
-    """code_paths: a copy of ctm_core and a minimal `pipelines` package holding only the sampler module."""
+_ENTRY_TEMPLATE = '''"""MLflow models-from-code entry of the CTM sampler (written by pipelines.support.registry).
+
+Runs on mlflow.pyfunc.load_model. Before anything is imported from code/, every file under code/ is checked against
+CODE_SHA256: a file changed, added (e.g. a __pycache__ .pyc) or removed is refused in one line and nothing from
+code/ runs. An edit of this file or of MLmodel cannot be caught from here (the check would be edited with it): load
+through pipelines.support.registry.verify_registered_model, which checks every file against the registry first.
+"""
+
+import hashlib
+import os
+import sys
+
+import mlflow.models
+
+CODE_SHA256 = {code_sha256}
+
+
+def _check_code(root):
+    found = {{}}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            if os.path.islink(path) or not (os.path.isdir(path) or os.path.isfile(path)):
+                found[rel] = "not a plain file"
+            elif os.path.isfile(path):
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                found[rel] = h.hexdigest()
+    bad = sorted(k for k in set(found) | set(CODE_SHA256) if found.get(k) != CODE_SHA256.get(k))
+    if bad:
+        raise RuntimeError(
+            f"{{root}}: code files differ from the sha256 recorded when the model was logged ({{', '.join(bad[:5])}}) "
+            "(fix: the model was modified; fetch or register it again)"
+        )
+
+
+_check_code(os.path.join(os.path.dirname(os.path.abspath(__file__)), "code"))
+_write_bytecode = sys.dont_write_bytecode
+sys.dont_write_bytecode = True  # no __pycache__ written into code/: the folder stays as checked
+try:
+    import ctm_core.diffusion.samplers  # noqa: F401 (everything the sampler imports later, imported while checked)
+    import ctm_core.io.student_format  # noqa: F401
+    from pipelines.support.pyfunc_model import CTMSampler
+finally:
+    sys.dont_write_bytecode = _write_bytecode
+
+mlflow.models.set_model(CTMSampler())
+'''
+
+
+def _stage_code(tmp: Path) -> tuple[Path, list[str]]:
+    """The models-from-code entry file and its code_paths, under `tmp`: a copy of ctm_core and a minimal `pipelines`
+    package holding only the sampler module (in `tmp/code/`, as MLflow lays them out next to the entry), and the
+    entry file with the sha256 of every one of those files. Returns (entry file, code_paths)."""
     import ctm_core
     import pipelines.support.pyfunc_model as pm
 
+    code = tmp / "code"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    core = tmp / "ctm_core"
-    shutil.copytree(Path(ctm_core.__file__).parent, core, ignore=ignore)
-    pkg = tmp / "pipelines"
-    pkg.mkdir()
-    (pkg / "support").mkdir()
+    shutil.copytree(Path(ctm_core.__file__).parent, code / "ctm_core", ignore=ignore)
+    pkg = code / "pipelines"
+    (pkg / "support").mkdir(parents=True)
     (pkg / "__init__.py").write_text('"""Only the pyfunc sampler module of the CTM pipeline."""\n')
     (pkg / "support" / "__init__.py").write_text('"""Only the pyfunc sampler module (pyfunc_model.py)."""\n')
     shutil.copy2(pm.__file__, pkg / "support" / "pyfunc_model.py")
-    return [str(core), str(pkg)]
+    digests = pm.folder_digests(code)
+    entry = tmp / ENTRY_FILE
+    entry.write_text(_ENTRY_TEMPLATE.format(code_sha256=json.dumps(digests, indent=4)))
+    return entry, [str(code / "ctm_core"), str(pkg)]
 
 
 def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for dist in ("mlflow", "torch", "numpy", "pandas", "safetensors", "cloudpickle"):
+    for dist in ("mlflow", "torch", "numpy", "pandas", "safetensors"):
         try:
             v = version(dist).split("+")[0]  # torch 2.13.0+cpu -> 2.13.0 (CPU or CUDA wheel of the same release)
         except PackageNotFoundError:
@@ -185,7 +260,8 @@ def _find_version(client, name: str, student_sha256: str):
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    hits = [v for v in versions if (v.tags or {}).get(STUDENT_TAG) == student_sha256]
+    # A version without a manifest tag (logged before models-from-code) is not reused: it is logged again.
+    hits = [v for v in versions if (v.tags or {}).get(STUDENT_TAG) == student_sha256 and MANIFEST_TAG in (v.tags or {})]
     return max(hits, key=lambda v: int(v.version)) if hits else None
 
 
@@ -193,31 +269,134 @@ def log_model_version(
     client, model_name: str, student_dir: str | os.PathLike[str], info: dict[str, Any], rho: float, tags: dict
 ) -> tuple[str, bool]:
     """The registry version of the student (`student_info` `info`) in the active run: an existing version with the
-    same weights is reused, else the pyfunc model is logged and registered. Applies `tags` to the version (a
-    re-evaluation's metrics land on a reused version). Returns (version, reused)."""
+    same weights is reused, else the pyfunc model is logged from code, registered, and its manifest recorded
+    (`MANIFEST_FILE` + tag `MANIFEST_TAG`). Applies `tags` to the version (a re-evaluation's metrics land on a reused
+    version). Returns (version, reused)."""
     import mlflow
 
-    from pipelines.support.pyfunc_model import CTMSampler, input_example, make_signature
+    from pipelines.support.pyfunc_model import folder_digests, input_example, make_signature
 
     mv = _find_version(client, model_name, info["sha256"])
     reused = mv is not None
     if not reused:
         kw = info["config"]["init_kwargs"]
+        student = Path(student_dir).resolve()
+        model_config = {"variant": info["variant"], "rho": float(rho), "student_files": folder_digests(student)}
         with tempfile.TemporaryDirectory(prefix="ctm-register-") as tmp:
+            entry, code_paths = _stage_code(Path(tmp))
             model_info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT_NAME,
-                python_model=CTMSampler(variant=info["variant"], rho=rho),
-                artifacts={"student": str(Path(student_dir).resolve())},
+                python_model=str(entry),
+                model_config=model_config,
+                artifacts={"student": str(student)},
                 signature=make_signature(kw["img_resolution"], kw["img_channels"]),
                 input_example=input_example(),
-                code_paths=_stage_code(Path(tmp)),
+                code_paths=code_paths,
                 pip_requirements=_pip_requirements(),
             )
         mv = mlflow.register_model(model_info.model_uri, model_name, tags=tags)
+        manifest_sha = _record_manifest(client, model_info.model_id, model_name, str(mv.version))
+        client.set_model_version_tag(model_name, str(mv.version), MANIFEST_TAG, manifest_sha)
     version = str(mv.version)
     for k, v in tags.items():
         client.set_model_version_tag(model_name, version, k, v)
     return version, reused
+
+
+def _record_manifest(client, model_id: str, model_name: str, version: str) -> str:
+    """Download the registered version as any consumer would, write `MANIFEST_FILE` ({path: sha256} of every file)
+    into the logged model's artifacts, and return the manifest's sha256 (the version's `MANIFEST_TAG`)."""
+    import mlflow
+
+    from pipelines.support.pyfunc_model import folder_digests
+
+    with tempfile.TemporaryDirectory(prefix="ctm-manifest-") as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            client.get_model_version_download_uri(model_name, version),
+            dst_path=str(Path(tmp) / "m"),
+            tracking_uri=client.tracking_uri,
+        )
+        manifest = folder_digests(local)
+        data = _manifest_bytes(manifest)
+        path = Path(tmp) / MANIFEST_FILE
+        path.write_bytes(data)
+        client.log_model_artifact(model_id, str(path))
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest_bytes(manifest: dict[str, str]) -> bytes:
+    return (json.dumps({"files": manifest, "format": "ctm-model-manifest/1"}, indent=1, sort_keys=True) + "\n").encode()
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[0-9]+))$")
+
+
+def verify_registered_model(
+    name_or_uri: str,
+    dst_path: str | os.PathLike[str] | None = None,
+    *,
+    tracking_uri: str | None = None,
+    alias: str = "champion",
+) -> str:
+    """Download a registered version and check every file against the version's manifest tag; returns the local
+    folder to load (`mlflow.pyfunc.load_model(verify_registered_model("models:/ctm-digits@champion"))`).
+
+    `name_or_uri`: `models:/<name>@<alias>`, `models:/<name>/<version>`, or a bare name (its `@alias`). The alias is
+    resolved to a version number once, so the files checked are the files of that version. `dst_path`: an empty or
+    missing folder (default: a new temporary folder, left for the caller). Nothing of the model is imported here;
+    any difference (a changed, added or removed file, a manifest that does not match the tag, no tag) raises
+    RegisterError in one line.
+    """
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.support.pyfunc_model import check_digests
+
+    m = _MODELS_URI.match(name_or_uri) if name_or_uri.startswith("models:/") else None
+    if name_or_uri.startswith("models:/") and m is None:
+        raise RegisterError(
+            f"model: expected models:/<name>@<alias>, models:/<name>/<version> or a name, "
+            f"got {redact_text(name_or_uri[:200])!r}"
+        )
+    name = m["name"] if m else name_or_uri
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if m is not None and m["version"]:
+            mv = client.get_model_version(name, m["version"])
+        else:
+            mv = client.get_model_version_by_alias(name, (m["alias"] if m else None) or alias)
+    except MlflowException as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise RegisterError(
+            f"{redact_text(name_or_uri[:200])}: no such registered version ({redact_text(first)})"
+        ) from None
+    uri = f"models:/{name}/{mv.version}"  # (named in messages; the files come from the version's own location)
+    tag = (mv.tags or {}).get(MANIFEST_TAG)
+    if not tag:
+        raise RegisterError(
+            f"{uri}: no {MANIFEST_TAG} tag; expected a version registered by pipelines.register with a manifest "
+            "(fix: run the register stage again to log a verifiable version)"
+        )
+    dst = Path(dst_path) if dst_path is not None else Path(tempfile.mkdtemp(prefix="ctm-model-"))
+    if dst.exists() and any(dst.iterdir()):
+        raise RegisterError(
+            f"dst_path: expected an empty or missing folder, got {dst} with files in it (fix: pass a new one)"
+        )
+    source = client.get_model_version_download_uri(name, str(mv.version))
+    local = Path(download_artifacts(source, dst_path=str(dst), tracking_uri=tracking_uri))
+    manifest_path = local / MANIFEST_FILE
+    data = manifest_path.read_bytes() if manifest_path.is_file() and not manifest_path.is_symlink() else b""
+    if hashlib.sha256(data).hexdigest() != tag:
+        raise RegisterError(
+            f"{uri}: {MANIFEST_FILE} does not match the version's {MANIFEST_TAG} tag "
+            "(fix: the model's files were modified in the artifact store; register the student again)"
+        )
+    try:
+        check_digests(local, json.loads(data)["files"], "model files", skip=frozenset({MANIFEST_FILE}))
+    except ValueError as e:
+        raise RegisterError(f"{uri}: {e}") from None
+    return str(local)
 
 
 # --- champion and aliases ---------------------------------------------------------------------------------------------
