@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import pathlib
+import reprlib
 import shutil
 import struct
 import tempfile
@@ -111,10 +112,17 @@ def _write(path: pathlib.Path, data: bytes) -> None:
     os.chmod(path, 0o644)  # mkstemp creates 0o600
 
 
+def _short(value: Any) -> str:
+    """A bounded repr for messages (values read from a file may be huge or deeply nested)."""
+    return reprlib.repr(value)
+
+
 def _check_rel(rel: str, what: str) -> None:
+    if not isinstance(rel, str):
+        raise InputError(f"{what}: expected a relative file name inside the folder, got {_short(rel)}")
     parts = pathlib.PurePosixPath(rel).parts
     if not rel or rel.startswith("/") or ".." in parts or rel == CONFIG_FILE or any(p.startswith(".") for p in parts):
-        raise InputError(f"{what}: expected a relative file name inside the folder, got {rel!r}")
+        raise InputError(f"{what}: expected a relative file name inside the folder, got {_short(rel)}")
 
 
 def write_artifact(
@@ -252,8 +260,9 @@ def read_artifact_config(
         raise InputError(f"{path}: missing; expected a {kind} folder written by ctm_core (fix: write it again)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: expected JSON, got unreadable text ({e}) (fix: write the {kind} again)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise InputError(f"{path}: expected JSON, got unreadable text ({why}) (fix: write the {kind} again)") from None
     if not isinstance(config, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(config).__name__} (fix: write the {kind} again)")
     got = config.get("kind")
@@ -271,9 +280,17 @@ def read_artifact_config(
             raise InputError(f"{path}: expected 'kind' and 'files' entries, got {sorted(config)} (fix: write it again)")
         files = legacy(config)
     if not isinstance(files, dict) or not files:
-        raise InputError(f"{path}: expected a non-empty 'files' record, got {files!r} (fix: write the {kind} again)")
-    for rel in files:
+        raise InputError(
+            f"{path}: expected a non-empty 'files' record, got {_short(files)} (fix: write the {kind} again)"
+        )
+    for rel, entry in files.items():
         _check_rel(rel, f"{path}: files")
+        digests = entry.values() if isinstance(entry, dict) else ()
+        if not isinstance(entry, dict) or not all(d is None or isinstance(d, str) for d in digests):
+            raise InputError(
+                f"{path}: files[{_short(rel)}]: expected {{'sha256': hex or null, 'weights_sha256': hex or null}}, "
+                f"got {_short(entry)} (fix: write the {kind} again)"
+            )
     return config, files
 
 
@@ -286,10 +303,22 @@ def safetensors_metadata(data: bytes, name: str) -> dict[str, str]:
         raise InputError(f"{name}: not a safetensors file or truncated (header length {n}, file {len(data)} bytes)")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{name}: corrupt safetensors header ({e})") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise InputError(f"{name}: corrupt safetensors header ({why}) (fix: write it again)") from None
+    if not isinstance(header, dict):
+        raise InputError(
+            f"{name}: corrupt safetensors header: expected a JSON object, got {type(header).__name__} "
+            "(fix: write it again)"
+        )
+    meta = header.get("__metadata__")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise InputError(
+            f"{name}: corrupt safetensors header: expected '__metadata__' to map str to str, got {_short(meta)} "
+            "(fix: write it again)"
+        )
+    return meta
 
 
 def load_safetensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
@@ -297,7 +326,8 @@ def load_safetensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own SafetensorError
-        raise InputError(f"{name}: corrupt or truncated safetensors data ({e}) (fix: write it again)") from None
+        why = " ".join(str(e).split())[:300]
+        raise InputError(f"{name}: corrupt or truncated safetensors data ({why}) (fix: write it again)") from None
 
 
 def read_artifact(

@@ -12,14 +12,21 @@ A teacher folder is an artifact of kind ``"teacher"`` (``ctm_core.io.artifact``)
 file, so it can sit inside the file it describes and survives re-serialisation. ``load_edm_checkpoint`` sniffs
 the format: an EDM snapshot pickle (read by ``ctm_core.io.edm_pickle``, nothing executed), a ``.safetensors`` file
 (8-byte little-endian header length, then ``{``), or a teacher folder.
+
+A checkpoint's ``init_kwargs`` size the network, and a file could name a network of any size next to a few bytes of
+tensors. So the network is first built on the meta device (shapes only, no memory), its parameter count capped by
+the number of tensors present, and its keys and shapes compared with the tensors before real parameters exist.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
+import reprlib
 import struct
+import threading
 from typing import Any, BinaryIO
 
 import torch
@@ -33,7 +40,7 @@ from ctm_core.io.artifact import (
     weights_sha256,
     write_artifact,
 )
-from ctm_core.io.edm_pickle import read_edm_snapshot
+from ctm_core.io.edm_pickle import input_name, plain_init_kwargs, read_edm_snapshot
 
 __all__ = [
     "FORMAT_NAME",
@@ -46,6 +53,7 @@ __all__ = [
     "save_teacher",
     "read_teacher",
     "convert_edm_pickle",
+    "check_architecture",
     "load_edm_checkpoint",
 ]
 
@@ -61,8 +69,8 @@ Source = str | os.PathLike | BinaryIO | bytes
 def _check_json(name: str, value: Any) -> Any:
     try:
         return json.loads(json.dumps(value, allow_nan=True))
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{name}: expected JSON-serialisable values, got {value!r} ({e})") from None
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InputError(f"{name}: expected JSON-serialisable values, got {reprlib.repr(value)} ({e})") from None
 
 
 def _make_config(class_name, init_kwargs, state_dict, source_file_sha256, source_sha256) -> dict:
@@ -119,17 +127,17 @@ def save_teacher(
 
 
 def _read_source_bytes(source: Source) -> tuple[bytes, str]:
-    """Bytes of a file path or binary file object, and a name for messages."""
+    """Bytes of a file path or binary file object, and a name for messages (one line, bounded)."""
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source), "<bytes>"
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
-            return f.read(), str(source)
+            return f.read(), input_name(source)
     if hasattr(source, "read"):
         data = source.read()
         if not isinstance(data, bytes):
             raise TypeError(f"source: expected a binary file object, got one whose read() returns {type(data)}")
-        return data, getattr(source, "name", "<file object>")
+        return data, input_name(getattr(source, "name", "<file object>"))
     raise TypeError(f"source: expected a path, bytes or a binary file object, got {type(source).__name__}")
 
 
@@ -139,30 +147,57 @@ def _legacy_files(config: dict) -> dict:
 
 
 def _embedded_config(metadata: dict[str, str], name: str) -> dict:
-    """The config stored in a teacher weights file's safetensors metadata, format-checked."""
+    """The config stored in a teacher weights file's safetensors metadata, format- and type-checked."""
     if METADATA_KEY not in metadata:
         raise InputError(
             f"{name}: safetensors file without '{METADATA_KEY}' metadata: not written by "
             "ctm_core.io.teacher_format.save_teacher, so the architecture is unknown"
         )
-    config = json.loads(metadata[METADATA_KEY])
+    fix = "(fix: convert the original checkpoint again)"
+    try:
+        config = json.loads(metadata[METADATA_KEY])
+    except (TypeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else type(e).__name__
+        raise InputError(
+            f"{name}: metadata '{METADATA_KEY}': expected a JSON object, got unreadable text ({reason}) {fix}"
+        ) from None
+    if not isinstance(config, dict):
+        raise InputError(
+            f"{name}: metadata '{METADATA_KEY}': expected a JSON object, got {type(config).__name__} {fix}"
+        )
     if config.get("format") != FORMAT_NAME or config.get("format_version") != FORMAT_VERSION:
         raise InputError(
             f"{name}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, got "
-            f"{config.get('format')!r} version {config.get('format_version')!r}"
+            f"{str(config.get('format'))[:80]!r} version {str(config.get('format_version'))[:20]!r}"
         )
+    class_name, init_kwargs = config.get("class_name"), config.get("init_kwargs")
+    if not isinstance(class_name, str) or not class_name or len(class_name) > 200:
+        raise InputError(
+            f"{name}: metadata '{METADATA_KEY}': expected a class_name str, got {type(class_name).__name__} {fix}"
+        )
+    if not isinstance(init_kwargs, dict):
+        raise InputError(
+            f"{name}: metadata '{METADATA_KEY}': expected an init_kwargs object, got {type(init_kwargs).__name__} {fix}"
+        )
+    try:
+        plain_init_kwargs(init_kwargs, "init_kwargs")  # the same bounds as a pickle's _init_kwargs
+    except InputError as e:
+        raise InputError(f"{name}: metadata '{METADATA_KEY}': {e}") from None
     return config
 
 
-def read_teacher(source: Source) -> tuple[str, dict, dict[str, torch.Tensor], dict]:
+def read_teacher(source: Source, *, name: str | None = None) -> tuple[str, dict, dict[str, torch.Tensor], dict]:
     """Read a teacher in the project format: a folder, a ``.safetensors`` path, or a binary file object / bytes.
+
+    ``name`` (optional) is how messages name bytes or a file object.
 
     Returns:
         ``(class_name, init_kwargs, state_dict, config)``; ``config`` is the one embedded in the weights file.
 
     Raises:
-        InputError: missing/corrupt files, no ``ctm_core_config`` metadata, unknown format version, a
-            ``config.json`` that disagrees with the weights file, or weights whose sha256 differs from the record.
+        InputError: missing/corrupt files, no ``ctm_core_config`` metadata or one that is not a config, unknown
+            format version, a ``config.json`` that disagrees with the weights file, or weights whose sha256
+            differs from the record.
     """
     if isinstance(source, str | os.PathLike) and pathlib.Path(source).is_dir():
         folder = pathlib.Path(source)
@@ -185,7 +220,8 @@ def read_teacher(source: Source) -> tuple[str, dict, dict[str, torch.Tensor], di
                 _check_weights(state_dict, config, name)
             return config["class_name"], config["init_kwargs"], state_dict, config
         source = folder / WEIGHTS_FILE
-    data, name = _read_source_bytes(source)
+    data, default_name = _read_source_bytes(source)
+    name = default_name if name is None else input_name(name)
     if data[:1] == b"\x80":
         raise InputError(
             f"{name}: this is a pickle (EDM snapshot?), not a teacher in the project format; load it "
@@ -209,7 +245,10 @@ def _check_weights(state_dict: dict[str, torch.Tensor], config: dict, name: str)
 
 
 def convert_edm_pickle(src: Source, out_dir: str | os.PathLike) -> dict:
-    """Convert an EDM snapshot pickle (read safely, nothing executed) into a teacher folder; returns the config."""
+    """Convert an EDM snapshot pickle (read safely, nothing executed) into a teacher folder; returns the config.
+
+    ``source_file_sha256`` and ``source_sha256`` are the reader's own digests of the bytes and embedded sources.
+    """
     snap = read_edm_snapshot(src)
     return save_teacher(
         snap.class_name,
@@ -229,50 +268,153 @@ def _sniff(data: bytes) -> str:
     return "unknown"
 
 
+class _TooManyParameters(Exception):
+    pass
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Broadcast shape of ``a`` and ``b`` (plain python: ``torch.broadcast_shapes`` imports sympy)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    if any(x != y and x != 1 and y != 1 for x, y in zip(a, b)):
+        raise ValueError(f"shapes {a} and {b} do not broadcast")
+    return tuple(y if x == 1 else x for x, y in zip(a, b))
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+_SHAPE_BINARY = {
+    torch.Tensor.add, torch.Tensor.sub, torch.Tensor.mul, torch.Tensor.div,
+    torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__sub__, torch.Tensor.__rsub__,
+    torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__truediv__,
+}  # fmt: skip
+_SHAPE_FACTORIES = {torch.rand, torch.randn, torch.zeros, torch.ones, torch.empty}
+
+
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Shape-only results for what network constructors compute on meta tensors (weight init arithmetic).
+
+    torch runs these on the meta device through Python reference kernels whose first use imports sympy and costs
+    seconds and ~70 MiB; the shapes and dtypes they would give are computed here directly. Anything else falls
+    through to torch unchanged, so this only saves time.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SHAPE_BINARY and len(args) == 2 and not kwargs:
+            a, b = args
+            dtype = torch.result_type(a, b)
+            if func in (torch.Tensor.div, torch.Tensor.__truediv__) and not dtype.is_floating_point:
+                dtype = torch.get_default_dtype()  # true division of integers
+            return torch.empty(_broadcast(_shape(a), _shape(b)), dtype=dtype, device="meta")
+        if func is torch.outer and len(args) == 2 and not kwargs:
+            a, b = args
+            return torch.empty((a.numel(), b.numel()), dtype=torch.result_type(a, b), device="meta")
+        if func in (torch.Tensor.sum, torch.Tensor.square) and len(args) == 1 and not kwargs:
+            if args[0].is_floating_point():
+                shape = () if func is torch.Tensor.sum else args[0].shape
+                return torch.empty(shape, dtype=args[0].dtype, device="meta")
+        if func in _SHAPE_FACTORIES and args and set(kwargs) <= {"dtype"} and all(type(n) is int for n in args):
+            return torch.empty(*args, dtype=kwargs.get("dtype"), device="meta")
+        return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_shapes(class_name: str, kwargs_json: str, max_parameters: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``(key, shape)`` of ``build_precond(class_name, init_kwargs).state_dict()``, built on the meta device.
+
+    No parameter memory is allocated and torch's random generator is not advanced. The build stops once it has
+    registered more than ``max_parameters`` parameters (a file must hold a tensor for every one). Cached: the same
+    architecture is built for real right after, and often loaded again.
+    """
+    from ctm_core.nets.precond import build_precond  # networks are only needed here
+
+    owner, count = threading.get_ident(), [0]
+
+    def hook(module, name, param):
+        if threading.get_ident() == owner:
+            count[0] += 1
+            if count[0] > max_parameters:
+                raise _TooManyParameters
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        with torch.device("meta"), _ShapesOnly():
+            net = build_precond(class_name, json.loads(kwargs_json))
+    finally:
+        handle.remove()
+    return tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
+
+
+def check_architecture(class_name: str, init_kwargs: dict, state_dict: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse ``init_kwargs`` whose network does not match ``state_dict`` (keys and shapes), before building it.
+
+    The comparison uses the meta-device skeleton (``_meta_shapes``), so kwargs that name a huge network next to a
+    few small tensors cost neither memory nor a full build. Raises ``InputError`` naming ``name``.
+    """
+    kwargs_json = json.dumps(init_kwargs, sort_keys=True)
+    shown = f"{input_name(class_name)}(**init_kwargs)"  # the class name comes from the file: bounded, one line
+    try:
+        expected = dict(_meta_shapes(class_name, kwargs_json, len(state_dict)))
+    except _TooManyParameters:
+        raise InputError(
+            f"{name}: {shown} has more parameters than the {len(state_dict)} tensors the file "
+            f"holds; check init_kwargs {kwargs_json[:300]} against the network that wrote the file"
+        ) from None
+    except Exception as e:  # unknown class or kwarg, a wrong type, an impossible size
+        text = " ".join(str(e).split())[:300]
+        raise InputError(
+            f"{name}: init_kwargs do not build {shown}: {type(e).__name__}: {text} (fix: check init_kwargs "
+            f"{kwargs_json[:300]} against the network that wrote the file)"
+        ) from None
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        first_unexpected = [input_name(k)[:100] for k in unexpected[:10]]  # keys from the file: bounded
+        raise InputError(
+            f"{name}: checkpoint does not match {shown}: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected keys {first_unexpected}"
+            f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all); check init_kwargs "
+            f"{kwargs_json[:300]} against the network that wrote the file"
+        )
+    wrong_shape = [
+        f"{k}: expected {list(v)}, got {list(state_dict[k].shape)}"
+        for k, v in expected.items()
+        if v != tuple(state_dict[k].shape)
+    ]
+    if wrong_shape:
+        raise InputError(f"{name}: {len(wrong_shape)} tensor shapes do not match {shown}: {wrong_shape[:5]}")
+
+
 def load_edm_checkpoint(source: Source) -> torch.nn.Module:
     """Load a teacher: EDM snapshot pickle, ``.safetensors`` file, teacher folder, or a binary file object.
 
-    Builds ``ctm_core.nets.precond.build_precond(class_name, init_kwargs)``, loads the weights with ``strict=True``
+    Checks the architecture against the tensors on the meta device first (``check_architecture``), then builds
+    ``ctm_core.nets.precond.build_precond(class_name, init_kwargs)``, loads the weights with ``strict=True``
     (every tensor must be consumed, every parameter/buffer filled) and returns it in eval mode without grads.
     """
     if isinstance(source, str | os.PathLike) and pathlib.Path(source).is_dir():
         class_name, init_kwargs, state_dict, _ = read_teacher(source)
-        name = str(source)
+        name = input_name(source)
     else:
         data, name = _read_source_bytes(source)
         kind = _sniff(data)
         if kind == "pickle":
-            snap = read_edm_snapshot(data)
+            snap = read_edm_snapshot(data, name=name)
             class_name, init_kwargs, state_dict = snap.class_name, snap.init_kwargs, snap.state_dict
         elif kind == "safetensors":
-            class_name, init_kwargs, state_dict, _ = read_teacher(data)
+            class_name, init_kwargs, state_dict, _ = read_teacher(data, name=name)
         else:
             raise InputError(
                 f"{name}: unknown checkpoint format (first bytes {data[:8]!r}); expected an EDM "
                 f"snapshot pickle (.pkl), a {WEIGHTS_FILE} file, or a folder holding one"
             )
+    check_architecture(class_name, init_kwargs, state_dict, name)
 
     from ctm_core.nets.precond import build_precond  # networks are only needed here
 
     net = build_precond(class_name, init_kwargs)
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        raise InputError(
-            f"{name}: checkpoint does not match {class_name}(**init_kwargs): missing keys {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected keys {unexpected[:10]}"
-            f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all); check init_kwargs "
-            f"{init_kwargs} against the network that wrote the file"
-        )
-    wrong_shape = [
-        f"{k}: expected {list(v.shape)}, got {list(state_dict[k].shape)}"
-        for k, v in expected.items()
-        if v.shape != state_dict[k].shape
-    ]
-    if wrong_shape:
-        raise InputError(
-            f"{name}: {len(wrong_shape)} tensor shapes do not match {class_name}(**init_kwargs): {wrong_shape[:5]}"
-        )
     net.load_state_dict(state_dict, strict=True)
     return net.eval().requires_grad_(False)
