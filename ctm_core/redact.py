@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-__all__ = ["redact_text", "redact_uri"]
+__all__ = ["is_loopback_url", "redact_text", "redact_uri"]
 
 _MARK = "***"
 _URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
@@ -45,3 +45,20 @@ def redact_text(text: str) -> str:
         return (redact_uri(core) or "") + uri[len(core) :]
 
     return _URI_RE.sub(one, text)
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when `url`'s host is `localhost` or a loopback address (127.0.0.0/8, ::1): nobody else is on the path,
+    so a secret may travel there over plain http."""
+    import ipaddress
+
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

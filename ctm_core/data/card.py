@@ -9,17 +9,16 @@ See docs/data.md.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ctm_core.errors import InputError
+from ctm_core.io.atomic import atomic_write_bytes
 
 __all__ = [
     "CARD_FILE",
@@ -170,22 +169,7 @@ class DatasetCard:
 
     def write(self, folder: str | os.PathLike[str]) -> Path:
         """Write `folder/card.json` atomically (temp file + rename); returns its path."""
-        path = Path(folder) / CARD_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILE}.", suffix=".tmp", dir=path.parent)
-        try:
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write_bytes(Path(folder) / CARD_FILE, self.to_json().encode("utf-8"))
 
     @classmethod
     def read(cls, folder: str | os.PathLike[str]) -> DatasetCard:

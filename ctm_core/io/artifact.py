@@ -35,6 +35,7 @@ import safetensors.torch
 import torch
 
 from ctm_core.errors import InputError
+from ctm_core.io.atomic import atomic_write_bytes
 from ctm_core.io.hashing import sha256_bytes
 
 __all__ = [
@@ -90,18 +91,6 @@ def encode_weights(tensors: Tensors, metadata: dict[str, str] | None = None) -> 
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     data = safetensors.torch.save(cpu, metadata=metadata)
     return EncodedWeights(data=data, sha256=sha256_bytes(data), weights_sha256=weights_sha256(cpu))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder (fsynced, mode 0644) and one rename."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        _write(pathlib.Path(tmp), data)
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
 
 
 def _write(path: pathlib.Path, data: bytes) -> None:

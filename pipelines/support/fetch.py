@@ -42,7 +42,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ctm_core.redact import redact_text, redact_uri
+from ctm_core.config import EDM_RELEASES
+from ctm_core.redact import is_loopback_url, redact_text, redact_uri
 from pipelines.support.io_utils import CHUNK_BYTES, atomic_write_json, current_umask, normalize_sha256, sha256_file
 from pipelines.support.logs import progress_enabled, setup_logging
 
@@ -67,25 +68,9 @@ _PARTIAL_RE = re.compile(r"^partial-(?:(\d+)-)?.*\.tmp$")
 
 # --- Released EDM networks (docs/edm.md#a31-pretrained-files; NVlabs/edm README.md:67-70,77-224) ----------------------
 EDM_BASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
-_EDM_NAMES = [
-    "edm-cifar10-32x32-cond-vp",
-    "edm-cifar10-32x32-cond-ve",
-    "edm-cifar10-32x32-uncond-vp",
-    "edm-cifar10-32x32-uncond-ve",
-    "edm-ffhq-64x64-uncond-vp",
-    "edm-ffhq-64x64-uncond-ve",
-    "edm-afhqv2-64x64-uncond-vp",
-    "edm-afhqv2-64x64-uncond-ve",
-    "edm-imagenet-64x64-cond-adm",
-]
-_BASELINE_NAMES = [
-    "baseline-cifar10-32x32-uncond-vp",
-    "baseline-cifar10-32x32-uncond-ve",
-    "baseline-imagenet-64x64-cond-adm",
-]
-KNOWN_RELEASES: dict[str, str] = {
-    **{n: f"{EDM_BASE_URL}{n}.pkl" for n in _EDM_NAMES},
-    **{n: f"{EDM_BASE_URL}baseline/{n}.pkl" for n in _BASELINE_NAMES},
+KNOWN_RELEASES: dict[str, str] = {  # the names of ctm_core.config.EDM_RELEASES -> their download URLs
+    n: f"{EDM_BASE_URL}baseline/{n}.pkl" if n.startswith("baseline-") else f"{EDM_BASE_URL}{n}.pkl"
+    for n in EDM_RELEASES
 }
 # No published hashes exist for these files (docs/edm.md#a31-pretrained-files): pin your own with sha256="record".
 
@@ -124,22 +109,6 @@ def _safe_filename(name: str) -> str:
 def cache_path(cache_dir: str | os.PathLike[str], sha256: str, filename: str) -> Path:
     """Content-addressed location `<cache_dir>/sha256/<hex>/<filename>`."""
     return Path(cache_dir) / "sha256" / normalize_sha256(sha256) / _safe_filename(filename)
-
-
-def _is_loopback_http(url: str) -> bool:
-    """True for `http://localhost...`, `http://127.x.x.x...` and `http://[::1]...` (no one else on the path)."""
-    import ipaddress
-
-    try:
-        host = urllib.parse.urlsplit(url).hostname or ""
-    except ValueError:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _classify(uri: str) -> tuple[str, str]:
@@ -195,7 +164,7 @@ def _open_http(url: str, timeout_s: float, *, https_only: bool = False) -> tuple
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
         raise _RetryableError(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
     final = resp.geturl() or url
-    if https_only and final.lower().startswith("http://") and not _is_loopback_http(final):
+    if https_only and final.lower().startswith("http://") and not is_loopback_url(final):
         resp.close()
         raise FetchError(
             f"{url} redirected to plain http ({final}), which cannot be trusted for sha256='record' (fix: pin the "
@@ -479,7 +448,7 @@ def _fetch(
             "the hash and pin it"
         )
     record = sha256 == RECORD
-    if record and kind == "http" and target.lower().startswith("http://") and not _is_loopback_http(target):
+    if record and kind == "http" and target.lower().startswith("http://") and not is_loopback_url(target):
         raise FetchError(
             f"sha256='record' over plain http is refused for {uri}: anyone on the network path could choose the "
             "bytes being pinned (fix: use the https:// URL, s3:// or a local file, or pin the 64-hex sha256)"

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ctm_core.io.atomic import atomic_write_bytes, current_umask, fsync_dir
 from ctm_core.io.hashing import CHUNK_BYTES, sha256_bytes, sha256_file, sha256_fileobj
 from ctm_core.redact import redact_text
 
@@ -25,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "current_umask",
     "json_dumps",
     "normalize_sha256",
     "one_line",
@@ -48,43 +50,6 @@ def normalize_sha256(value: str, *, name: str = "sha256") -> str:
     if not _SHA256_RE.match(v):
         raise ValueError(f"{name}: expected a 64-digit hex string, got {value!r}")
     return v
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    # Make the rename durable where the platform allows it (no-op on failure, e.g. on Windows).
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder + `os.replace` (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -138,7 +103,7 @@ def staged_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
 
 
 def one_line(e: BaseException | str, limit: int | None = None) -> str:

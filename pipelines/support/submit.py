@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import ipaddress
 import json
 import logging
 import os
@@ -59,7 +58,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from ctm_core.redact import redact_text, redact_uri
+from ctm_core.redact import is_loopback_url, redact_text, redact_uri
 from pipelines.support.io_utils import one_line
 
 logger = logging.getLogger(__name__)
@@ -273,22 +272,9 @@ def masked_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
     return {**runtime_env, "env_vars": env_vars}
 
 
-def _is_loopback(address: str) -> bool:
-    try:
-        host = urllib.parse.urlsplit(address).hostname or ""
-    except ValueError:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_token_transport(address: str) -> None:
     """The bearer token goes over https, to loopback http, or in clear only with CTM_ALLOW_INSECURE_TOKEN=1."""
-    if address.lower().startswith("https://") or _is_loopback(address) or os.environ.get(INSECURE_TOKEN_FLAG) == "1":
+    if address.lower().startswith("https://") or is_loopback_url(address) or os.environ.get(INSECURE_TOKEN_FLAG) == "1":
         return
     raise RuntimeError(
         f"ray job submit: refusing to send the cluster token in clear to {redact_uri(address)} (plain http to a "
