@@ -18,10 +18,13 @@ Floor accounting (docs/ctm.md#210-step-cost, one microbatch of B images, the sam
     floor(step) = 2·E[k]·t_teacher_fwd + 2·t_student_nograd_fwd + 2·t_student_fwdbwd + t_target_fwd_inputgrad,
     E[k] = Σ k·P(k) with P(k) ∝ k on {1..K} = (2K+1)/3   (11.67 for K = 17; docs/ctm.md#21-drawing-k).
 
-Not in the floor (reported as they are): the adaptive λ_DSM's two ``autograd.grad`` calls (the CTM one
-back-propagates through the target net a second time), the LPIPS passes when ``--distance lpips``, the optimizer
-step and the three EMA updates. Each pass is timed on its own at batch B in the settings named below; the
-floor in images/s is B / floor(step).
+Not in the floor (reported as they are): the adaptive λ_DSM's last-layer gradients (the DSM one a short pass; the
+CTM one read during the CTM backward when (b/B)·ctm_weight is a power of two, otherwise a second pass through the
+target), the recomputed inner jump (the trainer checkpoints it: one more student forward), the LPIPS passes when
+``--distance lpips``, the optimizer step and the three EMA updates. ``fid50k_seconds``: the evaluate stage's path
+(1-step samples → uint8 → Inception-v3 pool3 features with random weights → statistics → Fréchet distance) timed
+on ``--fid-images`` images and scaled to 50 000. Each pass is timed on its own at batch B in the settings named
+below; the floor in images/s is B / floor(step).
 
 Settings: ``fp32_eager`` (plain fp32, torch's default TF32 flags), ``bf16_eager`` (bf16 autocast + channels_last),
 ``bf16_compiled`` (bf16 + channels_last + torch.compile of student, target and teacher). The fast training
@@ -40,6 +43,7 @@ import argparse
 import contextlib
 import copy
 import datetime as _dt
+import gc
 import itertools
 import json
 import math
@@ -265,6 +269,9 @@ class Bench:
             "sample_2step_img_per_s": None,
             "teacher_heun_img_per_s": None,
             "peak_mem_gib": None,
+            "fid50k_seconds": None,
+            "floor_setting": None,
+            "parity": None,
             "ratios": {},
             "floors": {},
             "passes": {},
@@ -571,6 +578,7 @@ class Bench:
         if compiled:
             self.compile_inplace(self.teacher_c)
         info: dict[str, Any] = {"precision": precision, "channels_last": self.cl, "compiled": compiled}
+        failed = None
         try:
             self.fast = self.make_trainer(
                 self.teacher_c, batch=self.B, precision=precision, cl=self.cl, compile_=compiled
@@ -579,13 +587,19 @@ class Bench:
         except (CompileTimeout, Exception) as e:  # noqa: BLE001
             if not compiled:
                 raise
-            # Compile failed or was too slow: record it, and time the same step eager (bf16 + channels_last).
-            self.compile_failed = f"{type(e).__name__}: {e}"[:2000]
-            self.res["errors"]["fast_step_compiled"] = self.compile_failed
-            print(f"  compiled step failed ({self.compile_failed[:200]}); falling back to eager", flush=True)
+            failed = f"{type(e).__name__}: {e}"[:2000]
+        if failed is not None:
+            # Compile failed or was too slow: record it, and time the same step eager (bf16 + channels_last). Out of
+            # the except block, so the exception's frames (and the failed trainer) are gone before the eager step.
+            self.compile_failed = failed
+            self.res["errors"]["fast_step_compiled"] = failed
+            print(f"  compiled step failed ({failed[:200]}); falling back to eager", flush=True)
+            self.fast = None
             with contextlib.suppress(Exception):
                 torch._dynamo.reset()
-            self.fast = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
             self.teacher_c = copy.deepcopy(self.teacher)
             if self.cl:
                 self.teacher_c.to(memory_format=torch.channels_last)
@@ -649,6 +663,67 @@ class Bench:
                 out[f"{key}_rel_diff"] = abs(f - r) / max(abs(r), 1e-30)
         self.res["parity"] = out
         del trainers, ref, fast
+
+    def part_fid(self) -> None:
+        """FID-50k wall time on the evaluate stage's code path: ``sample_method`` (1-step γ-sampler) → uint8 →
+        ``extract_features`` (FID Inception-v3 pool3, random weights) → statistics → Fréchet distance."""
+        import numpy as np
+
+        from ctm_core.eval.inception import FIDInception, extract_features
+        from ctm_core.eval.methods import Method, sample_method
+        from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_uint8
+
+        a = self.args
+        student = CTMStudent.from_teacher(self.teacher).to(self.device)
+        if getattr(self, "fast", None) is not None:
+            student.load_state_dict(self.fast.model.state_dict())
+        student.eval().requires_grad_(False)
+        inception = FIDInception(random_init=True, generator=torch.Generator().manual_seed(0))
+        method = Method(key="fd_nfe1", kind="gamma", nfe=1, gamma=0.0)
+        n = a.fid_images
+        shape = (3, self.R, self.R)
+        # Warm-up on one batch of each (cuDNN algorithm choice, allocator), untimed.
+        warm = sample_method(
+            method,
+            student,
+            None,
+            seeds=range(min(n, a.sample_batch)),
+            batch=a.sample_batch,
+            img_shape=shape,
+            device=self.device,
+        )
+        extract_features(inception, images_to_uint8(warm), batch_size=a.fid_batch, device=self.device)
+        self.clock.sync()
+        t0 = time.perf_counter()
+        x = sample_method(
+            method, student, None, seeds=range(n), batch=a.sample_batch, img_shape=shape, device=self.device
+        )
+        self.clock.sync()
+        t1 = time.perf_counter()
+        feats = extract_features(inception, images_to_uint8(x), batch_size=a.fid_batch, device=self.device)
+        self.clock.sync()
+        t2 = time.perf_counter()
+        dims = feats.shape[1] if a.fid_fd_dims <= 0 else min(a.fid_fd_dims, feats.shape[1])
+        feats = feats[:, :dims]
+        mu, sigma = feature_statistics(feats)
+        # A reference distribution of the same size (the stage compares with stored statistics: one sqrtm either way).
+        mu_ref, sigma_ref = feature_statistics(np.flip(feats, axis=0) * 1.01 + 0.01)
+        fd = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        t3 = time.perf_counter()
+        per_image = (t2 - t0) / n
+        self.res["fid"] = {
+            "images": n,
+            "sample_s": t1 - t0,
+            "features_s": t2 - t1,
+            "statistics_and_fd_s": t3 - t2,
+            "fd_dims": dims,
+            "fd_finite": math.isfinite(fd),
+            "sample_batch": a.sample_batch,
+            "inception_batch": a.fid_batch,
+        }
+        # Sampling and features scale with the number of images; the statistics and the sqrtm are paid once.
+        self.res["fid50k_seconds"] = per_image * 50_000 + (t3 - t2)
+        self.res["fid50k_extrapolated"] = n != 50_000 or dims != 2048
 
     def part_sample(self) -> None:
         a = self.args
@@ -806,6 +881,11 @@ class Bench:
             "step_over_naive>=2.5": _ge(r["ratios"]["step_over_naive"], 2.5),
             "sample_1step_over_compiled_forward>=0.9": _ge(r["ratios"]["sample_1step_over_compiled_forward"], 0.9),
             "batch2x_no_oom": (r.get("batch2x") or {}).get("status") == "ok" if "batch2x" in r else None,
+            "peak_mem_gib<=24": None if r["peak_mem_gib"] is None else bool(r["peak_mem_gib"] <= 24),
+            "fid50k_seconds<=30": None if r["fid50k_seconds"] is None else bool(r["fid50k_seconds"] <= 30),
+            "parity_loss_rel_diff<=1e-3": None
+            if (r.get("parity") or {}).get("loss_rel_diff") is None
+            else bool(r["parity"]["loss_rel_diff"] <= 1e-3),
         }
 
     def table(self) -> str:
@@ -823,6 +903,7 @@ class Bench:
             ("sample 2-step img/s", _f(r["sample_2step_img_per_s"])),
             ("teacher Heun 35 NFE img/s", _f(r["teacher_heun_img_per_s"])),
             ("peak mem @batch GiB", _f(r["peak_mem_gib"])),
+            ("FID-50k s" + (" (extrapolated)" if r.get("fid50k_extrapolated") else ""), _f(r["fid50k_seconds"])),
             ("batch 2x", (r.get("batch2x") or {}).get("status", "-")),
             ("step / floor", _f(r["ratios"].get("step_over_floor"))),
             ("step / naive", _f(r["ratios"].get("step_over_naive"))),
@@ -850,6 +931,7 @@ class Bench:
         self.part("fast_step", self.part_fast_step)
         self.part("floor_bf16_compiled", self.part_floor_compiled)
         self.part("sample", self.part_sample)
+        self.part("fid50k", self.part_fid)
         self.write()
         return self.res
 
@@ -903,6 +985,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=None, help="default 1000; --tiny: 32")
     p.add_argument("--sample-repeats", type=int, default=None, help="timed runs of all sample batches (2; --tiny: 1)")
     p.add_argument("--heun-images", type=int, default=None, help="default 1024; --tiny: 16")
+    p.add_argument("--fid-images", type=int, default=None, help="images of the FID timing (default 50000; --tiny: 4)")
+    p.add_argument("--fid-batch", type=int, default=None, help="Inception batch (default 500; --tiny: 4)")
+    p.add_argument(
+        "--fid-fd-dims",
+        type=int,
+        default=None,
+        help="feature dims of the Fréchet distance (0 = all 2048, the stage's; --tiny: 64, a fast CPU sqrtm)",
+    )
     p.add_argument("--heun-repeats", type=int, default=1)
     p.add_argument(
         "--heun-compile",
@@ -935,6 +1025,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("sample_images", 10_000, 64),
         ("sample_batch", 1000, 32),
         ("heun_images", 1024, 16),
+        ("fid_images", 50_000, 4),
+        ("fid_batch", 500, 4),
+        ("fid_fd_dims", 0, 64),
         ("repeats", 5, 2),
         ("step_repeats", 3, 1),
         ("warmup", 2, 1),

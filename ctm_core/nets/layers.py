@@ -82,6 +82,55 @@ class Linear(nn.Module):
         return x
 
 
+class _FrozenWeightConv(torch.autograd.Function):
+    """conv2d / conv_transpose2d with a weight that takes no gradient: saves the weight only, not the input.
+
+    A plain convolution keeps its input for the weight gradient even when the weight is frozen (the EMA target,
+    the fixed resampling filters). The input gradient is the same ``convolution_backward`` call with the same
+    output mask (input only) as autograd's own, so values are identical. Under autocast the inputs are cast as
+    autocast would cast them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, groups, transposed):
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w, b = x.to(dtype), w.to(dtype), (None if b is None else b.to(dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            if transposed:
+                y = F.conv_transpose2d(x, w, b, stride=stride, padding=padding, groups=groups)
+            else:
+                y = F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
+        ctx.save_for_backward(w)
+        ctx.input_meta = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        ctx.args = (stride, padding, groups, transposed)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        shape, strides, dtype, device = ctx.input_meta
+        stride, padding, groups, transposed = ctx.args
+        shell = torch.empty_strided(shape, strides, dtype=dtype, device=device)  # sizes/layout only, never read
+        s2, p2 = [stride] * 2, [padding] * 2
+        grad_x = torch.ops.aten.convolution_backward(
+            grad, shell, w, None, s2, p2, [1, 1], transposed, [0, 0], groups, (True, False, False)
+        )[0]
+        return grad_x, None, None, None, None, None, None
+
+
+def _conv(
+    x, w, b=None, *, stride: int = 1, padding: int = 0, groups: int = 1, transposed: bool = False
+) -> torch.Tensor:
+    """F.conv2d / F.conv_transpose2d; when only the input needs a gradient, without keeping the input."""
+    frozen = not w.requires_grad and (b is None or not b.requires_grad)
+    if frozen and x.requires_grad and torch.is_grad_enabled():
+        return _FrozenWeightConv.apply(x, w, b, stride, padding, groups, transposed)
+    if transposed:
+        return F.conv_transpose2d(x, w, b, stride=stride, padding=padding, groups=groups)
+    return F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
+
+
 class Conv2d(nn.Module):
     """2-D convolution with optional 2x up/down FIR resampling (NVlabs/edm training/networks.py:48-90).
 
@@ -147,13 +196,22 @@ class Conv2d(nn.Module):
         else:
             # Resample first, then convolve (networks.py:82-87).
             if self.up:
-                x = F.conv_transpose2d(
-                    x, (f * 4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad
+                x = _conv(
+                    x,
+                    (f * 4).tile([self.in_channels, 1, 1, 1]),
+                    groups=self.in_channels,
+                    stride=2,
+                    padding=f_pad,
+                    transposed=True,
                 )
             if self.down:
-                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+                x = _conv(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
+                if b is not None and x.device.type == "cuda":
+                    # Bias inside the conv call on CUDA (one kernel, no fp32 promotion of a bf16 output); on CPU
+                    # the fused bias rounds differently from the separate add, so the CPU keeps the add below.
+                    return _conv(x, w, b, padding=w_pad)
+                x = _conv(x, w, padding=w_pad)
         if b is not None:
             x = x + b.reshape(1, -1, 1, 1)
         return x

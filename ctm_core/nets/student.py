@@ -95,14 +95,21 @@ class CTMStudent(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------
-    def _batch_times(self, value, name: str, batch: int, device) -> torch.Tensor:
-        """Return ``value`` as a float32 (B,) tensor, validating that it is positive."""
+    def _batch_times(self, value, name: str, batch: int, device, check: bool = True) -> torch.Tensor:
+        """Return ``value`` as a float32 (B,) tensor, validating that it is positive.
+
+        On CUDA the positivity check is a device-side assert (no host synchronisation in the training step).
+        """
         v = torch.as_tensor(value, device=device).to(torch.float32).reshape(-1)
         if v.numel() == 1:
             v = v.expand(batch)
         if v.numel() != batch:
             raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(v.shape)}")
-        if not bool((v > 0).all()):
+        if not check:
+            return v
+        if v.device.type == "cuda":
+            torch._assert_async((v > 0).all())  # a non-positive time fails at a later kernel launch
+        elif not bool((v > 0).all()):
             raise ValueError(f"{name} must be > 0 (CTM jumps end at sigma_min, never 0), got min {v.min().item()}")
         return v
 
@@ -134,8 +141,8 @@ class CTMStudent(nn.Module):
         g = self.g(x_t, t, s, class_labels, force_fp32=force_fp32)
         out_dtype = torch.promote_types(x_t.dtype, torch.float32)
         B = x_t.shape[0]
-        t = self._batch_times(t, "t", B, x_t.device).to(out_dtype)
-        s = self._batch_times(s, "s", B, x_t.device).to(out_dtype)
+        t = self._batch_times(t, "t", B, x_t.device, check=False).to(out_dtype)  # checked by g
+        s = self._batch_times(s, "s", B, x_t.device, check=False).to(out_dtype)
         ratio = append_dims(s / t, 4)
         return ratio * x_t.to(out_dtype) + (1 - ratio) * g.to(out_dtype)
 

@@ -2,7 +2,8 @@
 
 One iteration (docs/ctm.md#27-total-loss, docs/ctm.md#28-ema-and-optimiser; Kim-Dongjun/ctm-cifar10
 cm/train_util.py:972-1115):
-    batch ← data source;  per microbatch: loss = microbatch_loss(...); (loss·b/B).backward()
+    batch ← data source;  per microbatch: microbatch_backward(...) accumulates ∇(loss·b/B) (default: one backward
+    of microbatch_loss(...))
     optimizer step (lr warm-up optional, no clipping by default);  EMA/target updates;  step += 1
 
 Reproducibility: all randomness is keyed, not carried. The iteration's k comes from a CPU ``torch.Generator``
@@ -230,6 +231,9 @@ class Trainer:
         if config.precision == "bf16" and self.device.type != "cuda":
             warnings.warn("precision='bf16' autocast applies on CUDA only; running fp32 on " + str(self.device))
         self.autocast_enabled = config.precision == "bf16" and self.device.type == "cuda"
+        if self.device.type == "cuda":  # TF32 tensor cores for the fp32 convolutions and matmuls
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     def keyed_generator(self, stream: str, *keys: int) -> torch.Generator:
         """A CPU generator seeded by (seed, stream, step, *keys): the same on every rank and after a resume."""
@@ -257,6 +261,24 @@ class Trainer:
     ):
         """Return (scalar loss = mean over the microbatch, {name: 0-dim detached tensor})."""
         raise NotImplementedError
+
+    def microbatch_backward(
+        self,
+        x0: torch.Tensor,
+        labels: torch.Tensor | None,
+        ctx: dict[str, Any],
+        generator: torch.Generator,
+        scale: float,
+    ) -> dict[str, torch.Tensor]:
+        """Accumulate ∇(scale · microbatch loss) into the model's ``.grad``; return the metrics.
+
+        The default runs ``microbatch_loss`` under the autocast of ``precision`` and one backward; a subclass may
+        backpropagate its loss in parts (CTM: one graph at a time) as long as the accumulated gradient is the same.
+        """
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
+            loss, metrics = self.microbatch_loss(x0, labels, ctx, generator)
+        (loss * scale).backward()
+        return metrics
 
     def after_optimizer_step(self) -> None:
         self.emas.update(self.model)
@@ -341,9 +363,7 @@ class Trainer:
                 xb = self._prepare(x[i * b : (i + 1) * b])
                 lb = None if labels is None else labels[i * b : (i + 1) * b].to(self.device)
                 self._seed_dropout(i)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
-                    loss, metrics = self.microbatch_loss(xb, lb, ctx, self.keyed_generator("loss", i))
-                (loss * (b / B)).backward()
+                metrics = self.microbatch_backward(xb, lb, ctx, self.keyed_generator("loss", i), b / B)
                 for name, v in metrics.items():
                     sums[name] = sums.get(name, 0.0) + v.detach().float() * (b / B)
             if self.grad_sync is not None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ctm_core.diffusion.samplers import heun_step
 from ctm_core.diffusion.schedules import karras_interp, karras_sigmas
@@ -48,6 +49,7 @@ __all__ = [
     "dsm_loss",
     "adaptive_weight",
     "ctm_dsm_loss",
+    "ctm_dsm_backward",
 ]
 
 DISTANCES = ("l2", "pseudo_huber", "lpips")
@@ -179,15 +181,24 @@ class CTMLossOutput:
     s: torch.Tensor  # (B,)
 
 
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-drawn tensor on ``device``, the same values. To CUDA through pinned memory, non-blocking: the host
+    does not wait for the queued kernels (the draws stay on the CPU generator, so every device sees the same
+    streams as the CPU)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _draw_times_and_noise(x0: torch.Tensor, k: int, generator: torch.Generator, grid: torch.Tensor, mode: str):
     """(n, t, u, s, x_t) for one microbatch: indices from ``sample_ctm_indices``, then ε; x_t = x0 + t·ε."""
     B, N = x0.shape[0], grid.shape[0]
     device, dtype = x0.device, x0.dtype
     n, m = sample_ctm_indices(B, N, k, generator, mode=mode)
-    grid_d = grid.to(device)
-    n, m = n.to(device), m.to(device)
+    grid_d = _to_device(grid, device)
+    n, m = _to_device(n, device), _to_device(m, device)
     t, u, s = grid_d[n].to(dtype), grid_d[n + k].to(dtype), grid_d[m].to(dtype)  # (B,) each
-    eps = torch.randn(x0.shape, generator=generator, dtype=dtype, device="cpu").to(device)
+    eps = _to_device(torch.randn(x0.shape, generator=generator, dtype=dtype, device="cpu"), device)
     return n, t, u, s, x0 + append_dims(t, x0.ndim) * eps
 
 
@@ -226,19 +237,25 @@ def ctm_loss(
     distance: str = "l2",
     lpips: Callable | None = None,
     mode: str = "ctm",
+    checkpoint_inner: bool = False,
 ) -> CTMLossOutput:
     """CTM loss for one microbatch with a given (iteration-wide) k.
 
     ``target`` is the EMA network θ⁻ with ``requires_grad=False`` parameters; it is *not* called under
     no_grad for the estimate, so gradients reach θ through its input (docs/ctm.md#82-two-stop-gradient-nets). The inner
     jump of the target uses the online ``student`` under no_grad. x0: (B, ...); grid: (N,) float64.
+    ``checkpoint_inner`` recomputes the estimate's inner jump G_θ(x_t, t, s) in the backward instead of keeping its
+    activations (non-reentrant checkpoint: the dropout masks replay, the values and gradients are the same).
     """
     n, t, u, s, x_t = _draw_times_and_noise(x0, k, generator, grid, mode)
-    grid_d = grid.to(x0.device)
+    grid_d = _to_device(grid, x0.device)
     s_end = torch.full_like(t, sigma_min)  # jumps to data end at σ_min, not 0 (docs/ctm.md#81-sigma_min-endpoint)
 
     # Estimate: grad through G_θ and through θ⁻'s input (C karras_diffusion.py:249-265).
-    x_s = student.G(x_t, t, s, class_labels=class_labels)
+    if checkpoint_inner and torch.is_grad_enabled():
+        x_s = checkpoint(lambda x, a, b: student.G(x, a, b, class_labels=class_labels), x_t, t, s, use_reentrant=False)
+    else:
+        x_s = student.G(x_t, t, s, class_labels=class_labels)
     x_est = target.G(x_s, s, s_end, class_labels=class_labels)
 
     # Target: teacher k Heun steps, online inner jump (no grad), θ⁻ outer jump (C karras_diffusion.py:270-286).
@@ -306,8 +323,9 @@ def dsm_loss(
         P_std=P_std,
         diffusion_mult=diffusion_mult,
         dtype=x0.dtype,
-    ).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
+    )
+    sigma = _to_device(sigma, x0.device)
+    eps = _to_device(torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu"), x0.device)
     x_sigma = x0 + append_dims(sigma, x0.ndim) * eps
     denoised = student.g(x_sigma, sigma, sigma, class_labels=class_labels)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # (B,)
@@ -326,10 +344,19 @@ def adaptive_weight(
     Both losses are scalars (microbatch means); W = ``student.last_layer_weight()``. The graphs are retained
     for the following backward (C cm/karras_diffusion.py:103-108).
     """
-    (g_main,) = torch.autograd.grad(loss_main, weight, retain_graph=True, allow_unused=True)
-    (g_aux,) = torch.autograd.grad(loss_aux, weight, retain_graph=True, allow_unused=True)
-    n_main = g_main.norm() if g_main is not None else weight.new_zeros(())
-    n_aux = g_aux.norm() if g_aux is not None else weight.new_zeros(())
+    n_main = _last_layer_grad_norm(loss_main, weight)
+    n_aux = _last_layer_grad_norm(loss_aux, weight)
+    return _norm_ratio(n_main, n_aux, max_value)
+
+
+def _last_layer_grad_norm(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """‖∇_W loss‖ (0-dim; zero when ``loss`` does not depend on W), the graph retained."""
+    (g,) = torch.autograd.grad(loss, weight, retain_graph=True, allow_unused=True)
+    return g.norm() if g is not None else weight.new_zeros(())
+
+
+def _norm_ratio(n_main: torch.Tensor, n_aux: torch.Tensor, max_value: float = 1e4) -> torch.Tensor:
+    """clamp(n_main / (n_aux + 1e-4), 0, max_value), detached."""
     return (n_main / (n_aux + 1e-4)).clamp(0.0, max_value).detach()
 
 
@@ -398,3 +425,169 @@ def ctm_dsm_loss(
         metrics["lambda_dsm"] = lam
     metrics["loss"] = total.detach()
     return total, metrics, ctm
+
+
+def _shared_leaf_edges(root, params: list[torch.Tensor]) -> dict[int, list[tuple[object, int]]]:
+    """For each parameter reached by more than one edge of the graph under ``root``: its (node, input index) edges.
+
+    A parameter used twice in one forward (e.g. ``map_label`` for both the t and the s embedding) gets its
+    contributions summed in the order the backward delivers them; the staged backward needs them one by one.
+    """
+    wanted = {id(p): i for i, p in enumerate(params)}
+    edges: dict[int, list[tuple[object, int]]] = {}
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for idx, (nxt, _) in enumerate(node.next_functions):
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is None:
+                stack.append(nxt)
+            elif id(var) in wanted:
+                edges.setdefault(wanted[id(var)], []).append((node, idx))
+    return {i: e for i, e in edges.items() if len(e) > 1}
+
+
+def _exact_power_of_two(v: float) -> bool:
+    """True when v = 2^e (finite, > 0): scaling a gradient by v is exact in binary floating point."""
+    return v > 0 and math.isfinite(v) and math.frexp(v)[0] == 0.5
+
+
+def _keep_input_grad(store: list[torch.Tensor], idx: int):
+    """A node post-hook that appends a copy of the gradient it sends along input ``idx``."""
+
+    def hook(grad_inputs, grad_outputs):
+        if grad_inputs[idx] is not None:
+            store.append(grad_inputs[idx].clone())
+
+    return hook
+
+
+def ctm_dsm_backward(
+    student,
+    target,
+    teacher: Callable,
+    x0: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    *,
+    scale: float,
+    grid: torch.Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float,
+    sigma_data: float,
+    class_labels: torch.Tensor | None = None,
+    distance: str = "l2",
+    lpips: Callable | None = None,
+    mode: str = "ctm",
+    ctm_weight: float = 1.0,
+    dsm_weight: float = 1.0,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    diffusion_mult: float = 0.7,
+    checkpoint_inner: bool = True,
+) -> tuple[dict[str, torch.Tensor], CTMLossOutput]:
+    """Backpropagate ``scale``·(the ``ctm_dsm_loss`` total) of one microbatch into the student's ``.grad``, one graph
+    at a time: the CTM graph is backpropagated and freed before the DSM forward is built.
+
+    The same random draws in the same order, the same λ_DSM = ‖∇_W mean L_CTM‖/(‖∇_W mean L_DSM‖ + 1e-4)
+    (docs/ctm.md#25-dsm-loss) and, on CPU, the bitwise-same accumulated gradient as
+    ``(ctm_dsm_loss(...)[0] * scale).backward()``: each parameter's contributions are summed in the order one
+    combined backward sums them (DSM first, then CTM; a parameter used twice per forward gets its CTM pieces one
+    by one) and then added to the gradient already there. ‖∇_W L_CTM‖ is read from the CTM backward
+    at W when that backward's seed scale·ctm_weight is a power of two (exact rescaling), otherwise from its own
+    pass. Returns (detached metrics as ``ctm_dsm_loss``, CTM outputs with ``x_est`` detached).
+    """
+    check_in("mode", mode, MODES)
+    params = [p for p in student.parameters() if p.requires_grad]
+    held = [p.grad for p in params]  # the earlier microbatches' sum, added back after this one's two terms
+    for p in params:
+        p.grad = None
+    W = student.last_layer_weight()
+    with_dsm = mode == "ctm" and dsm_weight > 0
+
+    ctm = ctm_loss(
+        student,
+        target,
+        teacher,
+        x0,
+        k,
+        generator,
+        grid=grid,
+        sigma_min=sigma_min,
+        class_labels=class_labels,
+        distance=distance,
+        lpips=lpips,
+        mode=mode,
+        checkpoint_inner=checkpoint_inner,
+    )
+    l_ctm = ctm.loss.mean()
+    term_ctm = ctm_weight * l_ctm
+    seed = float((torch.ones((), dtype=term_ctm.dtype) * scale) * ctm_weight)  # the gradient reaching l_ctm
+    n_main: list[torch.Tensor] = []
+    hook = None
+    if with_dsm:
+        if _exact_power_of_two(seed):
+            hook = W.register_hook(lambda g: n_main.append((g / seed).norm()))
+        else:
+            n_main.append(_last_layer_grad_norm(l_ctm, W))
+    # Parameters with several uses in the CTM graph: their CTM contributions one by one, in delivery order.
+    pieces: dict[int, list[torch.Tensor]] = {}
+    handles = [] if hook is None else [hook]
+    if with_dsm:
+        for i, edges in _shared_leaf_edges(term_ctm.grad_fn, params).items():
+            pieces[i] = []
+            for node, idx in edges:
+                handles.append(node.register_hook(_keep_input_grad(pieces[i], idx)))
+    try:
+        with torch.autocast("cuda", enabled=False):
+            (term_ctm * scale).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    for i in pieces:
+        params[i].grad = None  # re-summed below in the one-backward order
+    total = term_ctm.detach()
+    metrics = {"loss_ctm": l_ctm.detach()}
+    if with_dsm:
+        if not n_main:  # W not reached by the CTM loss
+            n_main.append(W.new_zeros(()))
+        l_dsm = dsm_loss(
+            student,
+            x0,
+            generator,
+            sigma_data=sigma_data,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho=rho,
+            class_labels=class_labels,
+            P_mean=P_mean,
+            P_std=P_std,
+            diffusion_mult=diffusion_mult,
+        ).mean()
+        lam = _norm_ratio(n_main[0], _last_layer_grad_norm(l_dsm, W))
+        term_dsm = dsm_weight * lam * l_dsm
+        with torch.autocast("cuda", enabled=False):
+            (term_dsm * scale).backward()
+        total = total + term_dsm.detach()
+        metrics["loss_dsm"] = l_dsm.detach()
+        metrics["lambda_dsm"] = lam
+    metrics["loss"] = total
+    with torch.no_grad():
+        # One backward of the summed loss delivers all DSM contributions first (its nodes are newer), then the
+        # CTM ones: ((d₁ + d₂) + c₁) + c₂ for a parameter used twice; one use each sums as c + d (= d + c).
+        for i, parts in pieces.items():
+            acc = params[i].grad
+            for c in parts:
+                acc = c if acc is None else acc + c
+            params[i].grad = acc
+        for p, g in zip(params, held):
+            if g is not None:
+                p.grad = g if p.grad is None else g.add_(p.grad)
+    ctm.x_est = ctm.x_est.detach()
+    return metrics, ctm

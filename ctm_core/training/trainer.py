@@ -25,7 +25,13 @@ from ctm_core.training.loop import (
     derive_seed,
     load_checkpoint_file,
 )
-from ctm_core.training.losses import ctm_dsm_loss, ctm_estimate, karras_grid, sample_num_heun_steps
+from ctm_core.training.losses import (
+    ctm_dsm_backward,
+    ctm_dsm_loss,
+    ctm_estimate,
+    karras_grid,
+    sample_num_heun_steps,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -59,7 +65,9 @@ class CTMTrainer(Trainer):
 
     The target network θ⁻ is a frozen copy of the student (kept in train mode, as in the official code) updated
     with rate ``config.target_ema`` after every step; ``lpips`` is the module for ``distance='lpips'``.
-    The teacher is not stored in checkpoints.
+    The teacher is not stored in checkpoints. Without the GAN phase each microbatch is backpropagated one graph at a
+    time (``ctm_dsm_backward``; ``checkpoint_inner_jump`` recomputes the estimate's inner jump in the backward), the
+    same update as one backward of the summed loss at a fraction of the activation memory.
     """
 
     kind = "ctm"
@@ -87,6 +95,7 @@ class CTMTrainer(Trainer):
         data,
         *,
         lpips: Callable | None = None,
+        checkpoint_inner_jump: bool | None = None,
         **kwargs,
     ):
         if not isinstance(config, DistillParams):
@@ -100,6 +109,9 @@ class CTMTrainer(Trainer):
         self.lpips = _lpips_on_signed_images(lpips)
         if config.gan.enabled and (self.discriminator is None or self.d_optimizer is None):
             raise ValueError("gan.enabled=True needs discriminator= and d_optimizer= (see ctm_core.gan.objective)")
+        # None: on CUDA, where activation memory bounds the batch; on CPU the recompute would only cost time.
+        on_cuda = self.device.type == "cuda"
+        self.checkpoint_inner_jump = on_cuda if checkpoint_inner_jump is None else bool(checkpoint_inner_jump)
         self.target = frozen_copy(self.model)
         self.target.train()
         c = config
@@ -123,21 +135,14 @@ class CTMTrainer(Trainer):
         gan = self.config.gan
         return not gan.enabled or self.step % gan.g_learning_period == 0
 
-    def microbatch_loss(self, x0, labels, ctx, generator):
+    def _loss_kwargs(self) -> dict[str, Any]:
         c = self.config
-        loss, metrics, out = ctm_dsm_loss(
-            self.model,
-            self.target,
-            self.teacher,
-            x0,
-            ctx["k"],
-            generator,
+        return dict(
             grid=self.grid,
             sigma_min=c.sigma_min,
             sigma_max=c.sigma_max,
             rho=c.rho,
             sigma_data=c.sigma_data,
-            class_labels=labels,
             distance=c.distance,
             lpips=self.lpips,
             mode=c.mode,
@@ -146,6 +151,29 @@ class CTMTrainer(Trainer):
             P_mean=c.P_mean,
             P_std=c.P_std,
             diffusion_mult=c.diffusion_mult,
+        )
+
+    def microbatch_backward(self, x0, labels, ctx, generator, scale):
+        if self.config.gan.enabled:  # the GAN term needs the CTM graph and comes after the DSM draws: one backward
+            return super().microbatch_backward(x0, labels, ctx, generator, scale)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
+            metrics, _ = ctm_dsm_backward(
+                self.model,
+                self.target,
+                self.teacher,
+                x0,
+                ctx["k"],
+                generator,
+                scale=scale,
+                class_labels=labels,
+                checkpoint_inner=self.checkpoint_inner_jump,
+                **self._loss_kwargs(),
+            )
+        return metrics
+
+    def microbatch_loss(self, x0, labels, ctx, generator):
+        loss, metrics, out = ctm_dsm_loss(
+            self.model, self.target, self.teacher, x0, ctx["k"], generator, class_labels=labels, **self._loss_kwargs()
         )
         if self.config.gan.enabled:
             # G step of the GAN phase: + w_D·λ_GAN·mean(−D(x_est)) (C karras_diffusion.py:412-437, 529-543).

@@ -16,6 +16,10 @@ SCRIPT = ROOT / "benchmarks" / "gpu_bench.py"
 REQUIRED = (
     "card",
     "batch",
+    "date_utc",
+    "floor_setting",
+    "fid50k_seconds",
+    "parity",
     "floor_img_per_s",
     "step_img_per_s",
     "naive_fp32_img_per_s",
@@ -34,7 +38,7 @@ def _load():
 
 def _run(out: Path, *extra: str) -> dict:
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--out", str(out), "--threads", "1", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("*.json"))
     assert len(files) == 1, files
@@ -97,8 +101,12 @@ def test_tiny_cpu_run(tmp_path):
         assert key in res, key
     assert res["batch"] == 4 and res["card"].startswith("cpu")
     assert res["errors"] == {}, res["errors"]
-    for key in REQUIRED[2:-1]:
+    for key in ("floor_img_per_s", "step_img_per_s", "naive_fp32_img_per_s", "compiled_forward_img_per_s"):
         assert isinstance(res[key], float) and res[key] > 0, (key, res[key])
+    for key in ("sample_1step_img_per_s", "fid50k_seconds"):
+        assert isinstance(res[key], float) and res[key] > 0, (key, res[key])
+    assert res["fid"]["images"] == 4 and res["fid"]["fd_finite"] and res["fid50k_extrapolated"]
+    assert res["date_utc"].endswith("Z")
     assert res["peak_mem_gib"] is None  # CPU: no CUDA allocator statistics
     for path, v in _numbers(res):
         assert math.isfinite(v), path
@@ -125,4 +133,4 @@ def test_time_budget_skips_parts(tmp_path):
     assert res["parts"] and all(p["status"] == "skipped" for p in res["parts"].values())
     for key in REQUIRED:
         assert key in res
-    assert res["step_img_per_s"] is None and res["errors"] == {}
+    assert res["step_img_per_s"] is None and res["fid50k_seconds"] is None and res["errors"] == {}

@@ -13,6 +13,7 @@ from ctm_core.training import losses
 from ctm_core.training.losses import (
     adaptive_weight,
     ctm_distance,
+    ctm_dsm_backward,
     ctm_dsm_loss,
     ctm_loss,
     dsm_loss,
@@ -484,3 +485,34 @@ def test_losses_module_uses_no_global_rng():
     b, _, _ = ctm_dsm_loss(student, target, teacher, x0, 3, gen(3), **kw)
     assert torch.equal(a, b)
     assert losses.__all__  # public API exported
+
+
+@pytest.mark.parametrize("scale", [0.25, 1 / 3])  # a power of two (λ read at W in the CTM backward) and not
+@pytest.mark.parametrize("checkpoint_inner", [True, False])
+def test_ctm_dsm_backward_is_one_backward_of_the_summed_loss(scale, checkpoint_inner):
+    """Gradients accumulated onto earlier ones, metrics and λ_DSM: bitwise those of (ctm_dsm_loss · scale).backward(),
+    with the same random draws (the generators end in the same state)."""
+    teacher = isotropic_gaussian_denoiser(torch.zeros(3), 0.25)
+    grid = karras_grid(18, SIGMA_MIN, SIGMA_MAX, RHO)
+    x0 = torch.randn(16, 3, generator=gen(4)) * 0.5
+    kw = dict(grid=grid, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, sigma_data=SIGMA_DATA, dsm_weight=0.7)
+    grads = {}
+    for arm in ("one", "staged"):
+        student, target = make_nets()
+        for p in student.parameters():  # an earlier microbatch's gradient
+            p.grad = torch.randn(p.shape, generator=gen(5)) * 1e-3
+        g = gen(6)
+        if arm == "one":
+            total, metrics, _ = ctm_dsm_loss(student, target, teacher, x0, 3, g, **kw)
+            (total * scale).backward()
+        else:
+            metrics, out = ctm_dsm_backward(
+                student, target, teacher, x0, 3, g, scale=scale, checkpoint_inner=checkpoint_inner, **kw
+            )
+            assert not out.x_est.requires_grad
+            assert all(p.grad is None for p in target.parameters())
+        grads[arm] = ([p.grad.clone() for p in student.parameters()], metrics, g.get_state())
+    (ga, ma, sa), (gb, mb, sb) = grads["one"], grads["staged"]
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    assert set(ma) == set(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert torch.equal(sa, sb)

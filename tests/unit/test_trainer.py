@@ -11,6 +11,7 @@ from ctm_core.diffusion.gaussian import GaussianData
 from ctm_core.nets.toy import ToyCTMStudent, ToyEDMDenoiser
 from ctm_core.training.edm_training import EDMTrainer, edm_loss, edm_sigmas
 from ctm_core.training.ema import EMABank, frozen_copy, update_ema_
+from ctm_core.training.loop import Trainer
 from ctm_core.training.trainer import CTMTrainer, TensorDataSource, atomic_torch_save, load_checkpoint_file
 
 DIM = 3
@@ -30,14 +31,14 @@ def small_cfg(**changes) -> DistillParams:
     return DistillParams(**{**base, "seed": 5, **changes})
 
 
-def make_ctm_trainer(cfg=None, **kwargs) -> CTMTrainer:
+def make_ctm_trainer(cfg=None, trainer_cls=CTMTrainer, **kwargs) -> CTMTrainer:
     torch.manual_seed(0)
     teacher = ToyEDMDenoiser((DIM,), hidden=16, depth=1, emb_channels=8)
     student = ToyCTMStudent.from_teacher(teacher, dropout=0.2)  # dropout: exercises the carried global RNG
     data = torch.randn(40, DIM, generator=torch.Generator().manual_seed(1)) * 0.5
     cfg = cfg or small_cfg()
     source = TensorDataSource(data, batch_size=cfg.batch, seed=cfg.seed)
-    return CTMTrainer(cfg, student, teacher, source, progress=False, **kwargs)
+    return trainer_cls(cfg, student, teacher, source, progress=False, **kwargs)
 
 
 def assert_state_equal(a, b, path="state"):
@@ -153,13 +154,13 @@ def test_atomic_save_replaces(tmp_path):
 
 def test_one_k_per_iteration_shared_by_microbatches(monkeypatch):
     seen = []
-    real = trainer_mod.ctm_dsm_loss
+    real = trainer_mod.ctm_dsm_backward
 
     def spy(*args, **kwargs):
         seen.append(args[4])  # k
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "ctm_dsm_loss", spy)
+    monkeypatch.setattr(trainer_mod, "ctm_dsm_backward", spy)
     tr = make_ctm_trainer()
     ks = []
     for _ in range(6):
@@ -544,3 +545,100 @@ def test_gan_phase_with_projected_discriminator_random_features():
     after = d.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in trainable if k in after)
     assert all(torch.equal(before[k], after[k]) for k in frozen)
+
+
+# ------------------------------------------------------------------------------------------------- staged backward
+
+
+class OneBackwardTrainer(CTMTrainer):
+    """The reference step: one backward of ``ctm_dsm_loss``'s summed total per microbatch, λ_DSM from
+    ``autograd.grad(..., retain_graph=True)`` on both terms (the loop's default ``microbatch_backward``)."""
+
+    def microbatch_backward(self, *args):
+        return Trainer.microbatch_backward(self, *args)
+
+
+def _plain_conv(x, w, b=None, *, stride=1, padding=0, groups=1, transposed=False):
+    fn = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+    return fn(x, w, b, stride=stride, padding=padding, groups=groups)
+
+
+def _assert_same_run(make_ref, make_new, steps):
+    ref, new = make_ref(), make_new()
+    for _ in range(steps):
+        m_ref, m_new = ref.train_step(), new.train_step()
+        assert set(m_ref) == set(m_new)
+        for name in m_ref:
+            assert torch.equal(m_ref[name], m_new[name]), name
+    # every parameter, the EMA target, the evaluation EMAs and the optimizer state: bitwise
+    assert_state_equal(ref.state_dict(), new.state_dict())
+
+
+@pytest.mark.parametrize("checkpoint_inner", [True, False])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # b/B = 1/2: ‖∇_W L_CTM‖ read at W during the CTM backward
+        {"batch": 24, "microbatch": 8},  # b/B = 1/3: its own pass
+        {"ctm_weight": 0.7, "dsm_weight": 0.3},
+        {"distance": "pseudo_huber", "batch": 24, "microbatch": 8, "ctm_weight": 1.3},
+        {"mode": "cm"},
+        {"dsm_weight": 0.0},
+    ],
+)
+def test_staged_backward_makes_the_one_backward_update(changes, checkpoint_inner):
+    """CTM backpropagated and freed before the DSM graph exists == one backward of the summed loss, bitwise."""
+    cfg = small_cfg(**changes)
+    _assert_same_run(
+        lambda: make_ctm_trainer(cfg, trainer_cls=OneBackwardTrainer),
+        lambda: make_ctm_trainer(cfg, checkpoint_inner_jump=checkpoint_inner),
+        steps=4,
+    )
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        dict(model_type="SongUNet", model_channels=16, label_dim=3),
+        dict(model_type="DhariwalUNet", model_channels=32, label_dim=0),
+    ],
+)
+def test_staged_backward_on_image_networks(arch, monkeypatch):
+    """EDM UNets with attention, up/down resampling, dropout and labels: the staged step with frozen-weight convs
+    and the checkpointed inner jump == the one-backward step with plain convs, bitwise."""
+    import ctm_core.nets.layers as layers
+    from ctm_core.nets.precond import EDMPrecond
+    from ctm_core.nets.student import CTMStudent
+
+    def make(cls, **kwargs):
+        torch.manual_seed(0)
+        teacher = EDMPrecond(8, 1, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0, **arch)
+        with torch.no_grad():  # EDM zero-initialises the output convs: perturb so every gradient is non-zero
+            for p in teacher.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        student = CTMStudent.from_teacher(teacher.eval(), dropout=0.2)
+        images = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5
+        labels = None
+        if arch["label_dim"]:
+            labels = torch.nn.functional.one_hot(torch.arange(20) % arch["label_dim"], arch["label_dim"]).float()
+        cfg = DistillParams(N=10, K=4, target_ema=0.9, eval_emas=[0.9], batch=12, microbatch=4, seed=5)
+        source = TensorDataSource(images, labels, batch_size=12, seed=5)
+        return cls(cfg, student, teacher, source, progress=False, **kwargs)
+
+    real = layers._conv
+
+    def make_ref():
+        monkeypatch.setattr(layers, "_conv", _plain_conv)
+        return make(OneBackwardTrainer)
+
+    def make_new():
+        monkeypatch.setattr(layers, "_conv", real)
+        return make(CTMTrainer, checkpoint_inner_jump=True)
+
+    ref, new = make_ref(), None
+    m_ref = [ref.train_step() for _ in range(2)]
+    new = make_new()
+    m_new = [new.train_step() for _ in range(2)]
+    for a, b in zip(m_ref, m_new):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_state_equal(ref.state_dict(), new.state_dict())
