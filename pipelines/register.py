@@ -1,23 +1,18 @@
 """DVC stage `register`: the student as an MLflow pyfunc model, a registry version, and a guarded `@champion` move.
 
-1. Logs the student folder as a pyfunc model from code (`pipelines.support.pyfunc_model.CTMSampler` set by an entry
-   file, MLflow models-from-code: nothing is pickled; weights + config as the `student` artifact, signature
-   `num_samples, nfe, gamma, seed, class_labels -> uint8 (N, H, W, C)`, `ctm_core` and the sampler module as code
-   paths) into the distill stage's MLflow run when `<student>/run.json` names one (`mlflow_run_id`), else into a run
-   of its own; registers it as a version of `register.model_name` and pins every file of it: `ctm_manifest.json`
-   (sha256 per file) in the model, its sha256 in the version's tag `ctm.manifest_sha256`. Load a version through
-   `pipelines.support.registry.verify_registered_model`, which checks the files against that tag first.
-   Idempotent: a version whose tag `ctm.student_sha256` matches the student's weights is reused (a repeated
-   `dvc repro` that re-runs the stage re-decides without logging a new model).
+1. Logs the student as a pyfunc model from code (MLflow models-from-code, nothing pickled; signature
+   `num_samples, nfe, gamma, seed, class_labels -> uint8 (N, H, W, C)`) into the distill stage's MLflow run (or one
+   of its own), registers it as a version of `register.model_name` and pins every file of it by a sha256 manifest
+   whose digest is the tag `ctm.manifest_sha256` (`pipelines.support.registry`; load through
+   `verify_registered_model`). Idempotent: a version whose `ctm.student_sha256` matches is reused.
 2. Reads `<eval>/metrics.json`. A failed or partial evaluation (file or key missing, value not finite,
    `"complete": false`) never promotes: the version is tagged `ctm.eval_status=failed`, no alias moves, and the
    stage exits 1 after writing its record.
 3. Compares `register.metric` with the tag `metric.<name>` of the current `@champion` version through the gate of
    `pipelines.support.gate`: `@champion` moves only if both were evaluated with the same protocol (`protocol.json`
    fingerprint: feature network, reference statistics, sample count, seeds) and the new value is better by more
-   than `register.noise_z` × the measured noise of the difference (seed-set std / bootstrap interval of both
-   evaluations) and by more than `register.min_improvement` (relative); otherwise the version gets `@challenger`
-   and the tag `challenger`.
+   than `register.noise_z` × the measured noise of the difference and by more than `register.min_improvement`
+   (relative); otherwise the version gets `@challenger`.
 4. Tags every version with its metrics (`metric.*`), evaluation protocol, data hash, teacher hash, git commit,
    params hash, student sha256; logs the decision and its numbers to the run; writes `--out` (registry.json) atomically.
 
