@@ -78,9 +78,11 @@ def check_private_file(path: Path, what: str) -> None:
 
 
 def _check_private_dir(path: Path) -> None:
-    """`path` (an existing temp dir) must be owned by this user and not writable by others, else ValueError."""
+    """`path` (an existing temp dir) must be a real folder owned by this user, else ValueError. Ray itself makes its
+    temp dir world-writable (mode 0777, for multi-user sessions), so that mode is accepted; what another user could
+    plant there is caught by the checks on the files we reuse (`check_private_file`)."""
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & stat.S_IWOTH:
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         raise ValueError(
             f"ray.temp_dir: {str(path)!r} is not a folder of your own (owner uid {st.st_uid}, mode "
             f"{stat.S_IMODE(st.st_mode):04o}); another user could plant files there (fix: set ray.temp_dir to a "

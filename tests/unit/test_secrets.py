@@ -174,14 +174,16 @@ def test_local_cluster_refuses_planted_token_and_shared_dir(tmp_path):
         ray_env._saved_env.clear()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    open_dir = pathlib.Path(tempfile.mkdtemp(prefix="rt_open_", dir="/tmp"))  # short: the socket-path limit
+    foreign = pathlib.Path(tempfile.mkdtemp(prefix="rt_open_", dir="/tmp"))  # short: the socket-path limit
     try:
-        open_dir.chmod(0o777)  # a temp dir anyone can write into (as a pre-created /tmp/ray_ctm would be)
-        with pytest.raises(ValueError, match=r"ray\.temp_dir: .* is not a folder of your own .*mode 0777.*fix:"):
-            ray_env.init_local_ray(2, open_dir, 8299)
-        assert list(open_dir.iterdir()) == []  # no token written there
+        if os.getuid() != 0:
+            pytest.skip("needs root to hand the folder to another user")
+        os.chown(foreign, 65534, 65534)  # a pre-created /tmp/ray_ctm of another user (nobody)
+        with pytest.raises(ValueError, match=r"ray\.temp_dir: .* is not a folder of your own .*owner uid 65534.*fix:"):
+            ray_env.init_local_ray(2, foreign, 8299)
+        assert list(foreign.iterdir()) == []  # no token written there
     finally:
-        shutil.rmtree(open_dir, ignore_errors=True)
+        shutil.rmtree(foreign, ignore_errors=True)
 
 
 # --- bearer token transport ---------------------------------------------------------------------------------------
