@@ -41,11 +41,11 @@ from pathlib import Path
 import pytest
 
 CKPT_EVERY = 6  # TINY_DISTILL checkpoint_every
-STEP_RX = r"RayTrainWorker pid=(\d+)\)\S*\s+\[distill\] step (\d+)"
+STEP_RX = r"RayTrainWorker pid=(\d+)\)\S*\s+INFO pipelines\.support\.ray_train: step (\d+)"
 
 
 def _steps_by_pid(proc) -> dict[int, int]:
-    """Last ``[distill] step N`` logged by each worker PID."""
+    """Last ``step N`` line logged by each worker PID (pipelines.support.ray_train)."""
     last: dict[int, int] = {}
     for m in re.finditer(STEP_RX, proc.text()):
         pid, step = int(m[1]), int(m[2])
@@ -64,7 +64,9 @@ def test_kill_train_worker_restarts_from_checkpoint(remote, ray_head, inputs, tm
     )
     try:
         # mid-interval: after the first checkpoint was reported, two steps into the next interval
-        hit = proc.wait_for(rf"RayTrainWorker pid=(\d+)\)\S*\s+\[distill\] step {CKPT_EVERY + 2}\b", timeout=240)
+        hit = proc.wait_for(
+            rf"RayTrainWorker pid=(\d+)\)\S*\s+INFO pipelines\.support\.ray_train: step {CKPT_EVERY + 2}\b", timeout=240
+        )
         assert hit is not None, proc.tail()
         pid = int(hit[1][1])
         deadline = time.monotonic() + 60  # and the controller registered checkpoint 1 (else nothing to resume)

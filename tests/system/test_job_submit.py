@@ -175,7 +175,7 @@ def test_stage_submits_blocks_and_reattaches(remote, ray_head, inputs, tmp_path)
         m = first.wait_for(r"submit: job (\S+) submitted", timeout=120)
         assert m is not None, first.tail()
         job_id = m[1][1]
-        assert first.wait_for(r"\[distill\] step \d+", timeout=180) is not None, first.tail()
+        assert first.wait_for(r"pipelines\.support\.ray_train: step \d+", timeout=180) is not None, first.tail()
         first.kill()  # the dvc repro / client dies; the job goes on on the cluster
         t_kill = time.monotonic()
     finally:
