@@ -56,7 +56,9 @@ from ctm_core.eval.bits_per_dim import protocol_text, score_bits_per_dim
 from pipelines.support.io_utils import atomic_write_json, staged_dir
 from pipelines.support.stage_common import (
     check_inputs,
+    load_scored_networks,
     log_stage_to_mlflow,
+    pick_device,
     run_scoring_stage,
 )
 
@@ -69,11 +71,8 @@ def _networks(teacher: Path, student: Path, variant: str, device: torch.device) 
     """(name, denoiser, sigma_min, sigma_max): the teacher D(x; σ) on [max(0.002, σ_min), min(80, σ_max)] and the
     student's own score g(x, σ, σ) on its σ range."""
     from ctm_core.diffusion.likelihood import student_as_denoiser
-    from ctm_core.io.student_format import load_student
-    from ctm_core.io.teacher_format import load_edm_checkpoint
 
-    teacher_net = load_edm_checkpoint(teacher).to(device).eval().requires_grad_(False)
-    student_net = load_student(student, variant, device=device)
+    teacher_net, student_net = load_scored_networks(teacher, student, variant, device)
     return [
         (
             "teacher",
@@ -101,7 +100,7 @@ def likelihood(
     lk = params.likelihood
     checked = check_inputs(params, data, teacher, student, need_labels=False, need_heldout=lk.enabled)
     card, variant = checked["card"], checked["variant"]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
     t_start = time.perf_counter()
     details: dict[str, Any] = {
         "enabled": lk.enabled,

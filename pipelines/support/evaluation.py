@@ -35,7 +35,13 @@ from ctm_core.eval.scoring import (
     stats_sha256,
 )
 from pipelines.support.io_utils import atomic_write_json, atomic_write_text, read_json, staged_dir
-from pipelines.support.stage_common import InputError, check_inputs, log_stage_to_mlflow
+from pipelines.support.stage_common import (
+    InputError,
+    check_inputs,
+    load_scored_networks,
+    log_stage_to_mlflow,
+    pick_device,
+)
 
 __all__ = ["FeatureSpace", "evaluate", "log_to_mlflow"]
 
@@ -262,8 +268,6 @@ def evaluate(
     log_mlflow: bool = True,
 ) -> dict[str, Any]:
     """Run the whole stage (pipelines/evaluate.py); returns the flat metrics. Raises InputError before any work."""
-    from ctm_core.io.student_format import load_student
-    from ctm_core.io.teacher_format import load_edm_checkpoint
     from pipelines.support.fid_reference import FIDSetupError, protocol_dict, protocol_sha256, setup_inception_fid
     from pipelines.support.plots import save_grid
 
@@ -271,7 +275,7 @@ def evaluate(
     ev = params.evaluate
     checked = check_inputs(params, data, teacher, student)
     card, variant = checked["card"], checked["variant"]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
     t_start = time.perf_counter()
     fid = None
     if ev.features == "inception":  # weights + reference statistics before any output or sampling (one-line errors)
@@ -291,8 +295,7 @@ def evaluate(
         save_grid(tmp / "grids" / "data.png", space.real_grid, card.image.num_levels, ev.grid_size)
 
         # 2. networks; 3. samples -> features -> FD, per method.
-        teacher_net = load_edm_checkpoint(teacher).to(dev).eval().requires_grad_(False)
-        student_net = load_student(student, variant, device=dev)
+        teacher_net, student_net = load_scored_networks(teacher, student, variant, dev)
         methods = plan_methods(params)
         scored, details, errors = _score_methods(
             methods, student_net, teacher_net, space, params, card, tmp, device=dev, progress=progress

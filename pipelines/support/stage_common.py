@@ -202,3 +202,20 @@ def run_scoring_stage(
     summary = ", ".join(f"{k}={metrics[k]}" if isinstance(metrics[k], bool) else f"{k}={metrics[k]:.4g}" for k in shown)
     log.info("%s -> %s", summary, args.out)
     return 0
+
+
+def pick_device(device: str | None):
+    """`device` as a torch.device, else CUDA when available, else CPU."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_scored_networks(teacher: Path, student: Path, variant: str | None, device):
+    """(teacher D(x; σ), student) on `device` for the stages that score a student against its teacher, both in eval
+    mode without gradients."""
+    from ctm_core.io.student_format import load_student
+    from ctm_core.io.teacher_format import load_edm_checkpoint
+
+    teacher_net = load_edm_checkpoint(teacher).to(device).eval().requires_grad_(False)
+    return teacher_net, load_student(student, variant, device=device)
