@@ -99,3 +99,20 @@ def tiny_nets() -> Callable[..., torch.nn.Module]:
     """`tiny_nets(root, student=True)`: writes the tiny teacher to root/teacher (and its CTM student to
     root/student) and returns the teacher; session-scoped so module-scoped setups can use it."""
     return _write_tiny_nets
+
+
+@pytest.fixture(scope="module")
+def scored_inputs(tiny_nets, tmp_path_factory, request):
+    """Inputs of a stage that scores a student (evaluate, likelihood), once per test module: the prepared digits
+    (10 % held out), the tiny teacher + student, and an MLflow SQLite store with its artifacts in the same folder."""
+    from pipelines.support.datasets import prepare_dataset
+
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    data = root / "prepared"
+    prepare_dataset("sklearn-digits", None, data, heldout_fraction=0.1, seed=0, shard_size=4096, progress=False)
+    tiny_nets(root)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("DVC_ROOT", str(root))  # MLflow artifacts (mlruns/) next to the test DB, not in the repo
+    yield {"root": root, "data": data, "teacher": root / "teacher", "student": root / "student"}
+    mp.undo()

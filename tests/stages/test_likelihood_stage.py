@@ -39,18 +39,8 @@ def _params(overrides=TINY_LIK):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_nets, tmp_path_factory):
-    from pipelines.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("likelihood")
-    data = root / "prepared"
-    prepare_dataset("sklearn-digits", None, data, heldout_fraction=0.1, seed=0, shard_size=4096, progress=False)
-    tiny_nets(root)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    mp.setenv("DVC_ROOT", str(root))  # MLflow artifacts (mlruns/) next to the test DB, not in the repo
-    yield {"root": root, "data": data, "teacher": root / "teacher", "student": root / "student"}
-    mp.undo()
+def setup(scored_inputs):
+    return scored_inputs
 
 
 def _args(s, out, params=None):
