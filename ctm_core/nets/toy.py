@@ -122,8 +122,22 @@ def _times(value, name: str, batch: int, device, dtype) -> torch.Tensor:
 
 
 class _ToyBase(nn.Module):
+    """The toy MLP with EDM preconditioning; subclasses say whether it has the CTM s-branch (`s_branch`)."""
+
+    s_branch: bool = False
+
     def __init__(
-        self, sample_shape, sigma_min, sigma_max, sigma_data, label_dim, hidden, depth, emb_channels, dropout, s_branch
+        self,
+        sample_shape,
+        *,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        label_dim: int = 0,
+        hidden: int = 256,
+        depth: int = 4,
+        emb_channels: int = 128,
+        dropout: float = 0.0,
     ):
         super().__init__()
         check_positive("sigma_min", sigma_min)
@@ -144,7 +158,9 @@ class _ToyBase(nn.Module):
             emb_channels=emb_channels,
             dropout=dropout,
         )
-        self.model = ToyMLP(math.prod(self.sample_shape), hidden, depth, emb_channels, label_dim, dropout, s_branch)
+        self.model = ToyMLP(
+            math.prod(self.sample_shape), hidden, depth, emb_channels, label_dim, dropout, self.s_branch
+        )
 
     def _denoise(self, x, t, s, class_labels):
         """c_skip(t)·x + c_out(t)·F(c_in(t)·x, ln t/4[, ln s/4]) in float32."""
@@ -171,31 +187,7 @@ class _ToyBase(nn.Module):
 class ToyEDMDenoiser(_ToyBase):
     """EDM-preconditioned MLP denoiser D(x; σ) (the toy teacher)."""
 
-    def __init__(
-        self,
-        sample_shape,
-        *,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        label_dim: int = 0,
-        hidden: int = 256,
-        depth: int = 4,
-        emb_channels: int = 128,
-        dropout: float = 0.0,
-    ):
-        super().__init__(
-            sample_shape,
-            sigma_min,
-            sigma_max,
-            sigma_data,
-            label_dim,
-            hidden,
-            depth,
-            emb_channels,
-            dropout,
-            s_branch=False,
-        )
+    s_branch = False
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self._denoise(x, sigma, None, class_labels)
@@ -204,31 +196,7 @@ class ToyEDMDenoiser(_ToyBase):
 class ToyCTMStudent(_ToyBase):
     """CTM student G_θ(x_t, t, s) on the toy MLP (s-branch added to the t embedding)."""
 
-    def __init__(
-        self,
-        sample_shape,
-        *,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        label_dim: int = 0,
-        hidden: int = 256,
-        depth: int = 4,
-        emb_channels: int = 128,
-        dropout: float = 0.0,
-    ):
-        super().__init__(
-            sample_shape,
-            sigma_min,
-            sigma_max,
-            sigma_data,
-            label_dim,
-            hidden,
-            depth,
-            emb_channels,
-            dropout,
-            s_branch=True,
-        )
+    s_branch = True
 
     def g(self, x_t: torch.Tensor, t, s, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """s-conditioned denoiser g_θ(x_t, t, s): (B, *sample_shape) float32."""
