@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import reprlib
-import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +34,7 @@ import safetensors.torch
 import torch
 
 from ctm_core.errors import InputError
-from ctm_core.io.atomic import atomic_write_bytes
+from ctm_core.io.atomic import atomic_write_bytes, staged_dir
 from ctm_core.io.hashing import sha256_bytes
 
 __all__ = [
@@ -170,22 +169,10 @@ def write_artifact(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if replace or not out.exists():
-        tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            os.chmod(tmp_dir, 0o755)  # mkdtemp creates 0o700
+        with staged_dir(out) as tmp_dir:
             for rel, data in payloads.items():
                 (tmp_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 _write(tmp_dir / rel, data)
-            if out.exists():
-                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / out.name)
-                os.replace(tmp_dir, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp_dir, out)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
         return written
 
     tmp_paths: dict[str, pathlib.Path] = {}

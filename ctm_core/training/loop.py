@@ -30,10 +30,8 @@ The library does no logging/tracking: metrics go to ``metrics_callback(step, {na
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctm_core.io.atomic import atomic_write
 from ctm_core.training.ema import EMABank
 
 __all__ = [
@@ -124,20 +123,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     An exception during the write leaves any previous file at ``path`` untouched and removes the temp file.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -7,17 +7,13 @@ folder next to the destination and renamed into place at the end (`staged_dir`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ctm_core.io.atomic import atomic_write_bytes, current_umask, fsync_dir
+from ctm_core.io.atomic import atomic_write_bytes, current_umask, staged_dir
 from ctm_core.io.hashing import CHUNK_BYTES, sha256_bytes, sha256_file, sha256_fileobj
 from ctm_core.redact import redact_text
 
@@ -70,40 +66,6 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-@contextlib.contextmanager
-def staged_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build an output folder all-or-nothing.
-
-    Yields an empty temp folder `<parent>/.<name>.tmp-XXXX` next to `out_dir`. When the `with` block finishes
-    without an exception the temp folder replaces `out_dir` (an existing `out_dir` is moved aside first and
-    deleted afterwards); on any exception the temp folder is deleted and `out_dir` is left untouched.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old: Path | None = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "prev")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:  # put the previous output back
-            os.replace(old / "prev", out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(out_dir.parent)
 
 
 def one_line(e: BaseException | str, limit: int | None = None) -> str:
