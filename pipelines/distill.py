@@ -40,7 +40,7 @@ from pipelines.support.remote_inputs import InputError, Inputs, resolve_inputs  
 
 __all__ = ["CheckpointStorageError", "DistillRunError", "check_stage_features", "main", "run_distill"]
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
+logger = logging.getLogger(__name__)
 
 
 def check_stage_features(params: Params) -> None:

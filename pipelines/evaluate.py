@@ -77,7 +77,7 @@ from pipelines.support.stage_common import InputError, check_inputs, run_scoring
 
 __all__ = ["InputError", "check_inputs", "evaluate", "main"]
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
+logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:

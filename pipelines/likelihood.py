@@ -64,7 +64,7 @@ from pipelines.support.stage_common import (
 
 __all__ = ["likelihood", "main"]
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
+logger = logging.getLogger(__name__)
 
 
 def _networks(teacher: Path, student: Path, variant: str, device: torch.device) -> list[tuple]:

@@ -55,7 +55,7 @@ __all__ = [
     "split_indices",
 ]
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
+logger = logging.getLogger(__name__)
 
 # Convenience flags: each sets one key of the `data` section (what `--set data.<key>=...` would).
 _FLAGS = {

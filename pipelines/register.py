@@ -57,7 +57,7 @@ from pipelines.support.registry import (
 
 __all__ = ["RegisterError", "main", "plan", "run"]
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
+logger = logging.getLogger(__name__)
 
 # Sections whose values shape the registered model (tracking-only sections `ray`, `mlflow` left out).
 HASHED_SECTIONS = ("data", "teacher", "tune", "distill", "evaluate", "register")

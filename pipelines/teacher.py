@@ -45,7 +45,7 @@ from pipelines.support.teacher_build import TRAIN_META_FILE, TeacherError, fetch
 
 __all__ = ["TeacherError", "main", "run"]
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
+logger = logging.getLogger(__name__)
 
 
 # --- stage ------------------------------------------------------------------------------------------------------------

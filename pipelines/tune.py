@@ -40,7 +40,7 @@ from pipelines.support.tune_search import QUALITY_METRICS, SearchInterrupted, ch
 
 __all__ = ["main", "run_tune", "write_best_params"]
 
-logger = logging.getLogger(__spec__.name if __spec__ else __name__)  # the module name under `python -m` too
+logger = logging.getLogger(__name__)
 
 
 def write_best_params(path: str | os.PathLike[str], overrides: dict[str, Any], note: str = "") -> Path:

@@ -15,10 +15,20 @@ __all__ = ["progress_enabled", "setup_logging"]
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
+def _main_module_name(record: logging.LogRecord) -> bool:
+    """Under `python -m pipelines.<stage>` the stage's module logger is `__main__`: show its real name."""
+    if record.name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        record.name = spec.name if spec is not None else record.name
+    return True
+
+
 def setup_logging(level: int | str | None = None) -> None:
     """Configure the root logger once per process (env `CTM_LOG_LEVEL` overrides `level`, default INFO)."""
     level = os.environ.get("CTM_LOG_LEVEL") or level or logging.INFO
     logging.basicConfig(level=level, format=_FORMAT, stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_main_module_name)
 
 
 def progress_enabled() -> bool:

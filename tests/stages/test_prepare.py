@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -28,6 +30,8 @@ from pipelines.prepare import (
     split_indices,
 )
 from pipelines.support.io_utils import sha256_file
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RNG = np.random.default_rng(1234)
 
@@ -367,3 +371,18 @@ def test_cli_dry_run_and_params(tmp_path, capsys):
     params.write_text("data:\n  sorce: sklearn-digits\n")
     assert main(["--params", str(params), "--out", str(out), "--dry-run"]) == 2
     assert "data.sorce: unknown key" in capsys.readouterr().err  # the whole params.yaml goes through the schema
+
+
+def test_cli_error_is_one_line_named_after_the_stage(tmp_path):
+    """Under `python -m` the stage's logger is `__main__`; the log line still names the stage module."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.prepare", "--out", str(tmp_path / "o"), "--heldout-fraction", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("ERROR pipelines.prepare: params error: data.heldout_fraction"), lines[0]
+    assert not (tmp_path / "o").exists()
