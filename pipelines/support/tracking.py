@@ -207,54 +207,33 @@ def start_run(
     the body raised. Tags are (re)applied either way, so a resumed run shows the latest commit/dirty flag. Tag
     values and the messages of exceptions raised here or in the body have their URIs redacted.
     """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     try:
-        with _start_run(
-            name,
-            tracking_uri=tracking_uri,
-            experiment_name=experiment_name,
-            tags=tags,
-            repo_root=repo_root,
-            log_system_metrics=log_system_metrics,
-        ) as run:
+        root = Path(repo_root).resolve() if repo_root is not None else default_repo_root()
+        mlflow.set_tracking_uri(tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp_id = _experiment_id(client, experiment_name, tracking_uri, root)
+        mlflow.set_experiment(experiment_id=exp_id)
+        safe = name.replace("'", "\\'")
+        found = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{RUN_KEY_TAG}` = '{safe}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        all_tags = {RUN_KEY_TAG: name, **{k: redact_values(str(v)) for k, v in (tags or {}).items()}}
+        if found:
+            ctx = mlflow.start_run(run_id=found[0].info.run_id, log_system_metrics=log_system_metrics)
+        else:
+            ctx = mlflow.start_run(run_name=name, tags=all_tags, log_system_metrics=log_system_metrics)
+        with ctx as run:
+            mlflow.set_tags(all_tags)
             yield run
     except Exception as e:
         _redact_exception(e, tracking_uri)
         raise
-
-
-@contextlib.contextmanager
-def _start_run(
-    name: str,
-    *,
-    tracking_uri: str,
-    experiment_name: str,
-    tags: Mapping[str, str] | None = None,
-    repo_root: str | os.PathLike[str] | None = None,
-    log_system_metrics: bool | None = None,
-) -> Iterator[Any]:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    root = Path(repo_root).resolve() if repo_root is not None else default_repo_root()
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp_id = _experiment_id(client, experiment_name, tracking_uri, root)
-    mlflow.set_experiment(experiment_id=exp_id)
-    safe = name.replace("'", "\\'")
-    found = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{RUN_KEY_TAG}` = '{safe}'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )
-    all_tags = {RUN_KEY_TAG: name, **{k: redact_values(str(v)) for k, v in (tags or {}).items()}}
-    if found:
-        ctx = mlflow.start_run(run_id=found[0].info.run_id, log_system_metrics=log_system_metrics)
-    else:
-        ctx = mlflow.start_run(run_name=name, tags=all_tags, log_system_metrics=log_system_metrics)
-    with ctx as run:
-        mlflow.set_tags(all_tags)
-        yield run
 
 
 @contextlib.contextmanager
