@@ -53,7 +53,14 @@ import torch
 
 from ctm_core.errors import InputError
 
-__all__ = ["UnsafeCheckpointError", "EDMSnapshot", "read_edm_snapshot", "plain_init_kwargs", "input_name"]
+__all__ = [
+    "UnsafeCheckpointError",
+    "EDMSnapshot",
+    "read_edm_snapshot",
+    "plain_init_kwargs",
+    "input_name",
+    "read_source_bytes",
+]
 
 PERSISTENCE_VERSION = 6  # NVlabs/edm torch_utils/persistence.py: assert meta.version == 6
 _META_KEYS = {"type", "version", "module_src", "class_name", "state"}
@@ -583,18 +590,18 @@ def _walk_sources(root: Any) -> list[_PersistentStub]:
     return out
 
 
-def _read_bytes(source: str | os.PathLike | BinaryIO | bytes) -> tuple[bytes, str]:
-    """The file's bytes and a name for messages."""
+def read_source_bytes(source: str | os.PathLike | BinaryIO | bytes) -> tuple[bytes, str]:
+    """The bytes of a path, a binary file object or a bytes object, and a name for messages (one line, bounded)."""
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source), "<bytes>"
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
-            return f.read(), str(source)
+            return f.read(), input_name(source)
     if hasattr(source, "read"):
         data = source.read()
         if not isinstance(data, bytes):
             raise TypeError(f"source: expected a binary file object, got one whose read() returns {type(data)}")
-        return data, str(getattr(source, "name", "<file object>"))
+        return data, input_name(getattr(source, "name", "<file object>"))
     raise TypeError(f"source: expected a path, bytes or a binary file object, got {type(source).__name__}")
 
 
@@ -616,7 +623,7 @@ def read_edm_snapshot(source: str | os.PathLike | BinaryIO | bytes, *, name: str
             version, a non-dense or aliasing tensor, a module DAG, oversized init kwargs, nesting too deep.
         Both are ``ValueError``; each message is one line starting with the input's name.
     """
-    data, default_name = _read_bytes(source)
+    data, default_name = read_source_bytes(source)
     name = input_name(name if name is not None else default_name)
     try:
         return _read_snapshot(data)

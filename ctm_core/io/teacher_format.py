@@ -40,7 +40,7 @@ from ctm_core.io.artifact import (
     weights_sha256,
     write_artifact,
 )
-from ctm_core.io.edm_pickle import input_name, plain_init_kwargs, read_edm_snapshot
+from ctm_core.io.edm_pickle import input_name, plain_init_kwargs, read_edm_snapshot, read_source_bytes
 
 __all__ = [
     "FORMAT_NAME",
@@ -126,21 +126,6 @@ def save_teacher(
     return written
 
 
-def _read_source_bytes(source: Source) -> tuple[bytes, str]:
-    """Bytes of a file path or binary file object, and a name for messages (one line, bounded)."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        return bytes(source), "<bytes>"
-    if isinstance(source, str | os.PathLike):
-        with open(source, "rb") as f:
-            return f.read(), input_name(source)
-    if hasattr(source, "read"):
-        data = source.read()
-        if not isinstance(data, bytes):
-            raise TypeError(f"source: expected a binary file object, got one whose read() returns {type(data)}")
-        return data, input_name(getattr(source, "name", "<file object>"))
-    raise TypeError(f"source: expected a path, bytes or a binary file object, got {type(source).__name__}")
-
-
 def _legacy_files(config: dict) -> dict:
     """Digests a teacher ``config.json`` written before the artifact format records: the tensors' hash only."""
     return {WEIGHTS_FILE: {"sha256": None, "weights_sha256": config.get("weights_sha256")}}
@@ -220,7 +205,7 @@ def read_teacher(source: Source, *, name: str | None = None) -> tuple[str, dict,
                 _check_weights(state_dict, config, name)
             return config["class_name"], config["init_kwargs"], state_dict, config
         source = folder / WEIGHTS_FILE
-    data, default_name = _read_source_bytes(source)
+    data, default_name = read_source_bytes(source)
     name = default_name if name is None else input_name(name)
     if data[:1] == b"\x80":
         raise InputError(
@@ -399,7 +384,7 @@ def load_edm_checkpoint(source: Source) -> torch.nn.Module:
         class_name, init_kwargs, state_dict, _ = read_teacher(source)
         name = input_name(source)
     else:
-        data, name = _read_source_bytes(source)
+        data, name = read_source_bytes(source)
         kind = _sniff(data)
         if kind == "pickle":
             snap = read_edm_snapshot(data, name=name)
