@@ -34,34 +34,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LPIPS", "ctm_lpips_distance", "load_state_file", "VGG16_CONV_INDICES", "LPIPS_TAP_INDICES"]
+__all__ = [
+    "LPIPS",
+    "LPIPS_TAP_INDICES",
+    "VGG16_CONV_INDICES",
+    "VGG16_WIDTHS",
+    "as_rgb",
+    "ctm_lpips_distance",
+    "load_state_file",
+    "vgg16_widths",
+]
 
 # torchvision vgg16 ``features`` layout ("D" config): conv indices, 'M' pools at 4, 9, 16, 23, 30.
 # piq perceptual.py VGG16_LAYERS maps conv1_1..conv5_3 to these indices.
 VGG16_CONV_INDICES: tuple[int, ...] = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-_VGG16_CFG: tuple[int | str, ...] = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-)
+# Output channels of the 13 convolutions conv1_1 ... conv5_3 of torchvision's vgg16 ("D" config); a max-pool follows
+# conv1_2, conv2_2, conv3_3, conv4_3 and conv5_3 (features indices 4, 9, 16, 23, 30).
+VGG16_WIDTHS: tuple[int, ...] = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+_POOL_AFTER = (1, 3, 6, 9, 12)  # conv positions (0-based among the 13) followed by a pool; also the LPIPS taps
 # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (piq perceptual.py VGG16_LAYERS, LPIPS.__init__ lpips_layers).
 LPIPS_TAP_INDICES: tuple[int, ...] = (3, 8, 15, 22, 29)
-LPIPS_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
+LPIPS_CHANNELS: tuple[int, ...] = tuple(VGG16_WIDTHS[j] for j in _POOL_AFTER)  # (64, 128, 256, 512, 512)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # piq perceptual.py IMAGENET_MEAN
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)  # piq perceptual.py IMAGENET_STD
 EPS = 1e-10  # piq perceptual.py EPS, feature normalisation constant
@@ -93,17 +86,48 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor] | list[t
     raise ValueError(f"{path}: expected a state dict or a list of tensors, got {type(obj).__name__}")
 
 
-def _make_vgg16_features() -> nn.Sequential:
-    """torchvision ``vgg16().features``, every max-pool replaced by an average pool (piq ``replace_pooling``)."""
+def _make_vgg16_features(widths: Sequence[int] = VGG16_WIDTHS) -> nn.Sequential:
+    """torchvision ``vgg16().features``, every max-pool replaced by an average pool (piq ``replace_pooling``).
+
+    ``widths``: output channels of the 13 convolutions (torchvision's are ``VGG16_WIDTHS``; tests use narrower
+    copies of the same layout so that a stage run with LPIPS stays cheap on CPU)."""
     layers: list[nn.Module] = []
     in_channels = 3
-    for v in _VGG16_CFG:
-        if v == "M":
+    for j, width in enumerate(widths):
+        layers += [nn.Conv2d(in_channels, int(width), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+        in_channels = int(width)
+        if j in _POOL_AFTER:
             layers.append(nn.AvgPool2d(kernel_size=2, stride=2, padding=0))
-        else:
-            layers += [nn.Conv2d(in_channels, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
-            in_channels = int(v)
     return nn.Sequential(*layers)
+
+
+def vgg16_widths(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """The 13 convolution widths of a torchvision-layout VGG16 state dict (``features.N.weight`` or ``N.weight``).
+
+    Checks the layout: 13 3×3 convolutions at ``VGG16_CONV_INDICES``, 3 input channels, each one's input width the
+    previous one's output width. Raises ValueError naming the first key that does not fit."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"VGG16 weights: expected a state dict, got {type(state).__name__}")
+    prefix = "features." if any(k.startswith("features.") for k in state) else ""
+    widths, c_in = [], 3
+    for i in VGG16_CONV_INDICES:
+        key = f"{prefix}{i}.weight"
+        if key not in state:
+            raise ValueError(f"VGG16 weights: missing key {key!r} (expected torchvision vgg16 'features.*' names)")
+        w = state[key]
+        if w.ndim != 4 or tuple(w.shape[1:]) != (c_in, 3, 3):
+            raise ValueError(f"VGG16 weights: {key} expected shape (C, {c_in}, 3, 3), got {tuple(w.shape)}")
+        widths.append(int(w.shape[0]))
+        c_in = int(w.shape[0])
+    return tuple(widths)
+
+
+def as_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Images for LPIPS: (B, 3, H, W) unchanged; grey (B, 1, H, W) repeated to 3 channels (VGG16 takes RGB, and a
+    grey pixel is the RGB pixel with equal channels; docs/presets.md#lpips-weights). Other channel counts raise."""
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"LPIPS: expected images (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 class LPIPS(nn.Module):
@@ -120,7 +144,13 @@ class LPIPS(nn.Module):
             linear weights: U[0, 1), non-negative like the trained ones).
     """
 
-    def __init__(self, *, random_init: bool = False, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        random_init: bool = False,
+        generator: torch.Generator | None = None,
+        widths: Sequence[int] = VGG16_WIDTHS,
+    ) -> None:
         super().__init__()
         if not random_init:
             raise ValueError(
@@ -129,14 +159,17 @@ class LPIPS(nn.Module):
             )
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"LPIPS(random_init=True) needs generator=torch.Generator(...), got {generator!r}")
-        self._build()
+        self._build(widths)
         self._random_init(generator)
 
-    def _build(self) -> None:
+    def _build(self, widths: Sequence[int] = VGG16_WIDTHS) -> None:
         """Create the (uninitialised) modules; weights are filled by ``_random_init`` or the loaders."""
+        if len(widths) != len(VGG16_WIDTHS) or min(widths) < 1:
+            raise ValueError(f"LPIPS widths: expected 13 positive conv widths, got {tuple(widths)}")
         with torch.device("meta"):
-            self.features = _make_vgg16_features()
-            self.weights = nn.ParameterList([nn.Parameter(torch.zeros(1, c, 1, 1)) for c in LPIPS_CHANNELS])
+            self.features = _make_vgg16_features(widths)
+            taps = [int(widths[j]) for j in _POOL_AFTER]
+            self.weights = nn.ParameterList([nn.Parameter(torch.zeros(1, c, 1, 1)) for c in taps])
         self.to_empty(device="cpu")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -161,12 +194,14 @@ class LPIPS(nn.Module):
         ``vgg_path``: a torchvision vgg16 state dict (``features.N.*`` keys; ``classifier.*`` ignored) or a
         features-only dict (``N.weight`` keys). ``lpips_path``: piq's ``lpips_weights.pt`` (a list of 5
         tensors), or a dict with keys ``weights.{0..4}`` (this module's names) or ``lin{l}.model.1.weight``
-        (richzhang/PerceptualSimilarity v0.1 names).
+        (richzhang/PerceptualSimilarity v0.1 names). The convolution widths are read from the VGG file (torchvision's
+        are ``VGG16_WIDTHS``; ``vgg16_widths`` checks the layout).
         """
+        vgg = load_state_file(vgg_path)
         lpips = cls.__new__(cls)
         nn.Module.__init__(lpips)
-        lpips._build()
-        lpips.load_vgg16_state_dict(load_state_file(vgg_path))
+        lpips._build(vgg16_widths(vgg))
+        lpips.load_vgg16_state_dict(vgg)
         lpips.load_linear_weights(load_state_file(lpips_path))
         return lpips
 
