@@ -97,7 +97,6 @@ def main(argv=None) -> None:
     edm_cfg = TeacherTrainParams(
         lr=args.teacher_lr,
         lr_warmup_steps=0,
-        ema_rate=0.999,
         batch=args.teacher_batch,
         seed=args.seed,
         steps=args.teacher_steps,

@@ -382,8 +382,12 @@ class TeacherTrainParams(_Section):
     """Adam (EDM train.py) or RAdam; betas (0.9, 0.999), eps 1e-8, no weight decay."""
     grad_clip_norm: float = Field(0.0, ge=0.0)
     """Clip the global gradient norm to this value; 0 = off."""
-    ema_rate: float = Field(0.999, ge=0.0, lt=1.0)
-    """Rate of the EMA weights that become the teacher."""
+    ema_halflife_kimg: float = Field(500.0, gt=0.0)
+    """Half-life of the teacher's EMA in thousands of training images (EDM training_loop.py: 500 for every
+    dataset; docs/edm.md#a6-teacher-ema). The EMA weights become the teacher."""
+    ema_rampup_ratio: float | None = Field(0.05, gt=0.0)
+    """EMA ramp-up: the half-life is at most this fraction of the images seen so far (EDM: 0.05); null = off (a
+    plain half-life, which keeps the random initial weights for a short run)."""
     P_mean: float = -1.2
     """Mean of ln σ in the EDM loss, ln σ ~ N(P_mean, P_std²)."""
     P_std: float = Field(1.2, gt=0.0)
@@ -468,21 +472,57 @@ class TeacherParams(_Section):
         return self
 
 
+# timm's release files of the projected discriminator's feature networks (timm 0.4.12 default_cfg urls; the 8 hex
+# digits in each name are the start of its sha256, torch.hub's convention). No pins are published: record them.
+DEIT_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth"
+EFFICIENTNET_LITE0_WEIGHTS_URL = (
+    "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth"
+)
+# distill keys the GAN phase may not change (docs/gan.md#what-carries-over): the run's identity, the optimizer and
+# EMA state it carries, and the student's σ range.
+GAN_FIXED_KEYS = ("gan", "seed", "steps", "mode", "optimizer", "eval_emas", "sigma_min", "sigma_max", "sigma_data")
+
+
+class FeatureNetParams(_Section):
+    """One pretrained feature network of the projected discriminator, fetched by pipelines.support.fetch, pinned."""
+
+    source: str
+    """https:// | s3:// | file:// URI or a local path (timm state dict: .pth loaded weights-only, or .safetensors)."""
+    sha256: str | None = None
+    """64 hex digits, or `record` (fetch once, print the digest to pin); required for `discriminator: projected`."""
+
+
 class GanParams(_Section):
-    """CTM's GAN phase (docs/ctm.md); off by default (needs timm feature nets, not offline)."""
+    """CTM's GAN phase (docs/gan.md): a second phase after distill.steps of CTM+DSM; off by default."""
 
     _path: ClassVar[str] = "distill.gan"
 
     enabled: bool = False
-    """Alternate generator and discriminator steps with the λ_GAN-weighted generator term."""
+    """Run the GAN phase: `steps` more steps after distill.steps of CTM+DSM, from that run's final state
+    (docs/gan.md). In the library, a CTMTrainer whose config has it on alternates G and D steps from its start."""
+    steps: int = Field(100, ge=1, le=MAX_STEPS)
+    """GAN-phase steps, G and D steps together as officially (the run ends at distill.steps + steps)."""
     weight: float = Field(1.0, ge=0.0)
     """Weight w_D of the adaptive-weighted GAN generator term (official discriminator_weight)."""
     d_lr: float = Field(2e-3, gt=0.0)
     """Discriminator RAdam learning rate."""
-    start_step: int = Field(0, ge=0)
-    """Step at which the GAN phase starts."""
     g_learning_period: int = Field(2, ge=2)
     """Steps with step % period == 0 update the student, the others the discriminator."""
+    discriminator: Literal["scratch", "projected"] = "scratch"
+    """`projected` (official: frozen DeiT-B + EfficientNet-lite0 features, fetched) or `scratch` (offline)."""
+    scratch_channels: int = Field(64, ge=1, le=1024)
+    """Width of the scratch discriminator's first layer (doubling per halving, at most 512)."""
+    changes: dict[str, Any] = Field(default_factory=dict)
+    """distill keys with other values in the GAN phase, dotted for nested ones (official CIFAR-10: batch 528,
+    microbatch 11; ImageNet-64: K 20, lr 8e-6, batch 4224); not gan, seed, steps, mode, optimizer, eval_emas, σ's."""
+    deit: FeatureNetParams = Field(default_factory=lambda: FeatureNetParams(source=DEIT_WEIGHTS_URL))
+    """deit_base_distilled_patch16_224 weights (projected)."""
+    efficientnet: FeatureNetParams = Field(
+        default_factory=lambda: FeatureNetParams(source=EFFICIENTNET_LITE0_WEIGHTS_URL)
+    )
+    """tf_efficientnet_lite0 weights (projected)."""
+    cache_dir: str = ".cache/gan"
+    """Content-addressed download cache of the feature networks."""
 
 
 class DistillParams(_Section):
@@ -583,6 +623,8 @@ class DistillParams(_Section):
             "distill.gan.enabled",
             "the GAN phase is a CTM feature, got true with distill.mode 'cm' (fix: set mode: ctm or disable gan)",
         )
+        if self.gan.enabled:
+            _check_gan_phase(self)
         _require(
             self.checkpoint_every <= self.steps,
             "distill.checkpoint_every",
@@ -1013,6 +1055,48 @@ with warnings.catch_warnings():
 
 
 # --- relations used outside the schema --------------------------------------------------------------------------------
+def _check_gan_phase(d: DistillParams) -> None:
+    """distill.gan with enabled: fixed keys untouched, the phase-2 section valid, pins present (docs/gan.md)."""
+    g = d.gan
+    for key in g.changes:
+        _require(
+            key.split(".")[0] not in GAN_FIXED_KEYS,
+            f"distill.gan.changes.{key}",
+            f"the GAN phase carries this from the CTM+DSM phase, got a change to {_fmt(g.changes[key])} (fix: remove "
+            f"it; fixed keys: {', '.join(GAN_FIXED_KEYS)})",
+        )
+    _require(
+        d.steps + g.steps <= MAX_STEPS,
+        "distill.gan.steps",
+        f"distill.steps + gan.steps must be <= {MAX_STEPS}, got {d.steps} + {g.steps}",
+    )
+    if g.discriminator == "projected":
+        for name in ("deit", "efficientnet"):
+            f = getattr(g, name)
+            _check_file_source(f"distill.gan.{name}.source", f.source)
+            _require(
+                f.sha256 is not None and (f.sha256 == "record" or bool(SHA256_RE.fullmatch(f.sha256))),
+                f"distill.gan.{name}.sha256",
+                f"the projected discriminator needs pinned feature networks: expected 64 hex digits or 'record', got "
+                f"{_fmt(f.sha256)} (fix: set it, or use discriminator: scratch offline)",
+            )
+    if g.changes:
+        gan_phases(d)  # the phase-2 section validates like params.yaml (ParamsError names its key)
+
+
+def gan_phases(d: DistillParams) -> tuple[DistillParams, DistillParams | None]:
+    """The distill section as the pipeline's two phases (docs/gan.md#the-two-phases): (CTM+DSM, GAN or None).
+
+    Phase 1 is `d` with the GAN section at its defaults (off), so its run is the one a GAN-less distill section
+    names; phase 2 is `d` with `gan.changes` applied, running to distill.steps + gan.steps.
+    """
+    phase1 = d.model_copy(update={"gan": GanParams()})
+    if not d.gan.enabled:
+        return phase1, None
+    base = d.model_copy(update={"gan": d.gan.model_copy(update={"changes": {}})})
+    return phase1, with_changes(base, {**d.gan.changes, "steps": d.steps + d.gan.steps})
+
+
 def check_batch_split(d: DistillParams, num_workers: int) -> None:
     """`distill.batch` must split into `num_workers` ranks of whole microbatches."""
     per = num_workers * d.microbatch

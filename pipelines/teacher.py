@@ -4,9 +4,9 @@
 
     train        (the offline default) train an EDM denoiser on the prepared train split with the EDM loss
                  (Karras et al. 2022, §5 / Table 1) through `ctm_core.training.edm_training.EDMTrainer`, which takes
-                 the `teacher.train` section as it is; the EMA weights (rate `teacher.train.ema_rate`) become the
-                 teacher. Progress bar from the trainer, params and the loss curve go to one MLflow run (tagged by
-                 `pipelines.support.tracking`).
+                 the `teacher.train` section as it is; the EMA weights (EDM's half-life `ema_halflife_kimg` with
+                 ramp-up `ema_rampup_ratio`) become the teacher. Progress bar from the trainer, params and the
+                 loss curve go to one MLflow run (tagged by `pipelines.support.tracking`).
     <release>    a released EDM network name (e.g. `edm-cifar10-32x32-uncond-vp`,
                  `pipelines.support.fetch.resolve_release`)
     https:// s3:// file://

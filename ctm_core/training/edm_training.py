@@ -21,6 +21,7 @@ from torch import nn
 
 from ctm_core.config import TeacherTrainParams
 from ctm_core.nets.utils import append_dims
+from ctm_core.training.ema import edm_ema_beta, update_ema_
 from ctm_core.training.loop import Trainer
 
 __all__ = ["edm_sigmas", "edm_loss", "EDMTrainer", "export_teacher"]
@@ -59,8 +60,12 @@ def edm_loss(
 
 
 class EDMTrainer(Trainer):
-    """Trains an EDM denoiser on the `teacher.train` section (Adam by default, as EDM train.py) with the evaluation
-    EMA of rate ``config.ema_rate``; no target network."""
+    """Trains an EDM denoiser on the `teacher.train` section (Adam by default, as EDM train.py) with EDM's EMA: a
+    half-life of ``config.ema_halflife_kimg`` thousand images with a ramp-up of ``config.ema_rampup_ratio``
+    (``ctm_core.training.ema.edm_ema_beta``, a new rate every step); no target network.
+
+    The EMA is kept in the loop's ``EMABank`` slot under the key ``EMA_KEY`` (a placeholder rate, never used as
+    one), so checkpoints store and restore it like the student's EMAs."""
 
     kind = "edm"
     loss_fields = ("P_mean", "P_std", "sigma_data")
@@ -75,8 +80,18 @@ class EDMTrainer(Trainer):
             )
         super().__init__(config, denoiser, data, **kwargs)
 
+    EMA_KEY = 0.0  # the EMABank slot of the one teacher EMA; its rate comes from edm_ema_beta each step
+
     def ema_rates(self) -> tuple[float, ...]:
-        return (self.config.ema_rate,)
+        return (self.EMA_KEY,)
+
+    def ema_beta(self) -> float:
+        """β of the EMA update after the current step (images seen before it: step · batch)."""
+        c = self.config
+        return edm_ema_beta(self.step * c.batch, c.batch, c.ema_halflife_kimg, c.ema_rampup_ratio)
+
+    def after_optimizer_step(self) -> None:
+        update_ema_(self.emas[self.EMA_KEY], self.model, self.ema_beta())
 
     def microbatch_loss(self, x0, labels, ctx: dict[str, Any], generator: torch.Generator):
         c = self.config
@@ -85,9 +100,9 @@ class EDMTrainer(Trainer):
         ).mean()
         return loss, {"loss_edm": loss.detach()}
 
-    def ema_model(self, rate: float | None = None) -> nn.Module:
-        """The evaluation EMA with ``rate`` (default: ``config.ema_rate``)."""
-        return self.emas[self.config.ema_rate if rate is None else rate]
+    def ema_model(self) -> nn.Module:
+        """The EMA weights (the teacher that is exported)."""
+        return self.emas[self.EMA_KEY]
 
 
 def export_teacher(net: nn.Module, out_dir: str | os.PathLike) -> dict:

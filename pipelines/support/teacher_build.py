@@ -157,7 +157,7 @@ def train_teacher(
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    teacher = trainer.ema_model(tr.ema_rate)
+    teacher = trainer.ema_model()
     losses = [v for _, v in curve]
     if not losses or not all(math.isfinite(v) for v in losses):
         raise TeacherError(f"teacher training diverged: loss curve {losses[-5:]} (fix: lower teacher.train.lr)")
@@ -166,7 +166,8 @@ def train_teacher(
         "steps": int(trainer.step),
         "loss_final": losses[-1],
         "loss_curve": [[s, v] for s, v in curve],
-        "ema_rate": tr.ema_rate,
+        "ema_halflife_kimg": tr.ema_halflife_kimg,
+        "ema_rampup_ratio": tr.ema_rampup_ratio,
         "train_seconds": round(seconds, 2),
         "train_images": int(x0.shape[0]),
         "data_card_sha256": sha256_file(Path(data_dir) / "card.json"),

@@ -238,7 +238,7 @@ def test_edm_loss_closed_form_and_trainer_resume(tmp_path):
 
     def make():
         torch.manual_seed(0)
-        cfg = TeacherTrainParams(batch=16, lr_warmup_steps=0, ema_rate=0.9, log_every=2)
+        cfg = TeacherTrainParams(batch=16, lr_warmup_steps=0, ema_halflife_kimg=0.1, log_every=2)
         net = ToyEDMDenoiser((2,), hidden=16, depth=1, emb_channels=8)
         return EDMTrainer(cfg, net, TensorDataSource(x0[:64].float(), batch_size=16, seed=0), progress=False)
 
@@ -355,7 +355,7 @@ def test_edm_then_ctm_with_real_precond_and_student(tmp_path):
         model_type="SongUNet", model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0
     )
     images = torch.rand(8, 1, 8, 8) * 2 - 1
-    edm_cfg = TeacherTrainParams(batch=4, microbatch=2, ema_rate=0.9)
+    edm_cfg = TeacherTrainParams(batch=4, microbatch=2, ema_halflife_kimg=0.1)
     edm = EDMTrainer(edm_cfg, EDMPrecond(8, 1, **arch), TensorDataSource(images, batch_size=4, seed=0), progress=False)
     edm.train(2)
     export_teacher(edm.ema_model(), tmp_path / "teacher")
