@@ -214,12 +214,13 @@ def decide(
             noise,
             threshold,
         )
-    return Decision(
-        "challenger",
-        f"improvement {diff:.4g} <= {threshold:.4g} (= max({noise_z:g}·noise "
-        f"{noise:.4g}, {min_improvement:g}·|champion|)): within the noise, champion kept",
-        diff,
-        rel,
-        noise,
-        threshold,
-    )
+    margin = f"(= max({noise_z:g}·noise {noise:.4g}, {min_improvement:g}·|champion|))"
+    if diff < 0:
+        reason = (
+            f"worse than the champion by {-diff:.4g} ({value:.4g} vs {champ_value:.4g}, mode {mode}): champion kept"
+        )
+    elif diff == 0:
+        reason = f"equal to the champion ({value:.4g}): champion kept"
+    else:
+        reason = f"better by {diff:.4g} <= {threshold:.4g} {margin}: within the noise, champion kept"
+    return Decision("challenger", reason, diff, rel, noise, threshold)
