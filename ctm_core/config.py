@@ -46,6 +46,7 @@ __all__ = [
     "EvaluateParams",
     "GanParams",
     "InceptionParams",
+    "LpipsParams",
     "LikelihoodParams",
     "MlflowParams",
     "Params",
@@ -525,6 +526,32 @@ class GanParams(_Section):
     """Content-addressed download cache of the feature networks."""
 
 
+# LPIPS as official CTM computes it (piq 0.7.0, docs/ctm.md#811-lpips-is-piq-070): torchvision's VGG16 release and
+# the LPIPS linear weights piq 0.7.0 downloads (piq perceptual.py LPIPS._weights_url). Neither publishes a sha256
+# (torchvision's name carries its first 8 hex digits): pin them with `record` once (docs/presets.md#lpips-weights).
+VGG16_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_LINEAR_URL = (
+    "https://github.com/photosynthesis-team/photosynthesis.metrics/releases/download/v0.4.0/lpips_weights.pt"
+)
+
+
+class LpipsParams(_Section):
+    """The two weight files of `distance: lpips`, fetched by pipelines.support.fetch with sha256 pins."""
+
+    _path: ClassVar[str] = "distill.lpips"
+
+    vgg16_source: str = VGG16_WEIGHTS_URL
+    """torchvision vgg16 state dict: https:// | s3:// | file:// URI or a local path (.pth weights-only / .safetensors)."""
+    vgg16_sha256: str | None = None
+    """64 hex digits, or `record` (fetch once, print the digest to pin); required for `distance: lpips`."""
+    linear_source: str = LPIPS_LINEAR_URL
+    """LPIPS linear-layer weights (piq's list of 5 tensors, or `lin{l}.model.1.weight` / `weights.{l}` keys)."""
+    linear_sha256: str | None = None
+    """64 hex digits, or `record`; required for `distance: lpips`."""
+    cache_dir: str = ".cache/lpips"
+    """Content-addressed download cache (relative = repo root)."""
+
+
 class DistillParams(_Section):
     """`distill` stage and `CTMTrainer`: the CTM + DSM recipe (docs/ctm.md; CIFAR-10 defaults, digits sizes)."""
 
@@ -555,7 +582,12 @@ class DistillParams(_Section):
     diffusion_mult: float = Field(0.7, ge=0.0, le=1.0)
     """DSM Karras half: v ~ U[0, diffusion_mult] on the grid."""
     distance: Literal["l2", "pseudo_huber", "lpips"] = "l2"
-    """Distance in the CTM term; lpips needs VGG weights (not offline)."""
+    """Distance in the CTM term; lpips (official) needs the pinned weight files of `lpips`."""
+    lpips: LpipsParams = Field(default_factory=LpipsParams)
+    """VGG16 + LPIPS linear weights for `distance: lpips` (docs/presets.md#lpips-weights)."""
+    random_flip: bool = False
+    """Mirror each training image left-right with p = 0.5, keyed by (seed, step, index) (official: on; off for
+    data that is not mirror-symmetric, e.g. digits; docs/presets.md#random-flips)."""
     lr: float = Field(4e-4, gt=0.0)
     """Learning rate, constant after the warm-up (official: 4e-4)."""
     optimizer: Literal["radam", "adam"] = "radam"
@@ -618,6 +650,8 @@ class DistillParams(_Section):
         for name in ("lr", "sigma_min", "sigma_max", "rho", "sigma_data", "dsm_weight", "target_ema"):
             v = getattr(self, name)
             _require(math.isfinite(v), f"distill.{name}", f"must be finite, got {v}")
+        if self.distance == "lpips":
+            _check_lpips(self.lpips)
         _require(
             not (self.gan.enabled and self.mode == "cm"),
             "distill.gan.enabled",
@@ -1095,6 +1129,19 @@ def gan_phases(d: DistillParams) -> tuple[DistillParams, DistillParams | None]:
         return phase1, None
     base = d.model_copy(update={"gan": d.gan.model_copy(update={"changes": {}})})
     return phase1, with_changes(base, {**d.gan.changes, "steps": d.steps + d.gan.steps})
+
+
+def _check_lpips(lp: LpipsParams) -> None:
+    """`distance: lpips` needs both weight files with a sha256 pin (or `record`) before any work starts."""
+    for name in ("vgg16", "linear"):
+        _check_file_source(f"distill.lpips.{name}_source", getattr(lp, f"{name}_source"))
+        sha = getattr(lp, f"{name}_sha256")
+        _require(
+            sha is not None and (sha == "record" or bool(SHA256_RE.match(sha))),
+            f"distill.lpips.{name}_sha256",
+            f"distill.distance 'lpips' needs its pinned weight files: expected 64 hex digits or 'record', got "
+            f"{_fmt(sha)} (fix: set it, sha256: record fetches once and prints the digest; or use distance: l2)",
+        )
 
 
 def check_batch_split(d: DistillParams, num_workers: int) -> None:

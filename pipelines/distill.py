@@ -34,6 +34,7 @@ from pipelines.support.checkpoints import (  # noqa: F401 - re-exported: the sta
 )
 from pipelines.support.distill_run import DistillRunError, run_identity, run_name
 from pipelines.support.io_utils import one_line
+from pipelines.support.lpips_weights import LpipsWeightsError, pin_lpips_weights
 from pipelines.support.params import load_params, read_overrides
 from pipelines.support.ray_train import check_inputs
 from pipelines.support.remote_inputs import InputError, Inputs, resolve_inputs  # noqa: F401 - re-exported
@@ -52,12 +53,6 @@ def check_stage_features(params: Params) -> None:
             "the GAN phase is not wired into the Ray stage yet, got true "
             "(fix: set it to false; ctm_core.gan.objective / CTMTrainer(discriminator=...) provide it)",
         )
-    if d.distance == "lpips":
-        raise ParamsError(
-            "distill.distance",
-            "'lpips' needs VGG16 + LPIPS weights, which the stage does not fetch "
-            "yet (fix: use l2 or pseudo_huber; ctm_core.gan.lpips.LPIPS.from_files for library use)",
-        )
 
 
 def run_distill(
@@ -72,8 +67,9 @@ def run_distill(
     from pipelines.support import distill_run, tracking
     from pipelines.support.io_utils import read_json
 
-    d = params.distill
     check_stage_features(params)
+    params = pin_lpips_weights(params)  # distance lpips: both files fetched + verified before Ray (record -> digest)
+    d = params.distill
     workers = int(num_workers or params.ray.num_workers)
     check_batch_split(d, workers)
     inputs = resolve_inputs(data_dir, teacher_dir)  # s3:// inputs: downloaded + verified before Ray starts
@@ -151,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return submit_job(params, "pipelines.distill", sys.argv[1:] if argv is None else argv)
     try:
         record = run_distill(params, data_dir=args.data, teacher_dir=args.teacher, out_dir=args.out)
+    except LpipsWeightsError as e:  # found before Ray started
+        logger.error("%s", one_line(e))
+        return 2
     except (DistillRunError, CheckpointStorageError) as e:
         logger.error("%s", one_line(e))
         return 1

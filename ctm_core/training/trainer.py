@@ -47,16 +47,17 @@ __all__ = [
 
 def _lpips_on_signed_images(lpips: Callable | None) -> Callable | None:
     """``ctm_distance`` hands LPIPS images in [-1, 1]; ``ctm_core.gan.lpips.LPIPS`` expects [0, 1] (piq convention):
-    wrap it with (x + 1)/2, unclamped (docs/ctm.md#24-ctm-loss). Other callables are used as given."""
+    wrap it with (x + 1)/2, unclamped (docs/ctm.md#24-ctm-loss), grey (B, 1, H, W) repeated to 3 channels. Other
+    callables are used as given."""
     if lpips is None:
         return None
     try:
-        from ctm_core.gan.lpips import LPIPS
+        from ctm_core.gan.lpips import LPIPS, as_rgb
     except ImportError:  # pragma: no cover - the module is optional
         return lpips
     if isinstance(lpips, LPIPS):
-        module = lpips
-        return lambda x, y: module((x + 1) / 2, (y + 1) / 2)
+        module = lpips  # grey images: the channel repeated to RGB (as_rgb, docs/presets.md#lpips-weights)
+        return lambda x, y: module((as_rgb(x) + 1) / 2, (as_rgb(y) + 1) / 2)
     return lpips
 
 

@@ -174,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ctm_core.nets.student import CTMStudent
     from ctm_core.training.trainer import CTMTrainer, TensorDataSource, derive_seed
     from pipelines.support.logs import setup_logging
+    from pipelines.support.lpips_weights import build_lpips
 
     setup_logging()  # this worker process is an entry point of its own
     ctx = ray.train.get_context()
@@ -216,6 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         grad_sync=_all_reduce_grads if distributed else None,
         metric_sync=_all_reduce_metrics if distributed else None,
         metrics_callback=curves.log if curves else None,
+        lpips=build_lpips(cfg, device) if cfg.distance == "lpips" else None,  # pinned files (driver: pin_lpips_weights)
         progress=False,
     )
     if storage is None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctm_core.config import Params, check_batch_split, params_hash, with_changes
 from ctm_core.errors import InputError
+from pipelines.support.lpips_weights import LpipsWeightsError, pin_lpips_weights
 
 if TYPE_CHECKING:
     from ctm_core.data.card import DatasetCard
@@ -116,6 +117,10 @@ def check_tune_inputs(params: Params, data: Path, teacher: Path) -> tuple[dict[s
             f"tune.metric: expected one of {', '.join(QUALITY_METRICS)} or a train/<name> metric, "
             f"got {params.tune.metric!r}"
         )
+    try:  # distance lpips: both weight files fetched and verified before Ray starts
+        pin_lpips_weights(params)
+    except LpipsWeightsError as e:
+        raise InputError(str(e)) from None
     return card, read_json(teacher / "config.json")
 
 
@@ -294,6 +299,7 @@ def search(
     from pipelines.support import ray_env
 
     t = params.tune
+    params = pin_lpips_weights(params)  # the trials' workers fetch the pinned LPIPS files (cache hits on this node)
     trainable = tune.with_parameters(
         _trial_driver, setup={**setup, "params": params, "train_storage": f"{storage.rstrip('/')}/{name}-train"}
     )
