@@ -29,6 +29,7 @@ _EXPORTS = {
     "gamma_sampler": "ctm_core.diffusion.samplers",
     "karras_sigmas": "ctm_core.diffusion.schedules",
     "load_edm_checkpoint": "ctm_core.io.teacher_format",
+    "load_official_ctm": "ctm_core.nets.official.loader",
     "log_likelihood": "ctm_core.diffusion.likelihood",
     "read_edm_snapshot": "ctm_core.io.edm_pickle",
     "read_teacher": "ctm_core.io.teacher_format",
@@ -54,6 +55,7 @@ __all__ = [
     "gamma_sampler",
     "karras_sigmas",
     "load_edm_checkpoint",
+    "load_official_ctm",
     "log_likelihood",
     "read_edm_snapshot",
     "read_teacher",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:  # static analysers see the names; at run time they load on fi
     from ctm_core.diffusion.schedules import karras_sigmas
     from ctm_core.io.edm_pickle import EDMSnapshot, UnsafeCheckpointError, read_edm_snapshot
     from ctm_core.io.teacher_format import convert_edm_pickle, load_edm_checkpoint, read_teacher, save_teacher
+    from ctm_core.nets.official.loader import load_official_ctm
     from ctm_core.nets.precond import EDMPrecond, VEPrecond, VPPrecond, build_precond
     from ctm_core.nets.presets import PRESETS, build_preset
     from ctm_core.nets.student import CTMStudent
