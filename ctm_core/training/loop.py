@@ -40,10 +40,12 @@ import torch
 from torch import nn
 
 from ctm_core.io.atomic import atomic_write
+from ctm_core.nets.utils import append_dims
 from ctm_core.training.ema import EMABank
 
 __all__ = [
     "derive_seed",
+    "random_hflip",
     "TensorDataSource",
     "atomic_torch_save",
     "load_checkpoint_file",
@@ -112,6 +114,16 @@ class TensorDataSource:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2: x (B, C, H, W) -> (B, C, H, W).
+
+    One U[0, 1) draw per image from ``generator`` (a CPU generator; image b is flipped when its draw is < 0.5), so
+    image b's flip depends only on the generator's key and b (official: random_flip, p = 0.5;
+    docs/ctm.md#28-ema-and-optimiser)."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
+    return torch.where(append_dims(flip.to(x.device), x.ndim), x.flip(-1), x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +278,10 @@ class Trainer:
         (loss * scale).backward()
         return metrics
 
+    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch (B, C, H, W) as the step trains on it (e.g. CTM's random flips); default unchanged."""
+        return x
+
     def after_optimizer_step(self) -> None:
         self.emas.update(self.model)
 
@@ -337,6 +353,7 @@ class Trainer:
         with self._isolated_global_rng():
             self.model.train()
             x, labels = self._global_batch()
+            x = self.augment_batch(x)
             ctx = self.iteration_context()
             lr = self.current_lr()
             if not self.is_generator_step():

@@ -24,6 +24,7 @@ from ctm_core.training.loop import (
     build_optimizer,
     derive_seed,
     load_checkpoint_file,
+    random_hflip,
 )
 from ctm_core.training.losses import (
     ctm_dsm_backward,
@@ -224,6 +225,11 @@ class CTMTrainer(Trainer):
         self.d_optimizer.step()
         sums["k"] = torch.tensor(float(ctx["k"]))
         return sums
+
+    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """`random_flip`: image b of the global batch is mirrored by a draw keyed by (seed, step, b), the same on every
+        rank and after a resume (docs/presets.md#random-flips)."""
+        return random_hflip(x, self.keyed_generator("flip")) if self.config.random_flip else x
 
     def after_optimizer_step(self) -> None:
         update_ema_(self.target, self.model, self.config.target_ema)
