@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any
 
-from ctm_core.config import Params, ParamsError, check_batch_split, params_hash
+from ctm_core.config import Params, ParamsError, check_batch_split, gan_phases, params_hash
 from pipelines.support.checkpoints import (  # noqa: F401 - re-exported: the stage's checkpoint API
     MARKER_FILE,
     CheckpointStorageError,
@@ -32,7 +32,8 @@ from pipelines.support.checkpoints import (  # noqa: F401 - re-exported: the sta
     persist_checkpoint_verified,
     read_marker,
 )
-from pipelines.support.distill_run import DistillRunError, run_identity, run_name
+from pipelines.support.distill_run import DistillRunError, gan_run_name, run_identity, run_name
+from pipelines.support.gan_phase import check_gan_phase, fetch_feature_networks
 from pipelines.support.io_utils import one_line
 from pipelines.support.lpips_weights import LpipsWeightsError, pin_lpips_weights
 from pipelines.support.params import load_params, read_overrides
@@ -45,14 +46,11 @@ logger = logging.getLogger(__name__)
 
 
 def check_stage_features(params: Params) -> None:
-    """Library features the Ray stage does not wire yet: refused before any work, not deep in a worker."""
+    """Checks of the section that need the worker count, before any work (not deep in a worker): the GAN phase's
+    batch split (docs/gan.md)."""
     d = params.distill
-    if d.gan.enabled:
-        raise ParamsError(
-            "distill.gan.enabled",
-            "the GAN phase is not wired into the Ray stage yet, got true "
-            "(fix: set it to false; ctm_core.gan.objective / CTMTrainer(discriminator=...) provide it)",
-        )
+    if (phase2 := gan_phases(d)[1]) is not None:  # the GAN phase's own batch split (gan.changes may change it)
+        check_batch_split(phase2, params.ray.num_workers)
 
 
 def run_distill(
@@ -71,13 +69,21 @@ def run_distill(
     params = pin_lpips_weights(params)  # distance lpips: both files fetched + verified before Ray (record -> digest)
     d = params.distill
     workers = int(num_workers or params.ray.num_workers)
-    check_batch_split(d, workers)
+    phase1, phase2 = gan_phases(d)  # CTM+DSM, then the GAN phase when gan.enabled (docs/gan.md#the-two-phases)
+    for phase in (phase1, phase2):
+        if phase is not None:
+            check_batch_split(phase, workers)
     inputs = resolve_inputs(data_dir, teacher_dir)  # s3:// inputs: downloaded + verified before Ray starts
     card = check_inputs(inputs.data_dir, inputs.teacher_dir)
-    teacher_sha = read_json(inputs.teacher_dir / "config.json").get("weights_sha256")
-    ident = run_identity(d, card, teacher_sha, workers)
-    name = run_name(ident)
+    check_gan_phase(params, card)
     root = tracking.default_repo_root()
+    feature_weights = fetch_feature_networks(d.gan, params.repo_root)  # projected D: pinned files, before Ray
+    teacher_sha = read_json(inputs.teacher_dir / "config.json").get("weights_sha256")
+    ident = run_identity(phase1, card, teacher_sha, workers)
+    name = name1 = run_name(ident)
+    if phase2 is not None:  # its own Ray run, named by the CTM+DSM run it continues and its own section
+        ident = {**ident, "gan_phase": phase2.model_dump()}
+        name = gan_run_name(ident)
     tracking_uri = tracking.resolve_tracking_uri(params, root)
     with tracking.start_run(
         name,
@@ -90,9 +96,21 @@ def run_distill(
         flat = tracking.flatten({"distill": d.model_dump(), "ray.num_workers": workers})
         if new := {k: str(v) for k, v in flat.items() if k not in logged}:
             mlflow.log_params(new)
-        state, fit_record = distill_run.fit(
-            params, inputs, card, workers=workers, name=name, mlflow_run_id=run.info.run_id, tracking_uri=tracking_uri
-        )
+        run_kw = dict(workers=workers, mlflow_run_id=run.info.run_id, tracking_uri=tracking_uri)
+        state, fit_record = distill_run.fit(params, inputs, card, name=name1, distill=phase1, **run_kw)
+        if phase2 is not None:
+            phase1_record = fit_record
+            state, fit_record = distill_run.fit(
+                params,
+                inputs,
+                card,
+                name=name,
+                distill=phase2,
+                continue_from=state,
+                feature_weights=feature_weights,
+                **run_kw,
+            )
+            fit_record = {**fit_record, "ctm_dsm_phase": phase1_record}
         record = {
             "mlflow_run_id": run.info.run_id,
             **fit_record,

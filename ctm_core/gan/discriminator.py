@@ -96,11 +96,26 @@ def init_parameters_(module: nn.Module, generator: torch.Generator) -> None:
                 t.copy_(torch.randn(t.shape, generator=generator, device=generator.device) * 0.02)
 
 
+def _timm_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor] | list[torch.Tensor]:
+    """``load_state_file``, plus the ``{'model': state_dict}`` wrapper of the DeiT release file (dl.fbaipublicfiles
+    ``deit_base_distilled_patch16_224-df68dfff.pth``); weights-only loads, no code is unpickled."""
+    if not os.fspath(path).endswith(".safetensors") and os.path.isfile(path):
+        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+            bad = [k for k, v in obj["model"].items() if not isinstance(v, torch.Tensor)]
+            if bad:
+                raise ValueError(
+                    f"{path}: expected a mapping of tensors under 'model', got non-tensor entries {bad[:5]}"
+                )
+            return dict(obj["model"])
+    return load_state_file(path)
+
+
 def _load_pretrained_(
     net: nn.Module, path: str | os.PathLike, ignore_prefixes: Sequence[str], random_prefixes: Sequence[str]
 ) -> None:
     """Copy a timm state dict into ``net`` by name; keys under ``random_prefixes`` stay random (not in timm)."""
-    state = load_state_file(path)
+    state = _timm_state_file(path)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a timm state dict (name -> tensor), got a list")
     own = {k: v for k, v in net.state_dict().items() if not k.startswith(tuple(random_prefixes))}
@@ -459,10 +474,34 @@ def _nominal_size(actual: float) -> int:
 
 
 class Discriminator(nn.Module):
-    """Base class: ``forward(x, generator) -> list of (B, n_k) logits``; x: (B, C, H, W) in [-1, 1]."""
+    """Base class: ``forward(x, generator) -> list of (B, n_k) logits``; x: (B, C, H, W) in [-1, 1].
+
+    Spectral norm's power iteration runs once per training step (``power_iteration_``, called by the trainer before
+    the step's first D forward), not inside every forward as torch's hook does in train mode: the spectral-norm
+    layers stay in eval mode. Then u, v, and so the normalised weights, depend on the step alone, not on how many
+    microbatches a rank ran, so W ranks make the same update as one process
+    (docs/gan.md#spectral-norm-and-data-parallelism).
+    """
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def _spectral_norms(self) -> list[tuple[nn.Module, object]]:
+        from torch.nn.utils.spectral_norm import SpectralNorm
+
+        return [(m, h) for m in self.modules() for h in m._forward_pre_hooks.values() if isinstance(h, SpectralNorm)]
+
+    def train(self, mode: bool = True) -> Discriminator:
+        super().train(mode)
+        for m, _ in self._spectral_norms():
+            m.training = False  # u, v are updated by power_iteration_ only (class docstring)
+        return self
+
+    @torch.no_grad()
+    def power_iteration_(self) -> None:
+        """One power iteration of every spectral-norm layer (torch's update of u and v, Miyato et al. 2018)."""
+        for m, h in self._spectral_norms():
+            h.compute_weight(m, do_power_iteration=True)
 
 
 def _build_on_meta_then_materialise(module: nn.Module, device, generator: torch.Generator | None) -> None:
@@ -627,6 +666,7 @@ class ScratchDiscriminator(Discriminator):
             layers.append(_sn_conv(c, 1, 4, 1, 0))
             self.main = nn.Sequential(*layers)
         _build_on_meta_then_materialise(self, device, generator)
+        self.train()
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """x: (B, C, R, R) in [-1, 1] -> [(B, 1)]."""

@@ -30,6 +30,7 @@ The library does no logging/tracking: metrics go to ``metrics_callback(step, {na
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import warnings
@@ -424,7 +425,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "emas": self.emas.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "discriminator": None if self.discriminator is None else self.discriminator.state_dict(),
+            "discriminator": None if self.discriminator is None else _discriminator_state(self.discriminator),
             "d_optimizer": None if self.d_optimizer is None else self.d_optimizer.state_dict(),
             "rng": rng,
             "data": self.data.state_dict(),
@@ -436,6 +437,11 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.kind:
             raise ValueError(f"checkpoint kind: expected {self.kind!r}, got {state.get('kind')!r}")
+        if (state["discriminator"] is None) != (self.discriminator is None):
+            raise ValueError(
+                "checkpoint discriminator slot: presence differs between checkpoint and trainer (fix: a CTM+DSM "
+                "checkpoint starts the GAN phase through continue_from(), not load_checkpoint())"
+            )
         # The loss definition must match; optimizer/EMA-rate/batch settings follow the current config (a later
         # phase, e.g. the GAN fine-tune, resumes with another lr or batch; docs/ctm.md#29-recipes-and-phases).
         saved, mine = state["config"], self.config.model_dump(mode="json")
@@ -445,20 +451,46 @@ class Trainer:
                 f"checkpoint config: the loss is defined differently ({', '.join(differ)}; saved -> current) "
                 f"(fix: resume with the checkpoint's values of {', '.join(self.loss_fields)}, or start a new run)"
             )
-        self.model.load_state_dict(state["model"])
-        self.emas.load_state_dict(state["emas"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if (state["discriminator"] is None) != (self.discriminator is None):
-            raise ValueError("checkpoint discriminator slot: presence differs between checkpoint and trainer")
+        self._check_seed(state)
+        self._load_carried(state)
         if self.discriminator is not None:
-            self.discriminator.load_state_dict(state["discriminator"])
+            _load_discriminator_state(self.discriminator, state["discriminator"])
             if self.d_optimizer is not None and state["d_optimizer"] is not None:
                 self.d_optimizer.load_state_dict(state["d_optimizer"])
+
+    def continue_from(self, state: dict[str, Any]) -> None:
+        """Start a later training phase from an earlier phase's final checkpoint (docs/gan.md#what-carries-over).
+
+        The official second phase (the GAN phase) resumes a CTM+DSM run (C cm/train_util.py:199-330): it carries
+        the online weights, the EMAs, the optimizer state and the step counter, and builds a fresh discriminator.
+        So does this: model, EMAs, optimizer state (moments; the learning rate is this config's), step counter,
+        data position and the subclass's extra state (CTM: the target network θ⁻) are loaded, the discriminator
+        slot keeps what this trainer was built with. Unlike ``load_state_dict`` the loss fields may differ (e.g.
+        ImageNet's K 39 -> 20); the kind, the seed and the EMA rates must match.
+        """
+        if state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint kind: expected {self.kind!r}, got {state.get('kind')!r}")
+        if state["discriminator"] is not None:
+            raise ValueError(
+                "continue_from: expected a checkpoint without a discriminator (an earlier phase), got one with a "
+                "discriminator (fix: resume a GAN-phase checkpoint with load_checkpoint())"
+            )
+        self._check_seed(state)
+        self._load_carried(state)
+
+    def _check_seed(self, state: dict[str, Any]) -> None:
         if state["rng"].get("seed") != self.config.seed:
             raise ValueError(
                 f"checkpoint seed: expected {self.config.seed!r} (the trainer's), got {state['rng'].get('seed')!r} "
                 "(fix: resume with the checkpoint's seed: another one would not continue the same random streams)"
             )
+
+    def _load_carried(self, state: dict[str, Any]) -> None:
+        """What every resume and phase change loads: weights, EMAs, optimizer, data position, step, extra state."""
+        self.model.load_state_dict(state["model"])
+        self.emas.load_state_dict(state["emas"])
+        # torch keeps the given moment tensors (no copy when dtype and device match): copy, never alias the caller's
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.load_extra_state(state)
@@ -468,6 +500,19 @@ class Trainer:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         self.load_state_dict(load_checkpoint_file(path))
+
+
+def _discriminator_state(d: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a discriminator: ``checkpoint_state()`` where it has one (the projected D leaves
+    out its pretrained feature networks, rebuilt from their pinned files), else its whole state_dict."""
+    return d.checkpoint_state() if hasattr(d, "checkpoint_state") else d.state_dict()
+
+
+def _load_discriminator_state(d: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if hasattr(d, "load_checkpoint_state"):
+        d.load_checkpoint_state(state)
+    else:
+        d.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -128,6 +128,8 @@ class CTMTrainer(Trainer):
         return [self.model, self.target]
 
     def iteration_context(self) -> dict[str, Any]:
+        if self.config.gan.enabled and hasattr(self.discriminator, "power_iteration_"):
+            self.discriminator.power_iteration_()  # spectral norm: once per step, the same on every rank
         return {"k": sample_num_heun_steps(self.config.K, self.keyed_generator("k"))}  # shared by all ranks
 
     def ema_rates(self) -> tuple[float, ...]:

@@ -24,7 +24,7 @@ from pipelines.support.checkpoints import _STORAGE_FIX, CKPT_FILE, newest_comple
 if TYPE_CHECKING:
     from ctm_core.data.card import DatasetCard
 
-__all__ = ["DistillRunError", "ema_state", "fit", "run_identity", "run_name"]
+__all__ = ["DistillRunError", "ema_state", "fit", "gan_run_name", "run_identity", "run_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ def run_name(identity: dict[str, Any]) -> str:
     return f"distill-{params_hash(identity)[:12]}"
 
 
+def gan_run_name(identity: dict[str, Any]) -> str:
+    """The GAN phase's Ray run: the CTM+DSM run's identity plus the phase-2 section (docs/gan.md#the-two-phases)."""
+    return f"distill-gan-{params_hash(identity)[:12]}"
+
+
 def fit(
     params: Params,
     inputs,
@@ -57,8 +62,13 @@ def fit(
     name: str,
     mlflow_run_id: str | None = None,
     tracking_uri: str | None = None,
+    distill: DistillParams | None = None,
+    continue_from: dict[str, Any] | None = None,
+    feature_weights: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train `params.distill` on Ray under the run `name` (resuming it); returns (final trainer state, run record).
+    """Train `distill` (default `params.distill`; a phase of ``ctm_core.config.gan_phases``) on Ray under the run
+    `name` (resuming it); returns (final trainer state, run record). A GAN-phase run starts from `continue_from`
+    (the CTM+DSM run's final state, docs/gan.md) unless it has checkpoints of its own.
 
     The record holds the Ray run name and storage, the final checkpoint path, the last metrics and the wall time.
     Raises ``DistillRunError`` when Ray gives up.
@@ -69,7 +79,7 @@ def fit(
     from pipelines.support import ray_env
     from pipelines.support.ray_train import torch_trainer
 
-    d = params.distill
+    d = params.distill if distill is None else distill
     storage = ray_env.storage_path(params)
     info = ray_env.connect_or_start(params)
     try:
@@ -80,6 +90,7 @@ def fit(
         teacher_ref = None
         if inputs.teacher_uri:  # the driver's cache is not on the other nodes: ship the verified bytes
             teacher_ref = ray.put((inputs.teacher_dir / "teacher.safetensors").read_bytes())
+        continue_from_ref = None if continue_from is None else ray.put(continue_from)
         trainer = torch_trainer(
             {
                 "distill": d,
@@ -87,6 +98,8 @@ def fit(
                 "data_dir": str(inputs.data_dir),
                 "teacher_dir": str(inputs.teacher_dir),
                 "teacher_ref": teacher_ref,
+                "continue_from_ref": continue_from_ref,
+                "feature_weights": feature_weights,
                 "mlflow_run_id": mlflow_run_id,
                 "tracking_uri": tracking_uri,
             },
@@ -114,7 +127,7 @@ def fit(
             ray_env.shutdown()
     ckpt_path, state = _final_state(storage, name, result.checkpoint)
     if state["step"] != d.steps:
-        raise RuntimeError(f"final checkpoint is at step {state['step']}, expected distill.steps={d.steps}")
+        raise RuntimeError(f"final checkpoint is at step {state['step']}, expected {d.steps} (the phase's end)")
     record = {
         "ray_run_name": name,
         "ray_storage_path": storage,

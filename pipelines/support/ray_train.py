@@ -163,7 +163,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: build ctm_core objects, resume from the latest checkpoint, train, report checkpoints.
 
     ``config``: "distill" (the ``DistillParams`` to train with), "card", "data_dir", "teacher_dir", "teacher_ref"
-    (the teacher's bytes in the object store, for s3:// teachers), "use_gpu", "threads_per_worker", and optionally
+    (the teacher's bytes in the object store, for s3:// teachers), "use_gpu", "threads_per_worker"; for a GAN-phase
+    run "continue_from_ref" (the CTM+DSM run's final trainer state in the object store) and "feature_weights" (the
+    projected discriminator's fetched files); and optionally
     "mlflow_run_id" + "tracking_uri" (rank 0 logs the curves there) and "quality" (``QualityProbe``).
     """
     import ray.train
@@ -205,6 +207,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(derive_seed(cfg.seed, 0, "student_init"))
         student = CTMStudent.from_teacher(teacher, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
 
+    discriminator = d_optimizer = None
+    if cfg.gan.enabled:  # the GAN phase (docs/gan.md): a fresh discriminator, seeded like every rank's student
+        from pipelines.support.gan_phase import build_phase_discriminator
+
+        discriminator, d_optimizer = build_phase_discriminator(cfg, card, device, config.get("feature_weights"))
     curves = _RankZeroLogger(config) if rank == 0 else None
     trainer = CTMTrainer(
         cfg,
@@ -217,6 +224,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         grad_sync=_all_reduce_grads if distributed else None,
         metric_sync=_all_reduce_metrics if distributed else None,
         metrics_callback=curves.log if curves else None,
+        discriminator=discriminator,
+        d_optimizer=d_optimizer,
         lpips=build_lpips(cfg, device) if cfg.distance == "lpips" else None,  # pinned files (driver: pin_lpips_weights)
         progress=False,
     )
@@ -228,6 +237,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.info("rank %d resumed from step %d", rank, trainer.step)
     else:
         _resume(trainer, storage, rank, distributed)
+    if trainer.step == 0 and config.get("continue_from_ref") is not None:
+        # A new GAN-phase run: start from the CTM+DSM run's final state (the driver's verified copy, same on all ranks)
+        trainer.continue_from(ray.get(config["continue_from_ref"]))
+        logger.info("rank %d continues the CTM+DSM phase from step %d", rank, trainer.step)
 
     probe = QualityProbe(config["quality"], card, device) if rank == 0 and config.get("quality") else None
     total, every = cfg.steps, cfg.checkpoint_every

@@ -213,7 +213,10 @@ def test_dry_run_plans_without_training(inputs, tmp_path):
 
 @pytest.mark.parametrize(
     "edit,key",
-    [({"distill.gan.enabled": True}, "distill.gan.enabled"), ({"distill.distance": "lpips"}, "distill.lpips.vgg16_sha256")],
+    [
+        ({"distill.gan.enabled": True, "distill.mode": "cm"}, "distill.gan.enabled"),
+        ({"distill.distance": "lpips"}, "distill.lpips.vgg16_sha256"),
+    ],
 )
 def test_unwired_features_refused_before_work(inputs, edit, key):
     from ctm_core.config import ParamsError
