@@ -838,6 +838,81 @@ class ReferenceParams(_Section):
     """Prepared splits the `data` reference uses (both = every source image)."""
 
 
+# The 64x64 noisy ADM classifier of guided-diffusion (classifier-rejection sampling, docs/official.md). No sha256 of
+# it is published: fetch once with `sha256: record` and pin the printed digest.
+ADM_CLASSIFIER_64_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_classifier.pt"
+
+
+def _check_pinned(uri: str | None, sha256: str | None, uri_key: str, sha256_key: str) -> None:
+    """A fetched file needs its sha256 (64 hex digits) or `record`."""
+    if uri is None:
+        return
+    _require(
+        sha256 is not None,
+        sha256_key,
+        f"required with {uri_key} {_fmt(uri)}, got null (fix: pin the file's 64-hex sha256, or `record` to fetch "
+        "once and print it)",
+    )
+    _require(
+        sha256 == "record" or bool(SHA256_RE.match(sha256)),
+        sha256_key,
+        f"expected 64 hex digits or 'record', got {_fmt(sha256)}",
+    )
+
+
+class StudentSourceParams(_Section):
+    """A released CTM student scored instead of the distill stage's
+    (docs/official.md#4-evaluating-a-released-checkpoint)."""
+
+    _path: ClassVar[str] = "evaluate.student_source"
+
+    uri: str | None = None
+    """null = the distill stage's student; else the official .pt: https:// | s3:// | file:// URI or a local path."""
+    sha256: str | None = None
+    """Required with `uri`: 64 hex digits, or `record` (fetch once, print the digest to pin)."""
+    preset: Literal["sony-ctm-imagenet64", "ctm-cifar10"] = "sony-ctm-imagenet64"
+    """Layout of the file: sony/ctm's ImageNet-64 ADM student or Kim-Dongjun/ctm-cifar10's SongUNet student."""
+    flags: dict[str, int | float | str] = Field(default_factory=dict, max_length=32)
+    """Official constructor flags over the preset's release values (e.g. ctm-cifar10 `label_dim: 10`)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _check_pinned(self.uri, self.sha256, "evaluate.student_source.uri", "evaluate.student_source.sha256")
+        return self
+
+
+class RejectionParams(_Section):
+    """Classifier-rejection sampling at NFE 1 as sony/ctm classifier_rejection.py does it
+    (docs/official.md#3-classifier-rejection-sampling)."""
+
+    _path: ClassVar[str] = "evaluate.rejection"
+
+    enabled: bool = False
+    """true: also score `fd_nfe1_rejection` (needs class labels and the ADM classifier)."""
+    ratio: float = Field(0.5, ge=0.0, le=10.0)
+    """Oversampling r: (1 + r)·N one-step samples, the best N/classes per class kept (official default 0.5)."""
+    sigma: float = Field(0.002, gt=0.0, le=80.0)
+    """Noise level the classifier scores the samples at (official: 0.002, mapped to its VP cosine time)."""
+    classifier_uri: str = ADM_CLASSIFIER_64_URL
+    """The ADM noisy classifier's state dict (guided-diffusion EncoderUNetModel layout)."""
+    classifier_sha256: str | None = None
+    """Required when enabled: 64 hex digits or `record`."""
+    classifier_flags: dict[str, int | str] = Field(default_factory=dict, max_length=16)
+    """Classifier constructor flags over the release values (image_size, classifier_width, classifier_depth,
+    classifier_attention_resolutions, num_classes)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.enabled:
+            _check_pinned(
+                self.classifier_uri,
+                self.classifier_sha256,
+                "evaluate.rejection.classifier_uri",
+                "evaluate.rejection.classifier_sha256",
+            )
+        return self
+
+
 class EvaluateParams(_Section):
     """`evaluate` stage: student at each NFE × gamma, teacher Heun at `teacher_nfe`, Fréchet distance."""
 
@@ -880,6 +955,10 @@ class EvaluateParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _protocol_num_samples(cls, data: Any) -> Any:
+    student_source: StudentSourceParams = Field(default_factory=StudentSourceParams)
+    """A released CTM checkpoint to score instead of the distill stage's student (also used by `likelihood`)."""
+    rejection: RejectionParams = Field(default_factory=RejectionParams)
+    """Classifier-rejection sampling (ImageNet-64 protocol of the paper's 1.92)."""
         """`num_samples: null` (or absent) = the feature space's protocol: 50,000 images for the Inception FID (EDM
         fid.py `--num 50000`, the number papers report), 1,000 for the digits classifier's FD."""
         if isinstance(data, dict) and data.get("num_samples") is None:

@@ -33,6 +33,9 @@ def check_inputs(
 ) -> dict[str, Any]:
     """Check every input before any work; returns {'card', 'student_config', 'variant'}. Raises InputError.
 
+    With `evaluate.student_source.uri` set, the student is that released checkpoint (fetched with its pin and
+    checked here; `student` is not read): 'variant' is its `OfficialVariant` and 'student_config' is None.
+
     need_labels: whether the data must have class labels (default: `evaluate.features == 'classifier'`, the feature
     classifier; the likelihood stage passes False). need_heldout: whether the held-out split must be non-empty (the
     likelihood stage, which scores held-out images)."""
@@ -64,6 +67,10 @@ def check_inputs(
         raise InputError(
             f"--teacher: {teacher} has no teacher.safetensors (expected a folder written by the teacher stage)"
         )
+    if params.evaluate.student_source.uri is not None:  # a released CTM checkpoint instead of --student
+        from pipelines.support.student_source import resolve_student_source
+
+        return {"card": card, "student_config": None, "variant": resolve_student_source(params, card)}
     if not student.is_dir():
         raise InputError(f"--student: {student} does not exist (run the distill stage first: dvc repro distill)")
     try:
@@ -213,9 +220,13 @@ def pick_device(device: str | None):
 
 def load_scored_networks(teacher: Path, student: Path, variant: str | None, device):
     """(teacher D(x; σ), student) on `device` for the stages that score a student against its teacher, both in eval
-    mode without gradients."""
+    mode without gradients. The student is the released checkpoint when `variant` is an `OfficialVariant`
+    (`evaluate.student_source`), else the `variant` weights of the `student` folder."""
     from ctm_core.io.student_format import load_student
     from ctm_core.io.teacher_format import load_edm_checkpoint
+    from pipelines.support.student_source import OfficialVariant, load_official_student
 
     teacher_net = load_edm_checkpoint(teacher).to(device).eval().requires_grad_(False)
+    if isinstance(variant, OfficialVariant):  # evaluate.student_source, resolved by check_inputs
+        return teacher_net, load_official_student(variant, device)
     return teacher_net, load_student(student, variant, device=device)

@@ -35,7 +35,14 @@ from ctm_core.nets.official.adm import ADMUNet
 from ctm_core.nets.student import CTMStudent
 from ctm_core.nets.utils import check_positive
 
-__all__ = ["OFFICIAL_PRESETS", "ADMStudent", "build_official_ctm", "load_official_ctm", "read_official_state_dict"]
+__all__ = [
+    "OFFICIAL_PRESETS",
+    "ADMStudent",
+    "build_official_ctm",
+    "check_official_ctm",
+    "load_official_ctm",
+    "read_official_state_dict",
+]
 
 # preset -> its official constructor flags and their release values (docs/official.md#21-presets-and-flags).
 OFFICIAL_PRESETS: dict[str, dict[str, Any]] = {
@@ -265,19 +272,30 @@ def load_official_ctm(
         ValueError: unknown preset or flag. UnsafeCheckpointError / InputError: see ``read_official_state_dict``;
         InputError: the checkpoint does not fit the preset and flags (the first mismatching key and both shapes).
     """
-    resolve_flags(preset, flags)  # unknown names fail before the file is read
-    state_dict, digest = read_official_state_dict(path)
-    name = input_name(path if isinstance(path, str | os.PathLike) else getattr(path, "name", "<bytes>"))
-    what = f"{name}: does not fit preset {preset!r}" + (f" with flags {dict(flags)}" if flags else "")
-    # Shapes first, on the meta device (no memory, no init work; the first meta build in a process imports torch's
-    # compiler stack, a few seconds), so a wrong file or flag fails before a 300M-parameter network is initialised.
-    with torch.device("meta"):
-        student = build_official_ctm(preset, **flags)
-    check_fits(
-        _official_net(student, preset), state_dict, what + " (fix: pass the flags the checkpoint was built with)"
-    )
+    state_dict, digest, student = _read_and_check(path, preset, flags)
     student = student.to_empty(device=device)
     # strict: every parameter and buffer of the network is in the state dict, so nothing stays uninitialised.
     _official_net(student, preset).load_state_dict(state_dict, strict=True)
     student.official["sha256"] = digest
     return student.eval().requires_grad_(False)
+
+
+def check_official_ctm(path: str | os.PathLike | BinaryIO | bytes, preset: str, **flags: Any) -> str:
+    """Everything ``load_official_ctm`` checks (readable, plain tensors, fits preset and flags) without building the
+    network; returns the file's sha256. Raises as ``load_official_ctm``."""
+    return _read_and_check(path, preset, flags)[1]
+
+
+def _read_and_check(path, preset: str, flags: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str, CTMStudent]:
+    """(state dict, sha256, the student on the meta device) once the state dict is known to fit it."""
+    resolve_flags(preset, flags)  # unknown names fail before the file is read
+    state_dict, digest = read_official_state_dict(path)
+    name = input_name(path if isinstance(path, str | os.PathLike) else getattr(path, "name", "<bytes>"))
+    what = f"{name}: does not fit preset {preset!r}" + (f" with flags {dict(flags)}" if flags else "")
+    what += " (fix: pass the flags the checkpoint was built with)"
+    # Shapes first, on the meta device (no memory, no init work; the first meta build in a process imports torch's
+    # compiler stack, a few seconds), so a wrong file or flag fails before a 300M-parameter network is initialised.
+    with torch.device("meta"):
+        student = build_official_ctm(preset, **flags)
+    check_fits(_official_net(student, preset), state_dict, what)
+    return state_dict, digest, student

@@ -1,0 +1,99 @@
+"""Released CTM networks for the scoring stages: the student named by `evaluate.student_source` and the ADM
+classifier of `evaluate.rejection`, fetched with a sha256 pin (pipelines.support.fetch) and checked before any
+sampling (docs/official.md#4-evaluating-a-released-checkpoint).
+
+`resolve_student_source` runs inside `stage_common.check_inputs`: it fetches (or finds in the cache) the pinned file,
+checks that it is a plain state dict fitting the preset, flags and the prepared data, and returns an
+`OfficialVariant`. That object is the `variant` the stages pass on (a str, so fd_details.json records
+`official:<preset>@sha256:<digest>`), and `stage_common.load_scored_networks` loads the student from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ctm_core.config import Params
+from ctm_core.data.card import DatasetCard
+from ctm_core.errors import InputError
+from pipelines.support.io_utils import one_line
+from pipelines.support.params import resolve_path
+
+__all__ = ["OfficialVariant", "load_official_student", "load_rejection_classifier", "resolve_student_source"]
+
+
+class OfficialVariant(str):
+    """`official:<preset>@sha256:<digest>`, carrying the verified local `path`, the `preset` and its `flags`."""
+
+    path: Path
+    preset: str
+    flags: dict[str, Any]
+    sha256: str
+
+    def __new__(cls, path: Path, preset: str, flags: dict[str, Any], sha256: str) -> OfficialVariant:
+        obj = super().__new__(cls, f"official:{preset}@sha256:{sha256}")
+        obj.path, obj.preset, obj.flags, obj.sha256 = Path(path), preset, dict(flags), sha256
+        return obj
+
+
+def _fetch_pinned(uri: str, sha256: str | None, params: Params, key: str, progress: bool) -> tuple[Path, str]:
+    """(local path, verified sha256) of a pinned file in `<evaluate.cache_dir>/official`; InputError naming `key`."""
+    from pipelines.support.fetch import FetchError, fetch, recorded_sha256
+
+    cache = Path(resolve_path(params.evaluate.cache_dir, params.repo_root)) / "official"
+    try:
+        path = fetch(resolve_path(uri, params.repo_root), cache, sha256=sha256, progress=progress)
+        return path, recorded_sha256(path)
+    except (FetchError, ValueError, OSError) as e:
+        raise InputError(f"{key}: {one_line(e, limit=600)}") from None
+
+
+def resolve_student_source(params: Params, card: DatasetCard, *, progress: bool = False) -> OfficialVariant:
+    """Fetch and check `evaluate.student_source` (uri set); raises InputError (one line) before any work."""
+    from ctm_core.nets.official.loader import check_official_ctm, resolve_flags
+
+    src = params.evaluate.student_source
+    path, digest = _fetch_pinned(src.uri, src.sha256, params, "evaluate.student_source.uri", progress)
+    try:
+        flags = resolve_flags(src.preset, src.flags)
+        if check_official_ctm(path, src.preset, **src.flags) != digest:
+            raise InputError(f"{path.name}: changed in the cache after its sha256 {digest} was verified")
+    except ValueError as e:  # InputError / UnsafeCheckpointError are ValueErrors too
+        raise InputError(f"evaluate.student_source: {one_line(e, limit=900)}") from None
+    label_dim = int(flags["num_classes"] if src.preset == "sony-ctm-imagenet64" else flags["label_dim"])
+    if card.image.channels != 3:
+        raise InputError(
+            f"evaluate.student_source: the official students make 3-channel images, the prepared data has "
+            f"{card.image.channels} channel(s) (fix: prepare RGB data)"
+        )
+    if label_dim and label_dim != card.labels.label_dim:
+        raise InputError(
+            f"evaluate.student_source: the student has {label_dim} classes (flags {src.flags}), the prepared data "
+            f"{card.labels.label_dim} (fix: set the class-count flag or prepare the matching data)"
+        )
+    return OfficialVariant(path, src.preset, src.flags, digest)
+
+
+def load_official_student(variant: OfficialVariant, device):
+    """The student of a resolved `OfficialVariant` on `device` (eval mode, no gradients)."""
+    from ctm_core.nets.official.loader import load_official_ctm
+
+    student = load_official_ctm(variant.path, variant.preset, device=device, **variant.flags)
+    if student.official["sha256"] != variant.sha256:
+        raise InputError(f"{variant.path.name}: changed after its sha256 {variant.sha256} was verified")
+    return student
+
+
+def load_rejection_classifier(params: Params, device, *, progress: bool = False):
+    """The ADM noisy classifier of `evaluate.rejection` (fetched, pinned) on `device`, eval mode."""
+    from ctm_core.eval.rejection import load_adm_classifier
+
+    rj = params.evaluate.rejection
+    path, digest = _fetch_pinned(rj.classifier_uri, rj.classifier_sha256, params, "evaluate.rejection", progress)
+    try:
+        classifier = load_adm_classifier(path, **rj.classifier_flags)
+    except ValueError as e:
+        raise InputError(f"evaluate.rejection.classifier_uri: {one_line(e, limit=900)}") from None
+    if classifier.official["sha256"] != digest:
+        raise InputError(f"{path.name}: changed after its sha256 {digest} was verified")
+    return classifier.to(device)

@@ -1,0 +1,170 @@
+"""The evaluate stage scoring a released-layout CTM checkpoint (`evaluate.student_source`, docs/official.md).
+
+A tiny random student in the sony/ctm ImageNet-64 layout (ADM, 3 classes, built for 16x16) is saved the way the
+official training loop saves it (views into flat storages), pinned by sha256 and named by
+`evaluate.student_source`; the real stage code (check_inputs -> fetch through file:// with the pin -> weights-only
+load -> samplers -> classifier-feature FD) scores it on 16x16 RGB images in 3 class folders against a tiny 3-class
+EDM teacher. No `--student` folder exists: the released file is the student.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+FLAGS = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="8",
+    num_head_channels=16,
+    num_classes=3,
+)
+
+
+def _save_like_official(state_dict, path):
+    """torch.save of views into two flat storages (ndim <= 1, ndim > 1), as sony/ctm's fp16 master-param save."""
+    out = {}
+    for big in (False, True):
+        keys = [k for k, v in state_dict.items() if (v.ndim > 1) == big]
+        flat = torch.cat([state_dict[k].reshape(-1) for k in keys])
+        offset = 0
+        for k in keys:
+            out[k] = flat[offset : offset + state_dict[k].numel()].view(state_dict[k].shape)
+            offset += state_dict[k].numel()
+    torch.save({k: out[k] for k in state_dict}, path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from PIL import Image
+
+    from ctm_core.io.teacher_format import save_teacher
+    from ctm_core.nets.official.loader import build_official_ctm
+    from ctm_core.nets.precond import EDMPrecond
+    from pipelines.support.datasets import prepare_dataset
+
+    root = tmp_path_factory.mktemp("official_eval")
+    rng = np.random.default_rng(0)
+    for c in range(3):  # 3 classes of 8 RGB images, each class its own colour ramp
+        folder = root / "images" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            ramp = np.add.outer(np.arange(16), np.arange(16))[..., None] * np.array([3 + c, 8 - 2 * c, 5]) + 10 * i
+            img = (ramp + rng.integers(0, 30, (16, 16, 3))) % 256
+            Image.fromarray(img.astype(np.uint8), mode="RGB").save(folder / f"{i}.png")
+    data = root / "prepared"
+    card = prepare_dataset("imagefolder", root / "images", data, heldout_fraction=0.25, seed=0, progress=False)
+    assert card.labels.label_dim == 3 and card.image.shape == (3, 16, 16)
+
+    torch.manual_seed(0)
+    teacher = EDMPrecond(16, 3, label_dim=3, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    save_teacher("EDMPrecond", teacher.init_kwargs, teacher.eval().state_dict(), root / "teacher")
+
+    student = build_official_ctm("sony-ctm-imagenet64", **FLAGS)
+    with torch.no_grad():
+        for p in student.parameters():  # ADM zero-initialises its output convs: make the student non-trivial
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = root / "ema_0.999_000100.pt"
+    _save_like_official(student.model.state_dict(), ckpt)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("DVC_ROOT", str(root))
+    yield {
+        "root": root,
+        "data": data,
+        "teacher": root / "teacher",
+        "ckpt": ckpt,
+        "sha": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+        "student": student.eval(),
+    }
+    mp.undo()
+
+
+def _params(s, **source):
+    from pipelines.support.params import load_params
+
+    src = {"uri": s["ckpt"].as_uri(), "sha256": s["sha"], "preset": "sony-ctm-imagenet64", "flags": FLAGS, **source}
+    ev = {
+        "nfe": [1],
+        "gammas": [0.0],
+        "teacher_nfe": 3,
+        "teacher_euler_nfe": 1,
+        "num_samples": 12,
+        "batch": 12,
+        "grid_size": 2,
+        "num_bootstrap": 5,
+        "cache_dir": str(s["root"] / "cache"),
+        "classifier": {"steps": 4, "batch": 16, "lr": 2.0e-3, "seed": 0},
+        "student_source": src,
+    }
+    return load_params(ROOT / "params.yaml", overrides={"evaluate": ev}, check_env=False)
+
+
+def _evaluate(s, out, params):
+    from pipelines.evaluate import evaluate
+
+    no_student = s["root"] / "no-student-folder"  # the released file replaces --student
+    return evaluate(params, s["data"], s["teacher"], no_student, out, progress=False, log_mlflow=False)
+
+
+def test_evaluate_scores_the_released_checkpoint(setup, tmp_path):
+    s = setup
+    out = tmp_path / "eval"
+    metrics = _evaluate(s, out, _params(s))
+    assert metrics["complete"] is True
+    for key in ("fd_nfe1", "fd_teacher_heun3", "fd_teacher_euler1"):
+        assert math.isfinite(metrics[key]) and metrics[key] >= 0, key
+    details = json.loads((out / "fd_details.json").read_text())
+    assert details["student"]["variant"] == f"official:sony-ctm-imagenet64@sha256:{s['sha']}"
+    # The fetched copy is the pinned file, in the cache.
+    cached = list((s["root"] / "cache" / "official").rglob("ema_0.999_000100.pt"))
+    assert len(cached) == 1 and hashlib.sha256(cached[0].read_bytes()).hexdigest() == s["sha"]
+
+
+def test_the_stage_samples_the_released_student(setup):
+    """The student the stage loads from the source is the saved network: its 1-step samples on the stage's seeds
+    equal gamma_sampler on the network that was saved."""
+    from ctm_core.diffusion.samplers import StackedRandomGenerator, gamma_sampler
+    from ctm_core.eval.methods import plan_methods, sample_method
+    from pipelines.support.stage_common import check_inputs, load_scored_networks
+
+    s = setup
+    params = _params(s)
+    checked = check_inputs(params, s["data"], s["teacher"], s["root"] / "absent")
+    _, student = load_scored_networks(s["teacher"], s["root"] / "absent", checked["variant"], torch.device("cpu"))
+    method = next(m for m in plan_methods(params) if m.key == "fd_nfe1_gamma0")
+    seeds = [0, 1, 2]
+    x = sample_method(method, student, None, seeds=seeds, batch=3, img_shape=(3, 16, 16), label_dim=3)
+    rnd = StackedRandomGenerator("cpu", seeds)
+    latents = rnd.randn([3, 3, 16, 16])
+    labels = torch.eye(3)[rnd.randint(3, [3])]
+    with torch.no_grad():
+        ref = gamma_sampler(s["student"], latents, labels, nfe=1)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+
+
+def test_bad_sources_fail_in_one_line_before_any_output(setup, tmp_path):
+    from pipelines.evaluate import InputError
+
+    s = setup
+    cases = [
+        ({"sha256": "0" * 64}, "evaluate.student_source.uri"),  # pin mismatch
+        ({"flags": {**FLAGS, "num_channels": 64}}, "first mismatching key time_embed.0.weight: checkpoint [128, 32]"),
+        ({"flags": {**FLAGS, "num_classes": 5}}, "first mismatching key label_emb.weight"),
+        ({"preset": "ctm-cifar10", "flags": {"label_dim": 3}}, "does not fit preset 'ctm-cifar10'"),
+    ]
+    for i, (source, expected) in enumerate(cases):
+        out = tmp_path / f"eval{i}"
+        with pytest.raises(InputError) as e:
+            _evaluate(s, out, _params(s, **source))
+        assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert not out.exists()
