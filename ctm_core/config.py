@@ -927,8 +927,12 @@ class EvaluateParams(_Section):
     teacher_euler_nfe: int = Field(1, ge=1, le=MAX_NFE)
     """Teacher Euler baseline NFE (at most 10,000)."""
     num_samples: int = Field(1000, ge=2, le=MAX_SAMPLES)
-    """Images per Fréchet distance; null = the protocol's: 1000 with the classifier, 50000 with inception (at
-    most 1,000,000)."""
+    """Images drawn per method, cut into num_samples // set_size seed sets; null = the protocol's: 1000 with the
+    classifier, 50000 with inception (at most 1,000,000)."""
+    set_size: int | None = Field(None, ge=2, le=MAX_SAMPLES)
+    """Images per seed set: every FD (headline mean and its std) is measured on sets of this size; null = the
+    held-out split's size with the classifier (the data floor's size: like with like), num_samples with inception
+    (one set, the paper protocol)."""
     batch: int = Field(250, ge=1, le=MAX_BATCH)
     """Images per sampling batch (at most 65,536)."""
     seed_start: int = Field(0, ge=0, le=SEED_MAX)
@@ -951,14 +955,14 @@ class EvaluateParams(_Section):
     """The feature classifier."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the bootstrap."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _protocol_num_samples(cls, data: Any) -> Any:
     student_source: StudentSourceParams = Field(default_factory=StudentSourceParams)
     """A released CTM checkpoint to score instead of the distill stage's student (also used by `likelihood`)."""
     rejection: RejectionParams = Field(default_factory=RejectionParams)
     """Classifier-rejection sampling (ImageNet-64 protocol of the paper's 1.92)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_num_samples(cls, data: Any) -> Any:
         """`num_samples: null` (or absent) = the feature space's protocol: 50,000 images for the Inception FID (EDM
         fid.py `--num 50000`, the number papers report), 1,000 for the digits classifier's FD."""
         if isinstance(data, dict) and data.get("num_samples") is None:
@@ -980,6 +984,11 @@ class EvaluateParams(_Section):
             self.teacher_nfe % 2 == 1,
             "evaluate.teacher_nfe",
             f"must be odd (Heun NFE = 2·steps − 1), got {self.teacher_nfe} (fix: e.g. 35 for 18 steps)",
+        )
+        _require(
+            self.set_size is None or self.set_size <= self.num_samples,
+            "evaluate.set_size",
+            f"must be <= evaluate.num_samples ({self.num_samples}), got {self.set_size}",
         )
         _check_evaluate_fid(self)
         return self

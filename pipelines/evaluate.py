@@ -8,11 +8,12 @@ Protocol (section `evaluate` of params.yaml):
 * Feature space (`evaluate.features`):
     - `classifier` (default, the offline digits run; needs labels): a `ctm_core.eval.classifier.SmallClassifier`
       is trained on the prepared TRAIN split (`evaluate.classifier`: seeded, Adam; `steps` is turned into whole
-      epochs, ceil(steps / batches per epoch)). Its held-out accuracy is reported. The Inception FID is
+      epochs, ceil(steps / batches per epoch)). Its held-out accuracy is in fd_details.json. The Inception FID is
       meaningless on 8x8 grey digits: these Fréchet distances ("FD") are comparable only between runs with the same
       classifier (its weights' sha256 is in protocol.json). Reference statistics: float64 mean / unbiased
-      covariance of the features of ALL real images (train + held-out split); `fd_heldout_vs_train` (held-out
-      features against the train statistics) is the real-data floor at the held-out sample size.
+      covariance of the features of the TRAIN split; the data floor `fd_heldout_vs_train` is the held-out split's FD
+      against them, at the held-out sample size, which is also the default seed-set size of every model FD (like
+      with like, docs/evaluation.md#data-floor).
     - `inception`: FID on the field's protocol (`pipelines.support.fid_reference`: pinned pytorch-fid Inception-v3 pool3
       weights through the fetcher, EDM's uint8 images, reference statistics computed from the prepared data and
       cached, or a fetched npz such as EDM's cifar10-32x32.npz). Works on unlabelled data. The CIFAR-10 protocol
@@ -29,37 +30,34 @@ Protocol (section `evaluate` of params.yaml):
   Classifier: every sample is clamped to [-1, 1] and quantised to the dataset's levels (`images_to_levels`, the
   inverse of prepare's `level / (L − 1) · 2 − 1`), exactly as the real images were, before the classifier sees it.
   Inception: every sample becomes EDM's saved uint8 image `clip(x·127.5 + 128, 0, 255)` (generate.py:297).
-* FD of each method on all `num_samples` images (the number in metrics.json, e.g. `fd_nfe1`). Error bars:
-  the same images split into K = 3 disjoint seed sets (2, or 1 when fewer than 2·feature_dim images per set; with
-  2048-d Inception features 3 sets need >= 12,288 images: with fewer there is no `_mean/_std/_min`, and the reason
-  is in fd_details.json `seed_sets_note`):
-  `<key>_mean` ± `<key>_std` (SiD-style mean; sample std over the sets, measured at num_samples/K images per set,
-  so it OVERSTATES the noise of the full-size number: a conservative margin for promotion; both are also biased
-  upwards against `<key>` by the smaller set size) and `<key>_min` (EDM's min-of-sets); and a basic
-  bootstrap 95 % interval `<key>_ci_low/_ci_high` from `evaluate.num_bootstrap` resamples of the full set
-  (`ctm_core.eval.metrics.fid_error_bars`). Each FD uses scipy's sqrtm (the protocol) when the set has more images than
-  feature dimensions, else the exact eigh form (`PreparedReference`; sqrtm of a singular 2048² product is slow
-  and ill-conditioned); fd_details.json says which. KID (cubic polynomial kernel) for every method is in
-  fd_details.json (against a 2,000-image subset of the reference features for `inception` with a data
-  reference; none against a fetched npz, which holds no features).
+* FD of each method on K = num_samples // set_size disjoint seed sets of `evaluate.set_size` images (null: the
+  held-out split's size with the classifier, num_samples with inception): the headline `<key>` is the mean of the K
+  set FDs and `<key>_std` their sample std, so the number and its error bar come from the same sets, at the same
+  sample size as the data floor. With K = 1 (the Inception protocol's one set of 50,000) `<key>` is that set's FD
+  and `<key>_std` the std of `evaluate.num_bootstrap` bootstrap replicates (basic 95 % interval in the details).
+  Each FD uses scipy's sqrtm when the set has more images than feature dimensions, else the exact eigh form
+  (`PreparedReference`). KID (cubic polynomial kernel) for every method is in fd_details.json (against a
+  2,000-image subset of the reference features for `inception` with a data reference; none against a fetched npz,
+  which holds no features). See `ctm_core.eval.scoring` and docs/evaluation.md#error-bars.
 * Bits/dim is not computed here: it is the `likelihood` stage (pipelines/likelihood.py, section `likelihood`), so
   changing FD params does not recompute the expensive ODE likelihood.
 
 Outputs (`--out`, built in a temporary folder and renamed into place: all or nothing):
-    metrics.json            flat: fd_nfe{n} (γ=0), fd_nfe{n}_gamma{g:g}, fd_student_heun{n}, fd_teacher_heun{n},
-                            fd_teacher_euler{n} (+ _mean/_std/_min/_ci_low/_ci_high), fd_nfe1_over_teacher_heun{n},
-                            fd_nfe1_over_teacher_euler{n}, fd_heldout_vs_train, kid_nfe1, classifier_accuracy,
-                            num_samples, num_reference, feature_dim,
-                            inception_features (bool), complete (true iff everything ran).
+    metrics.json            the headline, what `dvc metrics show` prints: fd_nfe{n} ± fd_nfe{n}_std (γ = 0) for
+                            each NFE, fd_teacher_heun{n} ± _std, fd_teacher_euler{n}, fd_heldout_vs_train (the data
+                            floor), complete (true iff everything ran)
+    fd_details.json         every number (`metrics`: fd_nfe{n}_gamma{g:g}, fd_student_heun{n}, ratios
+                            fd_nfe1_over_teacher_*, <key>_over_floor, kid_nfe1, classifier_accuracy, set_size,
+                            num_sets, num_reference, ...), per-method details (seed-set FDs, bootstrap, KID,
+                            timings), classifier / inception, reference, protocol
     protocol.json           what makes two FDs comparable: features, feature_net_sha256 (Inception file /
                             classifier tensors), feature_dim, reference_source, reference_sha256 (npz file /
-                            classifier statistics content), num_samples, seed_start, preprocessing; plus its
-                            canonical-JSON sha256 `protocol_sha256` (also in fd_details.json "protocol").
-    fd_vs_nfe/gamma_{g:g}.csv   nfe,fd,fd_std,fd_min,fd_ci_low,fd_ci_high (one file per gamma; `dvc plots`)
-    fd_vs_nfe.png           FD vs NFE per gamma with error bars and the teacher lines
-    grids/<method>.png      grid_size² samples of each method (first seeds) and grids/data.png
-    fd_details.json         per-method details (seed-set FDs, bootstrap, KID, timings), classifier / inception,
-                            reference, protocol
+                            classifier statistics content), num_samples, set_size, seed_start, preprocessing; plus
+                            its canonical-JSON sha256 `protocol_sha256` (also in fd_details.json "protocol").
+    fd_vs_nfe.csv           gamma,nfe,fd,fd_std: the γ-sampler curves (long format, any evaluate.gammas)
+    fd_vs_nfe.png           FD vs NFE (log scale), one colour per γ with error bars, teacher and data-floor lines:
+                            the image `dvc plots show` renders
+    grids/<method>.png      grid_size² samples of each method (first seeds) and grids/data.png (across classes)
     classifier/             the feature classifier (safetensors + config; features: classifier only)
 
 MLflow: everything above is logged to the distill run (`mlflow_run_id` in <student>/run.json) when it exists in the

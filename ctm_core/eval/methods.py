@@ -22,18 +22,17 @@ from ctm_core.diffusion.samplers import euler_step
 from ctm_core.diffusion.schedules import karras_sigmas
 
 __all__ = [
-    "NUM_SEED_SETS",
     "STUDENT_HEUN_NFES",
     "Method",
     "euler_sampler",
     "plan_methods",
     "sample_method",
+    "across_classes",
     "seed_sets",
     "student_nfes",
     "train_feature_classifier",
 ]
 
-NUM_SEED_SETS = 3  # disjoint seed sets for the mean ± std / min error bars
 STUDENT_HEUN_NFES = (3, 7)  # the student's own score sampler (Heun with g(x, σ, σ)): 2 and 4 Heun steps
 
 
@@ -198,14 +197,29 @@ def sample_method(
     return torch.cat(out)
 
 
-def seed_sets(num_samples: int, feature_dim: int, max_sets: int = NUM_SEED_SETS) -> list[slice]:
-    """Split range(num_samples) into K contiguous disjoint seed sets, K = the largest of max_sets..1 leaving at
-    least 2·feature_dim images per set (so each set's covariance is well conditioned); K = 1 otherwise."""
-    for k in range(max_sets, 1, -1):
-        if num_samples // k >= 2 * feature_dim:
-            bounds = np.linspace(0, num_samples, k + 1).round().astype(int)
-            return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-    return [slice(0, num_samples)]
+def seed_sets(num_samples: int, set_size: int) -> list[slice]:
+    """K = num_samples // set_size contiguous disjoint seed sets of exactly `set_size` images each (the images
+    past K·set_size are not drawn). Every FD of a method is measured on these sets (docs/evaluation.md#seed-sets)."""
+    if set_size < 2 or num_samples < set_size:
+        raise ValueError(
+            f"seed_sets: expected 2 <= set_size <= num_samples, got set_size {set_size}, num_samples {num_samples}"
+        )
+    return [slice(k * set_size, (k + 1) * set_size) for k in range(num_samples // set_size)]
+
+
+def across_classes(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices of `count` images taken round-robin over the classes (first image of each class in label order, then
+    the second, ...), so a sample grid shows every class; labels (N,) ints, -1 = unlabelled. Unlabelled data gets
+    `count` evenly spaced indices instead. Returns (min(count, N),) int64."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n == 0 or count < 1:
+        return np.zeros(0, dtype=np.int64)
+    if (labels < 0).any():
+        return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
+    per_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]  # each in data order
+    order = [idx[r] for r in range(max(map(len, per_class))) for idx in per_class if r < len(idx)]
+    return np.asarray(order[:count], dtype=np.int64)
 
 
 def train_feature_classifier(params, card: DatasetCard, data: Path, out: Path, progress: bool):

@@ -1,16 +1,18 @@
-"""Scoring one evaluation method's features: the Fréchet distance with its error bars, KID, and the flat metric names.
+"""Scoring one evaluation method's features: the Fréchet distance with its error bar, KID, and the flat metric names.
 
-For features (N, D) of one method against reference statistics (mu_ref, sigma_ref):
+For features (N, D) of one method against reference statistics (mu_ref, sigma_ref), cut into K disjoint seed sets
+of `set_size` images each (`ctm_core.eval.methods.seed_sets`; docs/evaluation.md#seed-sets):
 
-* the FD of all N images (the headline number, e.g. `fd_nfe1`) and a basic bootstrap 95 % interval from
-  resamples of the same images (`<key>_ci_low/_ci_high`);
-* with K > 1 disjoint seed sets (`ctm_core.eval.methods.seed_sets`): `<key>_mean` ± `<key>_std` (sample std over
-  the sets, measured at N/K images, so it overstates the noise of the full-size number) and `<key>_min` (EDM's
-  min-of-sets);
+* K >= 2: the headline `<key>` is the MEAN of the K set FDs and `<key>_std` their sample std (ddof 1): both come from
+  the same sets at the same sample size, the size the data floor `fd_heldout_vs_train` is measured at;
+* K = 1 (e.g. the Inception protocol's one set of 50,000): `<key>` is the FD of that set and `<key>_std` the std of
+  its bootstrap replicates; the basic bootstrap 95 % interval is in the details;
 * each FD uses scipy's sqrtm when the set has more images than feature dimensions, else the exact eigh form.
 
-Also the identities the evaluation protocol records (feature-net tensors, reference statistics) and the aliases the
-stage's metrics file carries (`fd_nfe{n}` = γ 0; every γ at NFE 1 is the same jump). See docs/evaluation.md.
+`metrics.json` holds only the headline keys (`headline_keys`: FD ± std at each NFE with γ = 0, the teacher
+baselines, the data floor); every other number (other γ, the student's Heun sampler, KID, ratios, minima, ...) goes
+to the details file. Also the identities the evaluation protocol records (feature-net tensors, reference statistics)
+and the aliases (`fd_nfe{n}` = γ 0; every γ at NFE 1 is the same jump). See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "fd_summary",
     "finite",
     "finite_metrics",
+    "headline_keys",
     "kid_summary",
     "state_dict_sha256",
     "stats_sha256",
@@ -40,7 +43,7 @@ __all__ = [
 
 NUM_BOOTSTRAP = 200  # bootstrap replicates per method (64-d features: milliseconds each)
 KID_SUBSETS = 20
-SUFFIXES = ("", "_mean", "_std", "_min", "_ci_low", "_ci_high")  # the flat names of one method's FD
+SUFFIXES = ("", "_std")  # the flat names of one method's FD: headline and its error bar
 
 
 def finite(v: Any) -> bool:
@@ -59,44 +62,50 @@ def fd_summary(
     num_bootstrap: int = NUM_BOOTSTRAP,
     prepared=None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Flat metrics (key, _mean, _std, _min, _ci_low, _ci_high) and the details of one method's features (N, D).
+    """Flat metrics {key, key_std} and the details of one method's features (N, D) (module doc).
 
-    `sets`: the seed sets as slices of the N images; `seed` seeds the bootstrap generator. `prepared`:
-    `PreparedReference` of (mu_ref, sigma_ref), built once per run (the reference's square root)."""
+    `sets`: the K seed sets as slices of the N images, all of one size; `seed` seeds the bootstrap generator (used
+    only when K = 1). `prepared`: `PreparedReference` of (mu_ref, sigma_ref), built once per run."""
     from ctm_core.eval.metrics import PreparedReference, fid_error_bars
 
+    sizes = {s.stop - s.start for s in sets}
+    if not sets or len(sizes) != 1 or min(sizes) < 2:
+        raise ValueError(f"fd_summary: expected >= 1 seed sets of one size >= 2, got sizes {sorted(sizes)}")
     prepared = prepared or PreparedReference.from_stats(mu_ref, sigma_ref)
-    boot = fid_error_bars(
-        [feats],
+    one = len(sets) == 1
+    per_set = fid_error_bars(
+        [feats[s] for s in sets],
         mu_ref,
         sigma_ref,
-        num_bootstrap=num_bootstrap,
+        num_bootstrap=num_bootstrap if one else 0,
         generator=torch.Generator().manual_seed(seed),
         method="auto",
         prepared=prepared,
     )
-    per_set = fid_error_bars(
-        [feats[s] for s in sets], mu_ref, sigma_ref, num_bootstrap=0, method="auto", prepared=prepared
-    )
-    flat = {key: boot.fids[0], f"{key}_ci_low": boot.bootstrap_low, f"{key}_ci_high": boot.bootstrap_high}
-    if len(sets) > 1:
-        flat[f"{key}_mean"] = per_set.mean
-        flat[f"{key}_std"] = per_set.std
-        flat[f"{key}_min"] = per_set.min
+    if one:
+        reps = np.asarray(per_set.bootstrap_fids)
+        std = float(reps.std(ddof=1)) if len(reps) > 1 else math.nan
+        flat = {key: per_set.fids[0], f"{key}_std": std}
+    else:
+        flat = {key: per_set.mean, f"{key}_std": per_set.std}
     dim = feats.shape[1]
+    set_size = sizes.pop()
     details = {
-        "fd": boot.fids[0],
-        "fd_method": "sqrtm" if len(feats) > dim else "eigh",
-        "bootstrap": {
-            k: v for k, v in boot.to_dict().items() if k.startswith("bootstrap") or k in ("confidence", "num_bootstrap")
-        },
-        "seed_sets": {
-            "fds": list(per_set.fids),
-            "mean": per_set.mean,
-            "std": per_set.std if len(sets) > 1 else None,
-            "min": per_set.min,
-            "num_samples": list(per_set.num_samples),
-            "fd_method": ["sqrtm" if n > dim else "eigh" for n in per_set.num_samples],
+        "fd": flat[key],
+        "std": flat[f"{key}_std"],
+        "how": (
+            f"mean and sample std of the FDs of {len(sets)} disjoint seed sets of {set_size} images"
+            if not one
+            else f"FD of one set of {set_size} images; std of {num_bootstrap} bootstrap replicates"
+        ),
+        "fd_method": "sqrtm" if set_size > dim else "eigh",
+        "seed_sets": {"fds": list(per_set.fids), "min": per_set.min, "set_size": set_size},
+        "bootstrap": None
+        if not one or num_bootstrap == 0
+        else {
+            k: v
+            for k, v in per_set.to_dict().items()
+            if k.startswith("bootstrap") or k in ("confidence", "num_bootstrap")
         },
     }
     return {k: float(v) for k, v in flat.items() if finite(v)}, details
@@ -131,24 +140,42 @@ def add_nfe_aliases(metrics: dict[str, Any], nfes: Iterable[int], gammas: Iterab
 
 
 def add_teacher_ratios(metrics: dict[str, Any], teacher_nfe: int, teacher_euler_nfe: int) -> None:
-    """In place: `fd_nfe1_over_teacher_heun{n}` and `fd_nfe1_over_teacher_euler{n}` when both FDs exist."""
+    """In place: `fd_nfe1_over_teacher_heun{n}`, `fd_nfe1_over_teacher_euler{n}`, and `<key>_over_floor` = an FD
+    divided by the data floor `fd_heldout_vs_train` (same reference, same sample size), when both exist."""
     for ref_key, name in (
         (f"fd_teacher_heun{teacher_nfe}", f"fd_nfe1_over_teacher_heun{teacher_nfe}"),
         (f"fd_teacher_euler{teacher_euler_nfe}", f"fd_nfe1_over_teacher_euler{teacher_euler_nfe}"),
     ):
         if "fd_nfe1" in metrics and metrics.get(ref_key, 0) > 0:
             metrics[name] = metrics["fd_nfe1"] / metrics[ref_key]
+    floor = metrics.get("fd_heldout_vs_train")
+    if finite(floor) and floor > 0:
+        fds = [k for k, v in metrics.items() if k.startswith("fd_") and "_over_" not in k and finite(v)]
+        for k in fds:
+            if k != "fd_heldout_vs_train" and not k.endswith("_std"):
+                metrics[f"{k}_over_floor"] = metrics[k] / floor
 
 
-def fd_curve_csv(metrics: dict[str, Any], nfes: Sequence[int], gamma: float) -> str:
-    """CSV `nfe,fd,fd_std,fd_min,fd_ci_low,fd_ci_high` of the γ-sampler at each NFE that has an FD."""
-    rows = ["nfe,fd,fd_std,fd_min,fd_ci_low,fd_ci_high"]
-    for n in nfes:
-        k = f"fd_nfe{n}_gamma{gamma:g}"
-        if k in metrics:
-            vals = [metrics.get(f"{k}{s}", "") for s in ("", "_std", "_min", "_ci_low", "_ci_high")]
-            rows.append(",".join([str(n)] + [f"{v:.6g}" if v != "" else "" for v in vals]))
+def fd_curve_csv(metrics: dict[str, Any], nfes: Sequence[int], gammas: Sequence[float]) -> str:
+    """CSV `gamma,nfe,fd,fd_std`: the γ-sampler at each γ and NFE that has an FD, one row each (long format)."""
+    rows = ["gamma,nfe,fd,fd_std"]
+    for g in gammas:
+        for n in nfes:
+            k = f"fd_nfe{n}_gamma{g:g}"
+            if k in metrics:
+                std = metrics.get(f"{k}_std")
+                rows.append(f"{g:g},{n},{metrics[k]:.6g}," + ("" if std is None else f"{std:.6g}"))
     return "\n".join(rows) + "\n"
+
+
+def headline_keys(nfes: Iterable[int], teacher_nfe: int, teacher_euler_nfe: int) -> list[str]:
+    """The keys of metrics.json (what `dvc metrics show` prints), in this order: FD ± std of the student at each NFE
+    (γ = 0) and of the teacher's Heun baseline, the teacher's Euler baseline (its std is in the details: it only
+    marks the top of the scale), and the data floor."""
+    keys = []
+    for base in [f"fd_nfe{n}" for n in nfes] + [f"fd_teacher_heun{teacher_nfe}"]:
+        keys += [base, f"{base}_std"]
+    return keys + [f"fd_teacher_euler{teacher_euler_nfe}", "fd_heldout_vs_train"]
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

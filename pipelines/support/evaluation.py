@@ -22,7 +22,15 @@ from tqdm import tqdm
 
 from ctm_core.config import Params, params_hash
 from ctm_core.data.card import DatasetCard
-from ctm_core.eval.methods import Method, plan_methods, sample_method, seed_sets, student_nfes, train_feature_classifier
+from ctm_core.eval.methods import (
+    Method,
+    across_classes,
+    plan_methods,
+    sample_method,
+    seed_sets,
+    student_nfes,
+    train_feature_classifier,
+)
 from ctm_core.eval.scoring import (
     add_nfe_aliases,
     add_teacher_ratios,
@@ -30,6 +38,7 @@ from ctm_core.eval.scoring import (
     fd_summary,
     finite,
     finite_metrics,
+    headline_keys,
     kid_summary,
     state_dict_sha256,
     stats_sha256,
@@ -56,23 +65,31 @@ class FeatureSpace:
     mu_ref: np.ndarray  # (D,) float64
     sigma_ref: np.ndarray  # (D, D) float64
     kid_ref: np.ndarray | None  # (M, D) reference features for KID, None for a statistics-only reference
-    metrics: dict[str, Any]  # num_samples, num_reference, classifier_accuracy, fd_heldout_vs_train
+    metrics: dict[str, Any]  # num_reference, classifier_accuracy, fd_heldout_vs_train
     feature_net_sha256: str
     reference_sha256: str
     preprocessing: str
-    real_grid: np.ndarray  # (grid_size², C, H, W) real levels for grids/data.png
+    real_grid: np.ndarray  # (grid_size², C, H, W) real levels for grids/data.png, taken across the classes
+    set_size: int  # images per seed set (evaluate.set_size resolved)
     classifier_info: dict[str, Any] | None = None
+
+
+def _real_grid(data: Path, grid_size: int) -> np.ndarray:
+    """grid_size² train images taken round-robin over the classes (`across_classes`): (n, C, H, W) levels."""
+    from ctm_core.data.prepared import load_prepared
+
+    x, y = load_prepared(data, "train")
+    return x[across_classes(y, grid_size**2)]
 
 
 def _inception_space(fid, params: Params, data: Path, device: torch.device) -> FeatureSpace:
     """Pinned Inception-v3 pool3 features of EDM's saved uint8 images; reference from `setup_inception_fid`."""
-    from ctm_core.data.prepared import load_prepared
     from ctm_core.eval.inception import extract_features
     from ctm_core.eval.metrics import images_to_uint8
     from pipelines.support.fid_reference import PREPROCESS_VERSION
 
     ev, ref = params.evaluate, fid.reference
-    metrics: dict[str, Any] = {"num_samples": ev.num_samples}
+    metrics: dict[str, Any] = {}
     if ref.num_images is not None:
         metrics["num_reference"] = int(ref.num_images)
 
@@ -88,27 +105,35 @@ def _inception_space(fid, params: Params, data: Path, device: torch.device) -> F
         feature_net_sha256=fid.weights_sha256,
         reference_sha256=ref.sha256,
         preprocessing=PREPROCESS_VERSION,
-        real_grid=load_prepared(data, "train")[0][: ev.grid_size**2],
+        real_grid=_real_grid(data, ev.grid_size),
+        set_size=ev.set_size or ev.num_samples,  # null: one set, the paper protocol
     )
 
 
 def _classifier_space(params: Params, card: DatasetCard, data: Path, folder: Path, progress: bool) -> FeatureSpace:
-    """Features of a classifier trained on the train split; reference = all real images (train + held-out)."""
+    """Features of a classifier trained on the train split; reference = the train split's statistics, against which
+    the held-out split gives the data floor `fd_heldout_vs_train` at the held-out size, the default set size of the
+    models' FDs (docs/evaluation.md#data-floor)."""
     from ctm_core.eval.classifier import classifier_features
     from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
 
     ev, num_levels = params.evaluate, card.image.num_levels
     clf, info, (x_train, x_held) = train_feature_classifier(params, card, data, folder, progress)
     f_train = classifier_features(clf, x_train)
-    f_held = classifier_features(clf, x_held) if len(x_held) else np.zeros((0, f_train.shape[1]))
-    f_ref = np.concatenate([f_train, f_held])
-    mu_ref, sigma_ref = feature_statistics(f_ref)
-    metrics: dict[str, Any] = {"num_samples": ev.num_samples, "num_reference": int(len(f_ref))}
+    mu_ref, sigma_ref = feature_statistics(f_train)
+    set_size = ev.set_size or len(x_held)
+    if set_size < 2 or set_size > ev.num_samples:
+        raise InputError(
+            f"evaluate.set_size: expected 2 <= set size <= evaluate.num_samples ({ev.num_samples}), got {set_size} "
+            f"({'the held-out split size' if ev.set_size is None else 'set'}) (fix: set evaluate.set_size, or raise "
+            "data.heldout_fraction / evaluate.num_samples)"
+        )
+    metrics: dict[str, Any] = {"num_reference": int(len(f_train)), "num_heldout": int(len(x_held))}
     if info["heldout_accuracy"] is not None:
         metrics["classifier_accuracy"] = float(info["heldout_accuracy"])
-    if len(f_held) >= 2:
-        mu_h, sigma_h = feature_statistics(f_held)
-        metrics["fd_heldout_vs_train"] = frechet_distance(mu_h, sigma_h, *feature_statistics(f_train))
+    if len(x_held) >= 2:
+        f_held = classifier_features(clf, x_held)
+        metrics["fd_heldout_vs_train"] = frechet_distance(*feature_statistics(f_held), mu_ref, sigma_ref)
 
     def features_of(x: torch.Tensor) -> np.ndarray:
         return classifier_features(clf, images_to_levels(x.clamp(-1, 1), num_levels))
@@ -117,12 +142,13 @@ def _classifier_space(params: Params, card: DatasetCard, data: Path, folder: Pat
         features_of=features_of,
         mu_ref=mu_ref,
         sigma_ref=sigma_ref,
-        kid_ref=f_ref,
+        kid_ref=f_train,
         metrics=metrics,
         feature_net_sha256=state_dict_sha256(clf),
         reference_sha256=stats_sha256(mu_ref, sigma_ref),
         preprocessing=f"clamp(-1,1)|levels-{num_levels}(images_to_levels)|SmallClassifier",
-        real_grid=x_train[: ev.grid_size**2],
+        real_grid=_real_grid(data, ev.grid_size),
+        set_size=set_size,
         classifier_info=info,
     )
 
@@ -146,8 +172,8 @@ def _score_methods(
 
     ev, num_levels = params.evaluate, card.image.num_levels
     label_dim = int(getattr(student_net, "label_dim", 0))
-    seeds = list(range(ev.seed_start, ev.seed_start + ev.num_samples))
-    sets = seed_sets(ev.num_samples, int(space.mu_ref.shape[0]))
+    sets = seed_sets(ev.num_samples, space.set_size)
+    seeds = list(range(ev.seed_start, ev.seed_start + sets[-1].stop))  # K·set_size images, K = num_samples // size
     prepared = PreparedReference.from_stats(space.mu_ref, space.sigma_ref)  # the reference root, once per run
     metrics: dict[str, Any] = {}
     details: dict[str, Any] = {}
@@ -192,13 +218,13 @@ def _score_methods(
 
 
 def _write_curves(folder: Path, metrics: dict[str, Any], methods: list[Method], params: Params) -> None:
-    """fd_vs_nfe/gamma_{g}.csv per γ and fd_vs_nfe.png (curves with error bars, teacher and real-data lines)."""
+    """fd_vs_nfe.csv (gamma,nfe,fd,fd_std for every γ) and fd_vs_nfe.png (one colour per γ with error bars, the
+    teacher baselines and the data floor, log-scale FD): the figure `dvc plots show` shows as an image."""
     from pipelines.support.plots import plot_fd_vs_nfe
 
     ev, nfes = params.evaluate, student_nfes(params)
     gammas = sorted(set(ev.gammas) | {0.0, 1.0})
-    for g in gammas:
-        atomic_write_text(folder / "fd_vs_nfe" / f"gamma_{g:g}.csv", fd_curve_csv(metrics, nfes, g))
+    atomic_write_text(folder / "fd_vs_nfe.csv", fd_curve_csv(metrics, nfes, gammas))
     curves = {
         g: [
             (n, metrics[f"fd_nfe{n}_gamma{g:g}"], metrics.get(f"fd_nfe{n}_gamma{g:g}_std"))
@@ -221,12 +247,14 @@ def _write_curves(folder: Path, metrics: dict[str, Any], methods: list[Method], 
         if k in metrics
     }
     if "fd_heldout_vs_train" in metrics:
-        baselines["real held-out vs train"] = metrics["fd_heldout_vs_train"]
+        baselines["data floor: held-out vs train"] = metrics["fd_heldout_vs_train"]
     plot_fd_vs_nfe(
         folder / "fd_vs_nfe.png",
         curves,
         baselines=baselines,
         extra_points={"student g Heun": heun_pts} if heun_pts else None,
+        ylabel=f"Fréchet distance, {ev.features} features (log scale)",
+        title=f"CTM student: FD vs NFE (mean of {metrics['num_sets']} sets of {metrics['set_size']} images)",
     )
 
 
@@ -236,7 +264,7 @@ def _reference_record(fid, space: FeatureSpace, metrics: dict[str, Any]) -> dict
     if fid is None:
         return {
             "source": "data",
-            "splits": ["train", "heldout"],
+            "splits": ["train"],
             "count": metrics["num_reference"],
             "feature_dim": feature_dim,
             "sha256": space.reference_sha256,
@@ -291,7 +319,14 @@ def evaluate(
         else:
             space = _classifier_space(params, card, data, tmp, progress)
         feature_dim = int(space.mu_ref.shape[0])
-        metrics = {**space.metrics, "feature_dim": feature_dim, "inception_features": fid is not None}
+        sets = seed_sets(ev.num_samples, space.set_size)
+        metrics = {
+            **space.metrics,
+            "feature_dim": feature_dim,
+            "inception_features": fid is not None,
+            "set_size": space.set_size,
+            "num_sets": len(sets),
+        }
         save_grid(tmp / "grids" / "data.png", space.real_grid, card.image.num_levels, ev.grid_size)
 
         # 2. networks; 3. samples -> features -> FD, per method.
@@ -306,12 +341,14 @@ def evaluate(
             metrics["kid_nfe1"] = details["fd_nfe1_gamma0"]["kid"]["mean"]
         add_teacher_ratios(metrics, ev.teacher_nfe, ev.teacher_euler_nfe)
 
-        # 4. outputs.
+        # 4. outputs: metrics.json = the headline keys (`dvc metrics show`); every number in fd_details.json.
         _write_curves(tmp, metrics, methods, params)
         metrics = finite_metrics(metrics)
         missing = [m.key for m in methods if m.key not in metrics]
         metrics["complete"] = not errors and not missing
         metrics["eval_seconds"] = time.perf_counter() - t_start
+        keys = headline_keys(student_nfes(params), ev.teacher_nfe, ev.teacher_euler_nfe)
+        headline = {k: metrics[k] for k in keys if k in metrics} | {"complete": metrics["complete"]}
         protocol = protocol_dict(
             features=ev.features,
             feature_net_sha256=space.feature_net_sha256,
@@ -321,14 +358,15 @@ def evaluate(
             num_samples=ev.num_samples,
             seed_start=ev.seed_start,
             preprocessing=space.preprocessing,
+            set_size=space.set_size,
         )
         protocol = {**protocol, "protocol_sha256": protocol_sha256(protocol)}
         atomic_write_json(tmp / "protocol.json", protocol)
-        atomic_write_json(tmp / "metrics.json", metrics)
-        sets = seed_sets(ev.num_samples, feature_dim)
+        atomic_write_json(tmp / "metrics.json", headline)
         atomic_write_json(
             tmp / "fd_details.json",
             {
+                "metrics": metrics,
                 "methods": details,
                 "errors": errors,
                 "missing": missing,
@@ -340,11 +378,10 @@ def evaluate(
                 else {"source": fid.weights_source, "sha256": fid.weights_sha256, "file": str(fid.weights_path)},
                 "reference": _reference_record(fid, space, metrics),
                 "seed_sets": [[s.start + ev.seed_start, s.stop + ev.seed_start] for s in sets],
-                "seed_sets_note": None
-                if len(sets) > 1
-                else (
-                    f"one seed set: {ev.num_samples} images < {2 * 2 * feature_dim} (2 sets of >= 2·{feature_dim}); "
-                    "no _mean/_std/_min, only the bootstrap interval"
+                "seed_sets_note": (
+                    f"every FD is the mean over {len(sets)} seed sets of {space.set_size} images, _std their spread"
+                    if len(sets) > 1
+                    else f"one seed set of {space.set_size} images: _std from {ev.num_bootstrap} bootstrap replicates"
                 ),
                 "student": {"dir": str(student), "variant": variant},
                 "teacher": {"dir": str(teacher)},
@@ -355,7 +392,7 @@ def evaluate(
         )
         if log_mlflow:
             log_to_mlflow(params, student, tmp, metrics)
-    return metrics
+    return headline
 
 
 def _kid_ok(det: dict[str, Any]) -> bool:

@@ -337,9 +337,11 @@ def protocol_dict(
     seed_start: int,
     preprocessing: str,
     feature_dim: int,
+    set_size: int | None = None,
 ) -> dict[str, Any]:
-    """What must be equal for two FIDs to be comparable (a promotion gate compares `protocol_sha256`)."""
-    return {
+    """What must be equal for two FIDs to be comparable (a promotion gate compares `protocol_sha256`); `set_size`:
+    images per seed set when the FD is a mean over sets (docs/evaluation.md#seed-sets)."""
+    protocol = {
         "features": features,
         "feature_net_sha256": feature_net_sha256,
         "feature_dim": int(feature_dim),
@@ -349,6 +351,9 @@ def protocol_dict(
         "seed_start": int(seed_start),
         "preprocessing": preprocessing,
     }
+    if set_size is not None:
+        protocol["set_size"] = int(set_size)
+    return protocol
 
 
 def protocol_sha256(protocol: dict[str, Any]) -> str:

@@ -66,11 +66,15 @@ def plot_fd_vs_nfe(
     title: str = "CTM student: Fréchet distance vs NFE",
     ylabel: str = "Fréchet distance (classifier features)",
 ) -> Path:
-    """Line plot of FD against NFE, one line per gamma, with error bars; teacher values as horizontal lines.
+    """Line plot of FD against NFE, one colour per gamma, with error bars; baselines as horizontal lines.
+
+    The FD axis is logarithmic (a 1-step teacher Euler baseline can be 100× the rest); the NFE axis is log2 when
+    there is more than one NFE. Colours: γ lines take C0, C1, ... in increasing γ; baselines and extra points
+    take the colours after them, so nothing shares a colour.
 
     Args:
         curves: gamma -> [(nfe, fd, fd_err or None), ...] (the student's gamma-sampler sweep).
-        baselines: label -> fd, drawn as dashed horizontal lines (e.g. "teacher Heun 35 NFE").
+        baselines: label -> fd, drawn as dashed horizontal lines (e.g. "teacher Heun 35 NFE", the data floor).
         extra_points: label -> [(nfe, fd, err), ...] drawn as markers only (e.g. the student's Heun sampler).
     """
     import matplotlib
@@ -78,26 +82,38 @@ def plot_fd_vs_nfe(
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
+    colours = (f"C{k % 10}" for k in range(1000))  # one colour per line, never reused within the figure
     try:
         all_nfe: list[int] = []
         for gamma in sorted(curves):
             pts = sorted(curves[gamma])
+            colour = next(colours)
             if not pts:
                 continue
             x = [p[0] for p in pts]
             y = [p[1] for p in pts]
             err = [0.0 if p[2] is None or not math.isfinite(p[2]) else p[2] for p in pts]
             all_nfe += x
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"CTM γ={gamma:g}")
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colour, label=f"CTM γ={gamma:g}")
         for label, pts in (extra_points or {}).items():
             pts = sorted(pts)
             x = [p[0] for p in pts]
             all_nfe += x
             err = [0.0 if p[2] is None or not math.isfinite(p[2]) else p[2] for p in pts]
-            ax.errorbar(x, [p[1] for p in pts], yerr=err, marker="s", linestyle="none", capsize=3, label=label)
-        for k, (label, value) in enumerate((baselines or {}).items()):
-            ax.axhline(value, linestyle="--", color=f"C{(k + 5) % 10}", linewidth=1, label=f"{label}: {value:.3g}")
+            ax.errorbar(
+                x,
+                [p[1] for p in pts],
+                yerr=err,
+                marker="s",
+                linestyle="none",
+                capsize=3,
+                color=next(colours),
+                label=label,
+            )
+        for label, value in (baselines or {}).items():
+            ax.axhline(value, linestyle="--", color=next(colours), linewidth=1.2, label=f"{label}: {value:.3g}")
+        ax.set_yscale("log")
         if all_nfe and max(all_nfe) > 1:
             ax.set_xscale("log", base=2)
             ticks = sorted(set(all_nfe))
@@ -105,8 +121,8 @@ def plot_fd_vs_nfe(
         ax.set_xlabel("NFE (network evaluations)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")

@@ -26,7 +26,8 @@ TINY_EVAL = {
         "gammas": [0.0, 1.0],
         "teacher_nfe": 3,
         "teacher_euler_nfe": 1,
-        "num_samples": 160,  # >= 2 x 64 features per seed set would need 256; 160 = one set + bootstrap
+        "num_samples": 160,  # 4 seed sets of set_size 40 (the held-out split's 180 would exceed num_samples)
+        "set_size": 40,
         "batch": 80,
         "grid_size": 2,
         "ema": None,
@@ -61,40 +62,60 @@ def test_outputs_keys_and_columns(setup, first_run):
     out, metrics = first_run
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
+    # metrics.json holds the headline only (what `dvc metrics show` prints)
+    assert sorted(on_disk) == sorted(
+        [
+            "fd_nfe1",
+            "fd_nfe1_std",
+            "fd_nfe2",
+            "fd_nfe2_std",
+            "fd_teacher_heun3",
+            "fd_teacher_heun3_std",
+            "fd_teacher_euler1",
+            "fd_heldout_vs_train",
+            "complete",
+        ]
+    )
     assert on_disk["complete"] is True
-    assert on_disk["num_samples"] == 160
+    for k, v in on_disk.items():
+        if k != "complete":
+            assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
+    details = json.loads((out / "fd_details.json").read_text())
+    every = details["metrics"]  # every number lives in the details file
+    assert {k: every[k] for k in on_disk} == on_disk
+    assert every["set_size"] == 40 and every["num_sets"] == 4 and every["num_heldout"] > 40
     for key in (
-        "fd_nfe1",
-        "fd_nfe2",
         "fd_nfe2_gamma0",
         "fd_nfe2_gamma1",
         "fd_nfe1_gamma1",
-        "fd_teacher_heun3",
-        "fd_teacher_euler1",
         "fd_student_heun7",
         "fd_student_heun3",
         "fd_nfe1_over_teacher_heun3",
         "fd_nfe1_over_teacher_euler1",
-        "fd_nfe1_ci_low",
-        "fd_nfe1_ci_high",
-        "fd_heldout_vs_train",
+        "fd_nfe1_over_floor",
+        "fd_teacher_heun3_over_floor",
         "classifier_accuracy",
         "kid_nfe1",
     ):
-        assert key in on_disk, key
-    for k, v in on_disk.items():
-        if k != "complete":
-            assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
-    assert on_disk["fd_nfe1"] == on_disk["fd_nfe1_gamma0"] == on_disk["fd_nfe1_gamma1"]
-    assert on_disk["fd_nfe1_over_teacher_heun3"] == pytest.approx(on_disk["fd_nfe1"] / on_disk["fd_teacher_heun3"])
-    assert on_disk["fd_nfe2_gamma0"] != on_disk["fd_nfe2_gamma1"]  # gamma = 1 re-noises: other samples
-    assert not any(k.startswith("bpd_") for k in on_disk)  # bits/dim is the likelihood stage
-    for g in ("0", "1"):
-        with open(out / "fd_vs_nfe" / f"gamma_{g}.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        assert list(rows[0])[:2] == ["nfe", "fd"]
-        assert [int(r["nfe"]) for r in rows] == [1, 2]
-        assert float(rows[1]["fd"]) == pytest.approx(on_disk[f"fd_nfe2_gamma{g}"], rel=1e-5)
+        assert key in every, key
+    assert every["fd_nfe1"] == every["fd_nfe1_gamma0"] == every["fd_nfe1_gamma1"]
+    assert every["fd_nfe1_over_teacher_heun3"] == pytest.approx(every["fd_nfe1"] / every["fd_teacher_heun3"])
+    assert every["fd_nfe1_over_floor"] == pytest.approx(every["fd_nfe1"] / every["fd_heldout_vs_train"])
+    assert every["fd_nfe2_gamma0"] != every["fd_nfe2_gamma1"]  # gamma = 1 re-noises: other samples
+    # the headline is the mean of the seed-set FDs and its std their spread: computed on the same sets
+    sets = details["methods"]["fd_nfe1_gamma0"]["seed_sets"]
+    assert len(sets["fds"]) == 4 and sets["set_size"] == 40
+    assert on_disk["fd_nfe1"] == pytest.approx(float(np.mean(sets["fds"])), rel=1e-12)
+    assert on_disk["fd_nfe1_std"] == pytest.approx(float(np.std(sets["fds"], ddof=1)), rel=1e-12)
+    assert min(sets["fds"]) <= on_disk["fd_nfe1"] and sets["min"] == min(sets["fds"])
+    assert details["seed_sets"] == [[0, 40], [40, 80], [80, 120], [120, 160]]
+    assert not any(k.startswith("bpd_") for k in every)  # bits/dim is the likelihood stage
+    with open(out / "fd_vs_nfe.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["gamma", "nfe", "fd", "fd_std"]
+    assert [(r["gamma"], int(r["nfe"])) for r in rows] == [("0", 1), ("0", 2), ("1", 1), ("1", 2)]
+    for r in rows:
+        assert float(r["fd"]) == pytest.approx(every[f"fd_nfe{r['nfe']}_gamma{r['gamma']}"], rel=1e-5)
     grids = {p.name for p in (out / "grids").glob("*.png")}
     assert {
         "data.png",
@@ -105,17 +126,19 @@ def test_outputs_keys_and_columns(setup, first_run):
         "student_heun7.png",
     } <= grids
     assert (out / "fd_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    details = json.loads((out / "fd_details.json").read_text())
-    assert details["errors"] == [] and details["reference"]["splits"] == ["train", "heldout"]
+    assert details["errors"] == [] and details["reference"]["splits"] == ["train"]
     assert not list(out.parent.glob(".eval.tmp-*"))  # staged folder renamed away
     # the feature space and the protocol identity (what a promotion gate compares)
-    assert on_disk["inception_features"] is False and on_disk["feature_dim"] == 64
+    assert every["inception_features"] is False and every["feature_dim"] == 64
     assert details["features"] == "classifier" and details["inception"] is None
     proto = json.loads((out / "protocol.json").read_text())
     assert proto == details["protocol"]
-    assert {k: proto[k] for k in ("features", "num_samples", "seed_start", "reference_source", "feature_dim")} == {
+    assert {
+        k: proto[k] for k in ("features", "num_samples", "set_size", "seed_start", "reference_source", "feature_dim")
+    } == {
         "features": "classifier",
         "num_samples": 160,
+        "set_size": 40,
         "seed_start": 0,
         "reference_source": "data",
         "feature_dim": 64,
@@ -128,6 +151,32 @@ def test_outputs_keys_and_columns(setup, first_run):
         == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     )
     assert proto["reference_sha256"] == details["reference"]["sha256"] and len(proto["feature_net_sha256"]) == 64
+
+
+def test_data_floor_is_heldout_against_the_train_reference(setup, first_run):
+    """The floor is the held-out split's FD against the same train-split statistics the models are scored against,
+    and with set_size null the models' sets have the held-out split's size (like with like)."""
+    from ctm_core.config import with_changes
+    from ctm_core.data.prepared import load_prepared
+    from ctm_core.eval.classifier import classifier_features, load_classifier
+    from ctm_core.eval.metrics import feature_statistics, frechet_distance
+
+    out, metrics = first_run
+    clf = load_classifier(out / "classifier")
+    f_train = classifier_features(clf, load_prepared(setup["data"], "train")[0])
+    f_held = classifier_features(clf, load_prepared(setup["data"], "heldout")[0])
+    floor = frechet_distance(*feature_statistics(f_held), *feature_statistics(f_train))
+    assert metrics["fd_heldout_vs_train"] == pytest.approx(floor, rel=1e-9)
+    from pipelines.support.evaluation import _classifier_space
+
+    params = _params()
+    params = params.model_copy(
+        update={"evaluate": with_changes(params.evaluate, {"set_size": None, "num_samples": 400})}
+    )
+    from ctm_core.data.prepared import load_card
+
+    space = _classifier_space(params, load_card(setup["data"]), setup["data"], out.parent / "clf2", progress=False)
+    assert space.set_size == len(f_held)
 
 
 def test_deterministic(setup, first_run, tmp_path):
@@ -187,11 +236,13 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
     assert runs[0].data.metrics["fd_nfe1"] == pytest.approx(metrics["fd_nfe1"])
     assert runs[0].data.metrics["complete"] == 1.0
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval")}
-    assert {"eval/metrics.json", "eval/fd_vs_nfe.png", "eval/fd_vs_nfe", "eval/grids"} <= arts
-    assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval/fd_vs_nfe")} == {
-        "eval/fd_vs_nfe/gamma_0.csv",
-        "eval/fd_vs_nfe/gamma_1.csv",
-    }
+    assert {
+        "eval/metrics.json",
+        "eval/fd_details.json",
+        "eval/fd_vs_nfe.png",
+        "eval/fd_vs_nfe.csv",
+        "eval/grids",
+    } <= arts
 
     with mlflow.start_run(run_name="distill-fake") as distill:
         pass
@@ -301,6 +352,7 @@ def test_diverged_student_is_incomplete(setup, tmp_path):
             **TINY_EVAL["evaluate"],
             "nfe": [1],
             "num_samples": 40,
+            "set_size": 40,
             "classifier": {"steps": 1, "batch": 128, "lr": 1.0e-3, "seed": 0},
         }
     }
@@ -315,6 +367,10 @@ def test_diverged_student_is_incomplete(setup, tmp_path):
     )
     assert m["complete"] is False and "fd_nfe1" not in m and "fd_teacher_heun3" in m
     details = json.loads((tmp_path / "eval" / "fd_details.json").read_text())
+    # one seed set of 40 (set_size = num_samples): the std comes from the bootstrap replicates of that set
+    heun = details["methods"]["fd_teacher_heun3"]
+    assert len(heun["seed_sets"]["fds"]) == 1 and heun["bootstrap"]["num_bootstrap"] == 200
+    assert m["fd_teacher_heun3"] == heun["seed_sets"]["fds"][0] and m["fd_teacher_heun3_std"] > 0
     assert any(e.startswith("fd_nfe1_gamma0:") for e in details["errors"])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["complete"] is False
 
@@ -334,7 +390,6 @@ def test_fd_path_data_against_itself_is_zero(setup):
     and the quantisation inverts prepare's level mapping exactly."""
     from ctm_core.data.prepared import levels_to_unit, load_prepared
     from ctm_core.eval.classifier import classifier_features, train_classifier
-    from ctm_core.eval.methods import seed_sets
     from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
     from ctm_core.eval.scoring import fd_summary
 
@@ -347,9 +402,9 @@ def test_fd_path_data_against_itself_is_zero(setup):
     )
     f = classifier_features(clf, q)
     mu, sigma = feature_statistics(classifier_features(clf, x))
-    flat, det = fd_summary("fd_x", f, mu, sigma, seed_sets(len(f), f.shape[1]), seed=0)
+    flat, det = fd_summary("fd_x", f, mu, sigma, [slice(0, len(f))], seed=0)
     assert abs(flat["fd_x"]) < 1e-6 * np.trace(sigma)
-    assert len(det["seed_sets"]["fds"]) == 3 and flat["fd_x_std"] >= 0
+    assert len(det["seed_sets"]["fds"]) == 1 and flat["fd_x_std"] >= 0
     shifted = f + 0.1
     assert frechet_distance(*feature_statistics(shifted), mu, sigma) == pytest.approx(0.01 * f.shape[1], rel=1e-6)
 

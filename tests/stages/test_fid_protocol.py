@@ -113,24 +113,21 @@ def test_inception_fid_end_to_end_unlabelled_data_and_reference_cache(fid_setup,
     monkeypatch.setattr(inc, "extract_features", counting)
     m1 = _run(s, tmp_path / "eval1", ov)
     out = tmp_path / "eval1"
-    assert m1["complete"] is True and m1["inception_features"] is True and m1["feature_dim"] == 2048
-    assert m1["num_reference"] == NUM_IMAGES and m1["num_samples"] == 4
-    for key in (
-        "fd_nfe1",
-        "fd_nfe1_ci_low",
-        "fd_nfe1_ci_high",
-        "fd_teacher_heun3",
-        "fd_teacher_euler1",
-        "fd_student_heun3",
-        "fd_student_heun7",
-        "kid_nfe1",
-    ):
+    details = json.loads((out / "fd_details.json").read_text())
+    every = details["metrics"]  # metrics.json (m1) holds the headline; every number is in the details
+    assert m1["complete"] is True and every["inception_features"] is True and every["feature_dim"] == 2048
+    assert every["num_reference"] == NUM_IMAGES and every["set_size"] == 4 and every["num_sets"] == 1
+    for key in ("fd_nfe1", "fd_nfe1_std", "fd_teacher_heun3", "fd_teacher_heun3_std", "fd_teacher_euler1"):
         assert key in m1 and math.isfinite(m1[key]), key
-    assert m1["fd_nfe1"] > 0 and "classifier_accuracy" not in m1 and "fd_nfe1_std" not in m1
+    for key in ("fd_student_heun3", "fd_student_heun7", "kid_nfe1"):
+        assert key in every and math.isfinite(every[key]), key
+    assert m1["fd_nfe1"] > 0 and "classifier_accuracy" not in every and "fd_heldout_vs_train" not in m1
+    # one set (set_size null = num_samples, the paper protocol): std from the bootstrap of that set
+    b = details["methods"]["fd_nfe1_gamma0"]["bootstrap"]
+    assert b["num_bootstrap"] > 1 and b["bootstrap_low"] <= b["bootstrap_high"]
     assert NUM_IMAGES in calls  # the reference: all 12 prepared images (train + heldout) in one chunk
     assert sum(calls) == NUM_IMAGES + 5 * 4  # + 5 methods x 4 samples
 
-    details = json.loads((out / "fd_details.json").read_text())
     ref = details["reference"]
     assert details["features"] == "inception" and details["classifier"] is None
     assert details["inception"]["sha256"] == s["sha"]
@@ -192,9 +189,9 @@ def test_inception_fid_against_fetched_npz_reference(fid_setup, tmp_path, fewer_
         reference={"source": npz.as_uri(), "sha256": ref_sha},
     )
     m = _run(s, tmp_path / "eval", ov)
-    assert m["complete"] is True and math.isfinite(m["fd_nfe1"]) and "num_reference" not in m
-    assert "kid_nfe1" not in m
     details = json.loads((tmp_path / "eval" / "fd_details.json").read_text())
+    assert m["complete"] is True and math.isfinite(m["fd_nfe1"]) and "num_reference" not in details["metrics"]
+    assert "kid_nfe1" not in details["metrics"]
     assert details["methods"]["fd_nfe1_gamma0"]["kid"] is None
     assert details["reference"]["source"] == npz.as_uri() and details["reference"]["sha256"] == ref_sha
     assert details["reference"]["count"] is None and details["reference"]["splits"] is None
