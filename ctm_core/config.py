@@ -888,7 +888,8 @@ class RejectionParams(_Section):
     _path: ClassVar[str] = "evaluate.rejection"
 
     enabled: bool = False
-    """true: also score `fd_nfe1_rejection` (needs class labels and the ADM classifier)."""
+    """true: also score `fd_nfe1_rejection` (needs class labels and the ADM classifier); refused until the stage
+    calls ctm_core.eval.rejection (docs/official.md#34-status)."""
     ratio: float = Field(0.5, ge=0.0, le=10.0)
     """Oversampling r: (1 + r)·N one-step samples, the best N/classes per class kept (official default 0.5)."""
     sigma: float = Field(0.002, gt=0.0, le=80.0)
@@ -903,7 +904,13 @@ class RejectionParams(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.enabled:
+        _require(
+            not self.enabled,
+            "evaluate.rejection.enabled",
+            "classifier-rejection sampling is not wired into the evaluate stage's methods yet; "
+            "ctm_core.eval.rejection.rejection_sample runs it (docs/official.md#34-status) (fix: set it to false)",
+        )
+        if self.classifier_sha256 is not None:  # the pin itself is demanded by the fetcher when the file is needed
             _check_pinned(
                 self.classifier_uri,
                 self.classifier_sha256,

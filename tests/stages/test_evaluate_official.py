@@ -168,3 +168,31 @@ def test_bad_sources_fail_in_one_line_before_any_output(setup, tmp_path):
             _evaluate(s, out, _params(s, **source))
         assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
         assert not out.exists()
+
+
+def test_rejection_classifier_is_fetched_with_its_pin(setup, tmp_path):
+    """evaluate.rejection's classifier: fetched through file:// with the sha256 pin, loaded in the ADM layout."""
+    from ctm_core.eval.rejection import build_adm_classifier
+    from pipelines.evaluate import InputError
+    from pipelines.support.params import load_params
+    from pipelines.support.student_source import load_rejection_classifier
+
+    flags = dict(image_size=16, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8")
+    flags.update(num_classes=3, channel_mult="1,2")
+    torch.manual_seed(0)
+    net = build_adm_classifier(**flags).eval()
+    path = tmp_path / "64x64_classifier.pt"
+    torch.save(net.state_dict(), path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def params(sha256):
+        rj = {"classifier_uri": path.as_uri(), "classifier_sha256": sha256, "classifier_flags": flags}
+        ev = {"cache_dir": str(tmp_path / "cache"), "rejection": rj}
+        return load_params(ROOT / "params.yaml", overrides={"evaluate": ev}, check_env=False)
+
+    loaded = load_rejection_classifier(params(sha), "cpu")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.01, 0.5])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), net(x, t))
+    with pytest.raises(InputError, match="evaluate.rejection: .*sha256"):
+        load_rejection_classifier(params("1" * 64), "cpu")
