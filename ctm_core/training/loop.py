@@ -43,6 +43,7 @@ from torch import nn
 from ctm_core.io.atomic import atomic_write
 from ctm_core.nets.utils import append_dims
 from ctm_core.training.ema import EMABank
+from ctm_core.training.loss_scale import DynamicLossScale
 
 __all__ = [
     "derive_seed",
@@ -198,6 +199,7 @@ class Trainer:
         discriminator: nn.Module | None = None,
         d_optimizer: torch.optim.Optimizer | None = None,
         progress: bool = True,
+        loss_scale: DynamicLossScale | None = None,
     ):
         if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
             raise ValueError(
@@ -226,6 +228,9 @@ class Trainer:
         self.emas = EMABank(self.model, self.ema_rates())
         self.optimizer = build_optimizer(self.model.parameters(), config.optimizer, config.lr)
         self.discriminator, self.d_optimizer = discriminator, d_optimizer
+        # fp16 activations (a model with use_fp16 on CUDA) train with the official dynamic loss scale.
+        runs_fp16 = self.device.type == "cuda" and bool(getattr(model, "use_fp16", False))
+        self.loss_scale = loss_scale if loss_scale is not None else (DynamicLossScale() if runs_fp16 else None)
 
         if config.precision == "bf16" and self.device.type != "cuda":
             warnings.warn("precision='bf16' autocast applies on CUDA only; running fp32 on " + str(self.device))
@@ -341,6 +346,15 @@ class Trainer:
             return cfg.lr * min(1.0, (self.step + 1) / cfg.lr_warmup_steps)
         return cfg.lr
 
+    def _unscale_grads(self) -> bool:
+        """Undo the fp16 loss scale (``loss_scale``): True when the gradients are finite, then divided by the scale;
+        False on an overflow (the step is skipped). Always True without a loss scale."""
+        if self.loss_scale is None:
+            return True
+        finite = self.loss_scale.unscale_(p for p in self.model.parameters() if p.requires_grad)
+        self.loss_scale.update(finite)
+        return finite
+
     def _isolated_global_rng(self):
         return torch.random.fork_rng(devices=[self._cuda_index] if self.device.type == "cuda" else [])
 
@@ -362,12 +376,13 @@ class Trainer:
                 self.step += 1
                 return sums
             self.optimizer.zero_grad(set_to_none=True)
+            loss_scale = 1.0 if self.loss_scale is None else self.loss_scale.scale
             sums: dict[str, torch.Tensor] = {}
             for i in self.my_microbatches():
                 xb = self._prepare(x[i * b : (i + 1) * b])
                 lb = None if labels is None else labels[i * b : (i + 1) * b].to(self.device)
                 self._seed_dropout(i)
-                metrics = self.microbatch_backward(xb, lb, ctx, self.keyed_generator("loss", i), b / B)
+                metrics = self.microbatch_backward(xb, lb, ctx, self.keyed_generator("loss", i), b / B * loss_scale)
                 for name, v in metrics.items():
                     sums[name] = sums.get(name, 0.0) + v.detach().float() * (b / B)
             if self.grad_sync is not None:
@@ -376,12 +391,17 @@ class Trainer:
                 sums = self.metric_sync(sums)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            if self.config.grad_clip_norm > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
-            self.optimizer.step()
-            self.after_optimizer_step()
+            if self._unscale_grads():
+                if self.config.grad_clip_norm > 0:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
+                self.optimizer.step()
+                self.after_optimizer_step()
+            else:  # an fp16 overflow: no step, no EMA update, a smaller scale (docs/presets.md#mixed-precision)
+                self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         sums["lr"] = torch.tensor(lr)
+        if self.loss_scale is not None:
+            sums["log2_loss_scale"] = torch.tensor(self.loss_scale.log2_scale)
         for name, v in ctx.items():
             if isinstance(v, (int, float)):
                 sums[name] = torch.tensor(float(v))
@@ -427,6 +447,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "discriminator": None if self.discriminator is None else _discriminator_state(self.discriminator),
             "d_optimizer": None if self.d_optimizer is None else self.d_optimizer.state_dict(),
+            "loss_scale": None if self.loss_scale is None else self.loss_scale.state_dict(),
             "rng": rng,
             "data": self.data.state_dict(),
             "config": self.config.model_dump(mode="json"),  # plain types: loads with weights_only=True
@@ -493,6 +514,8 @@ class Trainer:
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
+        if self.loss_scale is not None and state.get("loss_scale") is not None:
+            self.loss_scale.load_state_dict(state["loss_scale"])  # the scale continues, as a bitwise resume needs
         self.load_extra_state(state)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
