@@ -22,6 +22,7 @@ TINY = {
     "evaluate": {
         "nfe": [1, 2],
         "num_samples": 96,
+        "set_size": 48,  # 2 seed sets (the default, the held-out split's 179, needs num_samples >= 179)
         "batch": 48,
         "grid_size": 4,
         "classifier": {"steps": 30, "batch": 64},
