@@ -196,3 +196,20 @@ def test_rejection_classifier_is_fetched_with_its_pin(setup, tmp_path):
         assert torch.equal(loaded(x, t), net(x, t))
     with pytest.raises(InputError, match="evaluate.rejection: .*sha256"):
         load_rejection_classifier(params("1" * 64), "cpu")
+
+
+@pytest.mark.slow  # an adaptive ODE solve per network: ~15 s on 2 cores
+def test_likelihood_stage_scores_the_released_checkpoint(setup, tmp_path):
+    """`likelihood` reads the same evaluate.student_source: bits/dim of the released student, no --student folder."""
+    from pipelines.likelihood import likelihood
+    from pipelines.support.params import load_params
+
+    s = setup
+    ev = _params(s).section("evaluate")
+    lk = {"num_samples": 1, "rtol": 1e-2, "atol": 1e-2}
+    params = load_params(ROOT / "params.yaml", overrides={"evaluate": ev, "likelihood": lk}, check_env=False)
+    out = tmp_path / "likelihood"
+    metrics = likelihood(params, s["data"], s["teacher"], s["root"] / "absent", out, progress=False, log_mlflow=False)
+    assert metrics["complete"] is True and math.isfinite(metrics["bpd_student"]), metrics
+    details = json.loads((out / "details.json").read_text())
+    assert details["student"]["variant"] == f"official:sony-ctm-imagenet64@sha256:{s['sha']}"
