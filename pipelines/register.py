@@ -13,8 +13,10 @@
    fingerprint: feature network, reference statistics, sample count, seeds) and the new value is better by more
    than `register.noise_z` × the measured noise of the difference and by more than `register.min_improvement`
    (relative); otherwise the version gets `@challenger`.
-4. Tags every version with its metrics (`metric.*`), evaluation protocol, data hash, teacher hash, git commit,
-   params hash, student sha256; logs the decision and its numbers to the run; writes `--out` (registry.json) atomically.
+4. Tags every version with its headline metric (`metric.<register.metric>` and its error bars), evaluation
+   protocol, data hash, teacher hash, git commit, params hash, student sha256 and image shape (a name holds one
+   shape: a student of another shape is refused in one line); logs the decision and its numbers to the run; writes
+   `--out` (registry.json) atomically.
 
 Tracking URI: env `MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` > absolute `sqlite:////<repo>/mlflow.db`; it is
 recorded (registry.json, the logged decision) and printed without user-info, password or query (`redact_uri`).
@@ -44,10 +46,14 @@ from pipelines.support.registry import (
     EVAL_STATUS_TAG,
     MANIFEST_TAG,
     PROTOCOL_TAG,
+    SHAPE_TAG,
     STUDENT_TAG,
     RegisterError,
     apply_decision,
     champion_evidence,
+    check_image_shape,
+    headline_metric_tags,
+    image_shape,
     log_decision,
     log_model_version,
     provenance,
@@ -87,7 +93,9 @@ def run(
     tags = run_tags("register", p_hash, root, data_hash=prov["data.hash"])
     tracking_uri = resolve_tracking_uri(params, root)
     client = MlflowClient(tracking_uri=tracking_uri)
+    check_image_shape(client, reg.model_name, image_shape(info))
     version_tags = {
+        SHAPE_TAG: image_shape(info),
         STUDENT_TAG: info["sha256"],
         "student.variant": info["variant"],
         "student.weights_sha256": info["weights_sha256"],
@@ -97,7 +105,7 @@ def run(
         "params.hash": p_hash,
         EVAL_STATUS_TAG: "ok" if status == "ok" else "failed",
         PROTOCOL_TAG: protocol_sha or "unknown",
-        **{f"metric.{k}": repr(v) for k, v in sorted(metrics.items())},
+        **headline_metric_tags(metrics, reg.metric),
     }
     if meta.get("params_hash"):
         version_tags["distill.params_hash"] = str(meta["params_hash"])

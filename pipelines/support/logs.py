@@ -1,7 +1,10 @@
 """Logging for the stage entry points: one call configures the root logger; modules use `logging.getLogger(__name__)`.
 
-Lines go to stderr as `LEVEL name: message` (DVC shows them as the stage runs). tqdm bars stay on for interactive
-terminals and are switched off when stderr is not a TTY (CI, `dvc repro` logs), so no escape codes reach log files.
+Lines go to stderr as `LEVEL name: message` (DVC shows them as the stage runs), once each: the root logger holds
+the only handler. tqdm bars stay on for interactive terminals and are switched off when stderr is not a TTY (CI,
+`dvc repro > log`), so no escape codes reach log files: the stages pass `progress_enabled()` to every bar, and
+`setup_logging` turns off the bars of the libraries we call (MLflow's "Downloading artifacts", env
+`MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`, read at each download) unless the user set that variable.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def setup_logging(level: int | str | None = None) -> None:
     logging.basicConfig(level=level, format=_FORMAT, stream=sys.stderr, force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_main_module_name)
+    if not progress_enabled():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def progress_enabled() -> bool:

@@ -11,6 +11,14 @@ Input (a pandas DataFrame, one request per row, or a dict of scalars = one reque
                         draw a random class per image from its own generator when absent; unconditional students
                         reject it
 
+Bounds: Σ num_samples × nfe over the rows of one request ≤ `MAX_EVALS_PER_REQUEST` (1024 image-network
+evaluations: the default digits student answers that in ~4 s on 2 busy CPU cores, inside `mlflow models serve`'s
+60 s request timeout); ask for more with several requests (image i of a request is seed + i, so `num_samples` 512
+at seeds 0 and 512 give the same images as one request of 1024 would).
+Bad requests raise `RequestError` (an MlflowException with INVALID_PARAMETER_VALUE, HTTP 400, and a ValueError) whose
+message is one line naming the field, what was expected and what came (`gamma: expected a number in [0, 1], got 2`);
+the served model answers with exactly that line as the JSON `message`.
+
 Output: uint8 numpy array (N, H, W, C), N = sum of num_samples over the rows, in request order. Pixel values are
 EDM's 8-bit mapping of the sampler output x ∈ [-1, 1]: clip(x·127.5 + 128, 0, 255) (NVlabs/edm generate.py's
 final conversion). For data with fewer levels (sklearn digits: 17 grey levels 0..16 mapped to [-1, 1] by
@@ -35,11 +43,16 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd  # the predict type hint (a DataFrame hint: MLflow infers nothing from it and does not warn)
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 __all__ = [
     "CTMSampler",
     "INPUT_COLUMNS",
-    "MAX_SAMPLES_PER_ROW",
+    "MAX_EVALS_PER_REQUEST",
+    "MAX_NFE",
+    "RequestError",
     "check_digests",
     "folder_digests",
     "input_example",
@@ -48,9 +61,33 @@ __all__ = [
 ]
 
 INPUT_COLUMNS = ("num_samples", "nfe", "gamma", "seed", "class_labels")
-MAX_SAMPLES_PER_ROW = 100_000
-MAX_NFE = 1000
+MAX_EVALS_PER_REQUEST = 1024  # Σ num_samples × nfe per request: answers well within the server's 60 s timeout
+MAX_NFE = MAX_EVALS_PER_REQUEST
 _CHUNK = 256  # images per forward pass (results do not depend on it: per-image generators)
+
+
+class RequestError(MlflowException, ValueError):
+    """A bad request, in one line (`<field>: expected ..., got ...`): HTTP 400 INVALID_PARAMETER_VALUE when served.
+
+    MLflow's scoring server (mlflow/pyfunc/scoring_server `invocations`) rewrites the `message` of an MlflowException
+    raised in predict to "Failed to predict data '<the whole request>'. Error: <message>" (and answers any other
+    exception with a generic message and the real one buried in a stack trace). This class keeps its own line:
+    `message` is set once, by the constructor, and later assignments are ignored, so the response's JSON
+    `message` is exactly the line.
+    """
+
+    def __init__(self, message: str):
+        self._line = None
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._line
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if self._line is None:
+            self._line = str(value)
 
 
 def folder_digests(root: str | os.PathLike[str], skip: frozenset[str] = frozenset()) -> dict[str, str]:
@@ -102,8 +139,6 @@ def to_uint8(x) -> np.ndarray:
 
 def input_example():
     """One request: 1 image, 1 step, deterministic (shown in the MLflow UI and used for the serving example)."""
-    import pandas as pd
-
     return pd.DataFrame({"num_samples": [1], "nfe": [1], "gamma": [0.0], "seed": [0]})
 
 
@@ -138,23 +173,21 @@ def _is_missing(v: Any) -> bool:
 
 def _as_int(name: str, v: Any, lo: int, hi: int) -> int:
     if isinstance(v, (bool, np.bool_)) or _is_missing(v):
-        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
+        raise RequestError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
     if isinstance(v, (float, np.floating)):
         if not float(v).is_integer():
-            raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
+            raise RequestError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
     try:
         i = int(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}") from None
+        raise RequestError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}") from None
     if not lo <= i <= hi:
-        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {i}")
+        raise RequestError(f"{name}: expected an integer in [{lo}, {hi}], got {i}")
     return i
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:
     """Requests as plain dicts from a DataFrame (one per row), a dict of scalars, or a list of dicts."""
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         return model_input.to_dict(orient="records")
     if isinstance(model_input, Mapping):
@@ -164,7 +197,7 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
         return [values]
     if isinstance(model_input, list) and all(isinstance(r, Mapping) for r in model_input):
         return [dict(r) for r in model_input]
-    raise ValueError(
+    raise RequestError(
         f"model_input: expected a pandas DataFrame or a dict with keys {list(INPUT_COLUMNS)}, got "
         f"{type(model_input).__name__}"
     )
@@ -214,7 +247,7 @@ class CTMSampler(mlflow.pyfunc.PythonModel):
         missing = missing or len(list(raw)) == 0
         if L == 0:
             if not missing:
-                raise ValueError(f"class_labels: this student is unconditional (label_dim 0), got {list(raw)!r}")
+                raise RequestError(f"class_labels: this student is unconditional (label_dim 0), got {list(raw)!r}")
             return None
         if missing:
             return None
@@ -222,15 +255,12 @@ class CTMSampler(mlflow.pyfunc.PythonModel):
         if len(labels) == 1:
             labels = labels * n
         if len(labels) != n:
-            raise ValueError(f"class_labels: expected 1 or num_samples={n} labels, got {len(labels)}")
+            raise RequestError(f"class_labels: expected 1 or num_samples={n} labels, got {len(labels)}")
         return torch.eye(L, dtype=torch.float32)[torch.tensor(labels, dtype=torch.int64)]  # (n, L)
 
-    def _sample(self, row: dict[str, Any]) -> np.ndarray:
-        import torch
-
-        from ctm_core.diffusion.samplers import StackedRandomGenerator, gamma_sampler
-
-        n = _as_int("num_samples", row.get("num_samples"), 1, MAX_SAMPLES_PER_ROW)
+    def _parse(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One request row checked: {'n', 'nfe', 'seed', 'gamma', 'labels' ((n, L) or None)}; RequestError if bad."""
+        n = _as_int("num_samples", row.get("num_samples"), 1, MAX_EVALS_PER_REQUEST)
         nfe = _as_int("nfe", row.get("nfe", 1), 1, MAX_NFE)
         seed = _as_int("seed", row.get("seed", 0), 0, 2**63 - 1)
         gamma = row.get("gamma", 0.0)
@@ -240,13 +270,20 @@ class CTMSampler(mlflow.pyfunc.PythonModel):
             or not isinstance(gamma, (int, float, np.number))
             or not 0.0 <= float(gamma) <= 1.0
         ):
-            raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
-        gamma = float(gamma)
+            raise RequestError(f"gamma: expected a number in [0, 1], got {gamma!r}")
+        return {"n": n, "nfe": nfe, "seed": seed, "gamma": float(gamma), "labels": self._labels(row, n)}
+
+    def _sample(self, req: dict[str, Any]) -> np.ndarray:
+        """(n, H, W, C) uint8 images of one parsed request (`_parse`)."""
+        import torch
+
+        from ctm_core.diffusion.samplers import StackedRandomGenerator, gamma_sampler
+
+        n, nfe, seed, gamma, labels_all = req["n"], req["nfe"], req["seed"], req["gamma"], req["labels"]
         st = self.student
         C, R = int(st.img_channels), int(st.img_resolution)
         out = []
         with torch.no_grad():
-            labels_all = self._labels(row, n)
             L = int(st.label_dim)
             for start in range(0, n, _CHUNK):
                 seeds = [seed + i for i in range(start, min(n, start + _CHUNK))]
@@ -272,15 +309,24 @@ class CTMSampler(mlflow.pyfunc.PythonModel):
                 out.append(to_uint8(x))
         return np.concatenate(out)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         """Images (N, H, W, C) uint8 for the requests in `model_input` (see the module docstring).
 
-        `model_input` is deliberately not type-hinted: the explicit signature (`make_signature`) validates the
-        columns (MLflow's UserWarning "Add type hints to the predict method" at import is expected).
+        Every row is checked, and the request's total Σ num_samples × nfe bounded by `MAX_EVALS_PER_REQUEST`, before
+        any image is drawn. The DataFrame type hint is MLflow's "no inference" hint: the explicit signature
+        (`make_signature`) describes the columns, and dicts / lists of dicts are accepted too (`_rows`).
         """
         if self.student is None:
             raise RuntimeError("CTMSampler: load_context() has not run (load the model with mlflow.pyfunc.load_model)")
         rows = _rows(model_input)
         if not rows:
-            raise ValueError("model_input: expected at least one request row, got none")
-        return np.concatenate([self._sample(r) for r in rows])
+            raise RequestError("model_input: expected at least one request row, got none")
+        requests = [self._parse(r) for r in rows]
+        evals = sum(r["n"] * r["nfe"] for r in requests)
+        if evals > MAX_EVALS_PER_REQUEST:
+            raise RequestError(
+                f"num_samples × nfe: expected at most {MAX_EVALS_PER_REQUEST} per request (summed over rows), got "
+                f"{evals} (fix: split it into several requests, each starting at seed + the images before it: the "
+                "same images as one request)"
+            )
+        return np.concatenate([self._sample(r) for r in requests])

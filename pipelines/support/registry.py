@@ -39,12 +39,16 @@ __all__ = [
     "MANIFEST_TAG",
     "MODEL_ARTIFACT_NAME",
     "PROTOCOL_TAG",
+    "SHAPE_TAG",
     "STUDENT_TAG",
+    "check_image_shape",
     "RegisterError",
     "apply_decision",
     "champion_evidence",
     "champion_version",
     "float_tag",
+    "headline_metric_tags",
+    "image_shape",
     "log_decision",
     "log_model_version",
     "metric_tags",
@@ -62,9 +66,15 @@ STUDENT_TAG = "ctm.student_sha256"
 EVAL_STATUS_TAG = "ctm.eval_status"
 PROTOCOL_TAG = "eval.protocol_sha256"
 DECISION_TAG = "ctm.decision"
+SHAPE_TAG = "image.shape"  # HxWxC of the images the version draws; one registered name holds one shape
 MANIFEST_TAG = "ctm.manifest_sha256"  # sha256 of MANIFEST_FILE: the digest every other file is checked against
 MANIFEST_FILE = "ctm_manifest.json"  # {relative path: sha256} of every other file of the logged model
 ENTRY_FILE = "ctm_sampler_entry.py"  # the models-from-code file (lands at the model's root)
+# MLflow writes this file ({model_name, model_version}, YAML, read by nothing that runs) into the model folder on every
+# models:/ download; with a local artifact store that folder is the store itself (mlflow/store/artifact/
+# models_artifact_repo.py `_add_registered_model_meta_file`), so after one `mlflow models serve -m models:/...` it
+# is there for good. It is the one file a verified folder may hold beyond the manifest.
+MLFLOW_DOWNLOAD_META = "registered_model_meta"
 # Keys looked up in the student's config.json `meta` (written by the distill stage) for the provenance tags.
 _META_KEYS = {
     "data.hash": ("data_hash", "data_sha256", "data_md5"),
@@ -252,6 +262,34 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
+def image_shape(info: dict[str, Any]) -> str:
+    """`HxWxC` of the student (`student_info` `info`): the value of `SHAPE_TAG`."""
+    kw = info["config"]["init_kwargs"]
+    return f"{kw['img_resolution']}x{kw['img_resolution']}x{kw['img_channels']}"
+
+
+def check_image_shape(client, model_name: str, shape: str) -> None:
+    """Raise RegisterError (one line) if `model_name` already holds versions of another image shape (`SHAPE_TAG`):
+    a model trained on other data must get its own name, not stack on the digits model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return
+    other = sorted(
+        ((v.tags or {}).get(SHAPE_TAG), int(v.version))
+        for v in versions
+        if (v.tags or {}).get(SHAPE_TAG) not in (None, shape)
+    )
+    if other:
+        found, version = other[-1]
+        raise RegisterError(
+            f"register.model_name: {model_name!r} holds {found} models (version {version}), got a {shape} student "
+            "(fix: set register.model_name and mlflow.experiment_name to a name for this data, e.g. ctm-cifar10)"
+        )
+
+
 def _find_version(client, name: str, student_sha256: str):
     """The newest existing version of `name` whose STUDENT_TAG equals `student_sha256`, or None."""
     from mlflow.exceptions import MlflowException
@@ -393,7 +431,8 @@ def verify_registered_model(
             "(fix: the model's files were modified in the artifact store; register the student again)"
         )
     try:
-        check_digests(local, json.loads(data)["files"], "model files", skip=frozenset({MANIFEST_FILE}))
+        skip = frozenset({MANIFEST_FILE, MLFLOW_DOWNLOAD_META})
+        check_digests(local, json.loads(data)["files"], "model files", skip=skip)
     except ValueError as e:
         raise RegisterError(f"{uri}: {e}") from None
     return str(local)
@@ -429,6 +468,13 @@ def champion_evidence(client, reg):
         return None, None
     noise = metric_noise(metric_tags(champ), reg.metric)
     return champ, Evidence(float_tag(champ, f"metric.{reg.metric}"), noise, (champ.tags or {}).get(PROTOCOL_TAG))
+
+
+def headline_metric_tags(metrics: dict[str, Any], metric: str) -> dict[str, str]:
+    """The `metric.*` tags a version carries: the gate's metric and the error bars `metric_noise` reads from it
+    (`_std`, `_ci_low`, `_ci_high`), not every number of the evaluation (those stay in the run and metrics.json)."""
+    keys = (metric, f"{metric}_std", f"{metric}_ci_low", f"{metric}_ci_high")
+    return {f"metric.{k}": repr(metrics[k]) for k in keys if k in metrics}
 
 
 def metric_tags(mv) -> dict[str, float]:

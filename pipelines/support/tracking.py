@@ -5,6 +5,8 @@
 - One MLflow run per (stage, params hash): `start_run` finds the run by the tag `ctm.run_key` and resumes it, so a
   repeated `dvc repro` (or a killed-and-restarted stage) logs into the same run instead of creating duplicates.
 - Every run carries the git commit, dirty flag, DVC stage, params hash and data hash as tags.
+- Every experiment is tagged `mlflow.experimentKind: custom_model_development` (`EXPERIMENT_KIND_TAG`): the MLflow 3
+  UI reads that tag (its JS enum ExperimentKind) to open the experiment on the training runs, not the GenAI overview.
 - Nothing this module stores or raises carries credentials: tags, flattened params and logged dicts have every URI
   redacted (`ctm_core.redact`: user-info, password, query, fragment -> `***`), and so have MLflow's error messages
   (which quote the tracking URI). `public_tracking_uri` is the form to write into files such as registry.json.
@@ -26,6 +28,8 @@ from typing import Any
 from ctm_core.redact import redact_text, redact_uri
 
 __all__ = [
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
     "RUN_KEY_TAG",
     "data_hash_from_lock",
     "default_repo_root",
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 RUN_KEY_TAG = "ctm.run_key"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to pick the experiment's default page
+EXPERIMENT_KIND = "custom_model_development"  # "training runs" (the other kinds: genai_development, ...)
 
 
 def default_repo_root() -> Path:
@@ -184,11 +190,15 @@ def _experiment_id(client: Any, name: str, tracking_uri: str, repo_root: Path) -
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) is None:  # an experiment made before the tag, or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:"):  # keep artifacts next to the DB, not under whatever the cwd is
         artifact_location = (repo_root / "mlruns").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(
+        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 @contextlib.contextmanager

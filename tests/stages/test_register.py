@@ -37,12 +37,12 @@ PARAMS = ROOT / "params.yaml"
 NAME = "ctm-test"
 
 
-def _make_student(folder: Path, seed: int, run_id: str | None = None) -> Path:
-    """A tiny 8x8x1 CTM student (online + ema_0.999 weights that differ) written with save_student."""
+def _make_student(folder: Path, seed: int, run_id: str | None = None, resolution: int = 8, channels: int = 1) -> Path:
+    """A tiny CTM student (8x8x1 by default; online + ema_0.999 weights that differ) written with save_student."""
     torch.manual_seed(seed)
     s = CTMStudent(
-        img_resolution=8,
-        img_channels=1,
+        img_resolution=resolution,
+        img_channels=channels,
         model_type="SongUNet",
         model_channels=16,
         channel_mult=[1, 2],
@@ -268,7 +268,9 @@ def test_champion_moves_only_beyond_measured_noise(repo, params, students, tmp_p
     )
     assert r1["decision"] == "champion" and r1["aliases"] == ["champion"] and r1["version"] == "1"
     mv1 = client.get_model_version(NAME, "1")
-    assert mv1.tags["metric.fd_nfe1"] == "10.0" and mv1.tags["metric.fd_nfe2"] == "8.0"
+    # a few headline tags: the gate's metric and its error bar, not every number of the evaluation
+    assert mv1.tags["metric.fd_nfe1"] == "10.0" and mv1.tags["metric.fd_nfe1_std"] == "0.1"
+    assert "metric.fd_nfe2" not in mv1.tags and mv1.tags["image.shape"] == "8x8x1"
     assert mv1.tags["teacher.hash"] == "teacher1" and mv1.tags["data.hash"] == "data-md5"
     assert mv1.tags["params.hash"] == r1["params_hash"] and "git.commit" in mv1.tags
     assert mv1.tags["student.variant"] == "ema_0.999"  # evaluate.ema of the params
@@ -295,6 +297,21 @@ def test_champion_moves_only_beyond_measured_noise(repo, params, students, tmp_p
     r3b = _register(params, students["c"], tmp_path / "e3", repo)
     assert r3b["version"] == "3" and r3b["reused_version"] and r3b["decision"] == "challenger"
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 3
+
+
+def test_one_name_holds_one_image_shape(repo, params, students, tmp_path):
+    """A student of other data (another H×W×C) under the same register.model_name is refused in one line, before
+    anything is logged; under its own name it registers."""
+    from pipelines.support.registry import RegisterError
+
+    _register(params, students["a"], _eval(tmp_path / "e1", fd_nfe1=10.0, fd_nfe1_std=0.1), repo)
+    rgb = _make_student(tmp_path / "rgb", seed=4, resolution=4, channels=3)
+    with pytest.raises(RegisterError) as e:
+        run(params, rgb, _eval(tmp_path / "e2", fd_nfe1=9.0, fd_nfe1_std=0.1), repo / "r.json", repo_root=repo)
+    assert str(e.value).startswith(f"register.model_name: '{NAME}' holds 8x8x1 models (version 1), got a 4x4x3 student")
+    assert "\n" not in str(e.value) and len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == 1
+    own = load_params(PARAMS, {"register": {"model_name": "ctm-rgb"}}, check_env=False)
+    assert _register(own, rgb, tmp_path / "e2", repo)["decision"] == "champion"
 
 
 def test_failed_evaluation_never_promotes(repo, params, students, tmp_path, capsys):
