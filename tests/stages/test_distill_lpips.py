@@ -137,3 +137,18 @@ def test_altered_or_wrong_lpips_files_stop_before_ray(inputs, tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("ERROR pipelines.distill: distill.lpips:"), err
     assert not Path(raytmp).exists() and not (tmp_path / "out").exists()  # Ray never started
+
+
+def test_tune_checks_lpips_files_before_ray(inputs, tmp_path):  # noqa: F811
+    """The tune stage's input check fetches and verifies the LPIPS files too (its trials' workers build LPIPS)."""
+    from ctm_core.errors import InputError
+    from pipelines.support.tune_search import check_tune_inputs
+
+    files = tiny_lpips_files(tmp_path / "lpips")
+    data, teacher = inputs / "data", inputs / "teacher"
+    check_tune_inputs(_params(inputs, "unused", **files), data, teacher)  # pinned files: fine
+    files["distill.lpips.linear_sha256"] = "f" * 64
+    with pytest.raises(InputError) as info:
+        check_tune_inputs(_params(inputs, "unused", **files), data, teacher)
+    assert str(info.value).startswith("distill.lpips.linear_source:") and "sha256 mismatch" in str(info.value)
+    assert "\n" not in str(info.value)
