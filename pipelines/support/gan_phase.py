@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctm_core.config import DistillParams, GanParams, Params, ParamsError
+from ctm_core.config import DistillParams, Params, ParamsError, with_changes
 
 if TYPE_CHECKING:
     import torch
@@ -48,20 +48,27 @@ def check_gan_phase(params: Params, card: DatasetCard) -> None:
         )
 
 
-def fetch_feature_networks(gan: GanParams, repo_root: Path) -> dict[str, str] | None:
-    """{backbone name: local verified file} for ``discriminator: projected`` (None for scratch); fetches with the
-    pinned sha256 (or records it once), raising ``FetchError`` with the fix."""
+def fetch_feature_networks(params: Params) -> tuple[Params, dict[str, str] | None]:
+    """For ``discriminator: projected``: fetch both timm files with their sha256 pins (``record``: fetched once and
+    the digest taken from the cache entry) and return (params with the digests filled in, {backbone name: local
+    verified file}); the params unchanged and None otherwise. Raises ``FetchError`` naming the fix."""
+    gan = params.distill.gan
     if not gan.enabled or gan.discriminator != "projected":
-        return None
-    from pipelines.support.fetch import fetch
+        return params, None
+    from pipelines.support.fetch import fetch, recorded_sha256
 
     cache = Path(gan.cache_dir)
-    cache = cache if cache.is_absolute() else repo_root / cache
-    out = {}
+    cache = cache if cache.is_absolute() else params.repo_root / cache
+    files, pins = {}, {}
     for field, backbone in FEATURE_NETS.items():
         f = getattr(gan, field)
-        out[backbone] = str(fetch(f.source, cache_dir=cache, sha256=f.sha256))
-    return out
+        path = fetch(f.source, cache_dir=cache, sha256=f.sha256)
+        files[backbone] = str(path)
+        pins[f"gan.{field}.sha256"] = recorded_sha256(path)  # the run identity names the bytes, never 'record'
+    distill = with_changes(params.distill, pins)
+    pinned = params.model_copy(update={"distill": distill})
+    pinned._repo_root = params.repo_root
+    return pinned, files
 
 
 def build_phase_discriminator(

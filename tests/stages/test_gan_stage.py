@@ -89,3 +89,31 @@ def test_projected_needs_rgb_and_pins(inputs):  # noqa: F811
     with pytest.raises(ParamsError, match="1-channel data") as info:
         check_gan_phase(params, load_card(inputs / "data"))  # digits are grey: refused before any fetch or Ray
     assert info.value.key == "distill.gan.discriminator"
+
+
+def test_feature_networks_fetched_with_pins(inputs, tmp_path):  # noqa: F811
+    """`record` fetches each file once and puts its digest into the section (the run identity names the bytes);
+    a wrong pin is refused before Ray, nothing of it left in the cache."""
+    import hashlib
+
+    from pipelines.support.fetch import ChecksumMismatchError
+    from pipelines.support.gan_phase import fetch_feature_networks
+
+    files = {}
+    for name in ("deit", "efficientnet"):
+        files[name] = tmp_path / f"{name}.pth"
+        torch.save({"w": torch.full((2,), float(len(name)))}, files[name])
+    edits = {**GAN, "distill.gan.discriminator": "projected", "distill.gan.cache_dir": str(tmp_path / "cache")}
+    for name, f in files.items():
+        edits[f"distill.gan.{name}.source"] = str(f)
+        edits[f"distill.gan.{name}.sha256"] = "record"
+    pinned, weights = fetch_feature_networks(_params(inputs, "unused", **edits))
+    for name, f in files.items():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        assert getattr(pinned.distill.gan, name).sha256 == digest
+        assert Path(weights[{"deit": "deit_base_distilled_patch16_224"}.get(name, "tf_efficientnet_lite0")]).is_file()
+    edits["distill.gan.deit.sha256"] = "0" * 64
+    with pytest.raises(ChecksumMismatchError):
+        fetch_feature_networks(_params(inputs, "unused", **edits))
+    scratch = _params(inputs, "unused", **GAN)
+    assert fetch_feature_networks(scratch) == (scratch, None)  # offline: nothing fetched
