@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from ctm_core.nets.official.adm import EncoderUNet
-from ctm_core.nets.official.loader import _int_list, check_fits, read_official_state_dict
+from ctm_core.nets.official.loader import check_fits, parse_int_list, read_official_state_dict
 
 __all__ = [
     "CLASSIFIER_FLAGS",
@@ -65,12 +65,12 @@ def build_adm_classifier(**flags: Any) -> EncoderUNet:
     f = {**CLASSIFIER_FLAGS, **flags}
     size = int(f["image_size"])
     if f["channel_mult"]:
-        mult = _int_list("channel_mult", f["channel_mult"])
+        mult = parse_int_list("channel_mult", f["channel_mult"])
     elif size in _CHANNEL_MULT:
         mult = _CHANNEL_MULT[size]
     else:
         raise ValueError(f"image_size: expected one of {sorted(_CHANNEL_MULT)} (or give channel_mult), got {size}")
-    attention = _int_list("classifier_attention_resolutions", f["classifier_attention_resolutions"])
+    attention = parse_int_list("classifier_attention_resolutions", f["classifier_attention_resolutions"])
     net = EncoderUNet(
         img_resolution=size,
         in_channels=3,

@@ -208,6 +208,15 @@ def test_pickled_code_and_non_state_dicts_are_refused(tmp_path):
         load_official_ctm(ints, "ctm-cifar10")
 
 
+def test_params_schema_offers_exactly_the_loader_presets():
+    import typing
+
+    from ctm_core.config import StudentSourceParams
+    from ctm_core.nets.official.loader import OFFICIAL_PRESETS
+
+    assert set(typing.get_args(StudentSourceParams.model_fields["preset"].annotation)) == set(OFFICIAL_PRESETS)
+
+
 def test_release_presets_build_with_the_release_shapes():
     """The release flags give the release widths (shapes from docs/ctm.md#14-imagenet-64-student; no released file
     can be fetched here to compare)."""

@@ -39,9 +39,12 @@ __all__ = [
     "OFFICIAL_PRESETS",
     "ADMStudent",
     "build_official_ctm",
+    "check_fits",
     "check_official_ctm",
     "load_official_ctm",
+    "parse_int_list",
     "read_official_state_dict",
+    "resolve_flags",
 ]
 
 # preset -> its official constructor flags and their release values (docs/official.md#21-presets-and-flags).
@@ -63,7 +66,7 @@ _SIGMA = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)  # both codebases
 MAX_MESSAGE_CHARS = 600
 
 
-def _int_list(name: str, value: Any) -> list[int]:
+def parse_int_list(name: str, value: Any) -> list[int]:
     """'1,2,3,4' or [1, 2, 3, 4] -> [1, 2, 3, 4] (the official scripts pass comma-separated strings)."""
     items = value.split(",") if isinstance(value, str) else value
     try:
@@ -131,13 +134,13 @@ def build_official_ctm(preset: str, **flags: Any) -> CTMStudent:
     f = resolve_flags(preset, flags)
     if preset == "sony-ctm-imagenet64":
         image_size = int(f["image_size"])
-        attention_ds = [image_size // r for r in _int_list("attention_resolutions", f["attention_resolutions"])]
+        attention_ds = [image_size // r for r in parse_int_list("attention_resolutions", f["attention_resolutions"])]
         student: CTMStudent = ADMStudent(
             image_size,
             3,
             int(f["num_classes"]),
             model_channels=int(f["num_channels"]),
-            channel_mult=_int_list("channel_mult", f["channel_mult"]),
+            channel_mult=parse_int_list("channel_mult", f["channel_mult"]),
             num_res_blocks=int(f["num_res_blocks"]),
             attention_ds=attention_ds,
             num_heads=int(f["num_heads"]),
