@@ -35,9 +35,10 @@ class DistillRunError(RuntimeError):
 
 def run_identity(d: DistillParams, card: DatasetCard, teacher_weights_sha256: str | None, workers: int) -> dict:
     """What names the Ray run: the distill section, the train shards' sha256s, the teacher's weights sha256 and the
-    worker count; where the inputs came from (disk or S3) is not."""
+    worker count; where the inputs came from (disk or S3) is not, nor where the LPIPS files came from or are cached
+    (their sha256 pins are)."""
     return {
-        "distill": d.model_dump(),
+        "distill": d.model_dump(exclude={"lpips": {"vgg16_source", "linear_source", "cache_dir"}}),
         "data": [s.sha256 for s in card.splits["train"].shards],
         "teacher": teacher_weights_sha256,
         "workers": workers,
