@@ -19,7 +19,13 @@ from ctm_core.errors import InputError
 from pipelines.support.io_utils import one_line
 from pipelines.support.params import resolve_path
 
-__all__ = ["OfficialVariant", "load_official_student", "load_rejection_classifier", "resolve_student_source"]
+__all__ = [
+    "OfficialVariant",
+    "load_official_student",
+    "load_rejection_classifier",
+    "rejection_samples",
+    "resolve_student_source",
+]
 
 
 class OfficialVariant(str):
@@ -97,3 +103,29 @@ def load_rejection_classifier(params: Params, device, *, progress: bool = False)
     if classifier.official["sha256"] != digest:
         raise InputError(f"{path.name}: changed after its sha256 {digest} was verified")
     return classifier.to(device)
+
+
+def rejection_samples(params: Params, student, *, img_shape: tuple[int, int, int], device, progress: bool = False):
+    """`evaluate.rejection` for the evaluate stage (docs/official.md#34-status): the N = `evaluate.num_samples`
+    samples kept out of a pool drawn from seeds `seed_start + i`, i < N·(1 + ratio), with the pinned classifier.
+
+    Returns (samples (N, C, H, W) float64, not clamped; details for fd_details.json)."""
+    from ctm_core.eval.rejection import pool_size, rejection_sample
+
+    ev, rj = params.evaluate, params.evaluate.rejection
+    classifier = load_rejection_classifier(params, device, progress=progress)
+    P = pool_size(ev.num_samples, rj.ratio)
+    seeds = list(range(ev.seed_start, ev.seed_start + P))
+    x, _, keep = rejection_sample(
+        student, classifier, seeds, num_out=ev.num_samples, ratio=rj.ratio, sigma=rj.sigma, img_shape=img_shape,
+        batch=ev.batch, device=device,
+    )  # fmt: skip
+    details = {
+        "pool": P,
+        "pool_seeds": [seeds[0], seeds[-1]],
+        "kept_distinct": len(set(keep.tolist())),
+        "ratio": rj.ratio,
+        "sigma": rj.sigma,
+        "classifier_sha256": classifier.official["sha256"],
+    }
+    return x, details

@@ -198,6 +198,15 @@ def test_rejection_classifier_is_fetched_with_its_pin(setup, tmp_path):
     with pytest.raises(InputError, match="evaluate.rejection: .*sha256"):
         load_rejection_classifier(params("1" * 64), "cpu")
 
+    # The stage-side call: N = evaluate.num_samples kept out of N·1.5 one-step samples of the released student.
+    from pipelines.support.student_source import rejection_samples
+
+    ev = {**_params(setup).section("evaluate"), "rejection": params(sha).section("evaluate")["rejection"]}
+    p = load_params(ROOT / "params.yaml", overrides={"evaluate": ev}, check_env=False)
+    x, details = rejection_samples(p, setup["student"], img_shape=(3, 16, 16), device="cpu")
+    assert x.shape == (12, 3, 16, 16) and details["pool"] == 18 and details["classifier_sha256"] == sha
+    assert details["pool_seeds"] == [0, 17] and 1 <= details["kept_distinct"] <= 12
+
 
 @pytest.mark.slow  # an adaptive ODE solve per network: ~15 s on 2 cores
 def test_likelihood_stage_scores_the_released_checkpoint(setup, tmp_path):
