@@ -127,7 +127,8 @@ def log_stage_to_mlflow(
 
     run_id = None
     run_json = student / "run.json"
-    if run_json.is_file():
+    released = params.evaluate.student_source.uri is not None  # scored a released checkpoint, not the run's student
+    if run_json.is_file() and not released:
         try:
             run_id = read_json(run_json).get("mlflow_run_id")
         except (OSError, ValueError):
