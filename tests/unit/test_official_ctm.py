@@ -228,3 +228,19 @@ def test_release_presets_build_with_the_release_shapes():
     assert tuple(sd["input_blocks.5.1.qkv.weight"].shape) == (1152, 384, 1, 1)  # 32x32 attention, 6 heads of 64
     assert tuple(sd["out.2.weight"].shape) == (3, 192, 3, 3)
     assert tuple(cifar.state_dict()["model.map_layer0_s.weight"].shape) == (512, 128)
+
+
+@torch.no_grad()
+def test_cifar10_release_layout_is_the_distill_students_layout(official):
+    """docs/official.md#5: a ctm-cifar10 checkpoint loads strictly into the student the distill stage builds from an
+    EDM DDPM++ teacher of the same width (CTMStudent.from_teacher), so continuing training needs no key mapping."""
+    from ctm_core.nets.precond import EDMPrecond
+    from ctm_core.nets.student import CTMStudent
+
+    path, ref = official("ctm_cifar10_cond_tiny")
+    arch = dict(model_channels=8, channel_mult=[2, 2, 2], num_blocks=1, attn_resolutions=[16], dropout=0.13)
+    teacher = EDMPrecond(32, 3, label_dim=10, model_type="SongUNet", **arch)
+    student = CTMStudent.from_teacher(teacher).eval()
+    student.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x, t, s = ref["call1_x_t"], ref["call1_t"], ref["call1_s"]
+    torch.testing.assert_close(student.G(x, t, s, _onehot(ref["call1_y"], 10)), ref["call1_G"], **TOL)
