@@ -1210,7 +1210,11 @@ def _check_gan_phase(d: DistillParams) -> None:
                 f"{_fmt(f.sha256)} (fix: set it, or use discriminator: scratch offline)",
             )
     if g.changes:
-        gan_phases(d)  # the phase-2 section validates like params.yaml (ParamsError names its key)
+        try:
+            gan_phases(d)  # the phase-2 section validates like params.yaml
+        except ParamsError as e:  # name the change that broke it: distill.K -> distill.gan.changes.K
+            key = e.key.replace("distill.", "distill.gan.changes.", 1) if e.key.startswith("distill.") else e.key
+            raise ParamsError(key, f"in the GAN phase: {e.problem}") from None
 
 
 def gan_phases(d: DistillParams) -> tuple[DistillParams, DistillParams | None]:

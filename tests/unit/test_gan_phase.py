@@ -69,7 +69,11 @@ def test_phases_of_the_section():
 
 @pytest.mark.parametrize(
     "changes,key",
-    [({"seed": 1}, "distill.gan.changes.seed"), ({"eval_emas": [0.5]}, "distill.gan.changes.eval_emas")],
+    [
+        ({"seed": 1}, "distill.gan.changes.seed"),
+        ({"eval_emas": [0.5]}, "distill.gan.changes.eval_emas"),
+        ({"K": 8}, "distill.gan.changes.K"),  # an invalid phase-2 section (K < N = 8) names the change
+    ],
 )
 def test_fixed_keys_and_cm_mode_refused(changes, key):
     with pytest.raises(ParamsError) as info:
