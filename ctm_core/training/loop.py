@@ -23,7 +23,8 @@ the microbatches i ≡ rank (mod W), scales each microbatch loss by b/(global ba
 summation order. ``metric_sync`` sums the per-rank metric contributions likewise.
 
 A checkpoint holds everything needed to continue exactly and is loadable with ``torch.load(weights_only=True)``;
-saving is atomic (temp file in the same folder + os.replace).
+saving is atomic (temp file in the same folder + os.replace). ``load_checkpoint`` resumes a run of the same loss;
+``continue_from`` starts a later phase (the GAN phase) from an earlier phase's state (docs/gan.md).
 
 The library does no logging/tracking: metrics go to ``metrics_callback(step, {name: float})``.
 """
