@@ -77,9 +77,7 @@ def run_distill(
     card = check_inputs(inputs.data_dir, inputs.teacher_dir)
     check_gan_phase(params, card)
     root = tracking.default_repo_root()
-    params, feature_weights = fetch_feature_networks(params)  # projected D: pinned files, before Ray
-    d = params.distill
-    phase1, phase2 = gan_phases(d)
+    feature_weights = fetch_feature_networks(d.gan, params.repo_root)  # projected D: pinned files, before Ray
     teacher_sha = read_json(inputs.teacher_dir / "config.json").get("weights_sha256")
     ident = run_identity(phase1, card, teacher_sha, workers)
     name = name1 = run_name(ident)
@@ -98,6 +96,7 @@ def run_distill(
         flat = tracking.flatten({"distill": d.model_dump(), "ray.num_workers": workers})
         if new := {k: str(v) for k, v in flat.items() if k not in logged}:
             mlflow.log_params(new)
+        tracking.log_prepared_dataset(inputs.data_dir)  # the run's dataset input, with the card's digest
         run_kw = dict(workers=workers, mlflow_run_id=run.info.run_id, tracking_uri=tracking_uri)
         state, fit_record = distill_run.fit(params, inputs, card, name=name1, distill=phase1, **run_kw)
         if phase2 is not None:
@@ -153,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         if not (submitting and any(str(v).startswith("s3://") for v in (args.data, args.teacher))):
             inputs = resolve_inputs(args.data, args.teacher)
             card = check_inputs(inputs.data_dir, inputs.teacher_dir)
-            check_gan_phase(params, card)
     except (ParamsError, FileNotFoundError, ValueError) as e:
         logger.error("%s", one_line(e))
         return 2

@@ -77,6 +77,9 @@ def run(
         if kind == "train":
             cb = None
             if mlflow is not None:
+                from pipelines.support.tracking import log_prepared_dataset
+
+                log_prepared_dataset(data_dir)  # the run's dataset input, with the card's digest
                 cb = lambda step, m: mlflow.log_metrics({f"teacher/{k}": float(v) for k, v in m.items()}, step=step)
             meta = train_teacher(params, data_dir, out_dir, progress=progress, metrics_callback=cb)
             summary = {

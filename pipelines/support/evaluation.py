@@ -116,6 +116,7 @@ def _classifier_space(params: Params, card: DatasetCard, data: Path, folder: Pat
     models' FDs (docs/evaluation.md#data-floor)."""
     from ctm_core.eval.classifier import classifier_features
     from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
+    from pipelines.support.fid_reference import warn_if_weak_classifier
 
     ev, num_levels = params.evaluate, card.image.num_levels
     clf, info, (x_train, x_held) = train_feature_classifier(params, card, data, folder, progress)
@@ -131,6 +132,7 @@ def _classifier_space(params: Params, card: DatasetCard, data: Path, folder: Pat
     metrics: dict[str, Any] = {"num_reference": int(len(f_train)), "num_heldout": int(len(x_held))}
     if info["heldout_accuracy"] is not None:
         metrics["classifier_accuracy"] = float(info["heldout_accuracy"])
+        warn_if_weak_classifier(metrics["classifier_accuracy"])
     if len(x_held) >= 2:
         f_held = classifier_features(clf, x_held)
         metrics["fd_heldout_vs_train"] = frechet_distance(*feature_statistics(f_held), mu_ref, sigma_ref)

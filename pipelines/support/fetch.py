@@ -371,7 +371,8 @@ def _with_retries(fn: Callable[[], tuple[Path, str]], uri: str, retries: int, ba
             attempt += 1
             if attempt > retries:
                 raise FetchError(
-                    f"giving up on {uri} after {attempt} attempts ({e}): check the network / server and retry"
+                    f"giving up on {uri} after {attempt} attempts ({e}): check the network / server and retry, or "
+                    "download the file elsewhere and set the source to its local path (same sha256 pin)"
                 ) from e
             time.sleep(backoff_s * 2 ** (attempt - 1))
 

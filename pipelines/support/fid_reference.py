@@ -57,6 +57,7 @@ __all__ = [
     "FIDSetup",
     "FIDSetupError",
     "KID_REFERENCE_FEATURES",
+    "MIN_CLASSIFIER_ACCURACY",
     "PREPROCESS_VERSION",
     "ReferenceInfo",
     "data_hash",
@@ -67,6 +68,7 @@ __all__ = [
     "reference_from_data",
     "reference_from_file",
     "setup_inception_fid",
+    "warn_if_weak_classifier",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,25 @@ logger = logging.getLogger(__name__)
 PREPROCESS_VERSION = "fid-v2:edm-uint8(x*127.5+128,clip)|gray->rgb|tf1-bilinear-299|(x-128)/128"
 KID_REFERENCE_FEATURES = 2000  # reference features kept for KID (2 subsets' worth of torch-fidelity's 1000)
 CACHE_FORMAT = 1
+
+
+# Below this held-out accuracy the feature classifier confuses too many classes for its features (and an FD on them)
+# to tell good samples from bad: on the digits default it reaches ~0.95; a small net on CIFAR-10 ~0.5.
+MIN_CLASSIFIER_ACCURACY = 0.8
+
+
+def warn_if_weak_classifier(accuracy: float | None) -> bool:
+    """Log one warning line when the FD feature classifier's held-out `accuracy` is below `MIN_CLASSIFIER_ACCURACY`;
+    returns whether it warned."""
+    if accuracy is None or accuracy >= MIN_CLASSIFIER_ACCURACY:
+        return False
+    logger.warning(
+        "evaluate: the feature classifier's held-out accuracy is %.2f (< %.2f), so its Fréchet distances mean little "
+        "(fix: raise evaluate.classifier.steps, or use evaluate.features: inception for 8-bit RGB data)",
+        accuracy,
+        MIN_CLASSIFIER_ACCURACY,
+    )
+    return True
 
 
 class FIDSetupError(ValueError):
@@ -137,7 +158,14 @@ def load_inception(params: Params, *, progress: bool = False) -> tuple[torch.nn.
     try:
         path = fetch(source, cache, sha256=inc.sha256, progress=progress)
         digest = recorded_sha256(path)
-    except (FetchError, ValueError, OSError) as e:
+    except FetchError as e:  # offline, or the server is down: name both ways out
+        pin = inc.sha256 if inc.sha256 != "record" else "its sha256"
+        raise FIDSetupError(
+            f"evaluate.inception.source: cannot fetch {Path(source).name} ({one_line(e, limit=300)}) (fix: copy "
+            f"that file to this machine and set evaluate.inception.source to its path, keeping evaluate.inception."
+            f"sha256 {pin}; or set evaluate.features: classifier, which needs no download)"
+        ) from None
+    except (ValueError, OSError) as e:
         raise FIDSetupError(f"evaluate.inception.source: {one_line(e, limit=600)}") from None
     try:
         model = FIDInception.from_file(path, expected_sha256=digest)

@@ -15,6 +15,16 @@ sessions on one machine never overwrite each other's token in `~/.ray`. `auth="d
 remote cluster needs that cluster's token in `RAY_AUTH_TOKEN` (or `RAY_AUTH_TOKEN_PATH`); we do not touch the auth
 variables then.
 
+Quiet logs (docs/pipeline.md#logs): a local cluster is configured so that Ray prints nothing that does not concern the
+user, at the source, through the environment its processes inherit (`QUIET_LOCAL_ENV`, each variable only if the user
+has not set it): no preemption watcher (Ray Train's `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`; a single local node is
+never drained, and its actor logs a core_worker error at every start), a raylet worker-startup limit of the logical
+CPUs we give Ray (`RAY_worker_maximum_startup_concurrency`; the default, the physical core count, makes the raylet
+warn "N PYTHON worker processes ... 4x the maximum expected startup concurrency" on 2 cores as soon as Train's
+controller, workers and dataset actors start), and `PYTHONWARNINGS` set, which stops Ray from turning its own
+RayDeprecationWarnings on (ray/util/annotations.py does so only when no warning option is given) and ignores the
+`ExecutionOptions.exclude_resources` one that Ray Train's own DatasetManager triggers.
+
 The default temp dir is under the shared `/tmp`, so anyone on the machine could create it, or plant an
 `auth_token` there first and then know the token of our cluster. An existing temp dir must be ours and not
 writable by others, and an existing token file is reused only if it is a regular file (not a link) owned by us with
@@ -34,9 +44,35 @@ from ctm_core.config import Params
 from ctm_core.redact import redact_uri
 from pipelines.support.params import resolve_path
 
-__all__ = ["check_private_file", "connect_or_start", "init_local_ray", "shutdown", "storage_path", "tune_search_space"]
+__all__ = [
+    "check_private_file",
+    "connect_or_start",
+    "init_local_ray",
+    "quiet_local_env",
+    "shutdown",
+    "storage_path",
+    "tune_search_space",
+]
 
 _AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_DATA_DISABLE_PROGRESS_BARS")
+# Ray's internal deprecation warning triggered by Ray Train itself (not by our code): ignored in Ray's processes.
+_RAY_INTERNAL_WARNINGS = "ignore:`ExecutionOptions.exclude_resources`:DeprecationWarning"
+
+
+def quiet_local_env(num_cpus: int) -> dict[str, str]:
+    """The environment a local cluster starts with so that Ray's processes print nothing the user cannot act on
+    (module doc); variables the user set are left alone (`PYTHONWARNINGS` is extended, not replaced)."""
+    env = {
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "RAY_worker_maximum_startup_concurrency": str(int(num_cpus)),
+    }
+    out = {k: v for k, v in env.items() if k not in os.environ}
+    user = os.environ.get("PYTHONWARNINGS", "")
+    if _RAY_INTERNAL_WARNINGS not in user.split(","):
+        out["PYTHONWARNINGS"] = f"{user},{_RAY_INTERNAL_WARNINGS}" if user else _RAY_INTERNAL_WARNINGS
+    return out
+
+
 _saved_env: dict[str, str | None] = {}
 
 
@@ -144,6 +180,8 @@ def init_local_ray(
     auth_mode = _setup_token_auth(temp_dir, auth)
     # readable CI logs (docs/stack.md#1117-progress-bars); workers inherit it
     _set_env("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for name, value in quiet_local_env(num_cpus).items():  # quiet logs (module doc), inherited by Ray's processes
+        _set_env(name, value)
 
     import ray
 

@@ -5,6 +5,10 @@
 - One MLflow run per (stage, params hash): `start_run` finds the run by the tag `ctm.run_key` and resumes it, so a
   repeated `dvc repro` (or a killed-and-restarted stage) logs into the same run instead of creating duplicates.
 - Every run carries the git commit, dirty flag, DVC stage, params hash and data hash as tags.
+- A stage that scores a student logged into the distill run opens a nested child run per evaluation
+  (`nested_run`): each evaluation its own run, never two values of a metric at the same step of one run.
+- The prepared dataset is the training runs' dataset input (`log_prepared_dataset`): name, folder and a digest of
+  its card (which pins every shard by sha256), shown under "Datasets" in the UI.
 - Every experiment is tagged `mlflow.experimentKind: custom_model_development` (`EXPERIMENT_KIND_TAG`): the MLflow 3
   UI reads that tag (its JS enum ExperimentKind) to open the experiment on the training runs, not the GenAI overview.
 - Nothing this module stores or raises carries credentials: tags, flattened params and logged dicts have every URI
@@ -34,6 +38,8 @@ __all__ = [
     "data_hash_from_lock",
     "default_repo_root",
     "flatten",
+    "log_prepared_dataset",
+    "nested_run",
     "log_dict_json",
     "log_figure_png",
     "public_tracking_uri",
@@ -265,6 +271,43 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, extra_tags:
         repo_root=root,
     ) as run:
         yield run
+
+
+@contextlib.contextmanager
+def nested_run(parent_run_id: str, name: str, *, tracking_uri: str, tags: Mapping[str, str] | None = None):
+    """A new child run `name` of `parent_run_id` (MLflow nested run), active inside the block; yields it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=parent_run_id):
+            child_tags = {k: redact_values(str(v)) for k, v in (tags or {}).items()}
+            with mlflow.start_run(run_name=name, nested=True, tags=child_tags) as run:
+                yield run
+    except Exception as e:
+        _redact_exception(e, tracking_uri)
+        raise
+
+
+def log_prepared_dataset(data_dir: str | os.PathLike[str], context: str = "training") -> str:
+    """Log the prepared dataset (`data_dir` with its card.json) as a dataset input of the active run; returns the
+    digest: the first 32 hex digits of sha256(card.json), the card pinning every shard's sha256."""
+    import hashlib
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from ctm_core.data.card import CARD_FILE, DatasetCard
+
+    folder = Path(data_dir).resolve()
+    card = DatasetCard.read(folder)
+    digest = hashlib.sha256((folder / CARD_FILE).read_bytes()).hexdigest()[:32]
+    img = card.image
+    name = f"{card.source.kind} {img.height}x{img.width}x{img.channels} ({card.count} images)"
+    dataset = MetaDataset(resolve_dataset_source(str(folder)), name=name, digest=digest)  # a local-folder source
+    mlflow.log_input(dataset, context=context)
+    return digest
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

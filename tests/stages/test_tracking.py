@@ -13,11 +13,14 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from ctm_core.config import MlflowParams  # noqa: E402
 from pipelines.support.tracking import (  # noqa: E402
+    EXPERIMENT_KIND_TAG,
     RUN_KEY_TAG,
     data_hash_from_lock,
     flatten,
     log_dict_json,
     log_figure_png,
+    log_prepared_dataset,
+    nested_run,
     resolve_tracking_uri,
     run_name,
     run_tags,
@@ -160,3 +163,43 @@ def test_stage_run_names_by_params_hash(repo, monkeypatch):
         assert run.data.tags["ctm.params_hash"] == params_hash({"distill": params.section("distill")})
     assert run.info.run_name == f"distill-{params_hash({'distill': params.section('distill')})[:12]}"
     assert (repo / "mlflow.db").stat().st_size > 0 and not (repo.parent / "cwd" / "mlflow.db").exists()
+
+
+def test_experiments_open_on_training_runs(repo):
+    """The MLflow 3 UI picks an experiment's default page from the tag mlflow.experimentKind: every experiment the
+    stages create, or find untagged, is a custom-model (training runs) experiment."""
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    old = client.create_experiment("made-by-hand")
+    with start_run("a", tracking_uri=uri, experiment_name="fresh", repo_root=repo):
+        pass
+    with start_run("b", tracking_uri=uri, experiment_name="made-by-hand", repo_root=repo):
+        pass
+    for name in ("fresh", "made-by-hand"):
+        assert client.get_experiment_by_name(name).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_prepared_dataset_is_the_runs_input_and_evaluations_are_nested_runs(repo, tmp_path):
+    import hashlib
+
+    from pipelines.support.datasets import prepare_dataset
+
+    data = tmp_path / "prepared"
+    prepare_dataset("sklearn-digits", None, data, heldout_fraction=0.1, seed=0, shard_size=4096, progress=False)
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    with start_run("distill-x", tracking_uri=uri, experiment_name="e", repo_root=repo) as parent:
+        digest = log_prepared_dataset(data)
+    assert digest == hashlib.sha256((data / "card.json").read_bytes()).hexdigest()[:32]
+    client = MlflowClient(uri)
+    (inp,) = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.digest == digest and inp.dataset.name == "sklearn-digits 8x8x1 (1797 images)"
+    assert [t.value for t in inp.tags if t.key == "mlflow.data.context"] == ["training"]
+    # two evaluations of the same student: two child runs, each metric once per run
+    for value in (1.0, 2.0):
+        with nested_run(parent.info.run_id, "evaluate-abc", tracking_uri=uri, tags={"ctm.stage": "evaluate"}):
+            mlflow.log_metrics({"fd_nfe1": value})
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.metrics["fd_nfe1"] for c in children) == [1.0, 2.0]
+    assert all(len(client.get_metric_history(c.info.run_id, "fd_nfe1")) == 1 for c in children)
+    assert "fd_nfe1" not in client.get_run(parent.info.run_id).data.metrics
