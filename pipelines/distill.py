@@ -77,7 +77,9 @@ def run_distill(
     card = check_inputs(inputs.data_dir, inputs.teacher_dir)
     check_gan_phase(params, card)
     root = tracking.default_repo_root()
-    feature_weights = fetch_feature_networks(d.gan, params.repo_root)  # projected D: pinned files, before Ray
+    params, feature_weights = fetch_feature_networks(params)  # projected D: pinned files, before Ray
+    d = params.distill
+    phase1, phase2 = gan_phases(d)
     teacher_sha = read_json(inputs.teacher_dir / "config.json").get("weights_sha256")
     ident = run_identity(phase1, card, teacher_sha, workers)
     name = name1 = run_name(ident)
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (submitting and any(str(v).startswith("s3://") for v in (args.data, args.teacher))):
             inputs = resolve_inputs(args.data, args.teacher)
             card = check_inputs(inputs.data_dir, inputs.teacher_dir)
+            check_gan_phase(params, card)
     except (ParamsError, FileNotFoundError, ValueError) as e:
         logger.error("%s", one_line(e))
         return 2
