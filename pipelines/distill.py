@@ -32,7 +32,7 @@ from pipelines.support.checkpoints import (  # noqa: F401 - re-exported: the sta
     persist_checkpoint_verified,
     read_marker,
 )
-from pipelines.support.distill_run import DistillRunError, gan_run_name, run_identity, run_name
+from pipelines.support.distill_run import DistillRunError, gan_run_name, run_identity, run_name, section_identity
 from pipelines.support.gan_phase import check_gan_phase, fetch_feature_networks
 from pipelines.support.io_utils import one_line
 from pipelines.support.lpips_weights import LpipsWeightsError, pin_lpips_weights
@@ -84,7 +84,7 @@ def run_distill(
     ident = run_identity(phase1, card, teacher_sha, workers)
     name = name1 = run_name(ident)
     if phase2 is not None:  # its own Ray run, named by the CTM+DSM run it continues and its own section
-        ident = {**ident, "gan_phase": phase2.model_dump()}
+        ident = {**ident, "gan_phase": section_identity(phase2)}
         name = gan_run_name(ident)
     tracking_uri = tracking.resolve_tracking_uri(params, root)
     with tracking.start_run(

@@ -24,7 +24,7 @@ from pipelines.support.checkpoints import _STORAGE_FIX, CKPT_FILE, newest_comple
 if TYPE_CHECKING:
     from ctm_core.data.card import DatasetCard
 
-__all__ = ["DistillRunError", "ema_state", "fit", "gan_run_name", "run_identity", "run_name"]
+__all__ = ["DistillRunError", "ema_state", "fit", "gan_run_name", "run_identity", "run_name", "section_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,17 @@ def run_identity(d: DistillParams, card: DatasetCard, teacher_weights_sha256: st
     worker count; where the inputs came from (disk or S3) is not, nor where the LPIPS files came from or are cached
     (their sha256 pins are)."""
     return {
-        "distill": d.model_dump(exclude={"lpips": {"vgg16_source", "linear_source", "cache_dir"}}),
+        "distill": section_identity(d),
         "data": [s.sha256 for s in card.splits["train"].shards],
         "teacher": teacher_weights_sha256,
         "workers": workers,
     }
+
+
+def section_identity(d: DistillParams) -> dict[str, Any]:
+    """The distill section as it names a run: the LPIPS files by their sha256 pins only (the driver makes their
+    paths absolute, which would tie a resume to the checkout's location)."""
+    return d.model_dump(exclude={"lpips": {"vgg16_source", "linear_source", "cache_dir"}})
 
 
 def run_name(identity: dict[str, Any]) -> str:

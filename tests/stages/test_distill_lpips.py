@@ -157,11 +157,12 @@ def test_tune_checks_lpips_files_before_ray(inputs, tmp_path):  # noqa: F811
 def test_run_name_follows_the_pins_not_the_file_locations(inputs, tmp_path):  # noqa: F811
     from ctm_core.config import with_changes
     from ctm_core.data.prepared import load_card
-    from pipelines.support.distill_run import run_identity, run_name
+    from pipelines.support.distill_run import run_identity, run_name, section_identity
 
     card = load_card(inputs / "data")
     d = _params(inputs, "unused", **tiny_lpips_files(tmp_path / "lpips")).distill
     name = run_name(run_identity(d, card, "t", 1))
     moved = with_changes(d, {"lpips.cache_dir": "/elsewhere", "lpips.vgg16_source": "file:///x/vgg16.pth"})
     assert run_name(run_identity(moved, card, "t", 1)) == name
+    assert section_identity(moved) == section_identity(d)  # the GAN phase's run name uses it too
     assert run_name(run_identity(with_changes(d, {"lpips.vgg16_sha256": "0" * 64}), card, "t", 1)) != name
