@@ -16,12 +16,14 @@ remote cluster needs that cluster's token in `RAY_AUTH_TOKEN` (or `RAY_AUTH_TOKE
 variables then.
 
 Quiet logs (docs/pipeline.md#logs): a local cluster is configured so that Ray prints nothing that does not concern the
-user, at the source, through the environment its processes inherit (`QUIET_LOCAL_ENV`, each variable only if the user
-has not set it): no preemption watcher (Ray Train's `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`; a single local node is
-never drained, and its actor logs a core_worker error at every start), a raylet worker-startup limit of the logical
-CPUs we give Ray (`RAY_worker_maximum_startup_concurrency`; the default, the physical core count, makes the raylet
-warn "N PYTHON worker processes ... 4x the maximum expected startup concurrency" on 2 cores as soon as Train's
-controller, workers and dataset actors start), and `PYTHONWARNINGS` set, which stops Ray from turning its own
+user, at the source, through the environment its processes inherit (`quiet_local_env`; a variable the user set is
+kept): no print patch (Ray Train's `RAY_TRAIN_ENABLE_PRINT_PATCH` sends a worker's `print` to the root logger and,
+as Ray wraps the worker's stdout, to the original print too: every printed line appeared twice; our workers log
+through `logging`, one handler); no preemption watcher (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`: a single local node
+is never drained, and the watcher actor logs a core_worker error at every start); a raylet worker-startup limit of
+the logical CPUs we give Ray (`RAY_worker_maximum_startup_concurrency`; the default, the physical core count, makes
+the raylet warn "N PYTHON worker processes ... 4x the maximum expected startup concurrency" on 2 cores as soon as
+Train's controller, workers and dataset actors start); and `PYTHONWARNINGS` set, which stops Ray from turning its
 RayDeprecationWarnings on (ray/util/annotations.py does so only when no warning option is given) and ignores the
 `ExecutionOptions.exclude_resources` one that Ray Train's own DatasetManager triggers.
 
@@ -63,6 +65,7 @@ def quiet_local_env(num_cpus: int) -> dict[str, str]:
     """The environment a local cluster starts with so that Ray's processes print nothing the user cannot act on
     (module doc); variables the user set are left alone (`PYTHONWARNINGS` is extended, not replaced)."""
     env = {
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         "RAY_worker_maximum_startup_concurrency": str(int(num_cpus)),
     }
