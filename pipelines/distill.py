@@ -100,19 +100,26 @@ def run_distill(
             mlflow.log_params(new)
         tracking.log_prepared_dataset(inputs.data_dir)  # the run's dataset input, with the card's digest
         run_kw = dict(workers=workers, mlflow_run_id=run.info.run_id, tracking_uri=tracking_uri)
-        state, fit_record = distill_run.fit(params, inputs, card, name=name1, distill=phase1, **run_kw)
-        if phase2 is not None:
-            phase1_record = fit_record
-            state, fit_record = distill_run.fit(
-                params,
-                inputs,
-                card,
-                name=name,
-                distill=phase2,
-                continue_from=state,
-                feature_weights=feature_weights,
-                **run_kw,
-            )
+        if phase2 is None:
+            state, fit_record = distill_run.fit(params, inputs, card, name=name1, distill=phase1, **run_kw)
+        else:  # both phases on one Ray connection (a local cluster starts once)
+            from pipelines.support import ray_env
+
+            run_kw["ray_info"] = ray_env.connect_or_start(params)
+            try:
+                state, phase1_record = distill_run.fit(params, inputs, card, name=name1, distill=phase1, **run_kw)
+                state, fit_record = distill_run.fit(
+                    params,
+                    inputs,
+                    card,
+                    name=name,
+                    distill=phase2,
+                    continue_from=state,
+                    feature_weights=feature_weights,
+                    **run_kw,
+                )
+            finally:
+                distill_run.shutdown_local_ray(params)
             fit_record = {**fit_record, "ctm_dsm_phase": phase1_record}
         record = {
             "mlflow_run_id": run.info.run_id,

@@ -24,7 +24,16 @@ from pipelines.support.checkpoints import _STORAGE_FIX, CKPT_FILE, newest_comple
 if TYPE_CHECKING:
     from ctm_core.data.card import DatasetCard
 
-__all__ = ["DistillRunError", "ema_state", "fit", "gan_run_name", "run_identity", "run_name", "section_identity"]
+__all__ = [
+    "DistillRunError",
+    "ema_state",
+    "fit",
+    "gan_run_name",
+    "run_identity",
+    "run_name",
+    "section_identity",
+    "shutdown_local_ray",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +81,12 @@ def fit(
     distill: DistillParams | None = None,
     continue_from: dict[str, Any] | None = None,
     feature_weights: dict[str, str] | None = None,
+    ray_info: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train `distill` (default `params.distill`; a phase of ``ctm_core.config.gan_phases``) on Ray under the run
     `name` (resuming it); returns (final trainer state, run record). A GAN-phase run starts from `continue_from`
-    (the CTM+DSM run's final state, docs/gan.md) unless it has checkpoints of its own.
+    (the CTM+DSM run's final state, docs/gan.md) unless it has checkpoints of its own. With `ray_info` (what
+    ``ray_env.connect_or_start`` returned) the caller holds the Ray connection for several runs and shuts it down.
 
     The record holds the Ray run name and storage, the final checkpoint path, the last metrics and the wall time.
     Raises ``DistillRunError`` when Ray gives up.
@@ -88,7 +99,7 @@ def fit(
 
     d = params.distill if distill is None else distill
     storage = ray_env.storage_path(params)
-    info = ray_env.connect_or_start(params)
+    info = ray_info if ray_info is not None else ray_env.connect_or_start(params)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         # The card's train shards (verified): from S3 when the data came from S3 (every node can read it).
@@ -130,8 +141,8 @@ def fit(
             ) from e
         wall = time.time() - t0
     finally:
-        if not params.ray.address and not os.environ.get("RAY_ADDRESS"):
-            ray_env.shutdown()
+        if ray_info is None:
+            shutdown_local_ray(params)
     ckpt_path, state = _final_state(storage, name, result.checkpoint)
     if state["step"] != d.steps:
         raise RuntimeError(f"final checkpoint is at step {state['step']}, expected {d.steps} (the phase's end)")
@@ -146,6 +157,14 @@ def fit(
         "ray": {k: info.get(k) for k in ("dashboard_url",)},
     }
     return state, record
+
+
+def shutdown_local_ray(params: Params) -> None:
+    """Stop the local Ray that ``connect_or_start`` started (nothing when joining ray.address / RAY_ADDRESS)."""
+    from pipelines.support import ray_env
+
+    if not params.ray.address and not os.environ.get("RAY_ADDRESS"):
+        ray_env.shutdown()
 
 
 def _root_cause(e: BaseException, storage: str) -> str:
