@@ -15,8 +15,8 @@ sessions on one machine never overwrite each other's token in `~/.ray`. `auth="d
 remote cluster needs that cluster's token in `RAY_AUTH_TOKEN` (or `RAY_AUTH_TOKEN_PATH`); we do not touch the auth
 variables then.
 
-Quiet logs (docs/pipeline.md#logs): a local cluster is configured so that Ray prints nothing that does not concern the
-user, at the source, through the environment its processes inherit (`quiet_local_env`; a variable the user set is
+Quiet logs (docs/pipeline.md#logging): a local cluster is configured so that Ray prints nothing that does not concern
+the user, at the source, through the environment its processes inherit (`quiet_local_env`; a variable the user set is
 kept): no print patch (Ray Train's `RAY_TRAIN_ENABLE_PRINT_PATCH` sends a worker's `print` to the root logger and,
 as Ray wraps the worker's stdout, to the original print too: every printed line appeared twice; our workers log
 through `logging`, one handler); no preemption watcher (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`: a single local node
