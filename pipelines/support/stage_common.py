@@ -148,8 +148,10 @@ def log_stage_to_mlflow(
                 stage,
             )
             run_id = None
-    if run_id:
-        with mlflow.start_run(run_id=run_id):
+    if run_id:  # one nested run per evaluation under the distill run (docs/pipeline.md#tracking)
+        from pipelines.support.tracking import nested_run, run_name
+
+        with nested_run(run_id, run_name(stage, h), tracking_uri=uri, tags={"ctm.stage": stage}):
             return log_all()
     with stage_run(stage, params, (stage,)):
         return log_all()

@@ -220,8 +220,8 @@ def test_deterministic(setup, first_run, tmp_path):
 
 
 def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
-    """No run.json -> an evaluate-<hash> run; run.json naming a distill run -> logged there; unknown id -> back to
-    the evaluate run (resumed, not duplicated)."""
+    """No run.json -> an evaluate-<hash> run; run.json naming a distill run -> a nested run under it, one per
+    evaluation (never two values of a metric at one step); unknown id -> back to the evaluate run (resumed)."""
     import mlflow
 
     from pipelines.support.evaluation import log_to_mlflow
@@ -248,8 +248,9 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
         pass
     try:
         run_json.write_text(json.dumps({"mlflow_run_id": distill.info.run_id}))
-        assert log_to_mlflow(params, setup["student"], out, metrics) == distill.info.run_id
-        logged = client.get_run(distill.info.run_id).data
+        child = client.get_run(log_to_mlflow(params, setup["student"], out, metrics))
+        assert child.data.tags["mlflow.parentRunId"] == distill.info.run_id
+        logged = child.data
         assert logged.metrics["fd_teacher_heun3"] == pytest.approx(metrics["fd_teacher_heun3"])
         assert logged.tags["ctm.evaluate.complete"] == "true"
         assert logged.tags["ctm.evaluate.features"] == "classifier"
@@ -257,11 +258,14 @@ def test_mlflow_logging_new_run_then_distill_run(setup, first_run):
             logged.tags["ctm.evaluate.protocol_sha256"]
             == json.loads((out / "protocol.json").read_text())["protocol_sha256"]
         )
+        again = log_to_mlflow(params, setup["student"], out, metrics)  # a re-evaluation: its own child run
+        assert again != child.info.run_id and len(client.get_metric_history(again, "fd_nfe1")) == 1
+        assert "fd_nfe1" not in client.get_run(distill.info.run_id).data.metrics
         run_json.write_text(json.dumps({"mlflow_run_id": "0" * 32}))
         assert log_to_mlflow(params, setup["student"], out, metrics) == runs[0].info.run_id
     finally:
         run_json.unlink()
-    assert len(mlflow.search_runs(experiment_names=["ctm-digits"], output_format="list")) == 2
+    assert len(mlflow.search_runs(experiment_names=["ctm-digits"], output_format="list")) == 4
 
 
 @pytest.mark.parametrize("kind,nfe,gamma", [("gamma", 2, 1.0), ("teacher_heun", 3, None)])
