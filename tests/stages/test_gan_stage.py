@@ -12,6 +12,7 @@ from ctm_core.config import ParamsError, gan_phases
 from tests.stages.test_distill import _cli, _params, _weights, inputs  # noqa: F401 - `inputs` is a fixture
 
 GAN = {
+    "ray.dashboard_port": 8297,  # not test_distill's: the two modules may run side by side
     "distill.gan.enabled": True,
     "distill.gan.steps": 4,
     "distill.gan.scratch_channels": 8,
