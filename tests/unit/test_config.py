@@ -341,9 +341,8 @@ def test_dvc_yaml_schema_and_params_keys():
     assert dvc["metrics"] == ["artifacts/eval/metrics.json", "artifacts/likelihood/metrics.json"]
     assert "artifacts/likelihood" not in stages["register"]["deps"]  # bits/dim never gates a promotion
     assert "likelihood" in stages["likelihood"]["params"] and "likelihood" not in stages["evaluate"]["params"]
-    gammas = load_params(PARAMS).evaluate.gammas  # the plot lines follow the default gammas
-    fd_plot = next(p["fd_vs_nfe"] for p in dvc["plots"] if isinstance(p, dict) and "fd_vs_nfe" in p)
-    assert sorted(fd_plot["y"]) == sorted(f"artifacts/eval/fd_vs_nfe/gamma_{g:g}.csv" for g in gammas)
+    # plots are images (rendered offline by `dvc plots show`) that follow any evaluate.gammas: no per-gamma files
+    assert dvc["plots"] == ["artifacts/eval/fd_vs_nfe.png", "artifacts/eval/grids"]
 
 
 def _sections(model) -> list[tuple[str, type]]:
