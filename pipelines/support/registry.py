@@ -505,8 +505,10 @@ def apply_decision(client, reg, version: str, gate: Decision, champ) -> list[str
 
 def log_decision(record: dict[str, Any], gate: Decision, champion_value: float | None) -> None:
     """Tags, numbers (`register/*` metrics) and the record (`register/decision-v<version>.json`) of the decision,
-    to the active run."""
+    to the active run. The numbers of the run's n-th decision are logged at step n: a run that registers again (a
+    re-evaluated student, a repeated stage) gets a history, never two values of a metric at one step."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     mlflow.set_tags(
         {
@@ -519,5 +521,8 @@ def log_decision(record: dict[str, Any], gate: Decision, champion_value: float |
     keys = ("value", "champion_value", "relative_improvement", "improvement", "noise", "threshold")
     numbers = {f"register/{k}": numbers[k] for k in keys if numbers[k] is not None}
     if numbers:
-        mlflow.log_metrics(numbers)
+        run_id = mlflow.active_run().info.run_id
+        client = MlflowClient()
+        step = max(len(client.get_metric_history(run_id, f"register/{k}")) for k in keys)
+        mlflow.log_metrics(numbers, step=step)
     mlflow.log_dict(record, f"register/decision-v{record['version']}.json")

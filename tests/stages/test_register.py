@@ -296,6 +296,9 @@ def test_champion_moves_only_beyond_measured_noise(repo, params, students, tmp_p
     # Same student again (a repeated `dvc repro`): the version is reused, nothing new is logged.
     r3b = _register(params, students["c"], tmp_path / "e3", repo)
     assert r3b["version"] == "3" and r3b["reused_version"] and r3b["decision"] == "challenger"
+    steps = [m.step for m in client.get_metric_history(r3b["run_id"], "register/value")]
+    assert r3b["run_id"] == r1["run_id"]  # same params: one register run, resumed by every registration
+    assert sorted(steps) == [0, 1, 2, 3]  # its n-th decision at step n: never two values of a metric at one step
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 3
 
 

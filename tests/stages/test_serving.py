@@ -4,7 +4,9 @@ on loopback, fed by a version that `python -m pipelines.register` registered in 
 Checks what a user of the README's serving section sees: images of the signature's shape and range, the same images
 for the same seed (and the same as an in-process load), bad requests answered 400 with the project's one-line
 message as the JSON `message` (not MLflow's generic text with the error in a stack trace), the request bound, and a
-registration that prints no warning.
+registration that prints no warning. Slow tier: registering and starting the server took 201 s and 403 s on 2 cores
+shared with other jobs (load ~35); the largest request must answer within MLflow's 60 s timeout, which a machine
+that loaded may miss.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from pipelines.support.pyfunc_model import MAX_EVALS_PER_REQUEST  # noqa: E402
 from tests.stages.test_register import _eval, _make_student  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "ctm-serve"
 
@@ -49,7 +53,11 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except ValueError:  # e.g. the server's 504 "Request processing time exceeded limit" is plain text
+            return e.code, {"message": body.decode(errors="replace")}
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +86,9 @@ def served(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert reg.returncode == 0, reg.stderr[-3000:]
-    print(f"registered in {time.monotonic() - t0:.1f} s")
     port = _free_port()
     log = open(root / "serve.log", "w")  # noqa: SIM115 (closed below, after the server)
     server = subprocess.Popen(
@@ -92,8 +99,9 @@ def served(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    t1 = time.monotonic()
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
@@ -102,9 +110,9 @@ def served(tmp_path_factory):
             except OSError:
                 pass
             assert server.poll() is None, (root / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 120 s"
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 600 s"
             time.sleep(0.5)
-        print(f"registered and served in {time.monotonic() - t0:.1f} s")
+        print(f"registered in {t1 - t0:.1f} s, served in {time.monotonic() - t1:.1f} s")
         yield port, root, reg.stderr
     finally:
         server.terminate()
@@ -168,7 +176,13 @@ def test_registration_prints_no_warning_and_the_version_has_headline_tags(served
     _, root, stderr = served
     assert "Warning" not in stderr and "warn" not in stderr.lower(), stderr[-3000:]
     assert "\x1b[" not in stderr  # no coloured warnings, no progress-bar escape codes
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    (mv,) = client.search_model_versions(f"name = '{NAME}'")
-    model = mlflow.models.get_model_info(f"models:/{NAME}/{mv.version}")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    (mv,) = MlflowClient(uri).search_model_versions(f"name = '{NAME}'")
+    assert mv.tags["metric.fd_nfe1"] == "10.0" and mv.tags["image.shape"] == "8x8x1"
+    assert not any(k.startswith("metric.") and k not in ("metric.fd_nfe1", "metric.fd_nfe1_std") for k in mv.tags)
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.models.get_model_info(f"models:/{NAME}/{mv.version}")
+    finally:
+        mlflow.set_tracking_uri(None)
     assert model.signature is not None and model.saved_input_example_info is not None
