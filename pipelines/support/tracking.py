@@ -293,6 +293,7 @@ def log_prepared_dataset(data_dir: str | os.PathLike[str], context: str = "train
     """Log the prepared dataset (`data_dir` with its card.json) as a dataset input of the active run; returns the
     digest: the first 32 hex digits of sha256(card.json), the card pinning every shard's sha256."""
     import hashlib
+    import warnings
 
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -305,7 +306,10 @@ def log_prepared_dataset(data_dir: str | os.PathLike[str], context: str = "train
     digest = hashlib.sha256((folder / CARD_FILE).read_bytes()).hexdigest()[:32]
     img = card.image
     name = f"{card.source.kind} {img.height}x{img.width}x{img.channels} ({card.count} images)"
-    dataset = MetaDataset(resolve_dataset_source(str(folder)), name=name, digest=digest)  # a local-folder source
+    with warnings.catch_warnings():  # MLflow registers its local-folder source twice and warns that it picked one
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(folder))
+    dataset = MetaDataset(source, name=name, digest=digest)
     mlflow.log_input(dataset, context=context)
     return digest
 
