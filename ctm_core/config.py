@@ -888,8 +888,8 @@ class RejectionParams(_Section):
     _path: ClassVar[str] = "evaluate.rejection"
 
     enabled: bool = False
-    """true: also score `fd_nfe1_rejection` (needs class labels and the ADM classifier); refused until the stage
-    calls ctm_core.eval.rejection (docs/official.md#34-status)."""
+    """true: also score `fd_nfe1_rejection` (in metrics.json too): the NFE-1 samples kept by the ADM classifier out
+    of (1 + ratio)·N (needs class labels and the pinned classifier; docs/official.md#34-in-the-evaluate-stage)."""
     ratio: float = Field(0.5, ge=0.0, le=10.0)
     """Oversampling r: (1 + r)·N one-step samples, the best N/classes per class kept (official default 0.5)."""
     sigma: float = Field(0.002, gt=0.0, le=80.0)
@@ -904,13 +904,7 @@ class RejectionParams(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        _require(
-            not self.enabled,
-            "evaluate.rejection.enabled",
-            "classifier-rejection sampling is not wired into the evaluate stage's methods yet; "
-            "ctm_core.eval.rejection.rejection_sample runs it (docs/official.md#34-status) (fix: set it to false)",
-        )
-        if self.classifier_sha256 is not None:  # the pin itself is demanded by the fetcher when the file is needed
+        if self.enabled or self.classifier_sha256 is not None:  # enabled: the file is fetched, so it needs its pin
             _check_pinned(
                 self.classifier_uri,
                 self.classifier_sha256,

@@ -22,6 +22,7 @@ from ctm_core.diffusion.samplers import euler_step
 from ctm_core.diffusion.schedules import karras_sigmas
 
 __all__ = [
+    "REJECTION_KEY",
     "STUDENT_HEUN_NFES",
     "Method",
     "euler_sampler",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 STUDENT_HEUN_NFES = (3, 7)  # the student's own score sampler (Heun with g(x, σ, σ)): 2 and 4 Heun steps
+REJECTION_KEY = "fd_nfe1_rejection"  # evaluate.rejection: NFE-1 samples kept by a classifier (docs/official.md#3)
 
 
 # --- samplers ---------------------------------------------------------------------------------------------------------
@@ -76,7 +78,9 @@ def euler_sampler(
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One way of producing samples. kind: 'gamma' | 'student_heun' | 'teacher_heun' | 'teacher_euler'."""
+    """One way of producing samples. kind: 'gamma' | 'student_heun' | 'teacher_heun' | 'teacher_euler' |
+    'rejection' (the pool and the classifier make it a whole-set draw: `ctm_core.eval.rejection.rejection_sample`,
+    not `sample_method`)."""
 
     key: str  # metrics key, e.g. fd_nfe2_gamma0.5
     kind: str
@@ -102,6 +106,8 @@ def plan_methods(params) -> list[Method]:
     for n in student_nfes(params):
         for g in gammas if n > 1 else [0.0]:
             methods.append(Method(f"fd_nfe{n}_gamma{g:g}", "gamma", n, g, f"CTM γ={g:g}, {n} NFE"))
+    if ev.rejection.enabled:
+        methods.append(Method(REJECTION_KEY, "rejection", 1, 0.0, "CTM 1 NFE, classifier rejection"))
     for n in STUDENT_HEUN_NFES:
         methods.append(Method(f"fd_student_heun{n}", "student_heun", n, None, f"student g Heun, {n} NFE"))
     methods.append(
@@ -187,6 +193,11 @@ def sample_method(
     progress: bool = False,
 ) -> torch.Tensor:
     """Samples (N, C, H, W) float64, not clamped, for `seeds` (one image per seed), in chunks of `batch`."""
+    if method.kind == "rejection":
+        raise ValueError(
+            f"{method.key}: rejection samples are selected from a pool by a classifier, not drawn per seed "
+            "(use ctm_core.eval.rejection.rejection_sample)"
+        )
     device = torch.device(device)
     out = []
     chunks = range(0, len(seeds), batch)

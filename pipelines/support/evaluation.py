@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ctm_core.config import Params, params_hash
 from ctm_core.data.card import DatasetCard
 from ctm_core.eval.methods import (
+    REJECTION_KEY,
     Method,
     across_classes,
     plan_methods,
@@ -51,6 +52,7 @@ from pipelines.support.stage_common import (
     log_stage_to_mlflow,
     pick_device,
 )
+from pipelines.support.student_source import check_rejection, rejection_samples
 
 __all__ = ["FeatureSpace", "evaluate", "log_to_mlflow"]
 
@@ -166,9 +168,12 @@ def _score_methods(
     *,
     device: torch.device,
     progress: bool,
+    rejection_classifier: torch.nn.Module | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """Sample, featurise and score every method on the same seeds; a failing method (e.g. non-finite samples)
-    is recorded in the returned errors and skipped. Returns (flat metrics, per-method details, errors)."""
+    is recorded in the returned errors and skipped. Returns (flat metrics, per-method details, errors).
+    The 'rejection' method's images are the K·set_size kept by `rejection_classifier` out of a pool from seeds
+    seed_start + i (`student_source.rejection_samples`), cut into the seed sets by position."""
     from ctm_core.eval.metrics import PreparedReference, images_to_levels
     from pipelines.support.plots import save_grid
 
@@ -182,18 +187,25 @@ def _score_methods(
     errors: list[str] = []
     for m in tqdm(methods, desc="evaluate methods", unit="method", disable=not progress, leave=False):
         t0 = time.perf_counter()
+        extra: dict[str, Any] = {}
         try:
-            x = sample_method(
-                m,
-                student_net,
-                teacher_net,
-                seeds=seeds,
-                batch=ev.batch,
-                img_shape=card.image.shape,
-                label_dim=label_dim,
-                device=device,
-                progress=progress,
-            )
+            if m.kind == "rejection":
+                x, extra["rejection"] = rejection_samples(
+                    params, student_net, img_shape=card.image.shape, device=device,
+                    classifier=rejection_classifier, num_out=len(seeds), progress=progress,
+                )  # fmt: skip
+            else:
+                x = sample_method(
+                    m,
+                    student_net,
+                    teacher_net,
+                    seeds=seeds,
+                    batch=ev.batch,
+                    img_shape=card.image.shape,
+                    label_dim=label_dim,
+                    device=device,
+                    progress=progress,
+                )
             feats = space.features_of(x)  # (N, D); raises ValueError on non-finite samples
             q = images_to_levels(x[: ev.grid_size**2].clamp(-1, 1), num_levels)  # grid: integer levels
         except (ValueError, RuntimeError) as e:  # e.g. a diverged sampler (non-finite samples)
@@ -212,6 +224,7 @@ def _score_methods(
         )
         kid = kid_summary(feats, space.kid_ref, ev.seed)
         det.update(kind=m.kind, nfe=m.nfe, gamma=m.gamma, label=m.label, kid=kid, seconds=time.perf_counter() - t0)
+        det.update(extra)
         details[m.key] = det
         metrics.update(flat)
         logger.info("%s: fd %.4g (%.1f s)", m.key, flat.get(m.key, float("nan")), det["seconds"])
@@ -313,6 +326,7 @@ def evaluate(
             fid = setup_inception_fid(params, card, data, device=dev, progress=progress)
         except FIDSetupError as e:
             raise InputError(str(e)) from None
+    rejection_classifier = check_rejection(params, card, dev, progress=progress) if ev.rejection.enabled else None
 
     with staged_dir(out) as tmp:
         # 1. feature space and reference statistics.
@@ -335,8 +349,9 @@ def evaluate(
         teacher_net, student_net = load_scored_networks(teacher, student, variant, dev)
         methods = plan_methods(params)
         scored, details, errors = _score_methods(
-            methods, student_net, teacher_net, space, params, card, tmp, device=dev, progress=progress
-        )
+            methods, student_net, teacher_net, space, params, card, tmp, device=dev, progress=progress,
+            rejection_classifier=rejection_classifier,
+        )  # fmt: skip
         metrics.update(scored)
         add_nfe_aliases(metrics, student_nfes(params), sorted(set(ev.gammas) | {0.0, 1.0}))
         if "fd_nfe1_gamma0" in details and _kid_ok(details["fd_nfe1_gamma0"]):
@@ -350,6 +365,7 @@ def evaluate(
         metrics["complete"] = not errors and not missing
         metrics["eval_seconds"] = time.perf_counter() - t_start
         keys = headline_keys(student_nfes(params), ev.teacher_nfe, ev.teacher_euler_nfe)
+        keys += [REJECTION_KEY, f"{REJECTION_KEY}_std"] if ev.rejection.enabled else []
         headline = {k: metrics[k] for k in keys if k in metrics} | {"complete": metrics["complete"]}
         protocol = protocol_dict(
             features=ev.features,

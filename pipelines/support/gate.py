@@ -144,7 +144,12 @@ def read_evaluation(
     """`read_eval` plus the protocol fingerprint: (metrics, value, status, protocol sha256 or None).
 
     An evaluation without a usable protocol.json is a failure too (the gate never compares without a protocol);
-    `value` is then still returned, for display only: promote only when status is 'ok'."""
+    `value` is then still returned, for display only: promote only when status is 'ok'. An evaluation of a released
+    checkpoint (`evaluate.student_source`) raises RegisterError instead (`student_source.check_registrable`)."""
+    from pipelines.support.registry import RegisterError
+    from pipelines.support.student_source import check_registrable
+
+    check_registrable(eval_dir, RegisterError)
     metrics, value, status = read_eval(eval_dir, metric)
     try:
         _, sha = read_protocol(eval_dir)

@@ -10,6 +10,8 @@ checks that it is a plain state dict fitting the preset, flags and the prepared 
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from pipelines.support.params import resolve_path
 
 __all__ = [
     "OfficialVariant",
+    "check_registrable",
+    "check_rejection",
     "load_official_student",
     "load_rejection_classifier",
     "rejection_samples",
@@ -105,19 +109,46 @@ def load_rejection_classifier(params: Params, device, *, progress: bool = False)
     return classifier.to(device)
 
 
-def rejection_samples(params: Params, student, *, img_shape: tuple[int, int, int], device, progress: bool = False):
-    """`evaluate.rejection` for the evaluate stage (docs/official.md#34-status): the N = `evaluate.num_samples`
-    samples kept out of a pool drawn from seeds `seed_start + i`, i < N·(1 + ratio), with the pinned classifier.
+def check_rejection(params: Params, card: DatasetCard, device, *, progress: bool = False):
+    """Before any output of the evaluate stage: the pinned classifier of `evaluate.rejection` (enabled), fetched,
+    loaded and checked against the prepared data (class-labelled, its class count, its image size). InputError."""
+    classifier = load_rejection_classifier(params, device, progress=progress)
+    K, size = card.labels.label_dim, card.image.shape[-1]
+    got = (int(classifier.official["flags"]["num_classes"]), int(classifier.official["flags"]["image_size"]))
+    if K < 2 or got != (K, size):
+        raise InputError(
+            f"evaluate.rejection: the classifier scores {got[0]} classes at {got[1]}x{got[1]}, the prepared data has "
+            f"{K} classes at {size}x{size} (fix: set evaluate.rejection.classifier_flags or enabled: false; "
+            "rejection needs class-labelled data)"
+        )
+    return classifier
+
+
+def rejection_samples(
+    params: Params,
+    student,
+    *,
+    img_shape: tuple[int, int, int],
+    device,
+    classifier=None,
+    num_out: int | None = None,
+    progress: bool = False,
+):
+    """`evaluate.rejection` for the evaluate stage (docs/official.md#34-in-the-evaluate-stage): the N = `num_out`
+    (default `evaluate.num_samples`) samples kept out of a pool drawn from seeds `seed_start + i`,
+    i < N·(1 + ratio), with the pinned classifier (`classifier`: already loaded by `check_rejection`).
 
     Returns (samples (N, C, H, W) float64, not clamped; details for fd_details.json)."""
     from ctm_core.eval.rejection import pool_size, rejection_sample
 
     ev, rj = params.evaluate, params.evaluate.rejection
-    classifier = load_rejection_classifier(params, device, progress=progress)
-    P = pool_size(ev.num_samples, rj.ratio)
+    if classifier is None:
+        classifier = load_rejection_classifier(params, device, progress=progress)
+    N = ev.num_samples if num_out is None else int(num_out)
+    P = pool_size(N, rj.ratio)
     seeds = list(range(ev.seed_start, ev.seed_start + P))
     x, _, keep = rejection_sample(
-        student, classifier, seeds, num_out=ev.num_samples, ratio=rj.ratio, sigma=rj.sigma, img_shape=img_shape,
+        student, classifier, seeds, num_out=N, ratio=rj.ratio, sigma=rj.sigma, img_shape=img_shape,
         batch=ev.batch, device=device,
     )  # fmt: skip
     details = {
@@ -129,3 +160,23 @@ def rejection_samples(params: Params, student, *, img_shape: tuple[int, int, int
         "classifier_sha256": classifier.official["sha256"],
     }
     return x, details
+
+
+def check_registrable(eval_dir: str | os.PathLike[str], error: type[Exception] = InputError) -> None:
+    """The register stage's refusal (docs/official.md#4-evaluating-a-released-checkpoint): an evaluation whose
+    recorded student (fd_details.json `student.variant`) is a released checkpoint (`official:...`) scored that file,
+    not `--student`, so its numbers must not be registered with it. Raises `error` (the register stage passes its
+    RegisterError) in one line; an evaluation without a readable fd_details.json is left to the metrics checks."""
+    path = Path(eval_dir) / "fd_details.json"
+    try:
+        student = json.loads(path.read_text(encoding="utf-8")).get("student") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    variant = student.get("variant") if isinstance(student, dict) else None
+    if isinstance(variant, str) and variant.startswith("official:"):
+        raise error(
+            f"--eval {eval_dir}: {path.name} says the evaluation scored the released checkpoint {variant} "
+            "(evaluate.student_source), not --student: its numbers are not the student's (fix: set "
+            "evaluate.student_source.uri: null and re-run the evaluate stage before registering, or run only "
+            "`dvc repro evaluate` to score a released checkpoint)"
+        )

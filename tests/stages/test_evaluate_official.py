@@ -171,23 +171,92 @@ def test_bad_sources_fail_in_one_line_before_any_output(setup, tmp_path):
         assert not out.exists()
 
 
+CLASSIFIER_FLAGS = dict(
+    image_size=16,
+    classifier_width=32,
+    classifier_depth=1,
+    classifier_attention_resolutions="8",
+    num_classes=3,
+    channel_mult="1,2",
+)
+
+
+def _adm_classifier(folder: Path, **flags):
+    """A tiny random ADM noisy classifier saved as a plain state dict: (network, path, sha256)."""
+    from ctm_core.eval.rejection import build_adm_classifier
+
+    torch.manual_seed(0)
+    net = build_adm_classifier(**{**CLASSIFIER_FLAGS, **flags}).eval()
+    path = folder / "64x64_classifier.pt"
+    torch.save(net.state_dict(), path)
+    return net, path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rejection_params(s, path, sha, **flags):
+    from pipelines.support.params import load_params
+
+    rj = {"enabled": True, "classifier_uri": path.as_uri(), "classifier_sha256": sha}
+    rj["classifier_flags"] = {**CLASSIFIER_FLAGS, **flags}
+    ev = {**_params(s).section("evaluate"), "rejection": rj}
+    return load_params(ROOT / "params.yaml", overrides={"evaluate": ev}, check_env=False)
+
+
+def test_evaluate_scores_classifier_rejection(setup, tmp_path):
+    """evaluate.rejection.enabled: the real stage scores `fd_nfe1_rejection` (metrics.json and fd_details.json),
+    and it equals the FD computed here from rejection_sample on the saved student and classifier networks (seeds
+    0..17, 12 kept), featurised by the stage's own feature classifier against the train split's statistics."""
+    from ctm_core.data.prepared import load_prepared
+    from ctm_core.eval.classifier import classifier_features, load_classifier
+    from ctm_core.eval.metrics import feature_statistics, frechet_distance, images_to_levels
+    from ctm_core.eval.rejection import rejection_sample
+
+    s = setup
+    net, path, sha = _adm_classifier(tmp_path)
+    out = tmp_path / "eval"
+    headline = _evaluate(s, out, _rejection_params(s, path, sha))
+    details = json.loads((out / "fd_details.json").read_text())
+    assert headline["complete"] is True and len(headline) <= 20
+    assert headline["fd_nfe1_rejection"] == details["metrics"]["fd_nfe1_rejection"]
+    assert "fd_nfe1_rejection_std" in headline
+    rej = details["methods"]["fd_nfe1_rejection"]["rejection"]
+    assert rej["pool"] == 18 and rej["pool_seeds"] == [0, 17] and rej["classifier_sha256"] == sha
+
+    x, _, keep = rejection_sample(s["student"], net, list(range(18)), num_out=12, img_shape=(3, 16, 16), batch=12)
+    assert rej["kept_distinct"] == len(set(keep.tolist()))
+    clf = load_classifier(out / "classifier")
+    mu, sigma = feature_statistics(classifier_features(clf, load_prepared(s["data"], "train")[0]))
+    f = classifier_features(clf, images_to_levels(x.clamp(-1, 1), clf.num_levels))
+    expected = frechet_distance(*feature_statistics(f), mu, sigma)
+    assert headline["fd_nfe1_rejection"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+    # Without rejection the key is in neither file.
+    plain = _evaluate(s, tmp_path / "plain", _params(s))
+    assert "fd_nfe1_rejection" not in plain
+
+
+def test_rejection_classifier_must_fit_the_data(setup, tmp_path):
+    """A classifier of another class count fails in one line before any output."""
+    from pipelines.evaluate import InputError
+
+    s = setup
+    _, path, sha = _adm_classifier(tmp_path, num_classes=5)
+    out = tmp_path / "eval"
+    with pytest.raises(InputError) as e:
+        _evaluate(s, out, _rejection_params(s, path, sha, num_classes=5))
+    assert "evaluate.rejection: the classifier scores 5 classes at 16x16" in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and not out.exists()
+
+
 def test_rejection_classifier_is_fetched_with_its_pin(setup, tmp_path):
     """evaluate.rejection's classifier: fetched through file:// with the sha256 pin, loaded in the ADM layout."""
-    from ctm_core.eval.rejection import build_adm_classifier
     from pipelines.evaluate import InputError
     from pipelines.support.params import load_params
     from pipelines.support.student_source import load_rejection_classifier
 
-    flags = dict(image_size=16, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8")
-    flags.update(num_classes=3, channel_mult="1,2")
-    torch.manual_seed(0)
-    net = build_adm_classifier(**flags).eval()
-    path = tmp_path / "64x64_classifier.pt"
-    torch.save(net.state_dict(), path)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    net, path, sha = _adm_classifier(tmp_path)
 
     def params(sha256):
-        rj = {"classifier_uri": path.as_uri(), "classifier_sha256": sha256, "classifier_flags": flags}
+        rj = {"classifier_uri": path.as_uri(), "classifier_sha256": sha256, "classifier_flags": CLASSIFIER_FLAGS}
         ev = {"cache_dir": str(tmp_path / "cache"), "rejection": rj}
         return load_params(ROOT / "params.yaml", overrides={"evaluate": ev}, check_env=False)
 
