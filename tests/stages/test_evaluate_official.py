@@ -129,6 +129,14 @@ def test_evaluate_scores_the_released_checkpoint(setup, tmp_path):
     # The fetched copy is the pinned file, in the cache.
     cached = list((s["root"] / "cache" / "official").rglob("ema_0.999_000100.pt"))
     assert len(cached) == 1 and hashlib.sha256(cached[0].read_bytes()).hexdigest() == s["sha"]
+    # The register stage's check reads this very output and refuses it (tests/stages/test_register_official.py).
+    from pipelines.evaluate import InputError
+    from pipelines.support.student_source import check_registrable
+
+    with pytest.raises(
+        InputError, match=f"scored the released checkpoint official:sony-ctm-imagenet64@sha256:{s['sha']}"
+    ):
+        check_registrable(out)
 
 
 def test_the_stage_samples_the_released_student(setup):
