@@ -279,7 +279,8 @@ def test_optimizer_and_batch_follow_the_config():
     assert isinstance(make_ctm_trainer(small_cfg(optimizer="adam")).optimizer, torch.optim.Adam)
     teacher = EDMTrainer(TeacherTrainParams(), ToyEDMDenoiser((DIM,)), None, progress=False)
     assert isinstance(teacher.optimizer, torch.optim.Adam) and teacher.microbatch == 64  # null = whole batch
-    assert teacher.emas.rates == (0.999,)
+    # one EMA slot whose rate follows EDM's half-life schedule: a copy at the first update (ramp-up from 0 images)
+    assert teacher.emas.rates == (EDMTrainer.EMA_KEY,) and teacher.ema_beta() == 0.0
     two = CTMTrainer(small_cfg(), ToyCTMStudent((DIM,)), None, None, rank=1, world_size=2, progress=False)
     assert (two.batch_per_rank, list(two.my_microbatches())) == (8, [1])
     with pytest.raises(ValueError, match=r"^batch: expected a multiple of world_size × microbatch \(4 × 8 = 32\)"):
