@@ -476,9 +476,7 @@ class TeacherParams(_Section):
 # timm's release files of the projected discriminator's feature networks (timm 0.4.12 default_cfg urls; the 8 hex
 # digits in each name are the start of its sha256, torch.hub's convention). No pins are published: record them.
 DEIT_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth"
-EFFICIENTNET_LITE0_WEIGHTS_URL = (
-    "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth"
-)
+EFFICIENTNET_LITE0_WEIGHTS_URL = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth"
 # distill keys the GAN phase may not change (docs/gan.md#what-carries-over): the run's identity, the optimizer and
 # EMA state it carries, and the student's σ range.
 GAN_FIXED_KEYS = ("gan", "seed", "steps", "mode", "optimizer", "eval_emas", "sigma_min", "sigma_max", "sigma_data")
