@@ -21,8 +21,8 @@ kept): no print patch (Ray Train's `RAY_TRAIN_ENABLE_PRINT_PATCH` sends a worker
 as Ray wraps the worker's stdout, to the original print too: every printed line appeared twice; our workers log
 through `logging`, one handler); no preemption watcher (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`: a single local node
 is never drained, and the watcher actor logs a core_worker error at every start); a raylet worker-startup limit of
-the logical CPUs we give Ray (`RAY_worker_maximum_startup_concurrency`; the default, the physical core count, makes
-the raylet warn "N PYTHON worker processes ... 4x the maximum expected startup concurrency" on 2 cores as soon as
+4x the logical CPUs we give Ray (`RAY_worker_maximum_startup_concurrency`; the default, the physical core count,
+makes the raylet warn "N PYTHON worker processes ... 4x the maximum expected startup concurrency" on 2 cores as soon as
 Train's controller, workers and dataset actors start); and `PYTHONWARNINGS` set, which stops Ray from turning its
 RayDeprecationWarnings on (ray/util/annotations.py does so only when no warning option is given) and ignores the
 `ExecutionOptions.exclude_resources` one that Ray Train's own DatasetManager triggers.
@@ -67,7 +67,9 @@ def quiet_local_env(num_cpus: int) -> dict[str, str]:
     env = {
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-        "RAY_worker_maximum_startup_concurrency": str(int(num_cpus)),
+        # a 2-worker digits run starts ~16 Python workers (Train controller and workers, dataset actors, Ray Data
+        # tasks): at 4x the limit the raylet warns, so the limit is 4x the logical CPUs (16 for num_cpus 4)
+        "RAY_worker_maximum_startup_concurrency": str(4 * int(num_cpus)),
     }
     out = {k: v for k, v in env.items() if k not in os.environ}
     user = os.environ.get("PYTHONWARNINGS", "")
