@@ -43,22 +43,18 @@ from pipelines.support.io_utils import atomic_write_json, json_dumps, one_line
 from pipelines.support.logs import setup_logging
 from pipelines.support.params import load_params
 from pipelines.support.registry import (
-    EVAL_STATUS_TAG,
     MANIFEST_TAG,
-    PROTOCOL_TAG,
-    SHAPE_TAG,
-    STUDENT_TAG,
     RegisterError,
     apply_decision,
     champion_evidence,
     check_image_shape,
-    headline_metric_tags,
     image_shape,
     log_decision,
     log_model_version,
     provenance,
     student_for,
     target_run,
+    version_tags_for,
 )
 
 __all__ = ["RegisterError", "main", "plan", "run"]
@@ -94,22 +90,7 @@ def run(
     tracking_uri = resolve_tracking_uri(params, root)
     client = MlflowClient(tracking_uri=tracking_uri)
     check_image_shape(client, reg.model_name, image_shape(info))
-    version_tags = {
-        SHAPE_TAG: image_shape(info),
-        STUDENT_TAG: info["sha256"],
-        "student.variant": info["variant"],
-        "student.weights_sha256": info["weights_sha256"],
-        **prov,
-        "git.commit": tags["git.commit"],
-        "git.dirty": tags["git.dirty"],
-        "params.hash": p_hash,
-        EVAL_STATUS_TAG: "ok" if status == "ok" else "failed",
-        PROTOCOL_TAG: protocol_sha or "unknown",
-        **headline_metric_tags(metrics, reg.metric),
-    }
-    if meta.get("params_hash"):
-        version_tags["distill.params_hash"] = str(meta["params_hash"])
-
+    version_tags = version_tags_for(info, prov, tags, p_hash, status, protocol_sha, metrics, reg.metric)
     with target_run(params, root, tracking_uri, info["run"].get("mlflow_run_id"), tags) as active:
         rho = float(meta.get("rho", params.distill.rho))
         version, reused = log_model_version(client, reg.model_name, student_dir, info, rho, version_tags)

@@ -477,6 +477,38 @@ def headline_metric_tags(metrics: dict[str, Any], metric: str) -> dict[str, str]
     return {f"metric.{k}": repr(metrics[k]) for k in keys if k in metrics}
 
 
+def version_tags_for(
+    info: dict[str, Any],
+    prov: dict[str, str],
+    run_tags: dict[str, str],
+    p_hash: str,
+    status: str,
+    protocol_sha: str | None,
+    metrics: dict[str, Any],
+    metric: str,
+) -> dict[str, str]:
+    """The tags of a registered version: image shape, student and weights sha256, provenance (data/teacher hashes),
+    git commit, params hash, evaluation status and protocol, the headline metric with its error bars
+    (`headline_metric_tags`), and the distill params hash when the student records one."""
+    meta = info["config"].get("meta", {}) or {}
+    tags = {
+        SHAPE_TAG: image_shape(info),
+        STUDENT_TAG: info["sha256"],
+        "student.variant": info["variant"],
+        "student.weights_sha256": info["weights_sha256"],
+        **prov,
+        "git.commit": run_tags["git.commit"],
+        "git.dirty": run_tags["git.dirty"],
+        "params.hash": p_hash,
+        EVAL_STATUS_TAG: "ok" if status == "ok" else "failed",
+        PROTOCOL_TAG: protocol_sha or "unknown",
+        **headline_metric_tags(metrics, metric),
+    }
+    if meta.get("params_hash"):
+        tags["distill.params_hash"] = str(meta["params_hash"])
+    return tags
+
+
 def metric_tags(mv) -> dict[str, float]:
     """The `metric.*` version tags as numbers (what `metric_noise` reads for the champion)."""
     out = {}
