@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctm_core.config import Params, check_batch_split, params_hash, with_changes
+from ctm_core.config import DistillParams, Params, check_batch_split, gan_phases, params_hash, with_changes
 from ctm_core.errors import InputError
 from pipelines.support.lpips_weights import LpipsWeightsError, pin_lpips_weights
 
@@ -177,6 +177,14 @@ def _pin_cluster_address() -> None:
         pass
 
 
+def trial_section(params: Params, trial: dict[str, Any]) -> DistillParams:
+    """The distill section one trial trains: the sampled `trial` values on the CTM + DSM phase, for `tune.steps`
+    steps with a report every `tune.report_every`. With `distill.gan.enabled` the trials tune phase 1 (the section
+    without its GAN, `gan_phases`): the GAN phase continues a finished phase 1 (docs/gan.md#the-two-phases)."""
+    phase1, _ = gan_phases(params.distill)
+    return with_changes(phase1, {**trial, "steps": params.tune.steps, "checkpoint_every": params.tune.report_every})
+
+
 def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """Tune function trainable: one TorchTrainer (Train V2) per trial; metrics reach Tune via TuneReportCallback."""
     import ray.data
@@ -188,9 +196,8 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     _pin_cluster_address()
     params: Params = setup["params"]
-    t = params.tune
     trial = {k: plain(v) for k, v in config.items()}
-    d = with_changes(params.distill, {**trial, "steps": t.steps, "checkpoint_every": t.report_every})
+    d = trial_section(params, trial)
     check_batch_split(d, params.ray.num_workers)
     trial_id = ray.tune.get_context().get_trial_id()
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -169,6 +169,25 @@ def test_max_concurrent_from_resources():
     assert max_concurrent(p, {"CPU": 2.0}, 2) == 1  # never 0
 
 
+def test_trials_tune_the_ctm_dsm_phase():
+    """With the GAN recipe on, a trial trains phase 1 (no GAN, no feature networks), with the sampled values and the
+    tune budget; the chosen overrides then reach both phases through the distill section."""
+    from ctm_core.config import gan_phases, with_changes
+    from pipelines.support.params import load_params
+    from pipelines.support.tune_search import trial_section
+
+    p = load_params(
+        ROOT / "params.yaml",
+        overrides={"distill": {"gan": {"enabled": True, "steps": 10, "changes": {"K": 4}}}},
+        check_env=False,
+    )
+    d = trial_section(p, {"lr": 2.0e-4, "K": 6})
+    assert not d.gan.enabled and d.gan == type(d.gan)()
+    assert (d.lr, d.K, d.steps, d.checkpoint_every) == (2.0e-4, 6, p.tune.steps, p.tune.report_every)
+    _, phase2 = gan_phases(with_changes(p.distill, {"lr": 2.0e-4}))
+    assert phase2 is not None and phase2.gan.enabled and (phase2.lr, phase2.K) == (2.0e-4, 4)
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tiny_nets, tmp_path_factory):
     from pipelines.prepare import prepare_dataset
