@@ -145,7 +145,7 @@ def levels_to_uint8(levels: np.ndarray | torch.Tensor, num_levels: int) -> torch
 def load_inception(params: Params, *, progress: bool = False) -> tuple[torch.nn.Module, str, Path]:
     """Fetch (sha256-pinned) and load the FID Inception; returns (model, weights sha256, cached file path)."""
     from ctm_core.eval.inception import FIDInception
-    from pipelines.support.fetch import FetchError, fetch, recorded_sha256
+    from pipelines.support.fetch import ChecksumMismatchError, FetchError, fetch, recorded_sha256
 
     inc = params.evaluate.inception
     if inc.sha256 is None:
@@ -158,6 +158,8 @@ def load_inception(params: Params, *, progress: bool = False) -> tuple[torch.nn.
     try:
         path = fetch(source, cache, sha256=inc.sha256, progress=progress)
         digest = recorded_sha256(path)
+    except ChecksumMismatchError as e:  # fetched, but not the pinned file: a wrong pin or a tampered copy
+        raise FIDSetupError(f"evaluate.inception.source: {one_line(e, limit=600)}") from None
     except FetchError as e:  # offline, or the server is down: name both ways out
         pin = inc.sha256 if inc.sha256 != "record" else "its sha256"
         raise FIDSetupError(
