@@ -603,6 +603,9 @@ class DistillParams(_Section):
     """Global batch per step (all workers; at most 65,536); divisible by ray.num_workers × microbatch."""
     microbatch: int = Field(16, ge=1, le=MAX_BATCH)
     """Gradient-accumulation chunk per rank; the adaptive weights are per microbatch."""
+    stream_window_shards: int = Field(32, ge=1, le=100_000)
+    """Train shards per shuffle window of the streaming reader: an epoch permutes the shards, then the rows within
+    each window of this many; a worker keeps this many decoded shards (docs/data_streaming.md#design)."""
     steps: int = Field(300, ge=1, le=MAX_STEPS)
     """Optimizer steps (at most 10,000,000)."""
     precision: Literal["fp32", "bf16"] = "fp32"

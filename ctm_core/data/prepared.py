@@ -18,7 +18,7 @@ import torch
 from ctm_core.data.card import CARD_FORMAT, SPLITS, DatasetCard
 from ctm_core.io.hashing import sha256_file
 
-__all__ = ["CARD_FORMAT", "SPLITS", "DatasetCard", "levels_to_unit", "load_card", "load_prepared"]
+__all__ = ["CARD_FORMAT", "SPLITS", "DatasetCard", "decode_images", "levels_to_unit", "load_card", "load_prepared"]
 
 
 def load_card(out_dir: str | os.PathLike[str]) -> DatasetCard:
@@ -39,7 +39,6 @@ def load_prepared(out_dir: str | os.PathLike[str], split: str, *, verify: bool =
     root = Path(out_dir)
     card = load_card(root)
     shape = card.image.shape
-    nbytes = int(np.prod(shape))
     images, labels = [], []
     for shard in card.splits[split].shards:
         p = root / shard.path
@@ -53,14 +52,20 @@ def load_prepared(out_dir: str | os.PathLike[str], split: str, *, verify: bool =
         table = pq.read_table(p, columns=["image", "label"])
         if table.num_rows != shard.rows:
             raise ValueError(f"{p}: expected {shard.rows} rows (card.json), got {table.num_rows}")
-        blob = b"".join(table.column("image").to_pylist())
-        if len(blob) != table.num_rows * nbytes:
-            raise ValueError(f"{p}: expected {table.num_rows} images of {nbytes} bytes, got {len(blob)} bytes")
-        images.append(np.frombuffer(blob, dtype=np.uint8).reshape(-1, *shape))
+        images.append(decode_images(table, shape, p))
         labels.append(table.column("label").to_numpy().astype(np.int64))
     if not images:
         return np.zeros((0, *shape), dtype=np.uint8), np.zeros(0, dtype=np.int64)
     return np.concatenate(images), np.concatenate(labels)
+
+
+def decode_images(table, shape: tuple[int, int, int], where: object) -> np.ndarray:
+    """The ``image`` column of a shard's Arrow table as (R, C, H, W) uint8; ValueError naming `where` on bad sizes."""
+    nbytes = int(np.prod(shape))
+    blob = b"".join(table.column("image").to_pylist())
+    if len(blob) != table.num_rows * nbytes:
+        raise ValueError(f"{where}: expected {table.num_rows} images of {nbytes} bytes, got {len(blob)} bytes")
+    return np.frombuffer(blob, dtype=np.uint8).reshape(-1, *shape)
 
 
 def levels_to_unit(images: np.ndarray | torch.Tensor, num_levels: int) -> np.ndarray | torch.Tensor:

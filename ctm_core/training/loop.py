@@ -119,13 +119,18 @@ class TensorDataSource:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2: x (B, C, H, W) -> (B, C, H, W).
+def random_hflip(
+    x: torch.Tensor, generator: torch.Generator, rows: torch.Tensor | None = None, batch: int | None = None
+) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2: x (n, C, H, W) -> (n, C, H, W).
 
-    One U[0, 1) draw per image from ``generator`` (a CPU generator; image b is flipped when its draw is < 0.5), so
-    image b's flip depends only on the generator's key and b (official: random_flip, p = 0.5;
-    docs/ctm.md#28-ema-and-optimiser)."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
+    One U[0, 1) draw per image of the batch from ``generator`` (a CPU generator; image b is flipped when its draw is
+    < 0.5), so image b's flip depends only on the generator's key and b (official: random_flip, p = 0.5;
+    docs/ctm.md#28-ema-and-optimiser). ``rows`` (n,): x holds these rows of a batch of ``batch`` images (one rank's
+    microbatches); default: x is the whole batch."""
+    flip = torch.rand(x.shape[0] if batch is None else int(batch), generator=generator) < 0.5  # (B,)
+    if rows is not None:
+        flip = flip[rows]  # (n,)
     return torch.where(append_dims(flip.to(x.device), x.ndim), x.flip(-1), x)
 
 
@@ -170,8 +175,10 @@ class Trainer:
             ``microbatch``, ``steps``, ``lr``, ``lr_warmup_steps``, ``optimizer``, ``grad_clip_norm``, ``precision``,
             ``channels_last``, ``compile``, ``checkpoint_every``, ``log_every`` and ``seed``.
         model: the trained network (student or denoiser); moved to ``device``.
-        data: a data source with ``next_batch()``, ``state_dict()``, ``load_state_dict()`` (the same on every rank)
-            whose batches hold ``config.batch // world_size`` samples.
+        data: a data source (the same on every rank) with ``state_dict()``, ``load_state_dict()`` and either
+            ``read_global_batch(B, rows)`` (the given rows of the next global batch of B samples: a rank reads only
+            its microbatches, ``ctm_core.data.stream.ShardStream``) or ``next_batch()`` (``TensorDataSource``:
+            batches of ``config.batch // world_size`` samples, W of them per global batch).
         rank, world_size: data-parallel position; rank runs microbatches i ≡ rank (mod world_size) of the global
             batch of ``config.batch`` samples. Progress bars only on rank 0.
         grad_sync: ``grad_sync(params)`` sums the gradients over ranks in place (all-reduce) before the step.
@@ -285,8 +292,9 @@ class Trainer:
         (loss * scale).backward()
         return metrics
 
-    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """The global batch (B, C, H, W) as the step trains on it (e.g. CTM's random flips); default unchanged."""
+    def augment_batch(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``rows`` (n,) of the global batch, x (n, C, H, W), as the step trains on them (e.g. CTM's random
+        flips); ``rows=None``: x is the whole global batch (B, C, H, W). Default: unchanged."""
         return x
 
     def after_optimizer_step(self) -> None:
@@ -303,6 +311,26 @@ class Trainer:
         """Indices of the global batch's microbatches this rank runs (i ≡ rank mod world_size)."""
         num = self.config.batch // self.microbatch
         return range(self.rank, num, self.world_size)
+
+    def _my_rows(self) -> torch.Tensor:
+        """Rows of the global batch in this rank's microbatches, in ``my_microbatches()`` order: (n·b,) int64."""
+        b = self.microbatch
+        return torch.cat([torch.arange(i * b, (i + 1) * b) for i in self.my_microbatches()])
+
+    def _my_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's microbatches of the step's global batch, augmented: x (n·b, ...), labels (n·b, L) or None.
+
+        The j-th microbatch of ``my_microbatches()`` is rows [j·b, (j+1)·b). A source with ``read_global_batch``
+        reads only these rows (docs/data_streaming.md#design); a ``next_batch()`` source yields the whole batch."""
+        rows = self._my_rows()
+        if hasattr(self.data, "read_global_batch"):
+            x, labels = self.data.read_global_batch(self.config.batch, rows)
+            if x.shape[0] != rows.numel():
+                raise ValueError(f"data source returned {x.shape[0]} samples, expected {rows.numel()} rows")
+        else:
+            x, labels = self._global_batch()
+            x, labels = x[rows], (None if labels is None else labels[rows])
+        return self.augment_batch(x, rows), labels
 
     def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = [self.data.next_batch() for _ in range(self.world_size)]
@@ -368,8 +396,7 @@ class Trainer:
         B = self.config.batch  # global batch
         with self._isolated_global_rng():
             self.model.train()
-            x, labels = self._global_batch()
-            x = self.augment_batch(x)
+            x, labels = self._my_batch()  # this rank's microbatches, in my_microbatches() order
             ctx = self.iteration_context()
             lr = self.current_lr()
             if not self.is_generator_step():
@@ -379,9 +406,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss_scale = 1.0 if self.loss_scale is None else self.loss_scale.scale
             sums: dict[str, torch.Tensor] = {}
-            for i in self.my_microbatches():
-                xb = self._prepare(x[i * b : (i + 1) * b])
-                lb = None if labels is None else labels[i * b : (i + 1) * b].to(self.device)
+            for j, i in enumerate(self.my_microbatches()):
+                xb = self._prepare(x[j * b : (j + 1) * b])
+                lb = None if labels is None else labels[j * b : (j + 1) * b].to(self.device)
                 self._seed_dropout(i)
                 metrics = self.microbatch_backward(xb, lb, ctx, self.keyed_generator("loss", i), b / B * loss_scale)
                 for name, v in metrics.items():

@@ -198,9 +198,9 @@ class CTMTrainer(Trainer):
         self.discriminator.train()
         self.d_optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for i in self.my_microbatches():
-            xb = self._prepare(x[i * b : (i + 1) * b])
-            lb = None if labels is None else labels[i * b : (i + 1) * b].to(self.device)
+        for j, i in enumerate(self.my_microbatches()):  # x: this rank's microbatches (Trainer._my_batch)
+            xb = self._prepare(x[j * b : (j + 1) * b])
+            lb = None if labels is None else labels[j * b : (j + 1) * b].to(self.device)
             generator = self.keyed_generator("loss", i)
             self._seed_dropout(i)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
@@ -228,10 +228,12 @@ class CTMTrainer(Trainer):
         sums["k"] = torch.tensor(float(ctx["k"]))
         return sums
 
-    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+    def augment_batch(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """`random_flip`: image b of the global batch is mirrored by a draw keyed by (seed, step, b), the same on every
-        rank and after a resume (docs/presets.md#random-flips)."""
-        return random_hflip(x, self.keyed_generator("flip")) if self.config.random_flip else x
+        rank and after a resume (docs/presets.md#random-flips); x holds rows ``rows`` of it (None: all)."""
+        if not self.config.random_flip:
+            return x
+        return random_hflip(x, self.keyed_generator("flip"), rows, self.config.batch)
 
     def after_optimizer_step(self) -> None:
         update_ema_(self.target, self.model, self.config.target_ema)

@@ -1,11 +1,12 @@
 """CTM distillation on Ray Train (TorchTrainer, Train V2): the per-worker loop shared by the distill and tune stages.
 
-Data parallelism: every worker reads the full prepared train split through Ray Data (``read_parquet`` +
-``get_dataset_shard``; the split is not sharded so every rank sees the same global batches), sorts it by the
-``index`` column, and processes the microbatches ``i ≡ rank (mod world)`` of each global batch of
-``distill.batch`` images (``ctm_core.training.trainer``). All randomness is keyed by (seed, step, microbatch), so a
-microbatch's noise, k, t, s and dropout do not depend on which rank runs it, and gradients are summed across ranks
-with ``all_reduce``: W workers compute the same update as 1 worker, up to float summation order.
+Data parallelism: every worker streams the prepared train split (``ctm_core.data.stream.ShardStream``,
+docs/data_streaming.md): the global batch of a step is a function of (seed, rows consumed) alone, and a worker
+reads only the shards holding the rows of its microbatches ``i ≡ rank (mod world)``, verifying each shard's sha256
+as it reads it, from the local folder or from S3 (``data_uri``). All randomness is keyed by (seed, step,
+microbatch), so a microbatch's noise, k, t, s and dropout do not depend on which rank runs it, and gradients are
+summed across ranks once per step by bucketed asynchronous all-reduces (``ctm_core.training.grad_sync``): W workers
+compute the same update as 1 worker, up to float summation order.
 
 Checkpoints (``pipelines.support.checkpoints``): every ``distill.checkpoint_every`` steps rank 0 reports the whole
 trainer state through ``persist_checkpoint_verified`` (Ray's upload, checked file by file, then ``complete.json``
@@ -63,9 +64,11 @@ def check_inputs(data_dir: Path, teacher_dir: Path) -> dict[str, Any]:
     return card
 
 
-def torch_trainer(loop_config: dict[str, Any], *, params, workers: int, run_config, dataset):
-    """A ``TorchTrainer`` of ``train_loop_per_worker`` on `workers` ranks that all read the whole `dataset`."""
-    import ray.train
+def torch_trainer(loop_config: dict[str, Any], *, params, workers: int, run_config, dataset=None):
+    """A ``TorchTrainer`` of ``train_loop_per_worker`` on `workers` ranks.
+
+    The workers stream the card's shards themselves (``_train_stream``); `dataset` is not used (callers may still
+    pass the Ray Data dataset they built before the streaming reader: it is never read)."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -80,8 +83,6 @@ def torch_trainer(loop_config: dict[str, Any], *, params, workers: int, run_conf
             num_workers=workers, use_gpu=params.ray.use_gpu, resources_per_worker={"CPU": params.ray.cpus_per_worker}
         ),
         run_config=run_config,
-        datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
 
@@ -89,64 +90,13 @@ def torch_trainer(loop_config: dict[str, Any], *, params, workers: int, run_conf
 # Worker side (runs inside Ray Train workers)
 
 
-def _load_train_split(data_dir: str, card: DatasetCard):
-    """The prepared train split as (x float32 (N, C, H, W) in [-1, 1], one-hot labels (N, L) or None).
+def _train_stream(config: dict[str, Any], cfg):
+    """The train split as a ``ShardStream`` (docs/data_streaming.md): from ``data_uri`` (s3://, streamed) when
+    given, else the local ``data_dir``; every rank builds the same one (same card, seed and window)."""
+    from ctm_core.data.stream import ShardStream
 
-    Read through Ray Data when inside a Ray Train worker, else directly from the shards.
-    """
-    import numpy as np
-    import torch
-
-    from ctm_core.data.prepared import levels_to_unit, load_prepared
-
-    im = card.image
-    shape = (im.channels, im.height, im.width)
-    try:
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
-    except Exception:  # not inside a Ray Train worker (or no dataset given): read the verified shards directly
-        shard = None
-    if shard is not None:
-        images, labels, index = [], [], []
-        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-            images.extend(np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in batch["image"])
-            labels.append(batch["label"].astype(np.int64))
-            index.append(batch["index"].astype(np.int64))
-        order = np.argsort(np.concatenate(index), kind="stable")  # deterministic row order on every rank
-        images = np.stack(images)[order]
-        labels = np.concatenate(labels)[order]
-    else:
-        images, labels = load_prepared(data_dir, "train")
-    want = card.splits["train"].count
-    if len(images) != want:
-        raise ValueError(
-            f"{data_dir}: read {len(images)} training images, card.json lists {want}: the shards "
-            "changed after they were verified; re-run the prepare stage or re-upload the folder"
-        )
-    x = torch.from_numpy(levels_to_unit(images, im.num_levels))
-    label_dim = card.labels.label_dim
-    onehot = None
-    if label_dim:
-        onehot = torch.nn.functional.one_hot(torch.from_numpy(labels), label_dim).float()
-    return x, onehot
-
-
-def _all_reduce_grads(parameters) -> None:
-    """Sum gradients over ranks (each rank holds the gradient of its own microbatches, already scaled by b/B)."""
-    import torch
-    import torch.distributed as dist
-
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
+    root = config.get("data_uri") or config["data_dir"]
+    return ShardStream(config["card"], root, seed=cfg.seed, window_shards=cfg.stream_window_shards)
 
 
 def _all_reduce_metrics(metrics: dict) -> dict:
@@ -162,7 +112,8 @@ def _all_reduce_metrics(metrics: dict) -> dict:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: build ctm_core objects, resume from the latest checkpoint, train, report checkpoints.
 
-    ``config``: "distill" (the ``DistillParams`` to train with), "card", "data_dir", "teacher_dir", "teacher_ref"
+    ``config``: "distill" (the ``DistillParams`` to train with), "card", "data_dir" (or "data_uri": an s3://
+    prepared folder the workers stream from), "teacher_dir", "teacher_ref"
     (the teacher's bytes in the object store, for s3:// teachers), "use_gpu", "threads_per_worker"; for a GAN-phase
     run "continue_from_ref" (the CTM+DSM run's final trainer state in the object store) and "feature_weights" (the
     projected discriminator's fetched files); and optionally
@@ -174,7 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from ctm_core.io.teacher_format import load_edm_checkpoint
     from ctm_core.nets.student import CTMStudent
-    from ctm_core.training.trainer import CTMTrainer, TensorDataSource, derive_seed
+    from ctm_core.training.grad_sync import BucketedAllReduce
+    from ctm_core.training.trainer import CTMTrainer, derive_seed
     from pipelines.support.logs import setup_logging
     from pipelines.support.lpips_weights import build_lpips
 
@@ -186,16 +138,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     card = config["card"]
     cfg = config["distill"]
-    x, labels = _load_train_split(config["data_dir"], card)
     try:
         storage = ctx.get_storage()  # Ray's StorageContext: the pyarrow filesystem + paths of this run
     except NotImplementedError:  # Ray Train local mode (num_workers=0) persists nothing
         storage = None
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     world_size = world if distributed else 1
-    # rank=0 on every worker: all ranks share one data order; the trainer draws world_size per-rank batches of
-    # it as the global batch and runs its own microbatches of that.
-    data = TensorDataSource(x, labels, batch_size=cfg.batch // world_size, seed=cfg.seed, rank=0)
+    # One data order on every rank: the trainer reads only this rank's microbatches of each global batch.
+    data = _train_stream(config, cfg)
+    grad_sync = BucketedAllReduce() if distributed else None
 
     if config.get("teacher_ref") is not None:  # s3:// teacher: the driver's verified bytes, via the object store
         teacher = load_edm_checkpoint(ray.get(config["teacher_ref"])).to(device)
@@ -221,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=device,
         rank=rank,
         world_size=world_size,
-        grad_sync=_all_reduce_grads if distributed else None,
+        grad_sync=grad_sync,
         metric_sync=_all_reduce_metrics if distributed else None,
         metrics_callback=curves.log if curves else None,
         discriminator=discriminator,
@@ -247,6 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while trainer.step < total:
         trainer.train(num_steps=min(every - trainer.step % every, total - trainer.step))
         metrics = {"step": trainer.step, **(curves.last if curves else {})}
+        if grad_sync is not None and grad_sync.calls:  # what benchmarks/scale.py reads (sync_ms_per_step)
+            metrics["perf/sync_ms_per_step"] = 1000 * grad_sync.seconds / grad_sync.calls
         if probe is not None:  # the tune stage's per-report quality (others wait at the report barrier)
             metrics.update(probe(trainer))
         with tempfile.TemporaryDirectory() as tmp:

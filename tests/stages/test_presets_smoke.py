@@ -72,12 +72,12 @@ def test_preset_smoke_through_stage_code(name, inputs, tmp_path, capsys):  # noq
     from ctm_core.data.prepared import load_card
     from ctm_core.io.teacher_format import load_edm_checkpoint
     from ctm_core.nets.student import CTMStudent
-    from ctm_core.training.trainer import CTMTrainer, TensorDataSource
+    from ctm_core.training.trainer import CTMTrainer
     from pipelines.distill import main
     from pipelines.support.gan_phase import build_phase_discriminator
     from pipelines.support.lpips_weights import build_lpips, pin_lpips_weights
     from pipelines.support.params import load_params
-    from pipelines.support.ray_train import _load_train_split
+    from pipelines.support.ray_train import _train_stream
 
     p = _preset_params_file(name, tmp_path)
     capsys.readouterr()
@@ -89,7 +89,7 @@ def test_preset_smoke_through_stage_code(name, inputs, tmp_path, capsys):  # noq
     params = pin_lpips_weights(load_params(p, check_env=False))  # the driver, before Ray
     phase1, phase2 = gan_phases(params.distill)
     card = load_card(inputs / "data")
-    x, labels = _load_train_split(str(inputs / "data"), card)
+    data = {"card": card, "data_dir": str(inputs / "data")}  # what each worker streams
     teacher = load_edm_checkpoint(inputs / "teacher")
     lpips = build_lpips(phase1)  # what each worker does
 
@@ -98,13 +98,13 @@ def test_preset_smoke_through_stage_code(name, inputs, tmp_path, capsys):  # noq
         return CTMStudent.from_teacher(teacher, sigma_min=phase1.sigma_min, sigma_max=phase1.sigma_max)
 
     one = CTMTrainer(
-        phase1, student(), teacher, TensorDataSource(x, labels, batch_size=phase1.batch, seed=phase1.seed),
+        phase1, student(), teacher, _train_stream(data, phase1),
         lpips=lpips, progress=False,
     )  # fmt: skip
     assert one.train() == phase1.steps
     d, d_opt = build_phase_discriminator(phase2, card, torch.device("cpu"), None)
     two = CTMTrainer(
-        phase2, student(), teacher, TensorDataSource(x, labels, batch_size=phase2.batch, seed=phase2.seed),
+        phase2, student(), teacher, _train_stream(data, phase2),
         lpips=lpips, discriminator=d, d_optimizer=d_opt, progress=False,
     )  # fmt: skip
     two.continue_from(one.state_dict())
