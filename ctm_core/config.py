@@ -478,8 +478,19 @@ class TeacherParams(_Section):
 DEIT_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth"
 EFFICIENTNET_LITE0_WEIGHTS_URL = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth"
 # distill keys the GAN phase may not change (docs/gan.md#what-carries-over): the run's identity, the optimizer and
-# EMA state it carries, and the student's σ range.
-GAN_FIXED_KEYS = ("gan", "seed", "steps", "mode", "optimizer", "eval_emas", "sigma_min", "sigma_max", "sigma_data")
+# EMA state it carries, the student's σ range and its start (init_from).
+GAN_FIXED_KEYS = (
+    "gan",
+    "init_from",
+    "seed",
+    "steps",
+    "mode",
+    "optimizer",
+    "eval_emas",
+    "sigma_min",
+    "sigma_max",
+    "sigma_data",
+)
 
 
 class FeatureNetParams(_Section):
@@ -550,6 +561,39 @@ class LpipsParams(_Section):
     """Content-addressed download cache (relative = repo root)."""
 
 
+class OfficialCheckpointParams(_Section):
+    """A released CTM student file (sony/ctm ImageNet-64 or ctm-cifar10 layout), fetched with a sha256 pin
+    (docs/official.md)."""
+
+    _path: ClassVar[str] = "official"
+
+    uri: str | None = None
+    """null = not used; else the official .pt: https:// | s3:// | file:// URI or a local path."""
+    sha256: str | None = None
+    """Required with `uri`: 64 hex digits, or `record` (fetch once, print the digest to pin)."""
+    preset: Literal["sony-ctm-imagenet64", "ctm-cifar10"] = "sony-ctm-imagenet64"
+    """Layout of the file: sony/ctm's ImageNet-64 ADM student or Kim-Dongjun/ctm-cifar10's SongUNet student."""
+    flags: dict[str, int | float | str] = Field(default_factory=dict, max_length=32)
+    """Official constructor flags over the preset's release values (e.g. ctm-cifar10 `label_dim: 10`)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _check_pinned(self.uri, self.sha256, f"{self._path}.uri", f"{self._path}.sha256")
+        return self
+
+
+class InitFromParams(OfficialCheckpointParams):
+    """Continue training from a released CTM student instead of the teacher's weights
+    (docs/official.md#5-continuing-training-from-a-released-checkpoint). `uri: null` = start from the teacher."""
+
+    _path: ClassVar[str] = "distill.init_from"
+
+    preset: Literal["sony-ctm-imagenet64", "ctm-cifar10"] = "ctm-cifar10"
+    """Layout of the file (the same two as evaluate.student_source)."""
+    cache_dir: str = ".cache/official"
+    """Content-addressed download cache of the file (relative to the repository root)."""
+
+
 class DistillParams(_Section):
     """`distill` stage and `CTMTrainer`: the CTM + DSM recipe (docs/ctm.md; CIFAR-10 defaults, digits sizes)."""
 
@@ -616,6 +660,8 @@ class DistillParams(_Section):
     """torch.compile the student and the target network in place."""
     gan: GanParams = Field(default_factory=GanParams)
     """The GAN phase."""
+    init_from: InitFromParams = Field(default_factory=InitFromParams)
+    """A released CTM student to continue training from (null uri: the student starts from the teacher)."""
     checkpoint_every: int = Field(100, ge=1)
     """Steps between checkpoints (Ray Train reports; the resume points)."""
     log_every: int = Field(25, ge=1)
@@ -861,25 +907,11 @@ def _check_pinned(uri: str | None, sha256: str | None, uri_key: str, sha256_key:
     )
 
 
-class StudentSourceParams(_Section):
+class StudentSourceParams(OfficialCheckpointParams):
     """A released CTM student scored instead of the distill stage's
-    (docs/official.md#4-evaluating-a-released-checkpoint)."""
+    (docs/official.md#4-evaluating-a-released-checkpoint). `uri: null` = the distill stage's student."""
 
     _path: ClassVar[str] = "evaluate.student_source"
-
-    uri: str | None = None
-    """null = the distill stage's student; else the official .pt: https:// | s3:// | file:// URI or a local path."""
-    sha256: str | None = None
-    """Required with `uri`: 64 hex digits, or `record` (fetch once, print the digest to pin)."""
-    preset: Literal["sony-ctm-imagenet64", "ctm-cifar10"] = "sony-ctm-imagenet64"
-    """Layout of the file: sony/ctm's ImageNet-64 ADM student or Kim-Dongjun/ctm-cifar10's SongUNet student."""
-    flags: dict[str, int | float | str] = Field(default_factory=dict, max_length=32)
-    """Official constructor flags over the preset's release values (e.g. ctm-cifar10 `label_dim: 10`)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        _check_pinned(self.uri, self.sha256, "evaluate.student_source.uri", "evaluate.student_source.sha256")
-        return self
 
 
 class RejectionParams(_Section):

@@ -58,11 +58,12 @@ def run_distill(
 ) -> dict[str, Any]:
     """Check, train `params.distill` on Ray (one MLflow run, resumed by name), write the student folder."""
     import mlflow
+    import torch
 
     from ctm_core.io.student_format import ema_variant, save_student
     from ctm_core.io.teacher_format import load_edm_checkpoint
-    from ctm_core.nets.student import CTMStudent
     from pipelines.support import distill_run, tracking
+    from pipelines.support.init_from import initial_student, resolve_init_from
     from pipelines.support.io_utils import read_json
 
     check_stage_features(params)
@@ -76,6 +77,8 @@ def run_distill(
     inputs = resolve_inputs(data_dir, teacher_dir)  # s3:// inputs: downloaded + verified before Ray starts
     card = check_inputs(inputs.data_dir, inputs.teacher_dir)
     check_gan_phase(params, card)
+    teacher = load_edm_checkpoint(inputs.teacher_dir)
+    params, init = resolve_init_from(params, card, teacher)  # a released student to continue: verified, pinned
     root = tracking.default_repo_root()
     params, feature_weights = fetch_feature_networks(params)  # projected D: pinned files, before Ray
     d = params.distill
@@ -99,7 +102,7 @@ def run_distill(
         if new := {k: str(v) for k, v in flat.items() if k not in logged}:
             mlflow.log_params(new)
         tracking.log_prepared_dataset(inputs.data_dir)  # the run's dataset input, with the card's digest
-        run_kw = dict(workers=workers, mlflow_run_id=run.info.run_id, tracking_uri=tracking_uri)
+        run_kw = dict(workers=workers, mlflow_run_id=run.info.run_id, tracking_uri=tracking_uri, init=init)
         if phase2 is None:
             state, fit_record = distill_run.fit(params, inputs, card, name=name1, distill=phase1, **run_kw)
         else:  # both phases on one Ray connection (a local cluster starts once)
@@ -130,8 +133,8 @@ def run_distill(
             },
             "teacher_weights_sha256": teacher_sha,
         }
-        teacher = load_edm_checkpoint(inputs.teacher_dir)
-        student = CTMStudent.from_teacher(teacher, sigma_min=d.sigma_min, sigma_max=d.sigma_max)
+        with torch.device("meta"):  # only its init_kwargs (the network class and size) are needed here
+            student = initial_student(teacher, d, init)
         variants = {"online": state["model"]}
         variants.update({ema_variant(r): distill_run.ema_state(state["emas"], r) for r in d.eval_emas})
         save_student(out_dir, student.init_kwargs, variants, meta=record, extra_json={"run.json": record})
@@ -162,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             inputs = resolve_inputs(args.data, args.teacher)
             card = check_inputs(inputs.data_dir, inputs.teacher_dir)
             check_gan_phase(params, card)
+            if params.distill.init_from.uri is not None:  # fetch + check the released student (the run repeats it)
+                from ctm_core.io.teacher_format import load_edm_checkpoint
+                from pipelines.support.init_from import resolve_init_from
+
+                params = resolve_init_from(params, card, load_edm_checkpoint(inputs.teacher_dir))[0]
     except (ParamsError, FileNotFoundError, ValueError) as e:
         logger.error("%s", one_line(e))
         return 2
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return submit_job(params, "pipelines.distill", sys.argv[1:] if argv is None else argv)
     try:
         record = run_distill(params, data_dir=args.data, teacher_dir=args.teacher, out_dir=args.out)
-    except LpipsWeightsError as e:  # found before Ray started
+    except (LpipsWeightsError, InputError) as e:  # found before Ray started
         logger.error("%s", one_line(e))
         return 2
     except (DistillRunError, CheckpointStorageError) as e:

@@ -116,3 +116,46 @@ def scored_inputs(tiny_nets, tmp_path_factory, request):
     mp.setenv("DVC_ROOT", str(root))  # MLflow artifacts (mlruns/) next to the test DB, not in the repo
     yield {"root": root, "data": data, "teacher": root / "teacher", "student": root / "student"}
     mp.undo()
+
+
+def _save_like_official(state_dict: dict[str, torch.Tensor], path: pathlib.Path) -> None:
+    """torch.save of views into two flat fp32 storages (ndim <= 1 and ndim > 1), as sony/ctm's
+    MixedPrecisionTrainer.master_params_to_state_dict writes its checkpoints (tensors sharing storage)."""
+    out = {}
+    for big in (False, True):
+        keys = [k for k, v in state_dict.items() if (v.ndim > 1) == big]
+        flat = torch.cat([state_dict[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
+        offset = 0
+        for k in keys:
+            n = state_dict[k].numel()
+            out[k] = flat[offset : offset + n].view(state_dict[k].shape)
+            offset += n
+    torch.save({k: out[k] for k in state_dict}, path)
+
+
+@pytest.fixture(scope="session")
+def save_like_official() -> Callable[[dict[str, torch.Tensor], pathlib.Path], None]:
+    """`save_like_official(state_dict, path)`: a checkpoint laid out as the official CTM training loops save them."""
+    return _save_like_official
+
+
+def _rgb_class_folders(root: pathlib.Path, classes: int, per_class: int, size: int) -> pathlib.Path:
+    """`classes` folders of `per_class` RGB PNGs (size x size), each class its own noisy colour ramp; returns root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            ramp = np.add.outer(np.arange(size), np.arange(size))[..., None] * np.array([3 + c, 8 - 2 * c, 5]) + 10 * i
+            img = (ramp + rng.integers(0, 30, (size, size, 3))) % 256
+            Image.fromarray(img.astype(np.uint8), mode="RGB").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def rgb_class_folders() -> Callable[..., pathlib.Path]:
+    """`rgb_class_folders(root, classes, per_class, size)`: an image-folder data set for the prepare stage."""
+    return _rgb_class_folders

@@ -30,7 +30,16 @@ from ctm_core.nets.student import CTMStudent
 FORMAT = "ctm_core.nets.student/1"
 KIND = "student"
 
-__all__ = ["FORMAT", "KIND", "ema_variant", "load_student", "read_student_config", "save_student"]
+__all__ = [
+    "FORMAT",
+    "KIND",
+    "build_student",
+    "ema_variant",
+    "load_student",
+    "read_student_config",
+    "save_student",
+    "student_class_name",
+]
 
 
 def ema_variant(rate: float | None) -> str:
@@ -61,7 +70,7 @@ def save_student(
     weights = {f"weights/{name}.safetensors": encode_weights(sd) for name, sd in variants.items()}
     config = {
         "format": FORMAT,
-        "class_name": "CTMStudent",
+        "class_name": student_class_name(init_kwargs),
         "init_kwargs": init_kwargs,
         "variants": {
             name: {"file": f"weights/{name}.safetensors", "sha256": weights[f"weights/{name}.safetensors"].sha256}
@@ -71,6 +80,30 @@ def save_student(
     written = write_artifact(out_dir, weights, config, kind=KIND, meta=meta or {}, extra_json=extra_json, replace=True)
     written.pop("files")
     return written
+
+
+def student_class_name(init_kwargs: dict[str, Any]) -> str:
+    """``"ADMStudent"`` for the sony/ctm ImageNet-64 network (``model_type`` ``"ADMUNet"``), else ``"CTMStudent"``."""
+    return "ADMStudent" if init_kwargs.get("model_type") == "ADMUNet" else "CTMStudent"
+
+
+def build_student(config: dict[str, Any]) -> CTMStudent:
+    """A freshly initialised student of a ``config.json`` (``class_name`` + ``init_kwargs``): ``CTMStudent``, or
+    ``ADMStudent`` for a student continued from a released sony/ctm checkpoint
+    (docs/official.md#5-continuing-training-from-a-released-checkpoint)."""
+    kwargs = dict(config["init_kwargs"])
+    name = config.get("class_name", "CTMStudent")
+    if name != student_class_name(kwargs):
+        raise InputError(
+            f"config.json: class_name {name!r} does not fit init_kwargs.model_type {kwargs.get('model_type')!r} "
+            "(fix: write the student again with save_student)"
+        )
+    if name == "ADMStudent":
+        from ctm_core.nets.official.loader import ADMStudent
+
+        kwargs.pop("model_type")
+        return ADMStudent(**kwargs)
+    return CTMStudent(**kwargs)
 
 
 def _legacy_files(config: dict[str, Any]) -> dict[str, dict[str, str | None]]:
@@ -123,7 +156,8 @@ def read_student_config(student_dir: str | os.PathLike) -> dict[str, Any]:
 def load_student(
     student_dir: str | os.PathLike, variant: str = "online", *, device="cpu", sha256: str | None = None
 ) -> CTMStudent:
-    """Build the ``CTMStudent`` of ``student_dir`` with the weights of ``variant``, verified by sha256; eval mode.
+    """Build the student of ``student_dir`` (``build_student``) with the weights of ``variant``, verified by
+    sha256; eval mode.
 
     ``sha256``: the weights file's digest as recorded outside the folder (e.g. a registered model's manifest); the
     bytes read must match it as well as ``config.json``'s record.
@@ -138,6 +172,6 @@ def load_student(
             f"{pathlib.Path(student_dir) / file}: weights sha256 {art.sha256[file]} differs from the expected "
             f"{sha256} (fix: the student folder was modified; fetch the model again)"
         )
-    student = CTMStudent(**config["init_kwargs"])
+    student = build_student(config)
     student.load_state_dict(art.tensors[file], strict=True)
     return student.to(device).eval().requires_grad_(False)

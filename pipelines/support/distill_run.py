@@ -56,8 +56,12 @@ def run_identity(d: DistillParams, card: DatasetCard, teacher_weights_sha256: st
 
 def section_identity(d: DistillParams) -> dict[str, Any]:
     """The distill section as it names a run: the LPIPS files by their sha256 pins only (the driver makes their
-    paths absolute, which would tie a resume to the checkout's location)."""
-    return d.model_dump(exclude={"lpips": {"vgg16_source", "linear_source", "cache_dir"}})
+    paths absolute, which would tie a resume to the checkout's location), a released start file
+    (`distill.init_from`, docs/official.md#5-continuing-training-from-a-released-checkpoint) by its sha256 only."""
+    exclude: dict[str, Any] = {"lpips": {"vgg16_source", "linear_source", "cache_dir"}}
+    # A released start file by its pin only; none: not in the identity at all (names from before the option hold).
+    exclude["init_from"] = True if d.init_from.uri is None else {"uri", "cache_dir"}
+    return d.model_dump(exclude=exclude)
 
 
 def run_name(identity: dict[str, Any]) -> str:
@@ -82,11 +86,13 @@ def fit(
     continue_from: dict[str, Any] | None = None,
     feature_weights: dict[str, str] | None = None,
     ray_info: dict[str, Any] | None = None,
+    init=None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train `distill` (default `params.distill`; a phase of ``ctm_core.config.gan_phases``) on Ray under the run
     `name` (resuming it); returns (final trainer state, run record). A GAN-phase run starts from `continue_from`
     (the CTM+DSM run's final state, docs/gan.md) unless it has checkpoints of its own. With `ray_info` (what
     ``ray_env.connect_or_start`` returned) the caller holds the Ray connection for several runs and shuts it down.
+    `init` (``pipelines.support.init_from.InitStudent``): the released student every rank starts from.
 
     The record holds the Ray run name and storage, the final checkpoint path, the last metrics and the wall time.
     Raises ``DistillRunError`` when Ray gives up.
@@ -109,6 +115,7 @@ def fit(
         if inputs.teacher_uri:  # the driver's cache is not on the other nodes: ship the verified bytes
             teacher_ref = ray.put((inputs.teacher_dir / "teacher.safetensors").read_bytes())
         continue_from_ref = None if continue_from is None else ray.put(continue_from)
+        init_ref = None if init is None else ray.put(init)
         trainer = torch_trainer(
             {
                 "distill": d,
@@ -117,6 +124,7 @@ def fit(
                 "teacher_dir": str(inputs.teacher_dir),
                 "teacher_ref": teacher_ref,
                 "continue_from_ref": continue_from_ref,
+                "init_ref": init_ref,
                 "feature_weights": feature_weights,
                 "mlflow_run_id": mlflow_run_id,
                 "tracking_uri": tracking_uri,

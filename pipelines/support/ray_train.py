@@ -116,7 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prepared folder the workers stream from), "teacher_dir", "teacher_ref"
     (the teacher's bytes in the object store, for s3:// teachers), "use_gpu", "threads_per_worker"; for a GAN-phase
     run "continue_from_ref" (the CTM+DSM run's final trainer state in the object store) and "feature_weights" (the
-    projected discriminator's fetched files); and optionally
+    projected discriminator's fetched files); "init_ref" (``InitStudent``: the released student of
+    distill.init_from, or None); and optionally
     "mlflow_run_id" + "tracking_uri" (rank 0 logs the curves there) and "quality" (``QualityProbe``).
     """
     import ray.train
@@ -124,9 +125,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from ctm_core.io.teacher_format import load_edm_checkpoint
-    from ctm_core.nets.student import CTMStudent
     from ctm_core.training.grad_sync import BucketedAllReduce
-    from ctm_core.training.trainer import CTMTrainer, derive_seed
+    from ctm_core.training.trainer import CTMTrainer
+    from pipelines.support.init_from import initial_student
     from pipelines.support.logs import setup_logging
     from pipelines.support.lpips_weights import build_lpips
 
@@ -152,11 +153,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         teacher = load_edm_checkpoint(ray.get(config["teacher_ref"])).to(device)
     else:
         teacher = load_edm_checkpoint(config["teacher_dir"]).to(device)
-    # The s-branch's fresh init comes from the global RNG (torch.nn init): seed it from the run seed so every
-    # rank (and every restart) builds the identical student before the checkpoint, if any, overwrites it.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, 0, "student_init"))
-        student = CTMStudent.from_teacher(teacher, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+    # The same student on every rank (and every restart) before the checkpoint, if any, overwrites it: the teacher's
+    # weights with a seeded s-branch, or the released student of distill.init_from (pipelines.support.init_from).
+    init = ray.get(config["init_ref"]) if config.get("init_ref") is not None else None
+    student = initial_student(teacher, cfg, init)
 
     discriminator = d_optimizer = None
     if cfg.gan.enabled:  # the GAN phase (docs/gan.md): a fresh discriminator, seeded like every rank's student

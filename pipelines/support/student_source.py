@@ -25,6 +25,7 @@ __all__ = [
     "OfficialVariant",
     "check_registrable",
     "check_rejection",
+    "fetch_pinned",
     "load_official_student",
     "load_rejection_classifier",
     "rejection_samples",
@@ -46,11 +47,16 @@ class OfficialVariant(str):
         return obj
 
 
-def _fetch_pinned(uri: str, sha256: str | None, params: Params, key: str, progress: bool) -> tuple[Path, str]:
-    """(local path, verified sha256) of a pinned file in `<evaluate.cache_dir>/official`; InputError naming `key`."""
+def fetch_pinned(
+    uri: str, sha256: str | None, params: Params, key: str, progress: bool, cache: str | None = None
+) -> tuple[Path, str]:
+    """(local path, verified sha256) of a pinned file in `cache` (default `<evaluate.cache_dir>/official`; relative
+    to the repository root); InputError naming `key`."""
     from pipelines.support.fetch import FetchError, fetch, recorded_sha256
 
-    cache = Path(resolve_path(params.evaluate.cache_dir, params.repo_root)) / "official"
+    if cache is None:
+        cache = str(Path(params.evaluate.cache_dir) / "official")
+    cache = Path(resolve_path(cache, params.repo_root))
     try:
         path = fetch(resolve_path(uri, params.repo_root), cache, sha256=sha256, progress=progress)
         return path, recorded_sha256(path)
@@ -63,7 +69,7 @@ def resolve_student_source(params: Params, card: DatasetCard, *, progress: bool 
     from ctm_core.nets.official.loader import check_official_ctm, resolve_flags
 
     src = params.evaluate.student_source
-    path, digest = _fetch_pinned(src.uri, src.sha256, params, "evaluate.student_source.uri", progress)
+    path, digest = fetch_pinned(src.uri, src.sha256, params, "evaluate.student_source.uri", progress)
     try:
         flags = resolve_flags(src.preset, src.flags)
         if check_official_ctm(path, src.preset, **src.flags) != digest:
@@ -99,7 +105,7 @@ def load_rejection_classifier(params: Params, device, *, progress: bool = False)
     from ctm_core.eval.rejection import load_adm_classifier
 
     rj = params.evaluate.rejection
-    path, digest = _fetch_pinned(rj.classifier_uri, rj.classifier_sha256, params, "evaluate.rejection", progress)
+    path, digest = fetch_pinned(rj.classifier_uri, rj.classifier_sha256, params, "evaluate.rejection", progress)
     try:
         classifier = load_adm_classifier(path, **rj.classifier_flags)
     except ValueError as e:

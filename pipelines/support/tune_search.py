@@ -107,6 +107,12 @@ def check_tune_inputs(params: Params, data: Path, teacher: Path) -> tuple[dict[s
         card = check_inputs(data, teacher)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(" ".join(str(e).split())) from None
+    # Trials start from the teacher (docs/official.md#5-continuing-training-from-a-released-checkpoint).
+    if params.distill.init_from.uri is not None:
+        raise InputError(
+            "distill.init_from: the tune stage trains its trials from the teacher, not from a released student "
+            "(fix: tune.enabled: false to continue a released student, or distill.init_from.uri: null to tune)"
+        )
     if card.labels.label_dim < 2 and params.tune.metric in QUALITY_METRICS:
         raise InputError(
             f"--data: {data} has no class labels; tune.metric {params.tune.metric!r} needs the "

@@ -14,7 +14,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -30,39 +29,17 @@ FLAGS = dict(
 )
 
 
-def _save_like_official(state_dict, path):
-    """torch.save of views into two flat storages (ndim <= 1, ndim > 1), as sony/ctm's fp16 master-param save."""
-    out = {}
-    for big in (False, True):
-        keys = [k for k, v in state_dict.items() if (v.ndim > 1) == big]
-        flat = torch.cat([state_dict[k].reshape(-1) for k in keys])
-        offset = 0
-        for k in keys:
-            out[k] = flat[offset : offset + state_dict[k].numel()].view(state_dict[k].shape)
-            offset += state_dict[k].numel()
-    torch.save({k: out[k] for k in state_dict}, path)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from PIL import Image
-
+def setup(tmp_path_factory, save_like_official, rgb_class_folders):
     from ctm_core.io.teacher_format import save_teacher
     from ctm_core.nets.official.loader import build_official_ctm
     from ctm_core.nets.precond import EDMPrecond
     from pipelines.support.datasets import prepare_dataset
 
     root = tmp_path_factory.mktemp("official_eval")
-    rng = np.random.default_rng(0)
-    for c in range(3):  # 3 classes of 8 RGB images, each class its own colour ramp
-        folder = root / "images" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(8):
-            ramp = np.add.outer(np.arange(16), np.arange(16))[..., None] * np.array([3 + c, 8 - 2 * c, 5]) + 10 * i
-            img = (ramp + rng.integers(0, 30, (16, 16, 3))) % 256
-            Image.fromarray(img.astype(np.uint8), mode="RGB").save(folder / f"{i}.png")
     data = root / "prepared"
-    card = prepare_dataset("imagefolder", root / "images", data, heldout_fraction=0.25, seed=0, progress=False)
+    images = rgb_class_folders(root / "images", 3, 8, 16)  # 3 classes of 8 RGB images
+    card = prepare_dataset("imagefolder", images, data, heldout_fraction=0.25, seed=0, progress=False)
     assert card.labels.label_dim == 3 and card.image.shape == (3, 16, 16)
 
     torch.manual_seed(0)
@@ -74,7 +51,7 @@ def setup(tmp_path_factory):
         for p in student.parameters():  # ADM zero-initialises its output convs: make the student non-trivial
             p.add_(0.05 * torch.randn_like(p))
     ckpt = root / "ema_0.999_000100.pt"
-    _save_like_official(student.model.state_dict(), ckpt)
+    save_like_official(student.model.state_dict(), ckpt)
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.setenv("DVC_ROOT", str(root))

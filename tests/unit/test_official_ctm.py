@@ -102,21 +102,6 @@ def test_cifar10_cond_and_uncond_match_official_outputs(official, tmp_path):
     _check_samples(student, ref, "uncond_", 0)
 
 
-def _save_like_official(state_dict, path):
-    """torch.save of views into two flat fp32 storages (ndim <= 1 and ndim > 1), as sony/ctm's
-    MixedPrecisionTrainer.master_params_to_state_dict writes them."""
-    out = {}
-    for big in (False, True):
-        keys = [k for k, v in state_dict.items() if (v.ndim > 1) == big]
-        flat = torch.cat([state_dict[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
-        offset = 0
-        for k in keys:
-            n = state_dict[k].numel()
-            out[k] = flat[offset : offset + n].view(state_dict[k].shape)
-            offset += n
-    torch.save({k: out[k] for k in state_dict}, path)
-
-
 @pytest.mark.parametrize(
     "preset, flags, num_classes",
     [
@@ -138,14 +123,16 @@ def _save_like_official(state_dict, path):
     ],
 )
 @torch.no_grad()
-def test_other_widths_and_seeds_roundtrip_through_shared_storage_files(preset, flags, num_classes, tmp_path):
+def test_other_widths_and_seeds_roundtrip_through_shared_storage_files(
+    preset, flags, num_classes, tmp_path, save_like_official
+):
     torch.manual_seed(3)
     built = build_official_ctm(preset, **flags).eval()
     for p in built.parameters():  # zero-initialised output convs would make every student equal to c_skip·x
         p.add_(0.05 * torch.randn_like(p))
     net = built.model if preset == "sony-ctm-imagenet64" else built
     path = tmp_path / "ema_0.999_000001.pt"
-    _save_like_official(net.state_dict(), path)
+    save_like_official(net.state_dict(), path)
     loaded = load_official_ctm(path, preset, **flags)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2
     y = _onehot(torch.tensor([0, num_classes - 1]), num_classes) if num_classes else None
@@ -232,8 +219,9 @@ def test_release_presets_build_with_the_release_shapes():
 
 @torch.no_grad()
 def test_cifar10_release_layout_is_the_distill_students_layout(official):
-    """docs/official.md#5: a ctm-cifar10 checkpoint loads strictly into the student the distill stage builds from an
-    EDM DDPM++ teacher of the same width (CTMStudent.from_teacher), so continuing training needs no key mapping."""
+    """A ctm-cifar10 checkpoint loads strictly into the student the distill stage builds from an EDM DDPM++ teacher
+    of the same width (CTMStudent.from_teacher), so continuing training needs no key mapping
+    (docs/official.md#5-continuing-training-from-a-released-checkpoint)."""
     from ctm_core.nets.precond import EDMPrecond
     from ctm_core.nets.student import CTMStudent
 

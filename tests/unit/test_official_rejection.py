@@ -109,17 +109,8 @@ def test_attention_layouts(order):
     torch.testing.assert_close(_qkv_attention(qkv, 2, order), _loop_attention(qkv, 2, order))
 
 
-def _save_like_official(state_dict, path):
-    flat = torch.cat([v.reshape(-1) for v in state_dict.values()])
-    out, offset = {}, 0
-    for k, v in state_dict.items():
-        out[k] = flat[offset : offset + v.numel()].view(v.shape)
-        offset += v.numel()
-    torch.save(out, path)
-
-
 @torch.no_grad()
-def test_classifier_roundtrip_and_log_probs(tmp_path):
+def test_classifier_roundtrip_and_log_probs(tmp_path, save_like_official):
     torch.manual_seed(0)
     net = build_adm_classifier(**TINY).eval()
     for p in net.parameters():
@@ -128,7 +119,7 @@ def test_classifier_roundtrip_and_log_probs(tmp_path):
     assert keys[0] == "time_embed.0.weight" and "out.2.positional_embedding" in keys
     assert tuple(net.state_dict()["input_blocks.3.1.qkv.weight"].shape) == (192, 64, 1)  # conv_nd(1, ...): 3-D
     path = tmp_path / "classifier.pt"
-    _save_like_official(net.state_dict(), path)
+    save_like_official(net.state_dict(), path)
     loaded = load_adm_classifier(path, **TINY)
 
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1
