@@ -14,6 +14,9 @@ samples the whole tree every `--interval` seconds from /proc (Linux only) and re
 Processes are found by walking /proc/<pid>/task/*/children from the command's PID, plus processes that Ray
 re-parents away from the tree but that carry the command's session id. Sampling can miss a spike shorter than the
 interval; the result is a lower bound on the true peak at that resolution. Prints progress lines every 30 s.
+
+`Sampler` does the same in a thread while a caller runs something (benchmarks/scale.py): the whole tree's peak PSS
+and the peak RSS of each Ray Train worker process.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +89,45 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
     except OSError:
         return "?"
+
+
+class Sampler(threading.Thread):
+    """Samples the tree of `root` from /proc every `interval` seconds in a background thread (``start()`` ...
+    ``stop()``): the peak RSS of each process whose command line contains `match` (Ray Train workers' process
+    titles contain "TrainWorker") and the peak of the sum of PSS over the whole tree (``tree``)."""
+
+    def __init__(self, root: int, interval: float = 0.25, match: str = "TrainWorker"):
+        super().__init__(daemon=True)
+        self.root, self.interval, self.match = root, interval, match
+        self.worker_peak: dict[int, tuple[int, str]] = {}  # pid -> (peak RSS bytes, command line)
+        self.tree_peak_pss = 0
+        self._done = threading.Event()
+
+    def sample(self) -> None:
+        pss_sum = 0
+        for pid in tree(self.root):
+            rss, pss = memory(pid)
+            pss_sum += pss
+            cmd = _cmdline(pid)
+            if self.match in cmd and rss > self.worker_peak.get(pid, (0, ""))[0]:
+                self.worker_peak[pid] = (rss, cmd)
+        self.tree_peak_pss = max(self.tree_peak_pss, pss_sum)
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(self.interval)
+
+    def stop(self) -> dict:
+        """Stop sampling; {"worker_peak_rss_gib": [per matched process, largest first], "tree_peak_pss_gib"}."""
+        self._done.set()
+        self.join()
+        peaks = sorted((rss for rss, _ in self.worker_peak.values()), reverse=True)
+        return {
+            "worker_peak_rss_gib": [round(r / GIB, 3) for r in peaks],
+            "tree_peak_pss_gib": round(self.tree_peak_pss / GIB, 3),
+            "interval_s": self.interval,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:

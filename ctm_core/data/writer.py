@@ -23,7 +23,7 @@ from ctm_core.data.card import SPLITS, DatasetCard, ImageSpec, LabelSpec, Shard,
 from ctm_core.data.sources import DatasetError, SourceImages
 from ctm_core.io.hashing import sha256_file
 
-__all__ = ["split_indices", "write_prepared", "write_split"]
+__all__ = ["split_indices", "write_prepared", "write_shard", "write_split"]
 
 
 def split_indices(labels: np.ndarray, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,22 +56,28 @@ def write_split(
     """Write images[idx] (N, C, H, W) uint8 and labels[idx] as `root/<split>/shard-00000.parquet` ... of
     `shard_size` rows each; returns the shards (path relative to `root`, rows, sha256)."""
     (root / split).mkdir()
-    C, H, W = images.shape[1:]
-    meta = {b"ctm.image_shape": json.dumps([int(C), int(H), int(W)]).encode(), b"ctm.image_dtype": b"uint8"}
-    schema = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())], metadata=meta)
     shards = []
     starts = range(0, len(idx), shard_size)
     for k, start in enumerate(tqdm(starts, desc=f"write {split}", unit="shard", disable=not progress, leave=False)):
         sel = idx[start : start + shard_size]
-        block = np.ascontiguousarray(images[sel]).reshape(len(sel), -1)  # (n, C*H*W)
-        table = pa.table(
-            {"image": pa.array([r.tobytes() for r in block], pa.binary()), "label": labels[sel], "index": sel},
-            schema=schema,
-        )
         rel = f"{split}/shard-{k:05d}.parquet"
-        pq.write_table(table, root / rel, compression="zstd", row_group_size=len(sel))
-        shards.append(Shard(path=rel, rows=int(len(sel)), sha256=sha256_file(root / rel)))
+        shards.append(write_shard(root, rel, images[sel], labels[sel], sel))
     return tuple(shards)
+
+
+def write_shard(root: Path, rel: str, images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> Shard:
+    """Write images (n, C, H, W) uint8, labels (n,) and source positions `index` (n,) as the one-row-group Parquet
+    shard `root/rel`; returns its `Shard` (path, rows, sha256)."""
+    C, H, W = images.shape[1:]
+    meta = {b"ctm.image_shape": json.dumps([int(C), int(H), int(W)]).encode(), b"ctm.image_dtype": b"uint8"}
+    schema = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())], metadata=meta)
+    block = np.ascontiguousarray(images).reshape(len(images), -1)  # (n, C*H*W)
+    table = pa.table(
+        {"image": pa.array([r.tobytes() for r in block], pa.binary()), "label": labels, "index": index},
+        schema=schema,
+    )
+    pq.write_table(table, root / rel, compression="zstd", row_group_size=len(images))
+    return Shard(path=rel, rows=int(len(images)), sha256=sha256_file(root / rel))
 
 
 def write_prepared(

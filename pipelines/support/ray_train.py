@@ -195,10 +195,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     probe = QualityProbe(config["quality"], card, device) if rank == 0 and config.get("quality") else None
     total, every = cfg.steps, cfg.checkpoint_every
+    timed_steps, timed_s, warm = 0, 0.0, False  # training after this worker's first chunk (build, warm-up)
     while trainer.step < total:
+        t0, s0 = time.perf_counter(), trainer.step
         trainer.train(num_steps=min(every - trainer.step % every, total - trainer.step))
+        if warm:
+            timed_steps, timed_s = timed_steps + trainer.step - s0, timed_s + time.perf_counter() - t0
+        warm = True
         metrics = {"step": trainer.step, **(curves.last if curves else {})}
-        if grad_sync is not None and grad_sync.calls:  # what benchmarks/scale.py reads (sync_ms_per_step)
+        if timed_steps:  # what benchmarks/scale.py reads (docs/data_streaming.md#gradient-sync)
+            metrics["perf/steps_per_s"] = timed_steps / timed_s
+        if grad_sync is not None and grad_sync.calls:
             metrics["perf/sync_ms_per_step"] = 1000 * grad_sync.seconds / grad_sync.calls
         if probe is not None:  # the tune stage's per-report quality (others wait at the report barrier)
             metrics.update(probe(trainer))
