@@ -107,10 +107,6 @@ def fit(
     storage = ray_env.storage_path(params)
     info = ray_info if ray_info is not None else ray_env.connect_or_start(params)
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        # The card's train shards (verified): from S3 when the data came from S3 (every node can read it).
-        base = inputs.data_uri or str(inputs.data_dir)
-        ds = ray.data.read_parquet([f"{base}/{sh.path}" for sh in card.splits["train"].shards])
         teacher_ref = None
         if inputs.teacher_uri:  # the driver's cache is not on the other nodes: ship the verified bytes
             teacher_ref = ray.put((inputs.teacher_dir / "teacher.safetensors").read_bytes())
@@ -121,6 +117,8 @@ def fit(
                 "distill": d,
                 "card": card,
                 "data_dir": str(inputs.data_dir),
+                # s3:// data: the workers stream the shards from S3 (every node can read it; docs/data_streaming.md)
+                "data_uri": inputs.data_uri,
                 "teacher_dir": str(inputs.teacher_dir),
                 "teacher_ref": teacher_ref,
                 "continue_from_ref": continue_from_ref,
@@ -137,7 +135,6 @@ def fit(
                 failure_config=FailureConfig(max_failures=params.ray.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
-            dataset=ds,
         )
         t0 = time.time()
         try:

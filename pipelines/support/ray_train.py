@@ -64,11 +64,9 @@ def check_inputs(data_dir: Path, teacher_dir: Path) -> dict[str, Any]:
     return card
 
 
-def torch_trainer(loop_config: dict[str, Any], *, params, workers: int, run_config, dataset=None):
-    """A ``TorchTrainer`` of ``train_loop_per_worker`` on `workers` ranks.
-
-    The workers stream the card's shards themselves (``_train_stream``); `dataset` is not used (callers may still
-    pass the Ray Data dataset they built before the streaming reader: it is never read)."""
+def torch_trainer(loop_config: dict[str, Any], *, params, workers: int, run_config):
+    """A ``TorchTrainer`` of ``train_loop_per_worker`` on `workers` ranks (they stream the card's shards themselves:
+    ``_train_stream``)."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -193,7 +193,6 @@ def trial_section(params: Params, trial: dict[str, Any]) -> DistillParams:
 
 def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """Tune function trainable: one TorchTrainer (Train V2) per trial; metrics reach Tune via TuneReportCallback."""
-    import ray.data
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -206,7 +205,6 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     d = trial_section(params, trial)
     check_batch_split(d, params.ray.num_workers)
     trial_id = ray.tune.get_context().get_trial_id()
-    ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = torch_trainer(
         {
             "distill": d,
@@ -224,7 +222,6 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],
         ),
-        dataset=ray.data.read_parquet(str(Path(setup["data_dir"]) / "train")),
     )
     trainer.fit()
 
