@@ -121,23 +121,30 @@ def _classifier_space(params: Params, card: DatasetCard, data: Path, folder: Pat
     from pipelines.support.fid_reference import warn_if_weak_classifier
 
     ev, num_levels = params.evaluate, card.image.num_levels
-    clf, info, (x_train, x_held) = train_feature_classifier(params, card, data, folder, progress)
-    f_train = classifier_features(clf, x_train)
-    mu_ref, sigma_ref = feature_statistics(f_train)
-    set_size = ev.set_size or len(x_held)
-    if set_size < 2 or set_size > ev.num_samples:
+    num_held = card.splits["heldout"].count if "heldout" in card.splits else 0
+    set_size = ev.set_size or num_held
+    if set_size < 2 or set_size > ev.num_samples:  # before the classifier is trained
         raise InputError(
             f"evaluate.set_size: expected 2 <= set size <= evaluate.num_samples ({ev.num_samples}), got {set_size} "
             f"({'the held-out split size' if ev.set_size is None else 'set'}) (fix: set evaluate.set_size, or raise "
             "data.heldout_fraction / evaluate.num_samples)"
         )
+    clf, info, (x_train, x_held) = train_feature_classifier(params, card, data, folder, progress)
+    f_train = classifier_features(clf, x_train)
+    mu_ref, sigma_ref = feature_statistics(f_train)
     metrics: dict[str, Any] = {"num_reference": int(len(f_train)), "num_heldout": int(len(x_held))}
     if info["heldout_accuracy"] is not None:
         metrics["classifier_accuracy"] = float(info["heldout_accuracy"])
         warn_if_weak_classifier(metrics["classifier_accuracy"])
     if len(x_held) >= 2:
+        # Like with like (docs/evaluation.md#data-floor): the mean FD of disjoint held-out subsets of the models' set
+        # size (the whole split when set_size is null or larger than it).
         f_held = classifier_features(clf, x_held)
-        metrics["fd_heldout_vs_train"] = frechet_distance(*feature_statistics(f_held), mu_ref, sigma_ref)
+        size = min(set_size, len(f_held))
+        subsets = [f_held[i : i + size] for i in range(0, len(f_held) - size + 1, size)]
+        fds = [frechet_distance(*feature_statistics(f), mu_ref, sigma_ref) for f in subsets]
+        metrics["fd_heldout_vs_train"] = float(np.mean(fds))
+        metrics["floor_set_size"] = int(size)
 
     def features_of(x: torch.Tensor) -> np.ndarray:
         return classifier_features(clf, images_to_levels(x.clamp(-1, 1), num_levels))
