@@ -26,13 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=1e-5, atol=1e-5)
 CIFAR_FLAGS = {"model_channels": 8, "num_blocks": 1, "label_dim": 10}  # the shared fixture's constructor flags
-ADM_FLAGS = dict(
+ADM_FLAGS = dict(  # not the evaluate test's file: heads of 8, attention at 16 and 8, 2 blocks
     image_size=16,
     num_channels=32,
-    num_res_blocks=1,
+    num_res_blocks=2,
     channel_mult="1,2",
-    attention_resolutions="8",
-    num_head_channels=16,
+    attention_resolutions="16,8",
+    num_head_channels=8,
     num_classes=3,
 )
 
