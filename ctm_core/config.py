@@ -19,6 +19,7 @@ Checks that depend on the machine (GPU, S3 credentials, a reachable Ray address)
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
@@ -1395,7 +1396,17 @@ def _from_validation_error(err: ValidationError, prefix: tuple = ()) -> ParamsEr
     if typ == "extra_forbidden":
         owner = _model_at(loc)
         allowed = sorted(owner.model_fields) if owner is not None else []
-        return ParamsError(key, f"unknown key (allowed here: {', '.join(allowed)}; fix: remove or rename it)")
+        if len(allowed) <= 16:
+            return ParamsError(key, f"unknown key (allowed here: {', '.join(allowed)}; fix: remove or rename it)")
+        # Large sections (distill: 30+ keys): the closest names, so the message stays one readable line.
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return ParamsError(
+            key,
+            f"unknown key ({hint}{len(allowed)} keys are allowed in {where}: see ctm_core/config.py or "
+            f"`python -m pipelines.config --show {loc[0]}`; fix: remove or rename it)",
+        )
     if typ == "missing":
         return ParamsError(key, "required key is missing (fix: add it)")
     if typ == "literal_error":

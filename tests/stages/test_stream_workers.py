@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,7 +72,7 @@ def _trainer(root: Path, *, rank=0, world=1, data_uri=None, loads=None, **kw) ->
     return CTMTrainer(cfg, student, teacher, data, rank=rank, world_size=world, progress=False, **kw)
 
 
-def _rank(rank: int, root: str, port: int, out: str) -> None:
+def _rank(rank: int, root: str, port: int | str, out: str) -> None:
     """One gloo rank of the two: the distill workers' data source, gradient and metric sync."""
     import torch.distributed as dist
 
@@ -97,13 +99,25 @@ def _rank(rank: int, root: str, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(inputs, tmp_path_factory):
-    import torch.multiprocessing as mp
-
+    """Two fresh interpreters (not multiprocessing.spawn, whose children inherit this process's sys.path: an
+    in-process MLflow model load earlier in the session prepends the model's minimal `pipelines` copy to it)."""
     out = tmp_path_factory.mktemp("ranks")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(str(inputs), port, str(out)), nprocs=2, join=True)
+    code = "import sys; from tests.stages.test_stream_workers import _rank; _rank(int(sys.argv[1]), *sys.argv[2:])"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(r), str(inputs), str(port), str(out)], cwd=ROOT, env=env)
+        for r in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], f"rank exit codes {codes}"
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return torch.load(out / "weights.pt", weights_only=True), ranks
 

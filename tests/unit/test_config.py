@@ -286,6 +286,9 @@ def test_local_ray_starts_runs_and_cleans_up(tmp_path):
         },
     )
     auth_before = os.environ.get("RAY_AUTH_MODE")
+    # Children from earlier tests in this session (e.g. multiprocessing's resource tracker, which lives as long as
+    # this process once any test used the spawn start method) are not Ray's: only new ones must go.
+    before = {q.pid for q in psutil.Process().children(recursive=True)}
     t0 = time.monotonic()
     try:
         info = ray_env.connect_or_start(p)
@@ -303,7 +306,7 @@ def test_local_ray_starts_runs_and_cleans_up(tmp_path):
         else:
             req = urllib.request.Request(url)
         assert urllib.request.urlopen(req, timeout=10).status == 200
-        children = psutil.Process().children(recursive=True)
+        children = [q for q in psutil.Process().children(recursive=True) if q.pid not in before]
         assert children, "ray.init started no processes?"
     finally:
         ray_env.shutdown()
