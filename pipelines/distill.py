@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs = resolve_inputs(args.data, args.teacher)
             card = check_inputs(inputs.data_dir, inputs.teacher_dir)
             check_gan_phase(params, card)
-            if params.distill.init_from.uri is not None:  # fetch + check the released student (the run repeats it)
+            if args.dry_run and params.distill.init_from.uri is not None:  # a run checks it in run_distill, once
                 from ctm_core.io.teacher_format import load_edm_checkpoint
                 from pipelines.support.init_from import resolve_init_from
 
