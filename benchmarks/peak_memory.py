@@ -85,8 +85,10 @@ def memory(pid: int) -> tuple[int, int]:
 
 
 def _cmdline(pid: int) -> str:
+    """The whole command line (matching needs all of it: a long interpreter path pushes a worker's marker far right;
+    truncate only for display)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "?"
 
@@ -110,7 +112,7 @@ class Sampler(threading.Thread):
             pss_sum += pss
             cmd = _cmdline(pid)
             if self.match in cmd and rss > self.worker_peak.get(pid, (0, ""))[0]:
-                self.worker_peak[pid] = (rss, cmd)
+                self.worker_peak[pid] = (rss, cmd[:120])
         self.tree_peak_pss = max(self.tree_peak_pss, pss_sum)
 
     def run(self) -> None:
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             rss, pss = memory(pid)
             rss_sum, pss_sum = rss_sum + rss, pss_sum + pss
             if rss > peak["single"]:
-                peak["single"], peak["single_cmd"] = rss, _cmdline(pid)
+                peak["single"], peak["single_cmd"] = rss, _cmdline(pid)[:120]
         if pss_sum > peak["pss"]:
             peak["pss"], peak["t_pss"], peak["processes"] = pss_sum, time.monotonic() - t0, len(pids)
         peak["rss"] = max(peak["rss"], rss_sum)

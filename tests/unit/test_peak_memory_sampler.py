@@ -3,6 +3,7 @@ command line matches, and the tree's peak PSS, sampled in a thread while the tre
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +19,21 @@ def test_sampler_sees_each_matching_worker_and_the_tree(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from peak_memory import Sampler
 
-    hold = tmp_path / "hold.py"
+    # a long path, so the marker sits past the first 120 characters of the command line (as on a CI machine whose
+    # checkout and temporary paths are long): matching must read the whole command line
+    long_dir = tmp_path / ("d" * 150)
+    long_dir.mkdir()
+    hold = long_dir / "hold.py"
     hold.write_text(
         "import sys, time\na = bytearray(int(sys.argv[1]) * 2**20)\n"
         "a[::4096] = bytes(len(a[::4096]))  # touch every page\ntime.sleep(2)\n"
     )
-    # bash -> two "workers" (120 and 200 MiB, marked by their argv) and one unmarked 80 MiB process
-    script = (
-        f"{sys.executable} {hold} 120 FakeTrainWorker & {sys.executable} {hold} 200 FakeTrainWorker & "
-        f"{sys.executable} {hold} 80 other; wait"
-    )
-    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    # bash -> two "workers" (120 and 200 MiB, marked by their argv) and one unmarked 80 MiB process; the marker
+    # comes from the environment, so bash's own command line does not contain it
+    py = f"{sys.executable} {hold}"
+    script = f"{py} 120 $MARK & {py} 200 $MARK & {py} 80 other; wait"
+    env = {**os.environ, "MARK": "FakeTrainWorker"}
+    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True, env=env)
     sampler = Sampler(proc.pid, interval=0.1, match="FakeTrainWorker")
     sampler.start()
     proc.wait(timeout=60)
