@@ -6,7 +6,8 @@
 `--best-params` (the tune stage's output) holds distill overrides; they are merged into params.yaml and validated
 with it in one go. The training runs on Ray (`pipelines.support.ray_train`: the per-worker loop, data parallelism,
 verified checkpoints) under a run name that a re-run resumes (`pipelines.support.distill_run`). `--data` and
-`--teacher` may be s3:// folders (`pipelines.support.remote_inputs`), downloaded and verified before Ray starts.
+`--teacher` may be s3:// folders (`pipelines.support.remote_inputs`): the teacher and the data's card are fetched and
+verified before Ray starts, and the workers stream the data's shards from S3.
 
 Outputs (`--out`, written atomically): the student folder of `ctm_core.io.student_format` (online + eval-EMA
 weights) and `run.json` (MLflow run id, Ray run name and storage, final checkpoint path, last metrics).
@@ -74,7 +75,7 @@ def run_distill(
     for phase in (phase1, phase2):
         if phase is not None:
             check_batch_split(phase, workers)
-    inputs = resolve_inputs(data_dir, teacher_dir)  # s3:// inputs: downloaded + verified before Ray starts
+    inputs = resolve_inputs(data_dir, teacher_dir)  # s3://: teacher + data card fetched and checked before Ray
     card = check_inputs(inputs.data_dir, inputs.teacher_dir)
     check_gan_phase(params, card)
     teacher = load_edm_checkpoint(inputs.teacher_dir)
@@ -101,7 +102,7 @@ def run_distill(
         flat = tracking.flatten({"distill": d.model_dump(), "ray.num_workers": workers})
         if new := {k: str(v) for k, v in flat.items() if k not in logged}:
             mlflow.log_params(new)
-        tracking.log_prepared_dataset(inputs.data_dir)  # the run's dataset input, with the card's digest
+        tracking.log_prepared_dataset(inputs.data_dir, source=inputs.data_uri)  # the run's input, the card's digest
         run_kw = dict(workers=workers, mlflow_run_id=run.info.run_id, tracking_uri=tracking_uri, init=init)
         if phase2 is None:
             state, fit_record = distill_run.fit(params, inputs, card, name=name1, distill=phase1, **run_kw)

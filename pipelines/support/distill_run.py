@@ -4,9 +4,9 @@ Resumption: the Ray run name is ``distill-<hash of the distill section, data, te
 under ``ray.storage_path``, so re-running the stage after a kill (or a dead worker, through ``FailureConfig``)
 continues from the last complete checkpoint instead of starting over (docs/stack.md). The same entry point runs
 under ``ray job submit`` (Ray sets RAY_ADDRESS and it joins that cluster); without an address it starts a local Ray
-from the ``ray`` section. Inputs from S3 (``pipelines.support.remote_inputs``) were verified into a local cache
-before; Ray Data then reads the card's train shards from S3 and the workers get the teacher through the object
-store. The Ray run name is the same as for the same inputs on local disk.
+from the ``ray`` section. Inputs from S3 (``pipelines.support.remote_inputs``): the teacher and the data's card were
+verified into a local cache before; the workers stream the card's train shards from S3 (``data_uri``) and get the
+teacher through the object store. The Ray run name is the same as for the same inputs on local disk.
 """
 
 from __future__ import annotations

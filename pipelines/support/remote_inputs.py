@@ -1,11 +1,14 @@
-"""Distill inputs on S3: the prepared data and the teacher folder downloaded and verified before Ray starts.
+"""Distill inputs on S3: the prepared data's card and the teacher folder fetched and verified before Ray starts.
 
 ``ray job submit --working-dir .`` never uploads data/ or artifacts/, so on a cluster the distill stage takes
 ``--data s3://.../prepared`` and ``--teacher s3://.../teacher`` (the folders the prepare and teacher stages write, e.g.
-after ``aws s3 sync data/prepared s3://bucket/ctm/prepared``). The driver downloads ``card.json`` and the train shards
-into ``$CTM_INPUT_CACHE`` (default ``<repo>/.cache/inputs``), checking each shard against the card's sha256, and the
-teacher (``config.json`` + ``teacher.safetensors``, checked against ``weights_sha256`` by the safe loader). Errors (no
-credentials, no bucket, missing key, wrong sha256) raise ``InputError`` with one line; nothing unverified is cached.
+after ``aws s3 sync data/prepared s3://bucket/ctm/prepared``). For the data the driver downloads ``card.json`` only
+(size-capped, validated) into ``$CTM_INPUT_CACHE`` (default ``<repo>/.cache/inputs``) and checks with one ``HEAD``
+request per train shard that every shard the card lists exists; it downloads no shard: the Ray workers stream the
+shards from S3 and check each one against the card's sha256 as they read it (docs/data_streaming.md#checksums). The
+teacher (``config.json`` + ``teacher.safetensors``) is downloaded and checked against ``weights_sha256`` by the safe
+loader. Errors (no credentials, no bucket, missing card or shard, wrong teacher sha256) raise ``InputError`` with one
+line; nothing unverified is cached.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ _MAX_JSON_BYTES = 16 << 20  # card.json / config.json: a few KB to a few hundred
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-    """Local, verified copies of the distill inputs; ``*_uri`` are the ``s3://`` sources (None for local paths)."""
+    """The distill inputs on local disk; ``*_uri`` are the ``s3://`` sources (None for local paths). For s3:// data
+    ``data_dir`` holds the validated ``card.json`` only (the workers stream the shards from ``data_uri``)."""
 
     data_dir: Path
     teacher_dir: Path
@@ -45,7 +49,8 @@ def input_cache_dir() -> Path:
 
 
 def resolve_inputs(data: str, teacher: str, cache_dir: str | os.PathLike[str] | None = None) -> Inputs:
-    """Local folders as they are; ``s3://`` folders downloaded and verified into the cache (module doc).
+    """Local folders as they are; ``s3://`` data: its card cached and its shards checked to exist; ``s3://`` teacher:
+    downloaded and verified into the cache (module doc).
 
     Raises ``InputError`` (one line naming the S3 path and the fix) before anything starts.
     """
@@ -102,13 +107,14 @@ def confined(folder: Path, rel: str, what: str) -> Path:
 
 
 def _fetch_prepared(uri: str, cache: Path) -> Path:
-    """``card.json`` + the train shards of a prepared folder on S3, each shard checked against the card."""
-    from ctm_core.data.card import DatasetCard
-    from pipelines.support.io_utils import read_json, sha256_file
+    """``card.json`` of a prepared folder on S3, validated and cached; every train shard it lists checked to exist
+    (``_check_shards_exist``), none downloaded: the workers stream and verify them (docs/data_streaming.md)."""
+    from ctm_core.data.card import CARD_FILE, DatasetCard
+    from pipelines.support.io_utils import read_json
 
     tmp_dir = cache / "tmp"
     card_tmp, card_sha = _s3_download(
-        f"{uri}/card.json",
+        f"{uri}/{CARD_FILE}",
         tmp_dir,
         "fix: --data must be the folder the prepare stage writes (card.json + "
         "train/*.parquet), e.g. after aws s3 sync data/prepared <that URI>",
@@ -128,22 +134,54 @@ def _fetch_prepared(uri: str, cache: Path) -> Path:
             raise InputError(f"{e} (fix: point --data at a folder written by the prepare stage)") from None
         folder = cache / "prepared" / card_sha[:16]
         for shard in card.splits["train"].shards:
-            dest = confined(folder, shard.path, f"{uri}/card.json: shard path")
-            if dest.is_file() and sha256_file(dest) == shard.sha256:
-                continue  # verified copy from an earlier run
-            tmp, got = _s3_download(f"{uri}/{shard.path}", tmp_dir, "listed in card.json")
-            if got != shard.sha256:
-                tmp.unlink(missing_ok=True)
-                raise InputError(
-                    f"sha256 mismatch for {uri}/{shard.path}: expected {shard.sha256} (card.json), "
-                    f"got {got}; the object is truncated or was modified (nothing cached): re-upload "
-                    "the prepared folder (aws s3 sync / dvc push) or re-run the prepare stage"
-                )
-            _install(tmp, dest)
-        _install(card_tmp, folder / "card.json")  # last: a folder with card.json has its train shards
+            confined(folder, shard.path, f"{uri}/card.json: shard path")  # second line (no shard is written here)
+        _check_shards_exist(uri, [shard.path for shard in card.splits["train"].shards])
+        _install(card_tmp, folder / CARD_FILE)
     finally:
         card_tmp.unlink(missing_ok=True)
     return folder
+
+
+def _check_shards_exist(uri: str, paths: list[str], threads: int = 16) -> None:
+    """One ``HEAD`` request per shard (``{uri}/{path}``), in parallel: a missing or unreadable shard raises
+    ``InputError`` naming its key and the fix, before Ray starts. The card records no sizes, so existence is what
+    can be checked without reading; the bytes are checked against the card's sha256 as the workers read them."""
+    import urllib.parse
+    from concurrent.futures import ThreadPoolExecutor
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from pipelines.support.fetch import FetchError, _s3_client
+
+    parsed = urllib.parse.urlparse(uri)
+    bucket, prefix = parsed.netloc, urllib.parse.unquote(parsed.path.strip("/"))
+    try:
+        client = _s3_client(uri, 30.0, 3)  # botocore retries throttling and 5xx itself
+    except FetchError as e:
+        raise InputError(one_line(e)) from None
+    fix = (
+        "fix: upload the whole folder the prepare stage writes again (aws s3 sync data/prepared "
+        f"{uri}), or re-run the prepare stage"
+    )
+
+    def head(path: str) -> str | None:
+        key = f"{prefix}/{path}" if prefix else path
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return f"S3 object not found: {uri}/{path} (listed in card.json; {fix})"
+            return f"S3 error {code} for {uri}/{path} (listed in card.json): check the credentials and bucket policy"
+        except BotoCoreError as e:
+            return f"S3 request for {uri}/{path} failed: {one_line(e)}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        errors = [m for m in pool.map(head, paths) if m is not None]
+    if errors:
+        more = f" (and {len(errors) - 1} more shards)" if len(errors) > 1 else ""
+        raise InputError(errors[0] + more)
 
 
 def _fetch_teacher(uri: str, cache: Path) -> Path:

@@ -289,9 +289,10 @@ def nested_run(parent_run_id: str, name: str, *, tracking_uri: str, tags: Mappin
         raise
 
 
-def log_prepared_dataset(data_dir: str | os.PathLike[str], context: str = "training") -> str:
+def log_prepared_dataset(data_dir: str | os.PathLike[str], context: str = "training", source: str | None = None) -> str:
     """Log the prepared dataset (`data_dir` with its card.json) as a dataset input of the active run; returns the
-    digest: the first 32 hex digits of sha256(card.json), the card pinning every shard's sha256."""
+    digest: the first 32 hex digits of sha256(card.json), the card pinning every shard's sha256. `source`: where the
+    shards are when not in `data_dir` (the s3:// folder the workers stream; only its card is in `data_dir`)."""
     import hashlib
     import warnings
 
@@ -308,8 +309,8 @@ def log_prepared_dataset(data_dir: str | os.PathLike[str], context: str = "train
     name = f"{card.source.kind} {img.height}x{img.width}x{img.channels} ({card.count} images)"
     with warnings.catch_warnings():  # MLflow registers its local-folder source twice and warns that it picked one
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        source = resolve_dataset_source(str(folder))
-    dataset = MetaDataset(source, name=name, digest=digest)
+        where = resolve_dataset_source(source or str(folder))
+    dataset = MetaDataset(where, name=name, digest=digest)
     mlflow.log_input(dataset, context=context)
     return digest
 

@@ -182,6 +182,7 @@ def test_experiments_open_on_training_runs(repo):
 
 def test_prepared_dataset_is_the_runs_input_and_evaluations_are_nested_runs(repo, tmp_path):
     import hashlib
+    import json
     import warnings
 
     from pipelines.support.datasets import prepare_dataset
@@ -198,6 +199,7 @@ def test_prepared_dataset_is_the_runs_input_and_evaluations_are_nested_runs(repo
     (inp,) = client.get_run(parent.info.run_id).inputs.dataset_inputs
     assert inp.dataset.digest == digest and inp.dataset.name == "sklearn-digits 8x8x1 (1797 images)"
     assert [t.value for t in inp.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert json.loads(inp.dataset.source) == {"uri": str(data.resolve())}
     # two evaluations of the same student: two child runs, each metric once per run
     for value in (1.0, 2.0):
         with nested_run(parent.info.run_id, "evaluate-abc", tracking_uri=uri, tags={"ctm.stage": "evaluate"}):
@@ -206,3 +208,10 @@ def test_prepared_dataset_is_the_runs_input_and_evaluations_are_nested_runs(repo
     assert sorted(c.data.metrics["fd_nfe1"] for c in children) == [1.0, 2.0]
     assert all(len(client.get_metric_history(c.info.run_id, "fd_nfe1")) == 1 for c in children)
     assert "fd_nfe1" not in client.get_run(parent.info.run_id).data.metrics
+    # s3:// data: the driver's cache holds only the card; the input names the S3 folder the workers stream
+    uri2 = f"sqlite:///{repo / 'mlflow-s3.db'}"
+    with start_run("distill-y", tracking_uri=uri2, experiment_name="e", repo_root=repo) as run_s3:
+        log_prepared_dataset(data, source="s3://bucket/ctm/prepared")
+    (inp,) = MlflowClient(uri2).get_run(run_s3.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.digest == digest and json.loads(inp.dataset.source) == {"uri": "s3://bucket/ctm/prepared"}
+    assert inp.dataset.source_type == "s3"

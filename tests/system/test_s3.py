@@ -227,9 +227,9 @@ def _upload_inputs(remote, s3, inputs, prefix: str = "ctm") -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_distill_reads_s3_inputs(remote, s3, inputs, ray_head, tmp_path):
-    """``--data s3://.../prepared --teacher s3://.../teacher`` (uploaded with boto3): verified into the cache before
-    Ray starts, Ray Data reads the shards from S3, the workers get the teacher through the object store; same Ray run
-    name and bitwise the same weights as the same inputs on local disk."""
+    """``--data s3://.../prepared --teacher s3://.../teacher`` (uploaded with boto3): the card and the teacher
+    verified into the cache before Ray starts, the workers stream the shards from S3 and get the teacher through the
+    object store; same Ray run name and bitwise the same weights as the same inputs on local disk."""
     import json
 
     from ctm_core.config import params_hash
@@ -259,11 +259,49 @@ def test_distill_reads_s3_inputs(remote, s3, inputs, ray_head, tmp_path):
     want = f"distill-{params_hash(run_identity(d, card, teacher_sha, 1))[:12]}"
     assert record["ray_run_name"] == want  # where the inputs live does not change the run
     assert remote.student_weights(tmp_path / "student") == ref["weights"]
-    shards = {p.name: sha256_file(p) for p in cache.glob("prepared/*/train/*.parquet")}
-    assert shards == {Path(s.path).name: s.sha256 for s in card.splits["train"].shards}
+    # the driver cached the card only: the workers streamed the shards from S3
+    assert [p.name for p in cache.glob("prepared/*/**/*") if p.is_file()] == ["card.json"]
+    assert sha256_file(next(cache.glob("prepared/*/card.json"))) == sha256_file(inputs["data"] / "card.json")
     assert len(list(cache.glob("teacher/*/teacher.safetensors"))) == 1
     assert not list(cache.glob("tmp/*"))  # no partial download left behind
     print(f"\n[s3 inputs] distill from s3:// inputs {time.monotonic() - proc.t0:.1f} s, same weights as local")
+
+
+def test_s3_data_resolves_to_its_card_and_streams_verified_shards(remote, s3, inputs, tmp_path):
+    """``s3://`` data: the driver caches card.json only (no shard downloaded); the workers' ``ShardStream`` reads the
+    same rows from S3 as from disk, and a shard replaced on S3 by same-size wrong bytes passes the driver's existence
+    check but stops the stream at its first read with the sha256 line."""
+    import torch
+
+    from ctm_core.data.card import DatasetCard
+    from ctm_core.data.stream import ShardStream
+    from pipelines.distill import InputError, resolve_inputs
+
+    c, bucket = s3["client"], s3["bucket"]
+    data_uri, _ = _upload_inputs(remote, s3, inputs)
+    cache = tmp_path / "cache"
+    got = resolve_inputs(data_uri, str(inputs["teacher"]), cache_dir=cache)
+    assert got.data_uri == data_uri and got.data_dir.parent == cache / "prepared"
+    assert [p.name for p in cache.rglob("*") if p.is_file()] == ["card.json"]  # no .parquet, nothing in tmp/
+    assert (got.data_dir / "card.json").read_bytes() == (inputs["data"] / "card.json").read_bytes()
+
+    card = DatasetCard.read(got.data_dir)
+    rows = torch.arange(0, 64, 2)
+    s3_x, s3_y = ShardStream(card, data_uri, seed=3, window_shards=2).read_global_batch(64, rows)
+    disk_x, disk_y = ShardStream(card, inputs["data"], seed=3, window_shards=2).read_global_batch(64, rows)
+    assert torch.equal(s3_x, disk_x) and (s3_y is None) == (disk_y is None)
+    assert s3_y is None or torch.equal(s3_y, disk_y)
+
+    shard = card.splits["train"].shards[0]
+    blob = bytearray((inputs["data"] / shard.path).read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # one bit flipped: same size, wrong bytes
+    c.put_object(Bucket=bucket, Key=f"ctm/prepared/{shard.path}", Body=bytes(blob))
+    resolve_inputs(data_uri, str(inputs["teacher"]), cache_dir=cache)  # exists: the driver does not read bytes
+    with pytest.raises(InputError) as ei:
+        ShardStream(card, data_uri, seed=3, window_shards=2).read_global_batch(64, rows)
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"{data_uri}/{shard.path}: sha256 expected {shard.sha256} (card.json)")
+    assert "the shards changed after the prepare stage wrote them" in msg
 
 
 def test_s3_inputs_rejected_before_ray(remote, s3, inputs, tmp_path):
@@ -290,13 +328,13 @@ def test_s3_inputs_rejected_before_ray(remote, s3, inputs, tmp_path):
     msg = err(str(inputs["data"]), f"s3://{bucket}/wrong/teacher")
     assert f"s3://{bucket}/wrong/teacher/config.json" in msg and "fix: --teacher must be the folder" in msg
 
-    # a shard changed on S3 after the card was written: sha256 mismatch, the shard never enters the cache
+    # a shard the card lists is missing on S3: named with the fix by its HEAD request, the card is not cached
     shard = sorted(p for p in (inputs["data"] / "train").glob("*.parquet"))[0]
-    key = f"ctm/prepared/train/{shard.name}"
-    c.put_object(Bucket=bucket, Key=key, Body=shard.read_bytes()[:-100])
+    c.delete_object(Bucket=bucket, Key=f"ctm/prepared/train/{shard.name}")
     msg = err(data_uri, str(inputs["teacher"]))
-    assert f"sha256 mismatch for {data_uri}/train/{shard.name}" in msg and "nothing cached" in msg
-    assert not list(cache.glob("prepared/*/train/*.parquet")) and not list(cache.glob("prepared/*/card.json"))
+    assert msg.startswith(f"S3 object not found: {data_uri}/train/{shard.name} (listed in card.json;"), msg
+    assert f"fix: upload the whole folder the prepare stage writes again (aws s3 sync data/prepared {data_uri})" in msg
+    assert not list(cache.glob("prepared/**/*.parquet")) and not list(cache.glob("prepared/*/card.json"))
     # a tampered teacher (one weight byte flipped): rejected by weights_sha256, nothing cached
     blob = bytearray((inputs["teacher"] / "teacher.safetensors").read_bytes())
     blob[-1] ^= 0xFF
