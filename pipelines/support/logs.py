@@ -26,10 +26,18 @@ def _main_module_name(record: logging.LogRecord) -> bool:
     return True
 
 
+_PROJECT_LOGGERS = ("pipelines", "ctm_core", "__main__")
+
+
 def setup_logging(level: int | str | None = None) -> None:
-    """Configure the root logger once per process (env `CTM_LOG_LEVEL` overrides `level`, default INFO)."""
+    """Configure the root logger once per process: the project's loggers (`pipelines.*`, `ctm_core.*`, the stage's
+    `__main__`) at `level` (env `CTM_LOG_LEVEL` overrides it, default INFO), every other library at WARNING, so a
+    library's INFO chatter (e.g. Ray Train's per-report "Reporting training result" in each worker, which logs
+    under a file-path logger name outside Ray's own `ray` logger) does not reach the stage's log."""
     level = os.environ.get("CTM_LOG_LEVEL") or level or logging.INFO
-    logging.basicConfig(level=level, format=_FORMAT, stream=sys.stderr, force=True)
+    logging.basicConfig(level=logging.WARNING, format=_FORMAT, stream=sys.stderr, force=True)
+    for name in _PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_main_module_name)
     if not progress_enabled():

@@ -20,6 +20,7 @@ NOISE = (
     "maximum expected startup concurrency",  # the raylet's worker-count warning
     "RayDeprecationWarning",  # Ray Data's own deprecation, triggered by Ray Train's DatasetManager
     "exclude_resources",
+    "Reporting training result",  # Ray Train's INFO line per report (a file-path logger, under our root logger)
     "\x1b[A",  # nested tqdm bars moving the cursor up
     "\r",  # any progress bar redrawing a line
 )
