@@ -214,13 +214,16 @@ def _check_code(root):
         )
 
 
-_check_code(os.path.join(os.path.dirname(os.path.abspath(__file__)), "code"))
+_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "code")
+_check_code(_CODE)
+if _CODE not in sys.path:  # MLflow puts code/ on sys.path when it loads the model, not when it logs it
+    sys.path.append(_CODE)
 _write_bytecode = sys.dont_write_bytecode
 sys.dont_write_bytecode = True  # no __pycache__ written into code/: the folder stays as checked
 try:
     import ctm_core.diffusion.samplers  # noqa: F401 (everything the sampler imports later, imported while checked)
     import ctm_core.io.student_format  # noqa: F401
-    from pipelines.support.pyfunc_model import CTMSampler
+    from ctm_pyfunc.pyfunc_model import CTMSampler
 finally:
     sys.dont_write_bytecode = _write_bytecode
 
@@ -229,20 +232,23 @@ mlflow.models.set_model(CTMSampler())
 
 
 def _stage_code(tmp: Path) -> tuple[Path, list[str]]:
-    """The models-from-code entry file and its code_paths, under `tmp`: a copy of ctm_core and a minimal `pipelines`
-    package holding only the sampler module (in `tmp/code/`, as MLflow lays them out next to the entry), and the
-    entry file with the sha256 of every one of those files. Returns (entry file, code_paths)."""
+    """The models-from-code entry file and its code_paths, under `tmp`: a copy of ctm_core and a package
+    `ctm_pyfunc` holding only the sampler module (in `tmp/code/`, as MLflow lays them out next to the entry), and the
+    entry file with the sha256 of every one of those files. Returns (entry file, code_paths).
+
+    The sampler's package is not called `pipelines`: loading the model puts code/ first on sys.path, and a package of
+    the repository's name there would hide the repository's own `pipelines` from a session that loads the model
+    (`import pipelines.support.plots` after `mlflow.pyfunc.load_model` failed from the repository root)."""
     import ctm_core
     import pipelines.support.pyfunc_model as pm
 
     code = tmp / "code"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(Path(ctm_core.__file__).parent, code / "ctm_core", ignore=ignore)
-    pkg = code / "pipelines"
-    (pkg / "support").mkdir(parents=True)
-    (pkg / "__init__.py").write_text('"""Only the pyfunc sampler module of the CTM pipeline."""\n')
-    (pkg / "support" / "__init__.py").write_text('"""Only the pyfunc sampler module (pyfunc_model.py)."""\n')
-    shutil.copy2(pm.__file__, pkg / "support" / "pyfunc_model.py")
+    pkg = code / "ctm_pyfunc"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""The CTM pipeline\'s pyfunc sampler (pipelines/support/pyfunc_model.py)."""\n')
+    shutil.copy2(pm.__file__, pkg / "pyfunc_model.py")
     digests = pm.folder_digests(code)
     entry = tmp / ENTRY_FILE
     entry.write_text(_ENTRY_TEMPLATE.format(code_sha256=json.dumps(digests, indent=4)))

@@ -179,6 +179,27 @@ def test_logged_from_code_pinned_by_manifest_and_no_cloudpickle_warning(register
     assert x.shape == (2, 8, 8, 1)
 
 
+def test_loading_the_model_leaves_the_repository_packages_importable(registered, tmp_path):
+    """Loading the model puts its code/ first on sys.path; the repository's `pipelines` stays importable after it
+    (the sampler once shipped as a minimal `pipelines` package, which hid the real one)."""
+    local = verify_registered_model(f"models:/{NAME}@champion", tmp_path / "m", tracking_uri=registered.uri)
+    script = (
+        "import sys, mlflow.pyfunc\n"
+        f"m = mlflow.pyfunc.load_model({str(local)!r})\n"
+        "import pipelines.support.plots, pipelines.support.gate\n"
+        "print(type(m.unwrap_python_model()).__module__, pipelines.__file__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, pipelines_file = out.stdout.split()
+    assert module == "ctm_pyfunc.pyfunc_model" and Path(pipelines_file) == ROOT / "pipelines" / "__init__.py", (
+        out.stdout
+    )
+
+
 def test_plain_mlflow_runs_an_edited_pickle_ours_never_reads_one(registered, tamper, tmp_path):
     canary = tmp_path / "canary"
     payload = pickle.dumps(_Canary(canary), protocol=4)
