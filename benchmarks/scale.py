@@ -11,9 +11,12 @@ What it does (docs/data_streaming.md):
    local Ray cluster, ``--workers`` CPU workers) for ``--mem-steps`` steps on each with a small teacher, sampling
    every Ray Train worker's RSS and the whole process tree's PSS from /proc (``peak_memory.Sampler``);
 2. speed: the same stage on a compute-bound setting (a ``--speed-channels`` SongUNet at ``--speed-size`` px, batch
-   ``--speed-batch``), with 1 worker and with 2 workers (1 CPU and 1 thread each); steps/s is what rank 0 measured
-   over its training after the first checkpoint interval (``perf/steps_per_s`` in the stage's run record), the sync
-   time the 2-worker run's mean wall time in the gradient all-reduce per step (``perf/sync_ms_per_step``).
+   ``--speed-batch``), with 1 worker and with 2 workers (1 CPU and 1 thread each), ``--speed-steps`` steps with a
+   checkpoint every ``--speed-every``; steps/s is what rank 0 measured over its training after the first checkpoint
+   interval (``perf/steps_per_s`` in the stage's run record; checkpoints and reports are not in it), the sync time
+   the 2-worker run's mean wall time in the gradient all-reduce per step (``perf/sync_ms_per_step``; least and most
+   over the ranks), and where the time goes: rank 0's CPU seconds per step and per wall second, and the CPU seconds
+   of every other process of the tree (``CpuSampler``; no memory sampling in the speed runs).
 
 Writes ``<out>/scale-<YYYY-MM-DD>.json`` (keys dataset_rows_small, dataset_rows_large, per_worker_peak_gib_small,
 per_worker_peak_gib_large, tree_peak_pss_gib_large, speedup_2_workers, sync_ms_per_step, plus the settings and every
@@ -31,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from peak_memory import Sampler  # noqa: E402
+from peak_memory import Sampler, _cmdline, tree  # noqa: E402
 
 from ctm_core.config import YamlLoader, merge_overrides  # noqa: E402
 from ctm_core.data.card import DatasetCard, ImageSpec, LabelSpec, SourceSpec, Split  # noqa: E402
@@ -102,14 +106,97 @@ def make_teacher(folder: Path, size: int, channels: int, channel_mult: list[int]
     return sum(p.numel() for p in teacher.parameters())
 
 
+class CpuSampler(threading.Thread):
+    """CPU seconds (user + system, /proc/<pid>/stat) of every process in `root`'s tree (``peak_memory.tree``), read
+    every `interval` s and grouped by what the process is (``_label``): where the machine's cores went during a speed
+    run. A process's last reading counts, so a process that ends between readings loses at most `interval` s."""
+
+    def __init__(self, root: int, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.ticks: dict[int, tuple[int, str]] = {}  # pid -> (utime + stime in clock ticks, label)
+        self.series: list[tuple[float, int, int]] = []  # (time, Train workers' ticks, the others' ticks) per sample
+        self._done = threading.Event()
+        self._hz = os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _label(pid: int, root: int) -> str:
+        cmd = _cmdline(pid)
+        if cmd == "?":
+            return cmd
+        if pid == root:
+            return "stage driver (python -m pipelines.distill)"
+        if "TrainWorker" in cmd:
+            return "Ray Train workers"
+        if cmd.startswith("ray::"):
+            return cmd.split()[0]  # an actor's title, e.g. ray::TrainController
+        words = cmd.split()
+        script = next((w for w in words[1:] if w.endswith(".py")), words[0] if words else "?")
+        return os.path.basename(script)
+
+    def sample(self) -> None:
+        for pid in tree(self.root):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+            except (OSError, ValueError, IndexError):
+                continue
+            old = self.ticks.get(pid, (0, ""))[1]  # a Ray worker is retitled (setup_worker.py, ray::IDLE, ...)
+            new = self._label(pid, self.root) if old != "Ray Train workers" else old
+            label = old if new == "?" and old else new  # "?": it ended while being read
+            self.ticks[pid] = (ticks, label)
+        workers = sum(t for t, label in self.ticks.values() if label == "Ray Train workers")
+        self.series.append((time.monotonic(), workers, sum(t for t, _ in self.ticks.values()) - workers))
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(self.interval)
+
+    def stop(self) -> dict:
+        """{"cpu_s": {label: CPU seconds}, largest first; "cpu_s_train_workers"; "cpu_s_other"}."""
+        self._done.set()
+        self.join()
+        by: dict[str, float] = {}
+        for ticks, label in self.ticks.values():
+            by[label] = by.get(label, 0.0) + ticks / self._hz
+        workers = by.get("Ray Train workers", 0.0)
+        return {
+            "cpu_s": {k: round(v, 1) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
+            "cpu_s_train_workers": round(workers, 1),
+            "cpu_s_other": round(sum(by.values()) - workers, 1),
+            "training_cores": self._training_cores(),
+            "interval_s": self.interval,
+        }
+
+    def _training_cores(self) -> dict[str, float] | None:
+        """Mean cores used by the Train workers and by the other processes while the workers did the middle of their
+        work (from 25 % to 90 % of their CPU seconds: past the build and the first steps, before the final save)."""
+        if not self.series or self.series[-1][1] == 0:
+            return None
+        final = self.series[-1][1]
+        a = next(x for x in self.series if x[1] >= 0.25 * final)
+        b = next(x for x in self.series if x[1] >= 0.9 * final)
+        if b[0] - a[0] < 5 * self.interval:
+            return None
+        dt = (b[0] - a[0]) * self._hz
+        span = round(b[0] - a[0])
+        return {"workers": round((b[1] - a[1]) / dt, 3), "others": round((b[2] - a[2]) / dt, 3), "s": span}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_stage(work: Path, name: str, data: Path, teacher: Path, distill: dict, workers: int, interval: float):
-    """The distill stage on a fresh local Ray cluster under `work/name`: (run record, memory figures, wall s)."""
+def run_stage(
+    work: Path, name: str, data: Path, teacher: Path, distill: dict, workers: int, interval: float, cpu: bool = False
+):
+    """The distill stage on a fresh local Ray cluster under `work/name`: (run record, figures, wall s). The figures
+    are the memory peaks (``peak_memory.Sampler``, every `interval` s) or, with `cpu`, the CPU seconds of each
+    kind of process (``CpuSampler``, every second: reading smaps is itself CPU work a speed run must not pay)."""
     run = work / name
     run.mkdir(parents=True)
     ray_tmp = tempfile.mkdtemp(prefix="ctms", dir="/tmp")  # short: Ray's unix socket paths are limited
@@ -141,7 +228,7 @@ def run_stage(work: Path, name: str, data: Path, teacher: Path, distill: dict, w
     t0 = time.monotonic()
     with open(run / "stage.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        sampler = Sampler(proc.pid, interval=interval)
+        sampler = CpuSampler(proc.pid) if cpu else Sampler(proc.pid, interval=interval)
         sampler.start()
         code = proc.wait()
         memory = sampler.stop()
@@ -168,8 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-channels", type=int, default=64, help="SongUNet model_channels of the speed runs")
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--speed-microbatch", type=int, default=2)
-    ap.add_argument("--speed-steps", type=int, default=12)
-    ap.add_argument("--speed-every", type=int, default=2, help="checkpoint_every of the speed runs (timed chunks)")
+    ap.add_argument(
+        "--speed-steps", type=int, default=20, help="steps of the speed runs: an untimed first chunk, then timed ones"
+    )
+    ap.add_argument(
+        "--speed-every",
+        type=int,
+        default=10,
+        help="checkpoint_every (and log_every) of the speed runs: the first chunk of this many steps is untimed",
+    )
     ap.add_argument("--K", type=int, default=4, help="distill.K (teacher Heun steps at most)")
     ap.add_argument("--interval", type=float, default=0.2, help="memory sampling interval, s")
     ap.add_argument("--work-dir", default=None, help="datasets and runs (default: a new folder under /tmp)")
@@ -209,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             teacher, args.speed_size, args.speed_channels, [1, 2, 2], 2
         )
         speed = {"steps": args.speed_steps, "batch": args.speed_batch, "microbatch": args.speed_microbatch}
-        speed |= {"K": args.K, "N": 8, "checkpoint_every": args.speed_every}
+        speed |= {"K": args.K, "N": 8, "checkpoint_every": args.speed_every, "log_every": args.speed_every}
         for w in (1, 2):
-            record, memory, wall = run_stage(work, f"speed_{w}", data, teacher, speed, w, args.interval)
-            result["runs"][f"speed_{w}"] = {"wall_s": round(wall, 1), "metrics": record.get("metrics", {})}
+            record, cpu, wall = run_stage(work, f"speed_{w}", data, teacher, speed, w, args.interval, cpu=True)
+            result["runs"][f"speed_{w}"] = {"wall_s": round(wall, 1), "metrics": record.get("metrics", {}), "cpu": cpu}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -229,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_s_2_workers": sps[2],
         "speedup_2_workers": None if not (sps[1] and sps[2]) else round(sps[2] / sps[1], 3),
         "sync_ms_per_step": runs["speed_2"]["metrics"].get("perf/sync_ms_per_step"),
+        "sync_ms_per_step_min_rank": runs["speed_2"]["metrics"].get("perf/sync_ms_per_step_min"),
+        "sync_ms_per_step_max_rank": runs["speed_2"]["metrics"].get("perf/sync_ms_per_step_max"),
+        # rank 0's own CPU seconds (all threads) per step and per wall second over the timed steps:
+        # speedup = (cpu_s_per_step[1] / cpu_s_per_step[2]) * (cpu_per_wall_s[2] / cpu_per_wall_s[1]) exactly
+        "cpu_s_per_step": {w: runs[f"speed_{w}"]["metrics"].get("perf/cpu_s_per_step") for w in (1, 2)},
+        "cpu_per_wall_s": {w: runs[f"speed_{w}"]["metrics"].get("perf/cpu_per_wall_s") for w in (1, 2)},
+        "cpu_cores_outside_workers": {  # mean cores the rest of the tree used (Ray, driver) while a run lasted
+            w: round(runs[f"speed_{w}"]["cpu"]["cpu_s_other"] / runs[f"speed_{w}"]["wall_s"], 3) for w in (1, 2)
+        },
+        "training_cores": {w: runs[f"speed_{w}"]["cpu"]["training_cores"] for w in (1, 2)},  # mid-training only
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         ("steps/s, 1 worker / 2 workers", f"{sps[1]} / {sps[2]}"),
         ("speed-up, 2 workers", result["speedup_2_workers"]),
         ("gradient sync per step, 2 workers (ms)", result["sync_ms_per_step"]),
+        ("  least / most over the ranks (ms)", f"{result['sync_ms_per_step_min_rank']} / "
+         f"{result['sync_ms_per_step_max_rank']}"),
+        ("rank 0 CPU s per step, 1 / 2 workers", f"{result['cpu_s_per_step'][1]} / {result['cpu_s_per_step'][2]}"),
+        ("rank 0 CPU s per wall s, 1 / 2 workers", f"{result['cpu_per_wall_s'][1]} / {result['cpu_per_wall_s'][2]}"),
+        ("cores used outside the workers, 1 / 2 workers", f"{result['cpu_cores_outside_workers'][1]} / "
+         f"{result['cpu_cores_outside_workers'][2]}"),
+        ("  mid-training: workers / others, 1 worker", result["training_cores"][1]),
+        ("  mid-training: workers / others, 2 workers", result["training_cores"][2]),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     print(f"\n{'quantity':<{width}}  value")

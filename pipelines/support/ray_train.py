@@ -97,6 +97,18 @@ def _train_stream(config: dict[str, Any], cfg):
     return ShardStream(config["card"], root, seed=cfg.seed, window_shards=cfg.stream_window_shards)
 
 
+def _sync_ms_over_ranks(ms: float) -> dict[str, float]:
+    """The least and the most mean ``grad_sync`` time per step over the ranks (a collective: every rank calls it at
+    the same report). The rank that arrives last at the all-reduce waits least: the min bounds the transfer itself,
+    max - min is the time the other ranks wait for it (docs/data_streaming.md#gradient-sync)."""
+    import torch
+    import torch.distributed as dist
+
+    vec = torch.tensor([ms, -ms], dtype=torch.float64)
+    dist.all_reduce(vec, op=dist.ReduceOp.MAX)
+    return {"perf/sync_ms_per_step_min": float(-vec[1]), "perf/sync_ms_per_step_max": float(vec[0])}
+
+
 def _all_reduce_metrics(metrics: dict) -> dict:
     import torch
     import torch.distributed as dist
@@ -193,18 +205,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     probe = QualityProbe(config["quality"], card, device) if rank == 0 and config.get("quality") else None
     total, every = cfg.steps, cfg.checkpoint_every
-    timed_steps, timed_s, warm = 0, 0.0, False  # training after this worker's first chunk (build, warm-up)
+    timed_steps, timed_s, timed_cpu, warm = 0, 0.0, 0.0, False  # training after this worker's first chunk
     while trainer.step < total:
-        t0, s0 = time.perf_counter(), trainer.step
+        t0, c0, s0 = time.perf_counter(), time.process_time(), trainer.step
         trainer.train(num_steps=min(every - trainer.step % every, total - trainer.step))
         if warm:
             timed_steps, timed_s = timed_steps + trainer.step - s0, timed_s + time.perf_counter() - t0
+            timed_cpu += time.process_time() - c0
         warm = True
         metrics = {"step": trainer.step, **(curves.last if curves else {})}
         if timed_steps:  # what benchmarks/scale.py reads (docs/data_streaming.md#gradient-sync)
             metrics["perf/steps_per_s"] = timed_steps / timed_s
+            # this process's CPU seconds (all its threads) per step and per wall second: work vs cores it got
+            metrics["perf/cpu_s_per_step"] = timed_cpu / timed_steps
+            metrics["perf/cpu_per_wall_s"] = timed_cpu / timed_s
         if grad_sync is not None and grad_sync.calls:
             metrics["perf/sync_ms_per_step"] = 1000 * grad_sync.seconds / grad_sync.calls
+            metrics.update(_sync_ms_over_ranks(1000 * grad_sync.seconds / grad_sync.calls))
         if probe is not None:  # the tune stage's per-report quality (others wait at the report barrier)
             metrics.update(probe(trainer))
         with tempfile.TemporaryDirectory() as tmp:
