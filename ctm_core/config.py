@@ -327,7 +327,7 @@ class TeacherModelParams(_Section):
 
     model_type: Literal["SongUNet", "DhariwalUNet"] = "SongUNet"
     """Inner network class (EDM's DDPM++/NCSN++ `SongUNet` or ADM's `DhariwalUNet`)."""
-    model_channels: int = Field(32, ge=1, le=1024)
+    model_channels: int = Field(16, ge=1, le=1024)
     """Base channel count (at most 1024; EDM's largest is 192)."""
     channel_mult: list[Annotated[int, Field(ge=1, le=16)]] = Field(
         default_factory=lambda: [1, 2], min_length=1, max_length=8
@@ -604,7 +604,7 @@ class DistillParams(_Section):
     """`ctm` (any jump t → s) or `cm` (s = σ_min, no DSM; ablation)."""
     N: int = Field(12, ge=2, le=MAX_NFE)
     """Grid points t_0 = sigma_max ... t_{N-1} = sigma_min (official CIFAR-10: 18; at most 10,000)."""
-    K: int = Field(8, ge=1, le=MAX_NFE)
+    K: int = Field(6, ge=1, le=MAX_NFE)
     """Max teacher Heun steps per iteration, P(k) ∝ k on {1..K} (official CIFAR-10: 17)."""
     sigma_min: float = Field(0.002, gt=0.0)
     """Smallest noise level; jumps to data end here."""
@@ -631,8 +631,8 @@ class DistillParams(_Section):
     random_flip: bool = False
     """Mirror each training image left-right with p = 0.5, keyed by (seed, step, index) (official: on; off for
     data that is not mirror-symmetric, e.g. digits; docs/presets.md#random-flips)."""
-    lr: float = Field(4e-4, gt=0.0)
-    """Learning rate, constant after the warm-up (official: 4e-4)."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Learning rate, constant after the warm-up (official: 4e-4, for runs of 50k+ steps; the presets set it)."""
     optimizer: Literal["radam", "adam"] = "radam"
     """RAdam (official CTM) or Adam; betas (0.9, 0.999), eps 1e-8, no weight decay."""
     lr_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)

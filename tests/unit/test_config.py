@@ -208,9 +208,9 @@ def test_env_checks_pass_when_satisfied(monkeypatch):
 def test_with_changes_validates_tune_values():
     """A Tune trial is the distill section with the trial's values, validated like params.yaml."""
     d = DistillParams()
-    assert with_changes(d, {"lr": 1e-3, "K": 6}) == d.model_copy(update={"lr": 1e-3, "K": 6})
+    assert with_changes(d, {"lr": 5e-4, "K": 4}) == d.model_copy(update={"lr": 5e-4, "K": 4})
     assert with_changes(d, {"gan.weight": 0.5}).gan.weight == 0.5
-    assert d.K == 8  # frozen: the original is untouched
+    assert d.K == DistillParams().K and d.lr == DistillParams().lr  # frozen: the original is untouched
     with pytest.raises(ParamsError, match=r"^distill\.K: must be < distill\.N"):
         with_changes(d, {"K": 40})
     with pytest.raises(ParamsError, match=r"^distill\.K: expected an integer"):
