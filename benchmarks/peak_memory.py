@@ -93,17 +93,38 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-class Sampler(threading.Thread):
+class PeriodicSampler(threading.Thread):
+    """Calls ``sample()`` every `interval` seconds in a daemon thread, from ``start()`` until ``halt()``."""
+
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self._done = threading.Event()
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(self.interval)
+
+    def halt(self) -> None:
+        """Stop sampling and wait for the thread (the last sample is complete when this returns)."""
+        self._done.set()
+        self.join()
+
+
+class Sampler(PeriodicSampler):
     """Samples the tree of `root` from /proc every `interval` seconds in a background thread (``start()`` ...
     ``stop()``): the peak RSS of each process whose command line contains `match` (Ray Train workers' process
     titles contain "TrainWorker") and the peak of the sum of PSS over the whole tree (``tree``)."""
 
     def __init__(self, root: int, interval: float = 0.25, match: str = "TrainWorker"):
-        super().__init__(daemon=True)
-        self.root, self.interval, self.match = root, interval, match
+        super().__init__(interval)
+        self.root, self.match = root, match
         self.worker_peak: dict[int, tuple[int, str]] = {}  # pid -> (peak RSS bytes, command line)
         self.tree_peak_pss = 0
-        self._done = threading.Event()
 
     def sample(self) -> None:
         pss_sum = 0
@@ -115,15 +136,9 @@ class Sampler(threading.Thread):
                 self.worker_peak[pid] = (rss, cmd[:120])
         self.tree_peak_pss = max(self.tree_peak_pss, pss_sum)
 
-    def run(self) -> None:
-        while not self._done.is_set():
-            self.sample()
-            self._done.wait(self.interval)
-
     def stop(self) -> dict:
         """Stop sampling; {"worker_peak_rss_gib": [per matched process, largest first], "tree_peak_pss_gib"}."""
-        self._done.set()
-        self.join()
+        self.halt()
         peaks = sorted((rss for rss, _ in self.worker_peak.values()), reverse=True)
         return {
             "worker_peak_rss_gib": [round(r / GIB, 3) for r in peaks],

@@ -34,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from peak_memory import Sampler, _cmdline, tree  # noqa: E402
+from peak_memory import PeriodicSampler, Sampler, _cmdline, tree  # noqa: E402
 
 from ctm_core.config import YamlLoader, merge_overrides  # noqa: E402
 from ctm_core.data.card import DatasetCard, ImageSpec, LabelSpec, SourceSpec, Split  # noqa: E402
@@ -106,17 +105,16 @@ def make_teacher(folder: Path, size: int, channels: int, channel_mult: list[int]
     return sum(p.numel() for p in teacher.parameters())
 
 
-class CpuSampler(threading.Thread):
+class CpuSampler(PeriodicSampler):
     """CPU seconds (user + system, /proc/<pid>/stat) of every process in `root`'s tree (``peak_memory.tree``), read
     every `interval` s and grouped by what the process is (``_label``): where the machine's cores went during a speed
     run. A process's last reading counts, so a process that ends between readings loses at most `interval` s."""
 
     def __init__(self, root: int, interval: float = 1.0):
-        super().__init__(daemon=True)
-        self.root, self.interval = root, interval
+        super().__init__(interval)
+        self.root = root
         self.ticks: dict[int, tuple[int, str]] = {}  # pid -> (utime + stime in clock ticks, label)
         self.series: list[tuple[float, int, int]] = []  # (time, Train workers' ticks, the others' ticks) per sample
-        self._done = threading.Event()
         self._hz = os.sysconf("SC_CLK_TCK")
 
     @staticmethod
@@ -149,15 +147,9 @@ class CpuSampler(threading.Thread):
         workers = sum(t for t, label in self.ticks.values() if label == "Ray Train workers")
         self.series.append((time.monotonic(), workers, sum(t for t, _ in self.ticks.values()) - workers))
 
-    def run(self) -> None:
-        while not self._done.is_set():
-            self.sample()
-            self._done.wait(self.interval)
-
     def stop(self) -> dict:
         """{"cpu_s": {label: CPU seconds}, largest first; "cpu_s_train_workers"; "cpu_s_other"}."""
-        self._done.set()
-        self.join()
+        self.halt()
         by: dict[str, float] = {}
         for ticks, label in self.ticks.values():
             by[label] = by.get(label, 0.0) + ticks / self._hz
