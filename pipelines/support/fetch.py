@@ -39,6 +39,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -215,21 +216,28 @@ def _s3_client(uri: str, timeout_s: float, retries: int):
     return session.client("s3", endpoint_url=endpoint, region_name=session.region_name or "us-east-1", config=config)
 
 
-def _open_s3(uri: str, timeout_s: float, retries: int) -> tuple[Iterator[bytes], int | None]:
+def s3_bucket_key(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://bucket/key`` URI (the key percent-decoded)."""
+    parsed = urllib.parse.urlparse(uri)
+    return parsed.netloc, urllib.parse.unquote(parsed.path.lstrip("/"))
+
+
+def _s3_request(uri: str, request: Callable[[], Any]) -> Any:
+    """``request()`` (one boto3 call on ``uri``) with its errors as one line: FetchError, or _RetryableError for
+    throttling, 5xx and an unreachable endpoint."""
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-    parsed = urllib.parse.urlparse(uri)
-    bucket, key = parsed.netloc, urllib.parse.unquote(parsed.path.lstrip("/"))
-    client = _s3_client(uri, timeout_s, retries)
     try:
-        obj = client.get_object(Bucket=bucket, Key=key)
+        return request()
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("NoSuchKey", "404", "NotFound"):
             raise FetchError(f"S3 object not found: {uri}: check the bucket and key") from None
         if code == "NoSuchBucket":
-            raise FetchError(f"S3 bucket {bucket!r} does not exist ({uri}): check the bucket name / endpoint") from None
+            raise FetchError(
+                f"S3 bucket {s3_bucket_key(uri)[0]!r} does not exist ({uri}): check the bucket name / endpoint"
+            ) from None
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             raise FetchError(
                 f"S3 access denied for {uri} ({code}): check the AWS credentials and bucket policy"
@@ -241,6 +249,24 @@ def _open_s3(uri: str, timeout_s: float, retries: int) -> tuple[Iterator[bytes],
         raise _RetryableError(f"cannot reach the S3 endpoint: {e}") from e
     except BotoCoreError as e:
         raise FetchError(f"S3 request for {uri} failed: {e}") from None
+
+
+def s3_head(client, uri: str) -> None:
+    """Check that the object ``uri`` exists (one HEAD request, retried by the client's own retry config); raises
+    FetchError with ``_s3_request``'s one-line message."""
+    bucket, key = s3_bucket_key(uri)
+    try:
+        _s3_request(uri, lambda: client.head_object(Bucket=bucket, Key=key))
+    except _RetryableError as e:
+        raise FetchError(f"S3 request for {uri} failed: {e}") from None
+
+
+def _open_s3(uri: str, timeout_s: float, retries: int) -> tuple[Iterator[bytes], int | None]:
+    from botocore.exceptions import BotoCoreError
+
+    bucket, key = s3_bucket_key(uri)
+    client = _s3_client(uri, timeout_s, retries)
+    obj = _s3_request(uri, lambda: client.get_object(Bucket=bucket, Key=key))
     body = obj["Body"]
     total = obj.get("ContentLength")
 

@@ -220,8 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["perf/cpu_s_per_step"] = timed_cpu / timed_steps
             metrics["perf/cpu_per_wall_s"] = timed_cpu / timed_s
         if grad_sync is not None and grad_sync.calls:
-            metrics["perf/sync_ms_per_step"] = 1000 * grad_sync.seconds / grad_sync.calls
-            metrics.update(_sync_ms_over_ranks(1000 * grad_sync.seconds / grad_sync.calls))
+            metrics["perf/sync_ms_per_step"] = sync_ms = 1000 * grad_sync.seconds / grad_sync.calls
+            metrics.update(_sync_ms_over_ranks(sync_ms))
         if probe is not None:  # the tune stage's per-report quality (others wait at the report barrier)
             metrics.update(probe(trainer))
         with tempfile.TemporaryDirectory() as tmp:

@@ -133,9 +133,10 @@ def _fetch_prepared(uri: str, cache: Path) -> Path:
         except InputError as e:
             raise InputError(f"{e} (fix: point --data at a folder written by the prepare stage)") from None
         folder = cache / "prepared" / card_sha[:16]
-        for shard in card.splits["train"].shards:
-            confined(folder, shard.path, f"{uri}/card.json: shard path")  # second line (no shard is written here)
-        _check_shards_exist(uri, [shard.path for shard in card.splits["train"].shards])
+        paths = [shard.path for shard in card.splits["train"].shards]
+        for path in paths:
+            confined(folder, path, f"{uri}/card.json: shard path")  # second line (no shard is written here)
+        _check_shards_exist(uri, paths)
         _install(card_tmp, folder / CARD_FILE)
     finally:
         card_tmp.unlink(missing_ok=True)
@@ -146,15 +147,10 @@ def _check_shards_exist(uri: str, paths: list[str], threads: int = 16) -> None:
     """One ``HEAD`` request per shard (``{uri}/{path}``), in parallel: a missing or unreadable shard raises
     ``InputError`` naming its key and the fix, before Ray starts. The card records no sizes, so existence is what
     can be checked without reading; the bytes are checked against the card's sha256 as the workers read them."""
-    import urllib.parse
     from concurrent.futures import ThreadPoolExecutor
 
-    from botocore.exceptions import BotoCoreError, ClientError
+    from pipelines.support.fetch import FetchError, _s3_client, s3_head
 
-    from pipelines.support.fetch import FetchError, _s3_client
-
-    parsed = urllib.parse.urlparse(uri)
-    bucket, prefix = parsed.netloc, urllib.parse.unquote(parsed.path.strip("/"))
     try:
         client = _s3_client(uri, 30.0, 3)  # botocore retries throttling and 5xx itself
     except FetchError as e:
@@ -165,16 +161,13 @@ def _check_shards_exist(uri: str, paths: list[str], threads: int = 16) -> None:
     )
 
     def head(path: str) -> str | None:
-        key = f"{prefix}/{path}" if prefix else path
         try:
-            client.head_object(Bucket=bucket, Key=key)
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
+            s3_head(client, f"{uri}/{path}")
+        except FetchError as e:
+            msg = one_line(e)
+            if msg.startswith("S3 object not found"):
                 return f"S3 object not found: {uri}/{path} (listed in card.json; {fix})"
-            return f"S3 error {code} for {uri}/{path} (listed in card.json): check the credentials and bucket policy"
-        except BotoCoreError as e:
-            return f"S3 request for {uri}/{path} failed: {one_line(e)}"
+            return f"{msg} (listed in card.json)"
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
