@@ -44,12 +44,19 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _session(pid: int) -> int | None:
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (field 3 onwards: index 0 is the state), or None if the
+    process is gone (the name, in parentheses, may itself hold spaces and parentheses)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[3])  # field 6: session id
-    except (OSError, ValueError, IndexError):
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+
+
+def _session(pid: int) -> int | None:
+    fields = stat_fields(pid)
+    return int(fields[3]) if fields else None  # field 6: session id
 
 
 def tree(root: int) -> set[int]:

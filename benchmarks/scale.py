@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from peak_memory import PeriodicSampler, Sampler, _cmdline, tree  # noqa: E402
+from peak_memory import PeriodicSampler, Sampler, _cmdline, stat_fields, tree  # noqa: E402
 
 from ctm_core.config import YamlLoader, merge_overrides  # noqa: E402
 from ctm_core.data.card import DatasetCard, ImageSpec, LabelSpec, SourceSpec, Split  # noqa: E402
@@ -134,12 +134,10 @@ class CpuSampler(PeriodicSampler):
 
     def sample(self) -> None:
         for pid in tree(self.root):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-            except (OSError, ValueError, IndexError):
+            fields = stat_fields(pid)
+            if not fields:
                 continue
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
             old = self.ticks.get(pid, (0, ""))[1]  # a Ray worker is retitled (setup_worker.py, ray::IDLE, ...)
             new = self._label(pid, self.root) if old != "Ray Train workers" else old
             label = old if new == "?" and old else new  # "?": it ended while being read

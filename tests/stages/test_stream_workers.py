@@ -99,8 +99,8 @@ def _rank(rank: int, root: str, port: int | str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(inputs, tmp_path_factory):
-    """Two fresh interpreters (not multiprocessing.spawn, whose children inherit this process's sys.path: an
-    in-process MLflow model load earlier in the session prepends the model's minimal `pipelines` copy to it)."""
+    """Two fresh interpreters, as Ray starts its workers (not multiprocessing.spawn, whose children inherit this
+    test session's sys.path and whatever earlier tests put on it)."""
     out = tmp_path_factory.mktemp("ranks")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
