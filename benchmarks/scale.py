@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "sync_ms_per_step": runs["speed_2"]["metrics"].get("perf/sync_ms_per_step"),
         "sync_ms_per_step_min_rank": runs["speed_2"]["metrics"].get("perf/sync_ms_per_step_min"),
         "sync_ms_per_step_max_rank": runs["speed_2"]["metrics"].get("perf/sync_ms_per_step_max"),
+        "buckets_overlapped_per_step": runs["speed_2"]["metrics"].get("perf/buckets_overlapped_per_step"),
         # rank 0's own CPU seconds (all threads) per step and per wall second over the timed steps:
         # speedup = (cpu_s_per_step[1] / cpu_s_per_step[2]) * (cpu_per_wall_s[2] / cpu_per_wall_s[1]) exactly
         "cpu_s_per_step": {w: runs[f"speed_{w}"]["metrics"].get("perf/cpu_s_per_step") for w in (1, 2)},

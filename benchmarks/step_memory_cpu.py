@@ -59,8 +59,8 @@ def _plain_conv(x, w, b=None, *, stride=1, padding=0, groups=1, transposed=False
 class _CombinedTrainer(CTMTrainer):
     """One backward of ``ctm_dsm_loss``'s total per microbatch (the loop's default ``microbatch_backward``)."""
 
-    def microbatch_backward(self, *args):
-        return Trainer.microbatch_backward(self, *args)
+    def microbatch_backward(self, *args, **kwargs):
+        return Trainer.microbatch_backward(self, *args, **kwargs)
 
 
 def peak_step_bytes(trainer: CTMTrainer) -> tuple[int, float]:

@@ -18,9 +18,10 @@ the global batch; each of the W ranks draws its share ``cfg.batch // W`` from th
 
 Data parallelism (``world_size`` W > 1, used by pipelines.support.ray_train): every rank builds the same data
 source (same seed and rank argument), takes W of its batches per step as one global batch of ``cfg.batch``, runs
-the microbatches i ≡ rank (mod W), scales each microbatch loss by b/(global batch) and calls ``grad_sync(params)``
-(an all-reduce sum) before the optimizer step, so W ranks make the same update as one process, up to float
-summation order. ``metric_sync`` sums the per-rank metric contributions likewise.
+the microbatches i ≡ rank (mod W), scales each microbatch loss by b/(global batch) and sums the gradients with
+``grad_sync`` (an all-reduce, started during the last microbatch's backward) before the optimizer step, so W ranks
+make the same update as one process, up to float summation order. ``metric_sync`` sums the per-rank metric
+contributions likewise.
 
 A checkpoint holds everything needed to continue exactly and is loadable with ``torch.load(weights_only=True)``;
 saving is atomic (temp file in the same folder + os.replace). ``load_checkpoint`` resumes a run of the same loss;
@@ -44,6 +45,7 @@ from torch import nn
 from ctm_core.io.atomic import atomic_write
 from ctm_core.nets.utils import append_dims
 from ctm_core.training.ema import EMABank
+from ctm_core.training.final_grads import FinalGrads
 from ctm_core.training.loss_scale import DynamicLossScale
 
 __all__ = [
@@ -181,7 +183,9 @@ class Trainer:
             batches of ``config.batch // world_size`` samples, W of them per global batch).
         rank, world_size: data-parallel position; rank runs microbatches i ≡ rank (mod world_size) of the global
             batch of ``config.batch`` samples. Progress bars only on rank 0.
-        grad_sync: ``grad_sync(params)`` sums the gradients over ranks in place (all-reduce) before the step.
+        grad_sync: ``grad_sync(params)`` sums the gradients over ranks in place (all-reduce) before the step; if it
+            has ``start(params) -> ready``, ``ready(p)`` is given to the last microbatch's backward so the sum
+            overlaps it (``ctm_core.training.grad_sync.BucketedAllReduce``).
         metric_sync: ``metric_sync({name: 0-dim tensor}) -> dict`` sums the per-rank metric contributions.
         metrics_callback: called as ``cb(step, {name: float})`` every ``config.log_every`` steps.
         discriminator, d_optimizer: optional slot for the GAN phase (saved/restored with the checkpoint).
@@ -281,15 +285,21 @@ class Trainer:
         ctx: dict[str, Any],
         generator: torch.Generator,
         scale: float,
+        on_final_grad: Callable[[nn.Parameter], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Accumulate ∇(scale · microbatch loss) into the model's ``.grad``; return the metrics.
 
         The default runs ``microbatch_loss`` under the autocast of ``precision`` and one backward; a subclass may
         backpropagate its loss in parts (CTM: one graph at a time) as long as the accumulated gradient is the same.
+        ``on_final_grad`` (the step's last microbatch, with a gradient sync): call it once per trained parameter as
+        soon as its ``.grad`` is final, during the backward where possible (``ctm_core.training.final_grads``).
         """
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
             loss, metrics = self.microbatch_loss(x0, labels, ctx, generator)
-        (loss * scale).backward()
+        final = FinalGrads([p for p in self.model.parameters() if p.requires_grad], on_final_grad)
+        with final.during_last_backward():
+            (loss * scale).backward()
+        final.rest()
         return metrics
 
     def augment_batch(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -406,15 +416,26 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss_scale = 1.0 if self.loss_scale is None else self.loss_scale.scale
             sums: dict[str, torch.Tensor] = {}
-            for j, i in enumerate(self.my_microbatches()):
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            mine = self.my_microbatches()
+            for j, i in enumerate(mine):
                 xb = self._prepare(x[j * b : (j + 1) * b])
                 lb = None if labels is None else labels[j * b : (j + 1) * b].to(self.device)
                 self._seed_dropout(i)
-                metrics = self.microbatch_backward(xb, lb, ctx, self.keyed_generator("loss", i), b / B * loss_scale)
+                # The last microbatch's backward starts the gradient sum (docs/data_streaming.md#gradient-sync).
+                start = getattr(self.grad_sync, "start", None) if j == len(mine) - 1 else None
+                metrics = self.microbatch_backward(
+                    xb,
+                    lb,
+                    ctx,
+                    self.keyed_generator("loss", i),
+                    b / B * loss_scale,
+                    on_final_grad=None if start is None else start(params),
+                )
                 for name, v in metrics.items():
                     sums[name] = sums.get(name, 0.0) + v.detach().float() * (b / B)
             if self.grad_sync is not None:
-                self.grad_sync([p for p in self.model.parameters() if p.requires_grad])
+                self.grad_sync(params)
             if self.metric_sync is not None:
                 sums = self.metric_sync(sums)
             for group in self.optimizer.param_groups:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ctm_core.diffusion.samplers import heun_step
 from ctm_core.diffusion.schedules import karras_interp, karras_sigmas
 from ctm_core.nets.utils import append_dims, check_in
+from ctm_core.training.final_grads import FinalGrads
 
 __all__ = [
     "DISTANCES",
@@ -491,6 +493,7 @@ def ctm_dsm_backward(
     P_std: float = 1.2,
     diffusion_mult: float = 0.7,
     checkpoint_inner: bool = True,
+    on_final_grad: Callable[[torch.nn.Parameter], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], CTMLossOutput]:
     """Backpropagate ``scale``·(the ``ctm_dsm_loss`` total) of one microbatch into the student's ``.grad``, one graph
     at a time: the CTM graph is backpropagated and freed before the DSM forward is built.
@@ -501,7 +504,9 @@ def ctm_dsm_backward(
     combined backward sums them (DSM first, then CTM; a parameter used twice per forward gets its CTM pieces one
     by one) and then added to the gradient already there. ‖∇_W L_CTM‖ is read from the CTM backward
     at W when that backward's seed scale·ctm_weight is a power of two (exact rescaling), otherwise from its own
-    pass. Returns (detached metrics as ``ctm_dsm_loss``, CTM outputs with ``x_est`` detached).
+    pass. ``on_final_grad(p)`` (optional) is called once per parameter as soon as its ``.grad`` is final, during
+    the last pass where possible (``ctm_core.training.final_grads``; a gradient sync overlaps it with the backward).
+    Returns (detached metrics as ``ctm_dsm_loss``, CTM outputs with ``x_est`` detached).
     """
     check_in("mode", mode, MODES)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -510,6 +515,13 @@ def ctm_dsm_backward(
         p.grad = None
     W = student.last_layer_weight()
     with_dsm = mode == "ctm" and dsm_weight > 0
+
+    def add_held(i: int) -> None:  # this microbatch's gradient + the earlier microbatches' sum
+        g = held[i]
+        if g is not None:
+            params[i].grad = g if params[i].grad is None else g.add_(params[i].grad)
+
+    final = FinalGrads(params, on_final_grad, add_held)
 
     ctm = ctm_loss(
         student,
@@ -545,7 +557,7 @@ def ctm_dsm_backward(
             for node, idx in edges:
                 handles.append(node.register_hook(_keep_input_grad(pieces[i], idx)))
     try:
-        with torch.autocast("cuda", enabled=False):
+        with torch.autocast("cuda", enabled=False), final.during_last_backward() if not with_dsm else nullcontext():
             (term_ctm * scale).backward()
     finally:
         for h in handles:
@@ -572,7 +584,7 @@ def ctm_dsm_backward(
         ).mean()
         lam = _norm_ratio(n_main[0], _last_layer_grad_norm(l_dsm, W))
         term_dsm = dsm_weight * lam * l_dsm
-        with torch.autocast("cuda", enabled=False):
+        with torch.autocast("cuda", enabled=False), final.during_last_backward(exclude=pieces):
             (term_dsm * scale).backward()
         total = total + term_dsm.detach()
         metrics["loss_dsm"] = l_dsm.detach()
@@ -586,8 +598,6 @@ def ctm_dsm_backward(
             for c in parts:
                 acc = c if acc is None else acc + c
             params[i].grad = acc
-        for p, g in zip(params, held):
-            if g is not None:
-                p.grad = g if p.grad is None else g.add_(p.grad)
+        final.rest()
     ctm.x_est = ctm.x_est.detach()
     return metrics, ctm

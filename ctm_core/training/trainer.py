@@ -157,9 +157,9 @@ class CTMTrainer(Trainer):
             diffusion_mult=c.diffusion_mult,
         )
 
-    def microbatch_backward(self, x0, labels, ctx, generator, scale):
+    def microbatch_backward(self, x0, labels, ctx, generator, scale, on_final_grad=None):
         if self.config.gan.enabled:  # the GAN term needs the CTM graph and comes after the DSM draws: one backward
-            return super().microbatch_backward(x0, labels, ctx, generator, scale)
+            return super().microbatch_backward(x0, labels, ctx, generator, scale, on_final_grad)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled):
             metrics, _ = ctm_dsm_backward(
                 self.model,
@@ -171,6 +171,7 @@ class CTMTrainer(Trainer):
                 scale=scale,
                 class_labels=labels,
                 checkpoint_inner=self.checkpoint_inner_jump,
+                on_final_grad=on_final_grad,
                 **self._loss_kwargs(),
             )
         return metrics

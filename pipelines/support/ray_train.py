@@ -5,8 +5,9 @@ docs/data_streaming.md): the global batch of a step is a function of (seed, rows
 reads only the shards holding the rows of its microbatches ``i ≡ rank (mod world)``, verifying each shard's sha256
 as it reads it, from the local folder or from S3 (``data_uri``). All randomness is keyed by (seed, step,
 microbatch), so a microbatch's noise, k, t, s and dropout do not depend on which rank runs it, and gradients are
-summed across ranks once per step by bucketed asynchronous all-reduces (``ctm_core.training.grad_sync``): W workers
-compute the same update as 1 worker, up to float summation order.
+summed across ranks once per step by bucketed asynchronous all-reduces launched during the last microbatch's
+backward (``ctm_core.training.grad_sync``): W workers compute the same update as 1 worker, up to float summation
+order.
 
 Checkpoints (``pipelines.support.checkpoints``): every ``distill.checkpoint_every`` steps rank 0 reports the whole
 trainer state through ``persist_checkpoint_verified`` (Ray's upload, checked file by file, then ``complete.json``
@@ -221,6 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["perf/cpu_per_wall_s"] = timed_cpu / timed_s
         if grad_sync is not None and grad_sync.calls:
             metrics["perf/sync_ms_per_step"] = sync_ms = 1000 * grad_sync.seconds / grad_sync.calls
+            metrics["perf/buckets_overlapped_per_step"] = grad_sync.overlapped / grad_sync.calls
             metrics.update(_sync_ms_over_ranks(sync_ms))
         if probe is not None:  # the tune stage's per-report quality (others wait at the report barrier)
             metrics.update(probe(trainer))

@@ -83,7 +83,7 @@ def _rank(rank: int, root: str, port: int | str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         loads: list[int] = []
-        sync = BucketedAllReduce(bucket_mib=0.01)  # several buckets even for this small net
+        sync = BucketedAllReduce(bucket_mib=0.01, first_bucket_mib=0.002)  # several buckets even for this small net
         tr = _trainer(Path(root), rank=rank, world=2, loads=loads, grad_sync=sync, metric_sync=_all_reduce_metrics)
         positions = []
         for _ in range(STEPS):
@@ -91,7 +91,13 @@ def _rank(rank: int, root: str, port: int | str, out: str) -> None:
             last = tr.train_step()
         if rank == 0:
             torch.save(tr.model.state_dict(), f"{out}/weights.pt")
-        meta = {"loads": loads, "positions": positions, "loss": float(last["loss"]), "syncs": sync.calls}
+        meta = {
+            "loads": loads,
+            "positions": positions,
+            "loss": float(last["loss"]),
+            "syncs": sync.calls,
+            "overlapped": sync.overlapped,
+        }
         Path(f"{out}/rank{rank}.json").write_text(json.dumps(meta))
     finally:
         dist.destroy_process_group()
@@ -133,6 +139,8 @@ def test_two_workers_stream_the_update_of_one_worker(inputs, two_ranks):
     assert sum(not torch.equal(init[k], v) for k, v in weights.items()) > len(init) // 2  # it trained
     assert ranks[0]["loss"] == pytest.approx(float(last["loss"]), rel=1e-5)
     assert ranks[0]["syncs"] == ranks[1]["syncs"] == STEPS  # one gradient sync per step, none per microbatch
+    # buckets sent while the last backward still ran (the output layers' gradients are final first)
+    assert ranks[0]["overlapped"] >= STEPS and ranks[1]["overlapped"] >= STEPS
 
 
 def test_stream_worker_reads_only_the_shards_of_its_microbatches(inputs, two_ranks):

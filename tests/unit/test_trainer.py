@@ -555,8 +555,8 @@ class OneBackwardTrainer(CTMTrainer):
     """The reference step: one backward of ``ctm_dsm_loss``'s summed total per microbatch, λ_DSM from
     ``autograd.grad(..., retain_graph=True)`` on both terms (the loop's default ``microbatch_backward``)."""
 
-    def microbatch_backward(self, *args):
-        return Trainer.microbatch_backward(self, *args)
+    def microbatch_backward(self, *args, **kwargs):
+        return Trainer.microbatch_backward(self, *args, **kwargs)
 
 
 def _plain_conv(x, w, b=None, *, stride=1, padding=0, groups=1, transposed=False):
