@@ -65,6 +65,8 @@ class FinalGrads:
 
     def rest(self) -> None:
         """Finalize and report every parameter not reported yet, in order."""
+        if self.on_final is None and self.finalize is None:
+            return  # nothing to do per parameter (the loop's plain one-backward step)
         for i in range(len(self.params)):
             if i not in self.done:
                 self._report(i)

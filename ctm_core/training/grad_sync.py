@@ -19,17 +19,31 @@ import torch.distributed as dist
 __all__ = ["BucketedAllReduce"]
 
 
+class _Layout:
+    """The buckets of one parameter list: indices per bucket, and each parameter's index and bucket."""
+
+    def __init__(self, params: list[torch.nn.Parameter], buckets: list[list[int]]):
+        self.buckets = buckets
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.bucket_of = {i: b for b, members in enumerate(buckets) for i in members}
+
+
 class _Step:
     """One step's sum: which parameters are final, which buckets are in flight."""
 
-    def __init__(self, params: list[torch.nn.Parameter], buckets: list[list[int]]):
-        self.params, self.buckets = params, buckets
-        self.index = {id(p): i for i, p in enumerate(params)}
-        self.bucket_of = {i: b for b, members in enumerate(buckets) for i in members}
-        self.missing = [len(members) for members in buckets]  # parameters of each bucket not final yet
+    def __init__(self, params: list[torch.nn.Parameter], layout: _Layout):
+        self.params, self.layout = params, layout
+        self.missing = [len(members) for members in layout.buckets]  # parameters of each bucket not final yet
         self.final: set[int] = set()
         self.next = 0  # buckets are launched in index order, the same order on every rank
         self.pending: list[tuple[object, torch.Tensor, list[int]]] = []
+
+    def mark(self, i: int) -> None:
+        """Parameter i's gradient is final."""
+        if i in self.final:
+            raise RuntimeError(f"ready(p): parameter {i} reported twice in one step")
+        self.final.add(i)
+        self.missing[self.layout.bucket_of[i]] -= 1
 
 
 class BucketedAllReduce:
@@ -55,11 +69,11 @@ class BucketedAllReduce:
         self.first_bucket_bytes = int(first_bucket_mib * 2**20)
         self.group = group
         self.seconds, self.calls, self.overlapped = 0.0, 0, 0
-        self._layouts: dict[tuple[int, ...], list[list[int]]] = {}
+        self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._step: _Step | None = None
 
-    def _plan(self, params: list[torch.nn.Parameter]) -> list[list[int]]:
-        """Indices of ``params`` per bucket, reverse order, one dtype and device per bucket."""
+    def _plan(self, params: list[torch.nn.Parameter]) -> _Layout:
+        """Indices of ``params`` per bucket, reverse order, one dtype and device per bucket (made once per list)."""
         key = tuple(id(p) for p in params)
         if key not in self._layouts:
             buckets: list[list[int]] = []
@@ -73,7 +87,7 @@ class BucketedAllReduce:
                     size, kind = 0, (p.dtype, p.device)
                 buckets[-1].append(i)
                 size += nbytes
-            self._layouts[key] = buckets
+            self._layouts[key] = _Layout(params, buckets)
         return self._layouts[key]
 
     def start(self, params: Iterable[torch.nn.Parameter]) -> Callable[[torch.nn.Parameter], None]:
@@ -86,20 +100,16 @@ class BucketedAllReduce:
     def _ready(self, p: torch.nn.Parameter) -> None:
         t0 = time.perf_counter()
         st = self._step
-        if st is None or id(p) not in st.index:
+        if st is None or id(p) not in st.layout.index:
             raise RuntimeError("ready(p): p is not a parameter of the step begun by start(params)")
-        i = st.index[id(p)]
-        if i in st.final:
-            raise RuntimeError(f"ready(p): parameter {i} reported twice in one step")
-        st.final.add(i)
-        st.missing[st.bucket_of[i]] -= 1
+        st.mark(st.layout.index[id(p)])
         self.overlapped += self._launch_ready(st)
         self.seconds += time.perf_counter() - t0
 
     def _launch_ready(self, st: _Step) -> int:
         launched = 0
-        while st.next < len(st.buckets) and st.missing[st.next] == 0:
-            members = st.buckets[st.next]
+        while st.next < len(st.layout.buckets) and st.missing[st.next] == 0:
+            members = st.layout.buckets[st.next]
             parts = []
             for i in members:
                 p = st.params[i]
@@ -123,8 +133,7 @@ class BucketedAllReduce:
             raise RuntimeError("sync(params): not the parameters given to start(params)")
         for i in range(len(params)):
             if i not in st.final:
-                st.final.add(i)
-                st.missing[st.bucket_of[i]] -= 1
+                st.mark(i)
         self._launch_ready(st)
         for work, flat, members in st.pending:
             work.wait()

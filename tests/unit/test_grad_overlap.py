@@ -98,9 +98,9 @@ def test_overlapped_sum_in_the_one_backward_loop(one_rank):
 def test_buckets_reverse_order_small_first_bucket():
     sync = BucketedAllReduce(bucket_mib=3 * 4 * 100 / 2**20, first_bucket_mib=4 * 150 / 2**20)
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (100, 100, 100, 100, 50, 100)]
-    buckets = sync._plan(params)
-    assert buckets == [[5, 4], [3, 2, 1], [0]]  # 150 floats first, then up to 300 a bucket, outputs first
-    assert sync._plan(params) is buckets  # one layout per parameter list
+    layout = sync._plan(params)
+    assert layout.buckets == [[5, 4], [3, 2, 1], [0]]  # 150 floats first, then up to 300 a bucket, outputs first
+    assert sync._plan(params) is layout  # one layout per parameter list
 
 
 def test_each_gradient_is_reported_once(one_rank):
